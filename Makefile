@@ -1,0 +1,32 @@
+# Two entry points (README Quickstart): `make demo` and `make test`.
+# Both build a project-local virtual environment in .venv/ first; nothing else is needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS := test,mpi,docs
+
+.PHONY: setup demo test lint unit clean
+
+setup: $(VENV)/.installed
+
+# Re-install whenever pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+demo: setup
+	$(BIN)/ringsim demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+unit: setup
+	$(BIN)/python -m pytest -q
+
+test: lint unit
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,58 @@
+"""Attention of one block of queries against one block of keys, returning ``(out, lse)``.
+
+The unit every path is built from: the single-process reference calls it once per segment
+and pattern, the ring once per step. Causality is decided by *global* positions, passed in
+(PITFALLS 5): a block never knows where it sits in a compacted array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def masked_scores(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """Scores with disallowed entries set to -inf; ``allowed`` True = attend (PITFALLS 4)."""
+    if allowed is None:
+        return scores
+    return np.where(allowed, scores, -np.inf)
+
+
+def block_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    q_positions: np.ndarray,
+    k_positions: np.ndarray,
+    *,
+    is_causal: bool,
+    scale: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax attention of the query rows over the key rows given.
+
+    Args:
+        q: ``(b, m, h, d)``; k, v: ``(b, l, h, d)``, one float dtype.
+        q_positions: ``(m,)`` global positions of the query rows.
+        k_positions: ``(l,)`` global positions of the key rows.
+        is_causal: mask key y from query x unless ``y <= x`` (global positions).
+        scale: multiplies the scores.
+    Returns:
+        block_out ``(b, m, h, d)`` and block_lse ``(b, h, m)`` in q's dtype; a row with no
+        allowed key gives ``(0, -inf)`` (PITFALLS 6).
+    """
+    scores = scale * np.einsum("bmhd,blhd->bhml", q, k)  # (b, h, m, l)
+    allowed = k_positions[None, :] <= q_positions[:, None] if is_causal else None
+    scores = masked_scores(scores, allowed)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # 1. subtract each row's max so exp never overflows; an empty row's max is -inf,
+        #    and -inf - -inf would be NaN, so such rows subtract 0 instead.
+        row_max = scores.max(axis=-1, keepdims=True)
+        row_max = np.where(row_max == -np.inf, 0.0, row_max)
+        probs = np.exp(scores - row_max)  # unnormalised, (b, h, m, l)
+        # 2. the denominator and the lse; log(0) = -inf marks an empty row.
+        denom = probs.sum(axis=-1)  # (b, h, m)
+        lse = row_max[..., 0] + np.log(denom)
+        # 3. normalise; an empty row has denom 0 and gets 0 (NaN rows stay NaN).
+        out = np.einsum("bhml,blhd->bmhd", probs, v)
+        rows = np.swapaxes(denom, -1, -2)[..., None]  # (b, m, h, 1)
+        out = np.where(rows == 0, 0.0, out / rows)
+    return out.astype(q.dtype), lse.astype(q.dtype)

@@ -1,0 +1,111 @@
+"""Single-process dilated attention, step by step (SPEC 2-4).
+
+For every pattern group (the heads sharing one ``(segment_length, dilation_rate, offset)``):
+
+1. start from an empty result, ``(0, -inf)`` on every row;
+2. for every segment, *select* the pattern's rows (global positions), run block attention
+   on them, and *scatter* the result back to those positions;
+3. merge the group's result into its heads' running ``(out, lse)`` with the stable merge.
+
+Merging the patterns one by one with the LSE merge is LongNet's eq. 10: the merge is
+associative, and each step weighs a pattern by its share of the softmax denominator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ringsim.config import PatternGroup, segment_bounds, selected_in_segment, validate
+
+from .block import block_attention
+from .merge import merge_stable
+from .select import scatter_rows, select_rows
+
+FLOAT_DTYPES = (np.float32, np.float64)
+
+
+def check_float(q: np.ndarray) -> None:
+    """The reference computes in float32 or float64 NumPy arrays."""
+    if not isinstance(q, np.ndarray):
+        raise TypeError(f"q: expected a numpy.ndarray, got {type(q).__name__}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q: dtype must be float32 or float64, got {q.dtype}")
+
+
+def empty_result(b: int, n: int, h: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``out = 0`` ``(b, n, h, d)`` and ``lse = -inf`` ``(b, h, n)``: no key seen yet."""
+    return np.zeros((b, n, h, d), dtype=dtype), np.full((b, h, n), -np.inf, dtype=dtype)
+
+
+def pattern_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    group: PatternGroup,
+    *,
+    is_causal: bool,
+    scale: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pattern group over the whole sequence: out ``(b, n, H, d)``, lse ``(b, H, n)``."""
+    b, n, _, d = q.shape
+    out, lse = empty_result(b, n, len(group.heads), d, q.dtype)  # step 1
+    for seg_start, seg_stop in segment_bounds(group.pattern.segment_length, n):  # step 2
+        rows = selected_in_segment(group.pattern, seg_start, seg_start, seg_stop)
+        if rows.size == 0:
+            continue  # the offset falls past this (short) segment: nothing selected
+        block_out, block_lse = block_attention(
+            select_rows(q, rows, group.heads),
+            select_rows(k, rows, group.heads),
+            select_rows(v, rows, group.heads),
+            rows,
+            rows,
+            is_causal=is_causal,
+            scale=scale,
+        )
+        scatter_rows(out, lse, rows, block_out, block_lse)
+    return out, lse
+
+
+def dilated_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    segment_lengths,
+    dilation_rates,
+    *,
+    is_causal: bool = False,
+    mode: str = "longnet",
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Dilated attention on one process (SPEC 6).
+
+    Args:
+        q, k, v: ``(batch, seq_len, num_heads, head_dim)``, float32 or float64, one dtype.
+        segment_lengths, dilation_rates: positive ints, equal length (the pairs ``(w_i, r_i)``).
+        is_causal: key y is visible to query x only if ``y <= x`` (global positions).
+        mode: ``"longnet"`` (every head every pair) or ``"grouped"`` (SPEC 2).
+        softmax_scale: defaults to ``1/sqrt(head_dim)``.
+        return_lse: also return the natural-log lse ``(batch, num_heads, seq_len)``.
+    Returns:
+        out ``(batch, seq_len, num_heads, head_dim)`` in q's dtype, and lse if asked (-inf on
+        rows with no key, whose out is 0).
+    """
+    config = validate(
+        q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
+        softmax_scale=softmax_scale,
+    )
+    check_float(q)
+    b, n, h, d = q.shape
+    scale = config.scale(d)
+    out, lse = empty_result(b, n, h, d, q.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for group in config.pattern_groups(h):
+            group_out, group_lse = pattern_attention(
+                q, k, v, group, is_causal=config.is_causal, scale=scale
+            )
+            heads = list(group.heads)
+            out[:, :, heads], lse[:, heads] = merge_stable(  # step 3
+                out[:, :, heads], lse[:, heads], group_out, group_lse
+            )
+    return (out, lse) if return_lse else out

@@ -1,0 +1,33 @@
+"""*Select* the rows of a pattern and *scatter* results back to their global positions.
+
+Selection is done with global positions (``ringsim.config.selected_in_segment``), so the
+same code serves a whole sequence and a rank's shard. Scatter writes each result row at
+the position it came from; rows a pattern does not select keep ``(0, -inf)`` (PITFALLS 3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def select_rows(
+    x: np.ndarray, rows: np.ndarray, heads: tuple[int, ...] | list[int]
+) -> np.ndarray:
+    """``x[:, rows][:, :, heads]`` as a new array: ``(b, n, h, d)`` -> ``(b, len(rows), H, d)``.
+
+    ``rows`` index into x's sequence axis (global positions minus x's first position).
+    """
+    return x[:, rows][:, :, list(heads)]
+
+
+def scatter_rows(
+    out: np.ndarray,
+    lse: np.ndarray,
+    rows: np.ndarray,
+    block_out: np.ndarray,
+    block_lse: np.ndarray,
+) -> None:
+    """Write a block's result into ``out[:, rows]`` ``(b, n, H, d)`` and ``lse[:, :, rows]``
+    ``(b, H, n)``, in place."""
+    out[:, rows] = block_out
+    lse[:, :, rows] = block_lse

@@ -1,0 +1,277 @@
+"""Configuration shared by every backend: patterns, heads, validation (SPEC 1-3, 5, 7).
+
+Nothing here computes attention. It answers three questions the same way for the NumPy
+reference, the simulated ring and the torch backend:
+
+1. which patterns ``(segment_length, dilation_rate, offset)`` each head uses (SPEC 2);
+2. which global positions a pattern selects (SPEC 3);
+3. whether the inputs are legal (SPEC 7), with errors that name the argument and the rule.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+
+class Mode(str, Enum):
+    """How heads map to ``(segment_length, dilation_rate)`` pairs (SPEC 2)."""
+
+    LONGNET = "longnet"  # every head uses every pair, offset = head mod rate
+    GROUPED = "grouped"  # contiguous head groups, group i uses pair i only
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One ``(segment_length, dilation_rate, offset)`` triple (SPEC 1).
+
+    ``segment_length`` is the configured one; :meth:`effective_length` clips it to n.
+    """
+
+    segment_length: int
+    dilation_rate: int
+    offset: int
+
+    def effective_length(self, seq_len: int) -> int:
+        """``w' = min(w, n)`` (SPEC 3)."""
+        return min(self.segment_length, seq_len)
+
+
+@dataclass(frozen=True)
+class PatternGroup:
+    """The heads that share one pattern; ``pair`` is the index i of ``(w_i, r_i)``."""
+
+    pair: int
+    pattern: Pattern
+    heads: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DilatedConfig:
+    """A validated configuration; build it with :func:`make_config`."""
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    mode: Mode = Mode.LONGNET
+    is_causal: bool = False
+    softmax_scale: float | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.segment_lengths)
+
+    def scale(self, head_dim: int) -> float:
+        """The softmax scale, ``1/sqrt(head_dim)`` unless given (SPEC 1)."""
+        if self.softmax_scale is not None:
+            return float(self.softmax_scale)
+        return 1.0 / math.sqrt(head_dim)
+
+    def head_groups(self, num_heads: int) -> tuple[range, ...]:
+        """The heads of each pair: all heads (longnet) or pair i's group (grouped)."""
+        if self.mode is Mode.LONGNET:
+            return tuple(range(num_heads) for _ in range(self.num_pairs))
+        if num_heads < self.num_pairs:
+            raise ValueError(
+                f"num_heads: grouped mode needs at least one head per pair, got "
+                f"num_heads={num_heads} for {self.num_pairs} pairs"
+            )
+        base, extra = divmod(num_heads, self.num_pairs)
+        groups, start = [], 0
+        for i in range(self.num_pairs):
+            size = base + (1 if i < extra else 0)  # the first `extra` groups one larger
+            groups.append(range(start, start + size))
+            start += size
+        return tuple(groups)
+
+    def head_patterns(self, num_heads: int) -> tuple[tuple[Pattern, ...], ...]:
+        """For each head h, the patterns it uses; offset is ``h mod r_i`` (SPEC 2)."""
+        per_head: list[list[Pattern]] = [[] for _ in range(num_heads)]
+        for group in self.pattern_groups(num_heads):
+            for h in group.heads:
+                per_head[h].append(group.pattern)
+        return tuple(tuple(p) for p in per_head)
+
+    def pattern_groups(self, num_heads: int) -> tuple[PatternGroup, ...]:
+        """Heads grouped by identical pattern, ordered by pair then offset.
+
+        Every backend loops over these: one group is one select/attend/scatter.
+        """
+        groups = []
+        for pair, heads in enumerate(self.head_groups(num_heads)):
+            w, r = self.segment_lengths[pair], self.dilation_rates[pair]
+            by_offset: dict[int, list[int]] = {}
+            for h in heads:
+                by_offset.setdefault(h % r, []).append(h)
+            for offset in sorted(by_offset):
+                groups.append(PatternGroup(pair, Pattern(w, r, offset), tuple(by_offset[offset])))
+        return tuple(groups)
+
+    def effective_segment_lengths(self, seq_len: int) -> tuple[int, ...]:
+        """``w'_i = min(w_i, n)`` for every pair (SPEC 3)."""
+        return tuple(min(w, seq_len) for w in self.segment_lengths)
+
+    def is_aligned(self, seq_len: int, world_size: int = 1) -> bool:
+        """SPEC 5's aligned case, where the closed-form byte count holds.
+
+        Each ``w'`` divides n; each ``w' <= c`` divides c and each ``w' > c`` is a multiple of
+        c; each ``r`` divides its ``w'`` and c (``c = n / world_size``).
+        """
+        if seq_len % world_size:
+            return False
+        c = seq_len // world_size
+        for w_eff, r in zip(self.effective_segment_lengths(seq_len), self.dilation_rates):
+            if seq_len % w_eff or w_eff % r or c % r:
+                return False
+            if (w_eff <= c and c % w_eff) or (w_eff > c and w_eff % c):
+                return False
+        return True
+
+
+def segment_bounds(segment_length: int, seq_len: int) -> list[tuple[int, int]]:
+    """Segments ``[s*w', min((s+1)*w', n))`` of a sequence of length n (SPEC 3)."""
+    w_eff = min(segment_length, seq_len)
+    return [(start, min(start + w_eff, seq_len)) for start in range(0, seq_len, w_eff)]
+
+
+def selected_in_segment(pattern: Pattern, seg_start: int, lo: int, hi: int) -> np.ndarray:
+    """Positions in ``[lo, hi)`` selected by ``pattern`` in the segment starting at ``seg_start``.
+
+    ``[lo, hi)`` is any part of that segment (for example the part one rank holds).
+    Positions are global and the offset counts from the segment start, never from ``lo``
+    (PITFALLS 1). Returns int64 positions, ascending; empty when none is selected.
+    """
+    r, o = pattern.dilation_rate, pattern.offset
+    first = seg_start + o  # first selected position of the segment
+    if lo > first:
+        first += -(-(lo - first) // r) * r  # round up to the next selected position
+    return np.arange(first, hi, r, dtype=np.int64)
+
+
+# --- validation (SPEC 7) -------------------------------------------------------------------
+
+
+def _check_int_tuple(name: str, values: Any) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name}: expected a sequence of positive ints, got {values!r}")
+    out = []
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{name}: every entry must be an int, got {x!r}")
+        if x < 1:
+            raise ValueError(f"{name}: every entry must be >= 1, got {int(x)}")
+        out.append(int(x))
+    if not out:
+        raise ValueError(f"{name}: must not be empty")
+    return tuple(out)
+
+
+def make_config(
+    segment_lengths: Any,
+    dilation_rates: Any,
+    *,
+    is_causal: bool = False,
+    mode: str | Mode = "longnet",
+    softmax_scale: float | None = None,
+) -> DilatedConfig:
+    """Validate the configuration arguments and freeze them (SPEC 7).
+
+    Raises ``TypeError`` for a wrong type and ``ValueError`` for a wrong value, each naming
+    the argument and the rule it breaks.
+    """
+    seg = _check_int_tuple("segment_lengths", segment_lengths)
+    rates = _check_int_tuple("dilation_rates", dilation_rates)
+    if len(seg) != len(rates):
+        raise ValueError(
+            f"segment_lengths and dilation_rates: must have equal length, got {len(seg)} "
+            f"and {len(rates)}"
+        )
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal: expected a bool, got {is_causal!r}")
+    if isinstance(mode, Mode):
+        mode_value = mode
+    elif isinstance(mode, str):
+        try:
+            mode_value = Mode(mode)
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in Mode)
+            raise ValueError(f"mode: must be one of {choices}, got {mode!r}") from None
+    else:
+        raise TypeError(f"mode: expected a str, got {mode!r}")
+    scale: float | None = None
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(f"softmax_scale: expected a real number or None, got {softmax_scale!r}")
+        scale = float(softmax_scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"softmax_scale: must be finite, got {scale}")
+    return DilatedConfig(seg, rates, mode_value, bool(is_causal), scale)
+
+
+def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int]:
+    """Check that q, k, v are 4-d ``(batch, seq_len, num_heads, head_dim)`` and alike.
+
+    Works on anything with ``ndim``, ``shape`` and ``dtype`` (NumPy arrays, torch tensors).
+    Returns the shape.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not all(hasattr(x, a) for a in ("ndim", "shape", "dtype")):
+            raise TypeError(f"{name}: expected an array or tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(
+                f"{name}: must be 4-dimensional (batch, seq_len, num_heads, head_dim), "
+                f"got shape {tuple(x.shape)}"
+            )
+    for name, x in (("k", k), ("v", v)):
+        if tuple(x.shape) != tuple(q.shape):
+            raise ValueError(
+                f"{name}: shape must equal q's, got {tuple(x.shape)} and {tuple(q.shape)}"
+            )
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype must equal q's, got {x.dtype} and {q.dtype}")
+    shape = tuple(int(s) for s in q.shape)
+    for axis, size in zip(("batch", "seq_len", "num_heads", "head_dim"), shape):
+        if size < 1:
+            raise ValueError(f"q: {axis} must be >= 1, got shape {shape}")
+    return shape  # type: ignore[return-value]
+
+
+def check_world_size(seq_len: int, world_size: Any) -> int:
+    """``world_size`` is a positive int dividing ``seq_len`` (SPEC 5, 7)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):
+        raise TypeError(f"world_size: expected an int, got {world_size!r}")
+    if world_size < 1:
+        raise ValueError(f"world_size: must be >= 1, got {world_size}")
+    if seq_len % world_size:
+        raise ValueError(
+            f"world_size: seq_len must be divisible by world_size, got seq_len={seq_len}, "
+            f"world_size={world_size}"
+        )
+    return int(world_size)
+
+
+def validate(
+    q: Any,
+    k: Any,
+    v: Any,
+    segment_lengths: Any,
+    dilation_rates: Any,
+    *,
+    is_causal: bool = False,
+    mode: str | Mode = "longnet",
+    softmax_scale: float | None = None,
+    world_size: int = 1,
+) -> DilatedConfig:
+    """Every SPEC 7 check for global q, k, v; returns the frozen configuration."""
+    config = make_config(
+        segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
+        softmax_scale=softmax_scale,
+    )
+    _, seq_len, num_heads, _ = check_qkv(q, k, v)
+    config.head_groups(num_heads)  # raises for grouped mode with too few heads
+    check_world_size(seq_len, world_size)
+    return config
