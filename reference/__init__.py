@@ -4,12 +4,16 @@
 - :func:`dilated_attention`: single-process dilated attention, select / attend / scatter / merge.
 - :mod:`.merge`: the naive and the stable LSE merge side by side.
 - :func:`block_attention`: one block of queries against one block of keys, ``(out, lse)``.
+- :func:`ring_dilated_attention_shard`: one rank of the ring, over any communicator.
+- :func:`ring_dilated_attention`: global arrays over the in-process simulated cluster.
 """
 
 from .block import block_attention
 from .dense import dense_dilated_attention, pattern_mask
 from .dilated import dilated_attention
 from .merge import merge_naive, merge_stable
+from .ring import ring_dilated_attention_shard
+from .simulate import ring_dilated_attention
 
 __all__ = [
     "block_attention",
@@ -18,4 +22,6 @@ __all__ = [
     "merge_naive",
     "merge_stable",
     "pattern_mask",
+    "ring_dilated_attention",
+    "ring_dilated_attention_shard",
 ]

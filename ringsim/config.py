@@ -138,18 +138,24 @@ def segment_bounds(segment_length: int, seq_len: int) -> list[tuple[int, int]]:
     return [(start, min(start + w_eff, seq_len)) for start in range(0, seq_len, w_eff)]
 
 
-def selected_in_segment(pattern: Pattern, seg_start: int, lo: int, hi: int) -> np.ndarray:
+def selected_range(pattern: Pattern, seg_start: int, lo: int, hi: int) -> range:
     """Positions in ``[lo, hi)`` selected by ``pattern`` in the segment starting at ``seg_start``.
 
     ``[lo, hi)`` is any part of that segment (for example the part one rank holds).
     Positions are global and the offset counts from the segment start, never from ``lo``
-    (PITFALLS 1). Returns int64 positions, ascending; empty when none is selected.
+    (PITFALLS 1). Returns an ascending ``range``, empty when nothing is selected.
     """
     r, o = pattern.dilation_rate, pattern.offset
     first = seg_start + o  # first selected position of the segment
     if lo > first:
         first += -(-(lo - first) // r) * r  # round up to the next selected position
-    return np.arange(first, hi, r, dtype=np.int64)
+    return range(first, max(first, hi), r)
+
+
+def selected_in_segment(pattern: Pattern, seg_start: int, lo: int, hi: int) -> np.ndarray:
+    """:func:`selected_range` as an int64 array of global positions."""
+    rows = selected_range(pattern, seg_start, lo, hi)
+    return np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
 
 
 # --- validation (SPEC 7) -------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""Ring dilated attention on global arrays, over the in-process simulated cluster.
+
+The global arrays are cut into contiguous shards *before* the ranks start; each rank's
+thread receives copies of its own shards only and runs
+:func:`~ringsim.reference.ring.ring_dilated_attention_shard`, the same code MPI runs. The
+shards of out and lse are gathered afterwards. No MPI, no torch, any world size (PITFALLS 15).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ringsim.comm.faults import Fault
+from ringsim.comm.simulated import SimulatedCluster
+from ringsim.config import validate
+from ringsim.trace import RankTrace, Trace
+
+from .dilated import check_float
+from .ring import ring_dilated_attention_shard
+
+
+def shard(x: np.ndarray, world_size: int) -> list[np.ndarray]:
+    """Contiguous copies of ``x``'s seq_len axis, one per rank: ``(b, n/P, h, d)`` each."""
+    return [np.ascontiguousarray(s) for s in np.split(x, world_size, axis=1)]
+
+
+def ring_dilated_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    segment_lengths,
+    dilation_rates,
+    *,
+    world_size: int,
+    is_causal: bool = False,
+    mode: str = "longnet",
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    return_trace: bool = False,
+    faults: Sequence[Fault] = (),
+    timeout: float = 60.0,
+):
+    """Ring dilated attention of global arrays on ``world_size`` simulated ranks (SPEC 6).
+
+    Args:
+        q, k, v: ``(batch, seq_len, num_heads, head_dim)``, float32 or float64;
+            ``seq_len % world_size == 0``.
+        world_size: the number of simulated ranks P.
+        segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
+            :func:`ringsim.reference.dilated_attention`.
+        return_lse: also return the lse ``(batch, num_heads, seq_len)``.
+        return_trace: also return the :class:`ringsim.trace.Trace` of the run.
+        faults: faults to inject (:class:`ringsim.comm.Fault`), for testing failure paths.
+        timeout: seconds any rank may wait for one message before the run fails.
+    Returns:
+        the gathered global out ``(batch, seq_len, num_heads, head_dim)`` [, lse][, trace].
+    Raises:
+        ``ValueError``/``TypeError`` for bad input (before any rank starts);
+        :class:`ringsim.comm.CommError` when a rank fails, a message never comes, or the
+        ring deadlocks.
+    """
+    config = validate(
+        q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
+        softmax_scale=softmax_scale, world_size=world_size,
+    )
+    check_float(q)
+    shards = list(zip(shard(q, world_size), shard(k, world_size), shard(v, world_size)))
+    del q, k, v  # from here on, every array a rank touches is its own shard
+    traces = [RankTrace(rank) for rank in range(world_size)]
+
+    def run_rank(comm):
+        q_r, k_r, v_r = shards[comm.rank]
+        return ring_dilated_attention_shard(
+            q_r, k_r, v_r, config.segment_lengths, config.dilation_rates, comm=comm,
+            is_causal=config.is_causal, mode=config.mode.value,
+            softmax_scale=config.softmax_scale, return_lse=True, trace=traces[comm.rank],
+        )
+
+    results = SimulatedCluster(world_size, timeout=timeout).run(run_rank, faults=faults)
+    out = np.concatenate([r[0] for r in results], axis=1)
+    lse = np.concatenate([r[1] for r in results], axis=-1)
+    extra = ((lse,) if return_lse else ()) + ((Trace.from_ranks(traces),) if return_trace else ())
+    return (out, *extra) if extra else out

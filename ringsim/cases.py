@@ -1,0 +1,80 @@
+"""Random configurations and inputs, seeded, shared by tests, the CLI and the MPI checks.
+
+The draws favour what breaks ring implementations: lengths that are not powers of two,
+ragged last segments, segments longer than a shard and crossing shard boundaries, w > n,
+r > w, r not dividing w, head counts not divisible by the number of pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration of dilated attention, with the world size to run it on."""
+
+    batch: int
+    seq_len: int
+    num_heads: int
+    head_dim: int
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    is_causal: bool = False
+    mode: str = "longnet"
+    world_size: int = 1
+    softmax_scale: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.seq_len, self.num_heads, self.head_dim)
+
+    def kwargs(self) -> dict:
+        """Keyword arguments shared by every ``dilated_attention`` entry point."""
+        return dict(is_causal=self.is_causal, mode=self.mode, softmax_scale=self.softmax_scale)
+
+    def inputs(self, seed: int, dtype=np.float64) -> tuple[np.ndarray, ...]:
+        """Unit-normal q, k, v of this case's shape, from ``seed``."""
+        rng = np.random.default_rng(seed)
+        return tuple(rng.standard_normal(self.shape).astype(dtype) for _ in range(3))
+
+    def describe(self) -> str:
+        causal = "causal" if self.is_causal else "full"
+        return (f"P={self.world_size} n={self.seq_len} b={self.batch} h={self.num_heads} "
+                f"d={self.head_dim} w={list(self.segment_lengths)} "
+                f"r={list(self.dilation_rates)} {self.mode} {causal}")
+
+
+def random_case(rng: np.random.Generator, world_size: int = 1, max_shard: int = 9) -> Case:
+    """A random case whose seq_len is a multiple of ``world_size``."""
+    c = int(rng.integers(1, max_shard + 1))
+    n = c * world_size
+    pairs = int(rng.integers(1, 4))
+    mode = "grouped" if rng.random() < 0.35 else "longnet"
+    heads = int(rng.integers(pairs if mode == "grouped" else 1, 6))
+    # segments from a single row up to past the sequence: within a shard, across shards,
+    # ragged (not dividing n), and w > n
+    segs = tuple(int(rng.integers(1, n + 4)) for _ in range(pairs))
+    rates = tuple(int(rng.integers(1, 6)) for _ in range(pairs))
+    return Case(
+        batch=int(rng.integers(1, 3)), seq_len=n, num_heads=heads,
+        head_dim=int(rng.integers(1, 6)), segment_lengths=segs, dilation_rates=rates,
+        is_causal=bool(rng.random() < 0.5), mode=mode, world_size=world_size,
+    )
+
+
+def fixed_cases(world_size: int) -> list[Case]:
+    """Hand-picked cases for a world size: aligned, across shards, ragged, causal, r > 1."""
+    p = world_size
+    c = 6
+    n = c * p
+    return [
+        Case(2, n, 4, 4, (n,), (1,), True, "longnet", p),  # one segment = the whole ring
+        Case(1, n, 5, 3, (2 * c, n), (2, 3), False, "longnet", p),  # across shards, r > 1
+        Case(1, n, 5, 3, (2 * c, n), (2, 3), True, "longnet", p),
+        Case(1, n, 3, 4, (c - 1, c + 2, 5 * c), (2, 3, 4), True, "grouped", p),  # ragged
+        Case(2, n, 4, 2, (3, 7), (5, 2), False, "grouped", p),  # r > w: rows with no key
+        Case(1, n, 2, 4, (c, c), (1, 1), True, "longnet", p),  # a key chosen twice
+    ]

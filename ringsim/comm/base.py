@@ -1,0 +1,161 @@
+"""The communicator protocol every ring runs over (DESIGN.md, Communicators).
+
+A ring step is one batch of point-to-point messages: each rank posts the sends and receives
+the plan gives it for that step, computes, then waits. Three verbs make the overlap visible:
+
+- ``start(sends, recvs)`` posts a batch and returns a :class:`Request` at once;
+- ``request.wait()`` blocks until the batch is done and returns the received payloads;
+- ``exchange(sends, recvs)`` is ``start(...).wait()``.
+
+A payload is a tuple of NumPy arrays of one dtype. A receive names the shapes and dtype it
+expects (the plan knows them), so MPI can receive into buffers allocated up front. Send and
+receive buffers are always distinct (PITFALLS 9): a sent payload is copied or packed when
+the batch is posted, and received payloads are new arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Protocol
+
+import numpy as np
+
+Payload = tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``payload`` to rank ``dest`` with ``tag``."""
+
+    dest: int
+    tag: int
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class Recv:
+    """Receive from rank ``source`` a payload of arrays of these ``shapes`` and ``dtype``."""
+
+    source: int
+    tag: int
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: np.dtype
+
+
+class Request(Protocol):
+    def wait(self) -> list[Payload]:
+        """Block until every send and receive of the batch is done; payloads in recv order."""
+        ...
+
+
+class Communicator(Protocol):
+    """What the per-rank ring code needs from a transport."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def start(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> Request: ...
+
+    def exchange(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> list[Payload]: ...
+
+    def allgather(self, obj: object) -> list[object]:
+        """Every rank's ``obj`` (picklable), indexed by rank; a collective over all ranks."""
+        ...
+
+
+class CommError(RuntimeError):
+    """A ring could not complete: a rank failed, a message never came, or ranks disagree."""
+
+
+class CommTimeout(CommError):
+    """A wait lasted longer than the communicator's timeout."""
+
+
+class DeadlockError(CommError):
+    """Every live rank waits for a message no rank will send."""
+
+
+class RankCrashed(CommError):
+    """An injected fault crashed this rank."""
+
+
+def payload_nbytes(payload: Payload) -> int:
+    """Bytes of the arrays themselves (elements x itemsize), no framing (SPEC 6)."""
+    return sum(int(a.nbytes) for a in payload)
+
+
+class RankFailed(CommError):
+    """A rank's function raised; the run as a whole failed.
+
+    ``rank`` and ``error`` name the root cause (the first failure that was not a secondary
+    abort); ``failures`` lists every ``(rank, exception)`` in the order they happened. The
+    exception is raised ``from error``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        rank: int,
+        error: BaseException,
+        failures: tuple[tuple[int, BaseException], ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.error = error
+        self.failures = failures
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        # Exceptions pickle as cls(*args); ours needs its extra fields back.
+        return (type(self), (str(self), self.rank, self.error, self.failures))
+
+
+def describe_payload(shapes: Sequence[tuple[int, ...]], dtype: object) -> str:
+    """``'2 arrays of float64, shapes [(3, 4), (5,)]'``, for error messages."""
+    return f"{len(shapes)} arrays of {np.dtype(dtype)}, shapes {[tuple(s) for s in shapes]}"
+
+
+def check_batch(
+    sends: Sequence[Send], recvs: Sequence[Recv], *, rank: int, world_size: int
+) -> None:
+    """Reject a malformed batch before anything is posted (every backend calls this).
+
+    Raises ``ValueError``/``TypeError`` naming the rank, the message and the rule: peers in
+    ``[0, world_size)``, tags non-negative ints, payloads tuples of ndarrays of one dtype
+    (MPI packs a payload into one buffer), receive shapes of non-negative ints.
+    """
+    for index, send in enumerate(sends):
+        where = f"rank {rank}: sends[{index}] (dest {send.dest}, tag {send.tag})"
+        _check_peer(where, "dest", send.dest, world_size)
+        _check_tag(where, send.tag)
+        if not isinstance(send.payload, tuple) or not all(
+            isinstance(a, np.ndarray) for a in send.payload
+        ):
+            raise TypeError(f"{where}: payload must be a tuple of numpy arrays")
+        dtypes = {a.dtype for a in send.payload}
+        if len(dtypes) > 1:
+            raise TypeError(f"{where}: payload arrays must share one dtype, got {dtypes}")
+    for index, recv in enumerate(recvs):
+        where = f"rank {rank}: recvs[{index}] (source {recv.source}, tag {recv.tag})"
+        _check_peer(where, "source", recv.source, world_size)
+        _check_tag(where, recv.tag)
+        if not all(
+            isinstance(s, tuple) and all(isinstance(d, Integral) and d >= 0 for d in s)
+            for s in recv.shapes
+        ):
+            raise TypeError(f"{where}: shapes must be tuples of non-negative ints")
+        np.dtype(recv.dtype)  # raises TypeError for a non-dtype
+
+
+def _check_peer(where: str, name: str, peer: int, world_size: int) -> None:
+    if not isinstance(peer, Integral) or not 0 <= peer < world_size:
+        raise ValueError(f"{where}: {name} must be a rank in [0, {world_size})")
+
+
+def _check_tag(where: str, tag: int) -> None:
+    if not isinstance(tag, Integral) or tag < 0:
+        raise ValueError(f"{where}: tag must be a non-negative int")

@@ -1,0 +1,269 @@
+"""The ring plan: who sends which rows to whom at which step, and what each block needs.
+
+Everything here is a pure function of ``(config, num_heads, seq_len, world_size)``, built
+from global positions, and tested as tables without any communication. Every backend (the
+NumPy ring, the torch ring) executes the same plan.
+
+Note [The ring of one segment]
+------------------------------
+Rank j holds positions ``[j*c, (j+1)*c)``. A segment ``[start, stop)`` of pair i meets the
+shards of consecutive ranks; those ranks form the segment's *sub-ring* (SPEC 5). With the
+sub-ring's places 0..g-1, at step t the rank at place a holds the block of place
+``(a - t) mod g``: its own rows at step 0, then each block moves one place per step::
+
+    step 0:  place 0 holds B0   place 1 holds B1   place 2 holds B2
+    step 1:  place 0 holds B2   place 1 holds B0   place 2 holds B1     (B0: 0 -> 1, ...)
+    step 2:  place 0 holds B1   place 1 holds B2   place 2 holds B0
+
+A block carries only the rows its pattern selects, for each pattern group (offset) of the
+pair, so one message per step and sub-ring carries every head of the pair.
+
+Causal pruning: a block is sent one more place only while some place further along its path
+still attends to it. Across ranks, keys lie wholly before (FULL) or wholly after (SKIP) the
+queries, so a block of place s is useful at places s+1..g-1 and useless after the wrap:
+place a sends a+1 blocks when a < g-1 (SPEC 5). The pruning is per pattern group: a group
+whose rows no later place attends to travels as 0 rows, and a message with no rows at all is
+not sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ringsim.config import DilatedConfig, PatternGroup, selected_range
+
+
+class BlockAction(Enum):
+    """What one block of keys needs against one rank's queries."""
+
+    FULL = "full"  # every query attends every key
+    CAUSAL = "causal"  # the diagonal block: same rows, lower triangle
+    MASKED = "masked"  # keys and queries interleave some other way: mask by positions
+    SKIP = "skip"  # no query attends any key (or one side is empty)
+
+
+def block_action(q_rows: range, k_rows: range, is_causal: bool) -> BlockAction:
+    """The action for queries at ``q_rows`` against keys at ``k_rows`` (global positions)."""
+    if len(q_rows) == 0 or len(k_rows) == 0:
+        return BlockAction.SKIP
+    if not is_causal or k_rows[-1] <= q_rows[0]:
+        return BlockAction.FULL
+    if k_rows[0] > q_rows[-1]:
+        return BlockAction.SKIP
+    return BlockAction.CAUSAL if q_rows == k_rows else BlockAction.MASKED
+
+
+def shard_range(rank: int, seq_len: int, world_size: int) -> range:
+    """The global positions rank holds: ``[rank*c, (rank+1)*c)`` (layout "contiguous")."""
+    c = seq_len // world_size
+    return range(rank * c, (rank + 1) * c)
+
+
+def subring_ranks(start: int, stop: int, seq_len: int, world_size: int) -> tuple[int, ...]:
+    """The consecutive ranks whose shards meet the segment ``[start, stop)``."""
+    c = seq_len // world_size
+    return tuple(range(start // c, (stop - 1) // c + 1))
+
+
+@dataclass(frozen=True)
+class SubRing:
+    """The ranks that share one segment of one pair; ``index`` is unique in the plan."""
+
+    index: int
+    pair: int
+    segment: int
+    start: int
+    stop: int
+    ranks: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def tag(self) -> int:
+        """The message tag of this sub-ring's transfers (MPI guarantees tags < 32768)."""
+        return self.index % 32768
+
+    def place(self, rank: int) -> int:
+        return self.ranks.index(rank)
+
+    def rank_at(self, place: int) -> int:
+        return self.ranks[place % self.size]
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One message: ``send_rank`` passes ``source_rank``'s block to ``recv_rank`` at ``step``.
+
+    ``rows[g]`` are the global positions of pattern group g's K/V rows in the message
+    (an empty range where the group is pruned).
+    """
+
+    step: int
+    subring: SubRing
+    source_rank: int
+    send_rank: int
+    recv_rank: int
+    rows: tuple[range, ...]
+
+
+@dataclass(frozen=True)
+class Task:
+    """At ``step``, ``rank`` attends its queries to ``source_rank``'s block of ``subring``.
+
+    Per pattern group g: the query rows ``q_rows[g]``, key rows ``k_rows[g]`` and the action.
+    """
+
+    step: int
+    rank: int
+    subring: SubRing
+    source_rank: int
+    q_rows: tuple[range, ...]
+    k_rows: tuple[range, ...]
+    actions: tuple[BlockAction, ...]
+
+    @property
+    def skipped(self) -> bool:
+        return all(a is BlockAction.SKIP for a in self.actions)
+
+
+@dataclass(frozen=True)
+class RankStep:
+    """What one rank does at one step: post ``sends`` and ``recvs``, then run ``tasks``."""
+
+    step: int
+    sends: tuple[Transfer, ...]
+    recvs: tuple[Transfer, ...]
+    tasks: tuple[Task, ...]
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """The whole schedule of one rank; ``groups[pair]`` are that pair's pattern groups."""
+
+    rank: int
+    world_size: int
+    seq_len: int
+    groups: tuple[tuple[PatternGroup, ...], ...]
+    steps: tuple[RankStep, ...]
+
+    @property
+    def shard(self) -> range:
+        return shard_range(self.rank, self.seq_len, self.world_size)
+
+
+def pair_groups(config: DilatedConfig, num_heads: int) -> tuple[tuple[PatternGroup, ...], ...]:
+    """Pattern groups of each pair, in the order messages carry them."""
+    groups = config.pattern_groups(num_heads)
+    return tuple(tuple(g for g in groups if g.pair == i) for i in range(config.num_pairs))
+
+
+def rank_subrings(
+    config: DilatedConfig, seq_len: int, world_size: int, rank: int
+) -> tuple[SubRing, ...]:
+    """The sub-rings (every pair, every segment) that ``rank`` belongs to, in plan order."""
+    shard = shard_range(rank, seq_len, world_size)
+    out, first_index = [], 0
+    for pair, w_eff in enumerate(config.effective_segment_lengths(seq_len)):
+        for segment in range(shard.start // w_eff, (shard.stop - 1) // w_eff + 1):
+            start, stop = segment * w_eff, min((segment + 1) * w_eff, seq_len)
+            ranks = subring_ranks(start, stop, seq_len, world_size)
+            out.append(SubRing(first_index + segment, pair, segment, start, stop, ranks))
+        first_index += -(-seq_len // w_eff)  # segments of this pair
+    return tuple(out)
+
+
+def _block_rows(
+    subring: SubRing, groups: tuple[PatternGroup, ...], seq_len: int, world_size: int
+) -> list[tuple[range, ...]]:
+    """``rows[place][g]``: group g's selected positions in the shard of each place."""
+    rows = []
+    for rank in subring.ranks:
+        shard = shard_range(rank, seq_len, world_size)
+        lo, hi = max(shard.start, subring.start), min(shard.stop, subring.stop)
+        rows.append(tuple(selected_range(g.pattern, subring.start, lo, hi) for g in groups))
+    return rows
+
+
+def _subring_schedule(
+    subring: SubRing,
+    groups: tuple[PatternGroup, ...],
+    is_causal: bool,
+    seq_len: int,
+    world_size: int,
+) -> tuple[list[Transfer], list[Task]]:
+    """Every transfer and task of one sub-ring, for all its ranks."""
+    g = subring.size
+    rows = _block_rows(subring, groups, seq_len, world_size)
+    transfers, tasks = [], []
+    for source in range(g):
+        k_rows = rows[source]
+        # actions[h][gi]: what the place h hops further along needs from this block
+        actions = [
+            tuple(
+                block_action(q, k, is_causal) for q, k in zip(rows[(source + h) % g], k_rows)
+            )
+            for h in range(g)
+        ]
+        # the last hop at which each group is still useful (0: never sent)
+        last_hop = [
+            max((h for h in range(1, g) if actions[h][gi] is not BlockAction.SKIP), default=0)
+            for gi in range(len(groups))
+        ]
+        for h in range(g):
+            dest = (source + h) % g
+            if h > 0 and h <= max(last_hop, default=0):
+                sent = tuple(
+                    k if last_hop[gi] >= h else range(k.start, k.start)
+                    for gi, k in enumerate(k_rows)
+                )
+                transfers.append(
+                    Transfer(
+                        h, subring, subring.rank_at(source), subring.rank_at(dest - 1),
+                        subring.rank_at(dest), sent,
+                    )
+                )
+            tasks.append(
+                Task(h, subring.rank_at(dest), subring, subring.rank_at(source),
+                     rows[dest], k_rows, actions[h])
+            )
+    return transfers, tasks
+
+
+def rank_plan(config: DilatedConfig, num_heads: int, seq_len: int, world_size: int, rank: int
+              ) -> RankPlan:
+    """The schedule of one rank: its transfers and tasks, step by step."""
+    groups = pair_groups(config, num_heads)
+    sends: dict[int, list[Transfer]] = {}
+    recvs: dict[int, list[Transfer]] = {}
+    tasks: dict[int, list[Task]] = {}
+    for subring in rank_subrings(config, seq_len, world_size, rank):
+        transfers, sub_tasks = _subring_schedule(
+            subring, groups[subring.pair], config.is_causal, seq_len, world_size
+        )
+        for t in transfers:
+            if t.send_rank == rank:
+                sends.setdefault(t.step, []).append(t)
+            if t.recv_rank == rank:
+                recvs.setdefault(t.step, []).append(t)
+        for task in sub_tasks:
+            if task.rank == rank:
+                tasks.setdefault(task.step, []).append(task)
+    num_steps = max(tasks, default=-1) + 1
+    steps = tuple(
+        RankStep(
+            t, tuple(sends.get(t, ())), tuple(recvs.get(t, ())), tuple(tasks.get(t, ()))
+        )
+        for t in range(num_steps)
+    )
+    return RankPlan(rank, world_size, seq_len, groups, steps)
+
+
+def ring_plan(config: DilatedConfig, num_heads: int, seq_len: int, world_size: int
+              ) -> tuple[RankPlan, ...]:
+    """Every rank's plan (for tests, the trace and figures; a rank only needs its own)."""
+    return tuple(
+        rank_plan(config, num_heads, seq_len, world_size, rank) for rank in range(world_size)
+    )

@@ -1,0 +1,131 @@
+"""The trace: every send, receive, compute, merge and skip of a ring run, with fixed fields.
+
+Each rank records its own events in program order (:class:`RankTrace`); :class:`Trace` puts
+the ranks together in a deterministic order, ``(step, rank, sequence)``, so two runs of one
+configuration — simulated or under MPI — give equal traces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class TraceAction(str, Enum):
+    SEND = "send"
+    RECV = "recv"
+    COMPUTE = "compute"
+    MERGE = "merge"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing one rank did at one step.
+
+    ``peer`` is the other rank of a send/recv (None otherwise); ``nbytes`` the payload bytes
+    moved; ``pair`` and ``subring`` name the pattern pair and segment sub-ring; ``source_rank``
+    is whose K/V block the event concerns; ``rows`` are the global K/V positions per pattern
+    group (sends, receives) or the number of query rows attended (computes); ``detail`` is the
+    block actions, per pattern group.
+    """
+
+    step: int
+    rank: int
+    action: TraceAction
+    peer: int | None = None
+    nbytes: int = 0
+    pair: int | None = None
+    subring: int | None = None
+    source_rank: int | None = None
+    rows: tuple[range, ...] = ()
+    detail: str = ""
+
+
+@dataclass
+class RankTrace:
+    """One rank's event log and its memory meter (bytes of arrays held)."""
+
+    rank: int
+    events: list[Event] = field(default_factory=list)
+    held: dict[str, int] = field(default_factory=dict)
+    peak_bytes: int = 0
+
+    def add(self, event: Event) -> None:
+        self.events.append(event)
+
+    def hold(self, name: str, nbytes: int) -> None:
+        """Count ``nbytes`` of arrays as held under ``name`` (replacing what it held)."""
+        self.held[name] = nbytes
+        self.peak_bytes = max(self.peak_bytes, sum(self.held.values()))
+
+    def release(self, name: str) -> None:
+        self.held.pop(name, None)
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The events of all ranks, ordered by ``(step, rank)``, and each rank's peak bytes."""
+
+    world_size: int
+    events: tuple[Event, ...]
+    peak_bytes: tuple[int, ...]
+
+    @classmethod
+    def from_ranks(cls, ranks: Sequence[RankTrace]) -> Trace:
+        ordered = sorted(ranks, key=lambda r: r.rank)
+        keyed = [
+            ((e.step, r.rank, i), e) for r in ordered for i, e in enumerate(r.events)
+        ]
+        events = tuple(e for _, e in sorted(keyed, key=lambda item: item[0]))
+        return cls(len(ordered), events, tuple(r.peak_bytes for r in ordered))
+
+    def select(self, action: TraceAction | str | None = None, rank: int | None = None
+               ) -> list[Event]:
+        """Events of one action and/or one rank."""
+        return [
+            e for e in self.events
+            if (action is None or e.action == TraceAction(action))
+            and (rank is None or e.rank == rank)
+        ]
+
+    def sent_bytes(self, rank: int) -> int:
+        """Payload bytes of the arrays ``rank`` sent (elements x itemsize, SPEC 6)."""
+        return sum(e.nbytes for e in self.select(TraceAction.SEND, rank))
+
+    def received_bytes(self, rank: int) -> int:
+        return sum(e.nbytes for e in self.select(TraceAction.RECV, rank))
+
+    @property
+    def num_steps(self) -> int:
+        return max((e.step for e in self.events), default=-1) + 1
+
+    def table(self) -> str:
+        """A per-step text table: one line per step and rank, what it sent, got and did."""
+        lines = [f"{'step':>4} {'rank':>4}  {'sent':<22} {'received':<22} computed"]
+        for step in range(self.num_steps):
+            for rank in range(self.world_size):
+                events = [e for e in self.events if e.step == step and e.rank == rank]
+                if events:
+                    lines.append(f"{step:>4} {rank:>4}  " + _row(events))
+        total = sum(self.sent_bytes(r) for r in range(self.world_size))
+        lines.append(f"bytes sent: {total} in all; per rank: "
+                     + ", ".join(str(self.sent_bytes(r)) for r in range(self.world_size)))
+        return "\n".join(lines)
+
+
+def _transfers(events: Iterable[Event], action: TraceAction, arrow: str) -> str:
+    parts = [f"{arrow}{e.peer}:{e.nbytes}B" for e in events if e.action is action]
+    return " ".join(parts) if parts else "-"
+
+
+def _row(events: list[Event]) -> str:
+    sent = _transfers(events, TraceAction.SEND, "->")
+    got = _transfers(events, TraceAction.RECV, "<-")
+    done = [
+        f"B{e.source_rank}/p{e.pair}:{e.detail}"
+        for e in events
+        if e.action in (TraceAction.COMPUTE, TraceAction.SKIP)
+    ]
+    return f"{sent:<22} {got:<22} {' '.join(done) or '-'}"
