@@ -137,7 +137,9 @@ def ring_dilated_attention_shard(
         b, c, h, d = check_qkv(q, k, v)
         check_float(q)
         config.head_groups(h)
-        description = f"{config}, shard {(b, c, h, d)} {q.dtype}"
+        description = (f"w={config.segment_lengths} r={config.dilation_rates} "
+                       f"{config.mode.value} causal={config.is_causal} "
+                       f"scale={config.softmax_scale} shard={(b, c, h, d)} {q.dtype}")
     except (TypeError, ValueError) as err:
         error = err
     agree(comm, description, error)

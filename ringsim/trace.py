@@ -81,6 +81,25 @@ class Trace:
         events = tuple(e for _, e in sorted(keyed, key=lambda item: item[0]))
         return cls(len(ordered), events, tuple(r.peak_bytes for r in ordered))
 
+    def to_json(self) -> dict:
+        """A JSON-ready dict (ranges as ``[start, stop, step]``); inverse of :meth:`from_json`."""
+        events = [
+            {**e.__dict__, "action": e.action.value,
+             "rows": [[r.start, r.stop, r.step] for r in e.rows]}
+            for e in self.events
+        ]
+        return {"world_size": self.world_size, "peak_bytes": list(self.peak_bytes),
+                "events": events}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Trace:
+        events = tuple(
+            Event(**{**e, "action": TraceAction(e["action"]),
+                     "rows": tuple(range(*r) for r in e["rows"])})
+            for e in data["events"]
+        )
+        return cls(data["world_size"], events, tuple(data["peak_bytes"]))
+
     def select(self, action: TraceAction | str | None = None, rank: int | None = None
                ) -> list[Event]:
         """Events of one action and/or one rank."""
