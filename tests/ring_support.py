@@ -1,19 +1,29 @@
-"""Shared pieces of the ring tests: running a case on the simulated ring, checking parity."""
+"""Shared pieces of the ring tests: cases, the SPEC 5 closed form, and the ring suite.
+
+:func:`ring_suite_failures` is what the ring mutants must fail: parity of the simulated
+ring against the definition on many cases, and the trace's bytes against the closed form.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
+from ringsim.reference import ring_dilated_attention
+from ringsim.reference.parity import check_case
 
 from ringsim.cases import Case, fixed_cases, random_case
-from ringsim.comm import SimulatedCluster
-from ringsim.reference import ring_dilated_attention_shard
-from ringsim.reference.parity import ParityReport, check_case
-from ringsim.reference.simulate import shard
-from ringsim.trace import RankTrace, Trace
+from ringsim.config import DilatedConfig, make_config
 
 WORLD_SIZES = (1, 2, 3, 4, 5, 8)
+
+ALIGNED = [  # (segment_lengths, dilation_rates, n, p, heads, mode): SPEC 5's aligned case
+    ((8, 16, 32), (1, 2, 4), 32, 4, 4, "longnet"),
+    ((4, 32), (2, 4), 32, 8, 6, "longnet"),
+    ((12, 24), (3, 2), 24, 2, 5, "grouped"),
+    ((36,), (3,), 36, 3, 3, "longnet"),
+    ((6, 18, 36), (1, 3, 6), 36, 6, 7, "grouped"),
+]
 
 
 def ring_cases(world_sizes: Sequence[int] = WORLD_SIZES, per_size: int = 6, seed: int = 3
@@ -24,40 +34,70 @@ def ring_cases(world_sizes: Sequence[int] = WORLD_SIZES, per_size: int = 6, seed
             for c in fixed_cases(p) + [random_case(rng, p) for _ in range(per_size)]]
 
 
-def run_ring(case: Case, q, k, v, wrap: Callable | None = None, timeout: float = 20.0):
-    """Run ``case`` on the simulated cluster; ``wrap`` may wrap each rank's communicator.
-
-    Returns global out, lse and the trace.
-    """
-    p = case.world_size
-    shards = list(zip(shard(q, p), shard(k, p), shard(v, p)))
-    traces = [RankTrace(r) for r in range(p)]
-
-    def rank_main(comm):
-        comm = wrap(comm) if wrap else comm
-        return ring_dilated_attention_shard(
-            *shards[comm.rank], case.segment_lengths, case.dilation_rates, comm=comm,
-            **case.kwargs(), return_lse=True, trace=traces[comm.rank],
-        )
-
-    results = SimulatedCluster(p, timeout=timeout).run(rank_main)
-    out = np.concatenate([r[0] for r in results], axis=1)
-    lse = np.concatenate([r[1] for r in results], axis=-1)
-    return out, lse, Trace.from_ranks(traces)
+def run_ring(case: Case, q, k, v):
+    """``case`` on the simulated cluster: global out, lse and the trace."""
+    return ring_dilated_attention(
+        q, k, v, case.segment_lengths, case.dilation_rates, world_size=case.world_size,
+        **case.kwargs(), return_lse=True, return_trace=True, timeout=20.0,
+    )
 
 
-def ring_failures(cases: Sequence[Case], dtype=np.float64, wrap: Callable | None = None
-                  ) -> list[str]:
+def closed_form(config: DilatedConfig, num_heads: int, batch: int, head_dim: int, n: int,
+                p: int, rank: int, itemsize: int = 8) -> int:
+    """SPEC 5: the bytes ``rank`` sends on an aligned configuration (K and V)."""
+    c = n // p
+    total = 0
+    for w_eff, r, heads in zip(config.effective_segment_lengths(n), config.dilation_rates,
+                               config.head_groups(num_heads)):
+        g = w_eff // c
+        if g <= 1:
+            continue
+        elems = batch * len(heads) * (c // r) * head_dim
+        if config.is_causal:
+            place = (rank * c % w_eff) // c
+            messages = place + 1 if place < g - 1 else 0
+        else:
+            messages = g - 1
+        total += 2 * messages * elems * itemsize
+    return total
+
+
+def ring_failures(cases: Sequence[Case], dtype=np.float64) -> list[str]:
     """Parity report lines of the cases that fail (empty: all pass)."""
     failures = []
     for i, case in enumerate(cases):
         q, k, v = case.inputs(seed=i, dtype=dtype)
         try:
-            out, lse, _ = run_ring(case, q, k, v, wrap)
-            report: ParityReport = check_case(case, out, lse, q, k, v)
-        except Exception as err:  # a mutant may crash the ring: that is a detected failure
+            out, lse, _ = run_ring(case, q, k, v)
+            report = check_case(case, out, lse, q, k, v)
+        except Exception as err:  # a mutant may break the ring outright: a detected failure
             failures.append(f"{case.describe()}: {type(err).__name__}: {err}")
             continue
         if not report.ok:
             failures.append(report.line())
     return failures
+
+
+def byte_failures(causal_modes: Sequence[bool] = (False, True)) -> list[str]:
+    """Aligned configurations whose traced bytes differ from the closed form."""
+    failures = []
+    for segs, rates, n, p, heads, mode in ALIGNED:
+        for causal in causal_modes:
+            case = Case(2, n, heads, 3, segs, rates, causal, mode, p)
+            try:
+                *_, trace = run_ring(case, *case.inputs(seed=5))
+            except Exception as err:  # a mutant may break the ring outright: detected
+                failures.append(f"{case.describe()}: {type(err).__name__}: {err}")
+                continue
+            config = make_config(segs, rates, is_causal=causal, mode=mode)
+            for rank in range(p):
+                want = closed_form(config, heads, 2, 3, n, p, rank)
+                if trace.sent_bytes(rank) != want:
+                    failures.append(f"{case.describe()} rank {rank}: sent "
+                                    f"{trace.sent_bytes(rank)} bytes, closed form {want}")
+    return failures
+
+
+def ring_suite_failures() -> list[str]:
+    """Everything a ring mutant must fail: parity at P = 1..8, and bytes."""
+    return ring_failures(ring_cases(per_size=2)) + byte_failures()

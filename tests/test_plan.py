@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ring_support import ALIGNED, closed_form
 
 from ringsim.cases import fixed_cases, random_case
 from ringsim.config import make_config
@@ -62,34 +63,6 @@ def test_rank_subrings_follow_global_segments():
     # n = 12, P = 3, c = 4: pair 0 has segments [0,5) [5,10) [10,12); pair 1 one segment
     got = [(s.pair, s.start, s.stop, s.ranks, s.index) for s in rank_subrings(config, 12, 3, 1)]
     assert got == [(0, 0, 5, (0, 1), 0), (0, 5, 10, (1, 2), 1), (1, 0, 12, (0, 1, 2), 3)]
-
-
-def closed_form(config, num_heads, batch, head_dim, n, p, rank, itemsize=8):
-    """SPEC 5: bytes a rank sends on an aligned configuration."""
-    c = n // p
-    total = 0
-    for w_eff, r, heads in zip(config.effective_segment_lengths(n), config.dilation_rates,
-                               config.head_groups(num_heads)):
-        g = w_eff // c
-        if g <= 1:
-            continue
-        elems = batch * len(heads) * (c // r) * head_dim
-        if config.is_causal:
-            place = (rank * c % w_eff) // c
-            messages = place + 1 if place < g - 1 else 0
-        else:
-            messages = g - 1
-        total += 2 * messages * elems * itemsize  # K and V
-    return total
-
-
-ALIGNED = [  # (segment_lengths, dilation_rates, n, p, heads, mode)
-    ((8, 16, 32), (1, 2, 4), 32, 4, 4, "longnet"),
-    ((4, 32), (2, 4), 32, 8, 6, "longnet"),
-    ((12, 24), (3, 2), 24, 2, 5, "grouped"),
-    ((36,), (3,), 36, 3, 3, "longnet"),
-    ((6, 18, 36), (1, 3, 6), 36, 6, 7, "grouped"),
-]
 
 
 @pytest.mark.parametrize("causal", [False, True])
