@@ -66,7 +66,13 @@ def dense_dilated_attention(
     ``L = -inf`` for a row no pattern gives a key. A key chosen twice counts twice.
     """
     config = validate(
-        q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        mode=mode,
         softmax_scale=softmax_scale,
     )
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
@@ -78,8 +84,11 @@ def dense_dilated_attention(
         for head, patterns in enumerate(config.head_patterns(h)):
             parts = [
                 masked_attention(
-                    q[:, :, head], k[:, :, head], v[:, :, head],
-                    pattern_mask(p, n, is_causal=config.is_causal), scale,
+                    q[:, :, head],
+                    k[:, :, head],
+                    v[:, :, head],
+                    pattern_mask(p, n, is_causal=config.is_causal),
+                    scale,
                 )
                 for p in patterns
             ]

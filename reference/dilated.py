@@ -92,7 +92,13 @@ def dilated_attention(
         rows with no key, whose out is 0).
     """
     config = validate(
-        q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        mode=mode,
         softmax_scale=softmax_scale,
     )
     check_float(q)

@@ -33,8 +33,10 @@ class ParityReport:
 
     def line(self) -> str:
         verdict = "PASS" if self.ok else "FAIL"
-        text = (f"{verdict} {self.case}: out {self.out_error:.1e} lse {self.lse_error:.1e} "
-                f"(tolerance {self.tolerance:.0e})")
+        text = (
+            f"{verdict} {self.case}: out {self.out_error:.1e} lse {self.lse_error:.1e} "
+            f"(tolerance {self.tolerance:.0e})"
+        )
         for rank, rows in sorted(self.bad_rows.items()):
             text += f"; rank {rank} rows {_ranges(rows)}"
         return text
@@ -52,21 +54,24 @@ def _ranges(rows: tuple[int, ...]) -> str:
     return ",".join(parts)
 
 
-def compare(out, lse, ref_out, ref_lse, *, world_size: int, tol: float, case: str = ""
-            ) -> ParityReport:
+def compare(
+    out, lse, ref_out, ref_lse, *, world_size: int, tol: float, case: str = ""
+) -> ParityReport:
     """Compare global ``out (b, n, h, d)`` / ``lse (b, h, n)`` with the definition's."""
     row_err = np.zeros(out.shape[1])
     for n in range(out.shape[1]):
-        row_err[n] = max(max_abs_error(out[:, n], ref_out[:, n]),
-                         max_abs_error(lse[..., n], ref_lse[..., n]))
+        row_err[n] = max(
+            max_abs_error(out[:, n], ref_out[:, n]), max_abs_error(lse[..., n], ref_lse[..., n])
+        )
     bad = np.flatnonzero(row_err > tol)
     c = out.shape[1] // world_size
     bad_rows: dict[int, tuple[int, ...]] = {}
     for row in bad:
         bad_rows.setdefault(int(row) // c, ())
         bad_rows[int(row) // c] += (int(row),)
-    return ParityReport(case, max_abs_error(out, ref_out), max_abs_error(lse, ref_lse), tol,
-                        bad_rows)
+    return ParityReport(
+        case, max_abs_error(out, ref_out), max_abs_error(lse, ref_lse), tol, bad_rows
+    )
 
 
 def check_case(case: Case, out, lse, q, k, v) -> ParityReport:
@@ -74,5 +79,12 @@ def check_case(case: Case, out, lse, q, k, v) -> ParityReport:
     ref_out, ref_lse = dense_dilated_attention(
         q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs()
     )
-    return compare(out, lse, ref_out, ref_lse, world_size=case.world_size,
-                   tol=tolerance(q.dtype), case=case.describe())
+    return compare(
+        out,
+        lse,
+        ref_out,
+        ref_lse,
+        world_size=case.world_size,
+        tol=tolerance(q.dtype),
+        case=case.describe(),
+    )

@@ -57,22 +57,40 @@ def expected(transfer: Transfer, plan: RankPlan, shape: tuple[int, ...], dtype) 
     return Recv(transfer.send_rank, transfer.subring.tag, shapes * 2, np.dtype(dtype))
 
 
-def post(comm: Communicator, step: RankStep, held: dict[int, Payload], plan: RankPlan,
-         shape: tuple[int, ...], dtype, trace: RankTrace) -> Request:
+def post(
+    comm: Communicator,
+    step: RankStep,
+    held: dict[int, Payload],
+    plan: RankPlan,
+    shape: tuple[int, ...],
+    dtype,
+    trace: RankTrace,
+) -> Request:
     """Post one step's sends (from the blocks held now) and receives."""
     sends = []
     for t in step.sends:
         payload = message(held[t.subring.index], t)
         sends.append(Send(t.recv_rank, t.subring.tag, payload))
-        trace.add(Event(step.step, plan.rank, TraceAction.SEND, t.recv_rank,
-                        payload_nbytes(payload), t.subring.pair, t.subring.index,
-                        t.source_rank, t.rows))
+        trace.add(
+            Event(
+                step.step,
+                plan.rank,
+                TraceAction.SEND,
+                t.recv_rank,
+                payload_nbytes(payload),
+                t.subring.pair,
+                t.subring.index,
+                t.source_rank,
+                t.rows,
+            )
+        )
     recvs = [expected(t, plan, shape, dtype) for t in step.recvs]
     return comm.start(sends, recvs)
 
 
-def attend(q, block: Payload, task: Task, plan: RankPlan, out, lse, scale: float,
-           trace: RankTrace) -> None:
+def attend(
+    q, block: Payload, task: Task, plan: RankPlan, out, lse, scale: float, trace: RankTrace
+) -> None:
     """Attend the rank's queries to one held block and merge into ``(out, lse)`` in place."""
     groups = plan.groups[task.subring.pair]
     m = len(groups)
@@ -83,17 +101,27 @@ def attend(q, block: Payload, task: Task, plan: RankPlan, out, lse, scale: float
         q_local = positions(task.q_rows[g]) - plan.shard.start
         heads = np.array(group.heads)
         block_out, block_lse = block_attention(
-            q[:, q_local][:, :, heads], block[g], block[m + g],
-            positions(task.q_rows[g]), positions(task.k_rows[g]),
-            is_causal=action is not BlockAction.FULL, scale=scale,
+            q[:, q_local][:, :, heads],
+            block[g],
+            block[m + g],
+            positions(task.q_rows[g]),
+            positions(task.k_rows[g]),
+            is_causal=action is not BlockAction.FULL,
+            scale=scale,
         )
         rows, cols = q_local[:, None], heads[None, :]
         out[:, rows, cols], lse[:, cols.T, rows.T] = merge_stable(
             out[:, rows, cols], lse[:, cols.T, rows.T], block_out, block_lse
         )
     detail = ",".join(a.value for a in task.actions)
-    base = dict(step=task.step, rank=plan.rank, pair=task.subring.pair,
-                subring=task.subring.index, source_rank=task.source_rank, detail=detail)
+    base = dict(
+        step=task.step,
+        rank=plan.rank,
+        pair=task.subring.pair,
+        subring=task.subring.index,
+        source_rank=task.source_rank,
+        detail=detail,
+    )
     if task.skipped:
         trace.add(Event(action=TraceAction.SKIP, **base))
         return
@@ -132,14 +160,21 @@ def ring_dilated_attention_shard(
     trace = trace if trace is not None else RankTrace(comm.rank)
     error, description, config = None, "", None
     try:  # 1. local checks first; every rank then learns every rank's verdict
-        config = make_config(segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
-                             softmax_scale=softmax_scale)
+        config = make_config(
+            segment_lengths,
+            dilation_rates,
+            is_causal=is_causal,
+            mode=mode,
+            softmax_scale=softmax_scale,
+        )
         b, c, h, d = check_qkv(q, k, v)
         check_float(q)
         config.head_groups(h)
-        description = (f"w={config.segment_lengths} r={config.dilation_rates} "
-                       f"{config.mode.value} causal={config.is_causal} "
-                       f"scale={config.softmax_scale} shard={(b, c, h, d)} {q.dtype}")
+        description = (
+            f"w={config.segment_lengths} r={config.dilation_rates} "
+            f"{config.mode.value} causal={config.is_causal} "
+            f"scale={config.softmax_scale} shard={(b, c, h, d)} {q.dtype}"
+        )
     except (TypeError, ValueError) as err:
         error = err
     agree(comm, description, error)
@@ -157,9 +192,19 @@ def ring_dilated_attention_shard(
                 trace.hold("in flight", 0)
                 for t, payload in zip(step.recvs, pending.wait()):
                     held[t.subring.index] = payload
-                    trace.add(Event(step.step, plan.rank, TraceAction.RECV, t.send_rank,
-                                    payload_nbytes(payload), t.subring.pair, t.subring.index,
-                                    t.source_rank, t.rows))
+                    trace.add(
+                        Event(
+                            step.step,
+                            plan.rank,
+                            TraceAction.RECV,
+                            t.send_rank,
+                            payload_nbytes(payload),
+                            t.subring.pair,
+                            t.subring.index,
+                            t.source_rank,
+                            t.rows,
+                        )
+                    )
             for task in step.tasks:  # 2. step 0: the rank's own rows of each sub-ring
                 if task.source_rank == plan.rank:
                     held[task.subring.index] = own_block(k, v, task, plan)
@@ -168,12 +213,13 @@ def ring_dilated_attention_shard(
             if index + 1 < len(plan.steps):  # 3b. overlap: post the next exchange first
                 nxt = plan.steps[index + 1]
                 pending = post(comm, nxt, held, plan, shape, dtype, trace)
-                trace.hold("in flight", sum(_nbytes(r) for r in
-                                            (expected(t, plan, shape, dtype) for t in nxt.recvs)))
+                trace.hold(
+                    "in flight",
+                    sum(_nbytes(r) for r in (expected(t, plan, shape, dtype) for t in nxt.recvs)),
+                )
             for task in step.tasks:  # 3c. attend and merge
                 if task.subring.index in held or task.skipped:
-                    attend(q, held.get(task.subring.index, ()), task, plan, out, lse, scale,
-                           trace)
+                    attend(q, held.get(task.subring.index, ()), task, plan, out, lse, scale, trace)
             held.clear()  # sent blocks were copied when posted; nothing else needs them
             trace.hold("blocks held", 0)
     return (out, lse) if return_lse else out

@@ -10,9 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def select_rows(
-    x: np.ndarray, rows: np.ndarray, heads: tuple[int, ...] | list[int]
-) -> np.ndarray:
+def select_rows(x: np.ndarray, rows: np.ndarray, heads: tuple[int, ...] | list[int]) -> np.ndarray:
     """``x[:, rows][:, :, heads]`` as a new array: ``(b, n, h, d)`` -> ``(b, len(rows), H, d)``.
 
     ``rows`` index into x's sequence axis (global positions minus x's first position).

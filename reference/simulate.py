@@ -62,8 +62,15 @@ def ring_dilated_attention(
         ring deadlocks.
     """
     config = validate(
-        q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
-        softmax_scale=softmax_scale, world_size=world_size,
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        mode=mode,
+        softmax_scale=softmax_scale,
+        world_size=world_size,
     )
     check_float(q)
     shards = list(zip(shard(q, world_size), shard(k, world_size), shard(v, world_size)))
@@ -73,9 +80,17 @@ def ring_dilated_attention(
     def run_rank(comm):
         q_r, k_r, v_r = shards[comm.rank]
         return ring_dilated_attention_shard(
-            q_r, k_r, v_r, config.segment_lengths, config.dilation_rates, comm=comm,
-            is_causal=config.is_causal, mode=config.mode.value,
-            softmax_scale=config.softmax_scale, return_lse=True, trace=traces[comm.rank],
+            q_r,
+            k_r,
+            v_r,
+            config.segment_lengths,
+            config.dilation_rates,
+            comm=comm,
+            is_causal=config.is_causal,
+            mode=config.mode.value,
+            softmax_scale=config.softmax_scale,
+            return_lse=True,
+            trace=traces[comm.rank],
         )
 
     results = SimulatedCluster(world_size, timeout=timeout).run(run_rank, faults=faults)

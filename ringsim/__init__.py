@@ -1,10 +1,35 @@
 """ringsim: ring dilated attention, a NumPy reference, and a simulated cluster to run it on.
 
-Subpackages: :mod:`ringsim.reference` (NumPy). Shared pieces live here: the configuration
-and its validation (:mod:`ringsim.config`) and the tolerance table (:mod:`ringsim.tolerance`).
+- :mod:`ringsim.config`: the configuration and its validation (SPEC 2-3, 7);
+- :mod:`ringsim.plan`: the ring plan, pure functions (SPEC 5);
+- :mod:`ringsim.comm`: communicators, the simulated cluster and mpi4py;
+- :mod:`ringsim.trace`: the trace of a ring run;
+- :mod:`ringsim.reference`: the NumPy reference (dense definition, dilated, ring).
+
+``ringsim.MPICommunicator`` imports mpi4py only when it is first used.
 """
 
+from .comm import SimulatedCluster
 from .config import DilatedConfig, Mode, Pattern, PatternGroup, make_config, validate
+from .trace import Trace
 
-__all__ = ["DilatedConfig", "Mode", "Pattern", "PatternGroup", "make_config", "validate"]
+__all__ = [
+    "DilatedConfig",
+    "MPICommunicator",
+    "Mode",
+    "Pattern",
+    "PatternGroup",
+    "SimulatedCluster",
+    "Trace",
+    "make_config",
+    "validate",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "MPICommunicator":  # lazily: importing ringsim never imports mpi4py
+        from .comm.mpi import MPICommunicator
+
+        return MPICommunicator
+    raise AttributeError(f"module 'ringsim' has no attribute {name!r}")

@@ -26,6 +26,8 @@ class Case:
     mode: str = "longnet"
     world_size: int = 1
     softmax_scale: float | None = None
+    seed: int = 0  # the default seed of :meth:`inputs`
+    label: str = ""  # what the case is for, in reports
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -35,16 +37,20 @@ class Case:
         """Keyword arguments shared by every ``dilated_attention`` entry point."""
         return dict(is_causal=self.is_causal, mode=self.mode, softmax_scale=self.softmax_scale)
 
-    def inputs(self, seed: int, dtype=np.float64) -> tuple[np.ndarray, ...]:
-        """Unit-normal q, k, v of this case's shape, from ``seed``."""
-        rng = np.random.default_rng(seed)
+    def inputs(self, seed: int | None = None, dtype=np.float64) -> tuple[np.ndarray, ...]:
+        """Unit-normal q, k, v of this case's shape, from ``seed`` (default ``self.seed``)."""
+        rng = np.random.default_rng(self.seed if seed is None else seed)
         return tuple(rng.standard_normal(self.shape).astype(dtype) for _ in range(3))
 
     def describe(self) -> str:
         causal = "causal" if self.is_causal else "full"
-        return (f"P={self.world_size} n={self.seq_len} b={self.batch} h={self.num_heads} "
-                f"d={self.head_dim} w={list(self.segment_lengths)} "
-                f"r={list(self.dilation_rates)} {self.mode} {causal}")
+        scale = "" if self.softmax_scale is None else f" scale={self.softmax_scale}"
+        label = f"[{self.label}] " if self.label else ""
+        return (
+            f"{label}P={self.world_size} n={self.seq_len} b={self.batch} h={self.num_heads} "
+            f"d={self.head_dim} w={list(self.segment_lengths)} "
+            f"r={list(self.dilation_rates)} {self.mode} {causal}{scale}"
+        )
 
 
 def random_case(rng: np.random.Generator, world_size: int = 1, max_shard: int = 9) -> Case:
@@ -59,9 +65,15 @@ def random_case(rng: np.random.Generator, world_size: int = 1, max_shard: int = 
     segs = tuple(int(rng.integers(1, n + 4)) for _ in range(pairs))
     rates = tuple(int(rng.integers(1, 6)) for _ in range(pairs))
     return Case(
-        batch=int(rng.integers(1, 3)), seq_len=n, num_heads=heads,
-        head_dim=int(rng.integers(1, 6)), segment_lengths=segs, dilation_rates=rates,
-        is_causal=bool(rng.random() < 0.5), mode=mode, world_size=world_size,
+        batch=int(rng.integers(1, 3)),
+        seq_len=n,
+        num_heads=heads,
+        head_dim=int(rng.integers(1, 6)),
+        segment_lengths=segs,
+        dilation_rates=rates,
+        is_causal=bool(rng.random() < 0.5),
+        mode=mode,
+        world_size=world_size,
     )
 
 

@@ -274,7 +274,10 @@ def validate(
 ) -> DilatedConfig:
     """Every SPEC 7 check for global q, k, v; returns the frozen configuration."""
     config = make_config(
-        segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        mode=mode,
         softmax_scale=softmax_scale,
     )
     _, seq_len, num_heads, _ = check_qkv(q, k, v)

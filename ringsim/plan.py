@@ -202,9 +202,7 @@ def _subring_schedule(
         k_rows = rows[source]
         # actions[h][gi]: what the place h hops further along needs from this block
         actions = [
-            tuple(
-                block_action(q, k, is_causal) for q, k in zip(rows[(source + h) % g], k_rows)
-            )
+            tuple(block_action(q, k, is_causal) for q, k in zip(rows[(source + h) % g], k_rows))
             for h in range(g)
         ]
         # the last hop at which each group is still useful (0: never sent)
@@ -221,19 +219,31 @@ def _subring_schedule(
                 )
                 transfers.append(
                     Transfer(
-                        h, subring, subring.rank_at(source), subring.rank_at(dest - 1),
-                        subring.rank_at(dest), sent,
+                        h,
+                        subring,
+                        subring.rank_at(source),
+                        subring.rank_at(dest - 1),
+                        subring.rank_at(dest),
+                        sent,
                     )
                 )
             tasks.append(
-                Task(h, subring.rank_at(dest), subring, subring.rank_at(source),
-                     rows[dest], k_rows, actions[h])
+                Task(
+                    h,
+                    subring.rank_at(dest),
+                    subring,
+                    subring.rank_at(source),
+                    rows[dest],
+                    k_rows,
+                    actions[h],
+                )
             )
     return transfers, tasks
 
 
-def rank_plan(config: DilatedConfig, num_heads: int, seq_len: int, world_size: int, rank: int
-              ) -> RankPlan:
+def rank_plan(
+    config: DilatedConfig, num_heads: int, seq_len: int, world_size: int, rank: int
+) -> RankPlan:
     """The schedule of one rank: its transfers and tasks, step by step."""
     groups = pair_groups(config, num_heads)
     sends: dict[int, list[Transfer]] = {}
@@ -253,16 +263,15 @@ def rank_plan(config: DilatedConfig, num_heads: int, seq_len: int, world_size: i
                 tasks.setdefault(task.step, []).append(task)
     num_steps = max(tasks, default=-1) + 1
     steps = tuple(
-        RankStep(
-            t, tuple(sends.get(t, ())), tuple(recvs.get(t, ())), tuple(tasks.get(t, ()))
-        )
+        RankStep(t, tuple(sends.get(t, ())), tuple(recvs.get(t, ())), tuple(tasks.get(t, ())))
         for t in range(num_steps)
     )
     return RankPlan(rank, world_size, seq_len, groups, steps)
 
 
-def ring_plan(config: DilatedConfig, num_heads: int, seq_len: int, world_size: int
-              ) -> tuple[RankPlan, ...]:
+def ring_plan(
+    config: DilatedConfig, num_heads: int, seq_len: int, world_size: int
+) -> tuple[RankPlan, ...]:
     """Every rank's plan (for tests, the trace and figures; a rank only needs its own)."""
     return tuple(
         rank_plan(config, num_heads, seq_len, world_size, rank) for rank in range(world_size)

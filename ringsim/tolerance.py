@@ -17,8 +17,12 @@ LOW_PRECISION_SLACK = 1e-6
 
 
 def dtype_name(dtype: Any) -> str:
-    """``'float32'`` for ``np.float32``, ``torch.float32`` or ``'float32'``."""
-    return str(dtype).removeprefix("torch.")
+    """``'float32'`` for ``np.float32``, ``np.dtype('float32')``, ``torch.float32`` or
+    ``'float32'``."""
+    text = str(dtype)
+    if text.startswith("torch."):  # torch dtypes are not NumPy dtypes
+        return text.removeprefix("torch.")
+    return np.dtype(dtype).name
 
 
 def tolerance(dtype: Any) -> float:

@@ -75,36 +75,47 @@ class Trace:
     @classmethod
     def from_ranks(cls, ranks: Sequence[RankTrace]) -> Trace:
         ordered = sorted(ranks, key=lambda r: r.rank)
-        keyed = [
-            ((e.step, r.rank, i), e) for r in ordered for i, e in enumerate(r.events)
-        ]
+        keyed = [((e.step, r.rank, i), e) for r in ordered for i, e in enumerate(r.events)]
         events = tuple(e for _, e in sorted(keyed, key=lambda item: item[0]))
         return cls(len(ordered), events, tuple(r.peak_bytes for r in ordered))
 
     def to_json(self) -> dict:
         """A JSON-ready dict (ranges as ``[start, stop, step]``); inverse of :meth:`from_json`."""
         events = [
-            {**e.__dict__, "action": e.action.value,
-             "rows": [[r.start, r.stop, r.step] for r in e.rows]}
+            {
+                **e.__dict__,
+                "action": e.action.value,
+                "rows": [[r.start, r.stop, r.step] for r in e.rows],
+            }
             for e in self.events
         ]
-        return {"world_size": self.world_size, "peak_bytes": list(self.peak_bytes),
-                "events": events}
+        return {
+            "world_size": self.world_size,
+            "peak_bytes": list(self.peak_bytes),
+            "events": events,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Trace:
         events = tuple(
-            Event(**{**e, "action": TraceAction(e["action"]),
-                     "rows": tuple(range(*r) for r in e["rows"])})
+            Event(
+                **{
+                    **e,
+                    "action": TraceAction(e["action"]),
+                    "rows": tuple(range(*r) for r in e["rows"]),
+                }
+            )
             for e in data["events"]
         )
         return cls(data["world_size"], events, tuple(data["peak_bytes"]))
 
-    def select(self, action: TraceAction | str | None = None, rank: int | None = None
-               ) -> list[Event]:
+    def select(
+        self, action: TraceAction | str | None = None, rank: int | None = None
+    ) -> list[Event]:
         """Events of one action and/or one rank."""
         return [
-            e for e in self.events
+            e
+            for e in self.events
             if (action is None or e.action == TraceAction(action))
             and (rank is None or e.rank == rank)
         ]
@@ -122,15 +133,24 @@ class Trace:
 
     def table(self) -> str:
         """A per-step text table: one line per step and rank, what it sent, got and did."""
-        lines = [f"{'step':>4} {'rank':>4}  {'sent':<22} {'received':<22} computed"]
-        for step in range(self.num_steps):
-            for rank in range(self.world_size):
-                events = [e for e in self.events if e.step == step and e.rank == rank]
-                if events:
-                    lines.append(f"{step:>4} {rank:>4}  " + _row(events))
+        rows = [
+            (step, rank, *_cells(events))
+            for step in range(self.num_steps)
+            for rank in range(self.world_size)
+            if (events := [e for e in self.events if e.step == step and e.rank == rank])
+        ]
+        sent_w = max([len("sent")] + [len(r[2]) for r in rows])  # columns fit their text
+        got_w = max([len("received")] + [len(r[3]) for r in rows])
+        lines = [f"{'step':>4} {'rank':>4}  {'sent':<{sent_w}}  {'received':<{got_w}}  computed"]
+        lines += [
+            f"{s:>4} {r:>4}  {sent:<{sent_w}}  {got:<{got_w}}  {done}"
+            for s, r, sent, got, done in rows
+        ]
         total = sum(self.sent_bytes(r) for r in range(self.world_size))
-        lines.append(f"bytes sent: {total} in all; per rank: "
-                     + ", ".join(str(self.sent_bytes(r)) for r in range(self.world_size)))
+        lines.append(
+            f"bytes sent: {total} in all; per rank: "
+            + ", ".join(str(self.sent_bytes(r)) for r in range(self.world_size))
+        )
         return "\n".join(lines)
 
 
@@ -139,7 +159,8 @@ def _transfers(events: Iterable[Event], action: TraceAction, arrow: str) -> str:
     return " ".join(parts) if parts else "-"
 
 
-def _row(events: list[Event]) -> str:
+def _cells(events: list[Event]) -> tuple[str, str, str]:
+    """The sent, received and computed cells of one rank's events at one step."""
     sent = _transfers(events, TraceAction.SEND, "->")
     got = _transfers(events, TraceAction.RECV, "<-")
     done = [
@@ -147,4 +168,4 @@ def _row(events: list[Event]) -> str:
         for e in events
         if e.action in (TraceAction.COMPUTE, TraceAction.SKIP)
     ]
-    return f"{sent:<22} {got:<22} {' '.join(done) or '-'}"
+    return sent, got, " ".join(done) or "-"

@@ -9,29 +9,39 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mutants import Mutant
-
-import ringsim.plan
 import ringsim.reference.ring
 import ringsim.reference.simulate
+from mutants import Mutant
+from ringsim.reference.block import block_attention
+
+import ringsim.plan
 from ringsim.comm import simulated
 from ringsim.config import selected_range
 from ringsim.plan import SubRing
-from ringsim.reference.block import block_attention
 
 
 def shard_relative(mp: pytest.MonkeyPatch) -> None:
     """PITFALLS 1: offsets counted from the start of the rank's shard, not the segment's."""
-    mp.setattr(ringsim.plan, "selected_range",
-               lambda pattern, seg_start, lo, hi: selected_range(pattern, lo, lo, hi))
+    mp.setattr(
+        ringsim.plan,
+        "selected_range",
+        lambda pattern, seg_start, lo, hi: selected_range(pattern, lo, lo, hi),
+    )
 
 
 def triangle_every_step(mp: pytest.MonkeyPatch) -> None:
     """PITFALLS 5: a triangular mask on every ring step, in compacted coordinates."""
 
     def attention(q, k, v, q_positions, k_positions, *, is_causal, scale):
-        return block_attention(q, k, v, np.arange(len(q_positions)),
-                               np.arange(len(k_positions)), is_causal=True, scale=scale)
+        return block_attention(
+            q,
+            k,
+            v,
+            np.arange(len(q_positions)),
+            np.arange(len(k_positions)),
+            is_causal=True,
+            scale=scale,
+        )
 
     mp.setattr(ringsim.reference.ring, "block_attention", attention)
 
@@ -50,8 +60,11 @@ def one_buffer(mp: pytest.MonkeyPatch) -> None:
             outgoing = {tuple(a.shape for a in s.payload): s.payload for s in self.sends}
             return [outgoing.get(tuple(a.shape for a in p), p) for p in received]
 
-    mp.setattr(simulated.SimulatedCommunicator, "start",
-               lambda self, sends, recvs: Aliased(start(self, sends, recvs), sends))
+    mp.setattr(
+        simulated.SimulatedCommunicator,
+        "start",
+        lambda self, sends, recvs: Aliased(start(self, sends, recvs), sends),
+    )
 
 
 def full_arrays_everywhere(mp: pytest.MonkeyPatch) -> None:
@@ -67,8 +80,9 @@ def whole_group(mp: pytest.MonkeyPatch) -> None:
         for pair, w_eff in enumerate(config.effective_segment_lengths(seq_len)):
             for segment, start in enumerate(range(0, seq_len, w_eff)):
                 stop = min(start + w_eff, seq_len)
-                subrings.append(SubRing(index, pair, segment, start, stop,
-                                        tuple(range(world_size))))
+                subrings.append(
+                    SubRing(index, pair, segment, start, stop, tuple(range(world_size)))
+                )
                 index += 1
         return tuple(subrings)
 
@@ -78,16 +92,18 @@ def whole_group(mp: pytest.MonkeyPatch) -> None:
 def world_of_one(mp: pytest.MonkeyPatch) -> None:
     """PITFALLS 15: a simulated ring that quietly runs world size 1."""
     cluster = simulated.SimulatedCluster
-    mp.setattr(ringsim.reference.simulate, "SimulatedCluster",
-               lambda world_size, timeout: cluster(1, timeout=timeout))
+    mp.setattr(
+        ringsim.reference.simulate,
+        "SimulatedCluster",
+        lambda world_size, timeout: cluster(1, timeout=timeout),
+    )
 
 
 RING_MUTANTS: dict[str, Mutant] = {
     "shard-relative-dilation": Mutant(1, shard_relative.__doc__, shard_relative),
     "triangle-every-step": Mutant(5, triangle_every_step.__doc__, triangle_every_step),
     "one-buffer": Mutant(9, one_buffer.__doc__, one_buffer),
-    "full-arrays-everywhere": Mutant(10, full_arrays_everywhere.__doc__,
-                                     full_arrays_everywhere),
+    "full-arrays-everywhere": Mutant(10, full_arrays_everywhere.__doc__, full_arrays_everywhere),
     "whole-group": Mutant(12, whole_group.__doc__, whole_group),
     "world-of-one": Mutant(15, world_of_one.__doc__, world_of_one),
 }

@@ -26,29 +26,50 @@ ALIGNED = [  # (segment_lengths, dilation_rates, n, p, heads, mode): SPEC 5's al
 ]
 
 
-def ring_cases(world_sizes: Sequence[int] = WORLD_SIZES, per_size: int = 6, seed: int = 3
-               ) -> list[Case]:
+def ring_cases(
+    world_sizes: Sequence[int] = WORLD_SIZES, per_size: int = 6, seed: int = 3
+) -> list[Case]:
     """Hand-picked cases (across shards, ragged, causal with r > 1, empty rows) + random."""
     rng = np.random.default_rng(seed)
-    return [c for p in world_sizes
-            for c in fixed_cases(p) + [random_case(rng, p) for _ in range(per_size)]]
+    return [
+        c
+        for p in world_sizes
+        for c in fixed_cases(p) + [random_case(rng, p) for _ in range(per_size)]
+    ]
 
 
 def run_ring(case: Case, q, k, v):
     """``case`` on the simulated cluster: global out, lse and the trace."""
     return ring_dilated_attention(
-        q, k, v, case.segment_lengths, case.dilation_rates, world_size=case.world_size,
-        **case.kwargs(), return_lse=True, return_trace=True, timeout=20.0,
+        q,
+        k,
+        v,
+        case.segment_lengths,
+        case.dilation_rates,
+        world_size=case.world_size,
+        **case.kwargs(),
+        return_lse=True,
+        return_trace=True,
+        timeout=20.0,
     )
 
 
-def closed_form(config: DilatedConfig, num_heads: int, batch: int, head_dim: int, n: int,
-                p: int, rank: int, itemsize: int = 8) -> int:
+def closed_form(
+    config: DilatedConfig,
+    num_heads: int,
+    batch: int,
+    head_dim: int,
+    n: int,
+    p: int,
+    rank: int,
+    itemsize: int = 8,
+) -> int:
     """SPEC 5: the bytes ``rank`` sends on an aligned configuration (K and V)."""
     c = n // p
     total = 0
-    for w_eff, r, heads in zip(config.effective_segment_lengths(n), config.dilation_rates,
-                               config.head_groups(num_heads)):
+    for w_eff, r, heads in zip(
+        config.effective_segment_lengths(n), config.dilation_rates, config.head_groups(num_heads)
+    ):
         g = w_eff // c
         if g <= 1:
             continue
@@ -93,8 +114,10 @@ def byte_failures(causal_modes: Sequence[bool] = (False, True)) -> list[str]:
             for rank in range(p):
                 want = closed_form(config, heads, 2, 3, n, p, rank)
                 if trace.sent_bytes(rank) != want:
-                    failures.append(f"{case.describe()} rank {rank}: sent "
-                                    f"{trace.sent_bytes(rank)} bytes, closed form {want}")
+                    failures.append(
+                        f"{case.describe()} rank {rank}: sent "
+                        f"{trace.sent_bytes(rank)} bytes, closed form {want}"
+                    )
     return failures
 
 

@@ -83,19 +83,31 @@ def test_planned_bytes_equal_closed_form(segs, rates, n, p, heads, mode, causal)
 
 def all_cases():
     rng = np.random.default_rng(7)
-    return [c for p in (1, 2, 3, 4, 5, 8) for c in fixed_cases(p) + [
-        random_case(rng, p) for _ in range(20)]]
+    return [
+        c
+        for p in (1, 2, 3, 4, 5, 8)
+        for c in fixed_cases(p) + [random_case(rng, p) for _ in range(20)]
+    ]
 
 
 @pytest.mark.parametrize("case", all_cases(), ids=lambda c: c.describe())
 def test_every_send_has_its_receive_and_stays_in_its_subring(case):
-    config = make_config(case.segment_lengths, case.dilation_rates, is_causal=case.is_causal,
-                         mode=case.mode)
+    config = make_config(
+        case.segment_lengths, case.dilation_rates, is_causal=case.is_causal, mode=case.mode
+    )
     plans = ring_plan(config, case.num_heads, case.seq_len, case.world_size)
-    sends = sorted((t.step, t.subring.index, t.send_rank, t.recv_rank)
-                   for p in plans for s in p.steps for t in s.sends)
-    recvs = sorted((t.step, t.subring.index, t.send_rank, t.recv_rank)
-                   for p in plans for s in p.steps for t in s.recvs)
+    sends = sorted(
+        (t.step, t.subring.index, t.send_rank, t.recv_rank)
+        for p in plans
+        for s in p.steps
+        for t in s.sends
+    )
+    recvs = sorted(
+        (t.step, t.subring.index, t.send_rank, t.recv_rank)
+        for p in plans
+        for s in p.steps
+        for t in s.recvs
+    )
     assert sends == recvs
     for plan in plans:
         for step in plan.steps:
@@ -109,8 +121,9 @@ def test_every_send_has_its_receive_and_stays_in_its_subring(case):
 @pytest.mark.parametrize("case", all_cases(), ids=lambda c: c.describe())
 def test_no_block_travels_past_its_last_user(case):
     """Each sent group's rows are attended (not SKIP) by the receiver or a later place."""
-    config = make_config(case.segment_lengths, case.dilation_rates, is_causal=case.is_causal,
-                         mode=case.mode)
+    config = make_config(
+        case.segment_lengths, case.dilation_rates, is_causal=case.is_causal, mode=case.mode
+    )
     plans = ring_plan(config, case.num_heads, case.seq_len, case.world_size)
     used = {}  # (sub-ring, source rank, group) -> steps at which some rank attends it
     for plan in plans:

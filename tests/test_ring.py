@@ -37,8 +37,9 @@ def test_ring_equals_single_process_reference():
     case = Case(2, 30, 5, 4, (7, 13, 30), (2, 3, 4), True, "longnet", 5)
     q, k, v = case.inputs(seed=11)
     out, lse, _ = run_ring(case, q, k, v)
-    ref_out, ref_lse = dilated_attention(q, k, v, case.segment_lengths, case.dilation_rates,
-                                         **case.kwargs(), return_lse=True)
+    ref_out, ref_lse = dilated_attention(
+        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs(), return_lse=True
+    )
     np.testing.assert_allclose(out, ref_out, atol=1e-12, rtol=0)
     np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
 
@@ -47,8 +48,9 @@ def test_global_entry_point_returns_out_lse_trace():
     case = Case(1, 24, 3, 4, (8, 24), (1, 3), True, "longnet", 4)
     q, k, v = case.inputs(seed=2)
     out = ring_dilated_attention(q, k, v, (8, 24), (1, 3), world_size=4, is_causal=True)
-    out2, lse, trace = ring_dilated_attention(q, k, v, (8, 24), (1, 3), world_size=4,
-                                              is_causal=True, return_lse=True, return_trace=True)
+    out2, lse, trace = ring_dilated_attention(
+        q, k, v, (8, 24), (1, 3), world_size=4, is_causal=True, return_lse=True, return_trace=True
+    )
     assert out.shape == q.shape and lse.shape == (1, 3, 24) and trace.world_size == 4
     np.testing.assert_array_equal(out, out2)
     assert check_case(case, out, lse, q, k, v).ok
@@ -66,9 +68,13 @@ def test_no_rank_receives_rows_nobody_further_attends(case):
     *_, trace = run_ring(case, q, k, v)
     computed = trace.select(TraceAction.COMPUTE)
     for recv in trace.select(TraceAction.RECV):
-        users = [e for e in computed
-                 if e.subring == recv.subring and e.source_rank == recv.source_rank
-                 and e.step >= recv.step]
+        users = [
+            e
+            for e in computed
+            if e.subring == recv.subring
+            and e.source_rank == recv.source_rank
+            and e.step >= recv.step
+        ]
         assert users, f"rank {recv.rank} received a block nobody attends: {recv}"
         for rows in recv.rows:
             assert len(rows) == 0 or users
@@ -82,7 +88,13 @@ def test_trace_records_every_step_and_skip():
     skips = trace.select(TraceAction.SKIP)
     # causal: at step t, ranks 0..t-1 hold no useful block (4*3/2 = 6 skipped blocks)
     assert sorted((e.step, e.rank) for e in skips) == [
-        (1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
+        (1, 0),
+        (2, 0),
+        (2, 1),
+        (3, 0),
+        (3, 1),
+        (3, 2),
+    ]
     assert len(trace.select(TraceAction.COMPUTE)) == len(trace.select(TraceAction.MERGE)) == 10
     assert "step" in trace.table() and "bytes sent" in trace.table()
 
@@ -104,8 +116,17 @@ CASE = Case(1, 24, 3, 4, (24,), (2,), False, "longnet", 3)
 
 def run_with_faults(faults, timeout=5.0):
     q, k, v = CASE.inputs(seed=4)
-    return ring_dilated_attention(q, k, v, CASE.segment_lengths, CASE.dilation_rates,
-                                  world_size=3, return_lse=True, faults=faults, timeout=timeout)
+    return ring_dilated_attention(
+        q,
+        k,
+        v,
+        CASE.segment_lengths,
+        CASE.dilation_rates,
+        world_size=3,
+        return_lse=True,
+        faults=faults,
+        timeout=timeout,
+    )
 
 
 def test_dropped_message_fails_fast_naming_the_waiting_rank():
@@ -151,7 +172,8 @@ def test_ranks_that_disagree_fail_together():
         segs = (12,) if comm.rank == 1 else (24,)
         lo = comm.rank * 8
         return ring_dilated_attention_shard(
-            q[:, lo:lo + 8], k[:, lo:lo + 8], v[:, lo:lo + 8], segs, (2,), comm=comm)
+            q[:, lo : lo + 8], k[:, lo : lo + 8], v[:, lo : lo + 8], segs, (2,), comm=comm
+        )
 
     with pytest.raises(CommError, match="disagree"):
         SimulatedCluster(3, timeout=5.0).run(rank_main)
@@ -168,7 +190,8 @@ def test_one_rank_with_bad_input_fails_every_rank_with_its_error():
         rates = (0,) if comm.rank == 2 else (2,)
         lo = comm.rank * 8
         return ring_dilated_attention_shard(
-            q[:, lo:lo + 8], k[:, lo:lo + 8], v[:, lo:lo + 8], (24,), rates, comm=comm)
+            q[:, lo : lo + 8], k[:, lo : lo + 8], v[:, lo : lo + 8], (24,), rates, comm=comm
+        )
 
     with pytest.raises(CommError, match="dilation_rates"):
         SimulatedCluster(3, timeout=5.0).run(rank_main)

@@ -33,8 +33,11 @@ from ringsim.trace import RankTrace, Trace
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ringsim.checks.parity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ringsim.checks.parity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--cases", type=int, default=20, help="random configurations")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
@@ -59,13 +62,18 @@ def run_case(comm, case: Case, seed: int, dtype, disagree: bool):
     q, k, v = case.inputs(seed, dtype)  # the same global draw on every rank, then sliced
     c = case.seq_len // comm.world_size
     lo = comm.rank * c
-    shards = [np.ascontiguousarray(x[:, lo:lo + c]) for x in (q, k, v)]
+    shards = [np.ascontiguousarray(x[:, lo : lo + c]) for x in (q, k, v)]
     del q, k, v
     segments = tuple(w + 1 for w in case.segment_lengths) if disagree else case.segment_lengths
     trace = RankTrace(comm.rank)
     out, lse = ring_dilated_attention_shard(
-        *shards, segments, case.dilation_rates, comm=comm, **case.kwargs(),
-        return_lse=True, trace=trace,
+        *shards,
+        segments,
+        case.dilation_rates,
+        comm=comm,
+        **case.kwargs(),
+        return_lse=True,
+        trace=trace,
     )
     return out, lse, trace
 
@@ -89,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             gathered = world.gather((out, lse, trace), root=0)
             if comm.rank == 0:
                 outs, lses, traces = zip(*gathered)
-                report = check_case(case, np.concatenate(outs, axis=1),
-                                    np.concatenate(lses, axis=-1), *case.inputs(args.seed + i,
-                                                                                dtype))
+                report = check_case(
+                    case,
+                    np.concatenate(outs, axis=1),
+                    np.concatenate(lses, axis=-1),
+                    *case.inputs(args.seed + i, dtype),
+                )
                 worst = max(worst, report.out_error, report.lse_error)
                 if not report.ok:
                     lines.append(report.line())
@@ -100,16 +111,23 @@ def main(argv: list[str] | None = None) -> int:
                         json.dump(Trace.from_ranks(traces).to_json(), f)
     except (CommError, ValueError, TypeError) as err:
         # one clear line from the rank that saw it, then every rank stops
-        print(f"FAIL parity world_size={comm.world_size} rank {comm.rank}: "
-              f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        print(
+            f"FAIL parity world_size={comm.world_size} rank {comm.rank}: "
+            f"{type(err).__name__}: {err}",
+            file=sys.stderr,
+            flush=True,
+        )
         world.Abort(1)
     failed = world.bcast(len(lines) if comm.rank == 0 else None, root=0)
     if comm.rank == 0:
         for line in lines:
             print(line, file=sys.stderr)
         verdict = "FAIL" if failed else "PASS"
-        print(f"{verdict} parity world_size={comm.world_size} configurations={len(cases)} "
-              f"failed={failed} max_error={worst:.3e} dtype={dtype}", flush=True)
+        print(
+            f"{verdict} parity world_size={comm.world_size} configurations={len(cases)} "
+            f"failed={failed} max_error={worst:.3e} dtype={dtype}",
+            flush=True,
+        )
     return 1 if failed else 0
 
 

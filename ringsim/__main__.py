@@ -1,0 +1,3 @@
+from ringsim.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Checks launched under mpiexec; each prints one line from rank 0."""

@@ -1,0 +1,244 @@
+"""``ringsim demo`` and ``ringsim trace``: one configuration on the simulated ring, explained.
+
+Both run :func:`ringsim.reference.ring_dilated_attention` with its trace and print it for a
+reader: ``demo`` as one page (configuration, heads, sub-rings, the step table, bytes,
+parity), ``trace`` event by event, one step at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from ringsim.cases import Case
+from ringsim.config import make_config
+from ringsim.plan import SubRing, rank_subrings, shard_range
+from ringsim.trace import Event, Trace, TraceAction
+
+
+def format_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    left: Sequence[int] = (),
+    indent: str = "  ",
+) -> list[str]:
+    """Lines of an aligned text table; columns right-aligned except those in ``left``."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [
+            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ]
+        lines.append((indent + "  ".join(parts)).rstrip())
+    return lines
+
+
+def positions_text(rows: range) -> str:
+    """Global positions, short: ``0-5``, ``1,4,7``, ``0,3,...,21``, ``none``."""
+    if len(rows) == 0:
+        return "none"
+    if len(rows) == 1:
+        return str(rows[0])
+    if rows.step == 1:
+        return f"{rows[0]}-{rows[-1]}"
+    if len(rows) <= 4:
+        return ",".join(str(x) for x in rows)
+    return f"{rows[0]},{rows[1]},...,{rows[-1]}"
+
+
+def ranks_text(ranks: Sequence[int]) -> str:
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+
+
+def all_subrings(case: Case) -> dict[int, SubRing]:
+    """Every sub-ring of the ring, by index (the union of each rank's)."""
+    config = make_config(case.segment_lengths, case.dilation_rates, mode=case.mode)
+    return {
+        s.index: s
+        for rank in range(case.world_size)
+        for s in rank_subrings(config, case.seq_len, case.world_size, rank)
+    }
+
+
+def run_case(case: Case, seed: int, dtype: str):
+    """Inputs of ``case`` from ``seed``, and the simulated ring's out, lse and trace."""
+    from ringsim.reference import ring_dilated_attention
+
+    q, k, v = case.inputs(seed, np.dtype(dtype))
+    out, lse, trace = ring_dilated_attention(
+        q,
+        k,
+        v,
+        case.segment_lengths,
+        case.dilation_rates,
+        world_size=case.world_size,
+        **case.kwargs(),
+        return_lse=True,
+        return_trace=True,
+    )
+    return (q, k, v), out, lse, trace
+
+
+def _heading(text: str) -> None:
+    print(f"\n{text}")
+
+
+def print_configuration(case: Case, args: argparse.Namespace) -> None:
+    c = case.seq_len // case.world_size
+    shards = ", ".join(
+        f"rank {r} {positions_text(shard_range(r, case.seq_len, case.world_size))}"
+        for r in range(case.world_size)
+    )
+    mode = {"longnet": "every head uses every pair", "grouped": "head group i uses pair i only"}[
+        case.mode
+    ]
+    print("Configuration")
+    rows = [
+        (
+            "q, k, v",
+            f"(batch {case.batch}, seq_len {case.seq_len}, num_heads "
+            f"{case.num_heads}, head_dim {case.head_dim}) {args.dtype}, seed {args.seed}",
+        ),
+        ("segment_lengths", ", ".join(map(str, case.segment_lengths))),
+        ("dilation_rates", ", ".join(map(str, case.dilation_rates))),
+        ("mode", f"{case.mode} ({mode})"),
+        ("causal", "yes" if case.is_causal else "no"),
+        ("world_size", f"{case.world_size} ranks of {c} positions: {shards}"),
+    ]
+    print("\n".join(format_table(("", ""), rows, left=(0, 1))[1:]))
+
+
+def print_heads(case: Case) -> None:
+    config = make_config(case.segment_lengths, case.dilation_rates, mode=case.mode)
+    _heading("Heads and their patterns (segment_length, dilation_rate, offset = head mod rate)")
+    rows = []
+    for head in range(case.num_heads):
+        cells = ["-"] * config.num_pairs
+        for group in config.pattern_groups(case.num_heads):
+            if head in group.heads:
+                p = group.pattern
+                cells[group.pair] = f"({p.segment_length}, {p.dilation_rate}, {p.offset})"
+        rows.append((head, *cells))
+    headers = ("head", *(f"pair {i}" for i in range(config.num_pairs)))
+    print("\n".join(format_table(headers, rows, left=range(1, len(headers)))))
+
+
+def print_subrings(case: Case) -> None:
+    _heading("Sub-rings: the ranks whose shards meet a segment pass its rows around")
+    rows = [
+        (
+            s.index,
+            s.pair,
+            s.segment,
+            positions_text(range(s.start, s.stop)),
+            ranks_text(s.ranks),
+            s.size - 1 if s.size > 1 else "0 (inside one shard)",
+        )
+        for s in sorted(all_subrings(case).values(), key=lambda s: s.index)
+    ]
+    headers = ("sub-ring", "pair", "segment", "positions", "ranks", "transfers")
+    print("\n".join(format_table(headers, rows, left=(3, 4, 5))))
+
+
+def print_per_rank(trace: Trace, case: Case) -> None:
+    _heading("Traffic and memory per rank (payload bytes; peak = arrays held at once)")
+    rows = [
+        (
+            r,
+            positions_text(shard_range(r, case.seq_len, case.world_size)),
+            len(trace.select(TraceAction.SEND, r)),
+            trace.sent_bytes(r),
+            trace.received_bytes(r),
+            trace.peak_bytes[r],
+        )
+        for r in range(trace.world_size)
+    ]
+    headers = ("rank", "shard", "messages sent", "bytes sent", "bytes received", "peak bytes")
+    print("\n".join(format_table(headers, rows, left=(1,))))
+
+
+def run_demo(args: argparse.Namespace, case: Case) -> int:
+    from ringsim.reference.parity import check_case
+
+    print(f"ringsim demo: ring dilated attention on {case.world_size} simulated ranks\n")
+    print_configuration(case, args)
+    print_heads(case)
+    print_subrings(case)
+    (q, k, v), out, lse, trace = run_case(case, args.seed, args.dtype)
+    _heading("Steps: what each rank sent (->rank:bytes), received (<-rank:bytes) and computed")
+    print("  (Bj/pi:action = rank j's block of pair i; one action per offset group)")
+    print("\n".join("  " + line for line in trace.table().splitlines()))
+    print_per_rank(trace, case)
+    report = check_case(case, out, lse, q, k, v)
+    _heading("Parity with the dense-mask definition (max abs error of out and lse)")
+    print(f"  {report.line()}")
+    print("PASS" if report.ok else "FAIL")
+    return 0 if report.ok else 1
+
+
+# --- trace ---------------------------------------------------------------------------------
+
+
+def _event_row(event: Event, subrings: dict[int, SubRing]) -> tuple[object, ...]:
+    ring = subrings[event.subring] if event.subring is not None else None
+    where = f"{ring.index} (ranks {ranks_text(ring.ranks)})" if ring is not None else "-"
+    block = f"B{event.source_rank}" if event.source_rank is not None else "-"
+    if event.action in (TraceAction.SEND, TraceAction.RECV):
+        arrow = "->" if event.action is TraceAction.SEND else "<-"
+        rows = " | ".join(positions_text(r) for r in event.rows)
+        return (
+            event.rank,
+            event.action.value,
+            block,
+            f"{arrow} {event.peer}",
+            event.nbytes,
+            event.pair,
+            where,
+            f"K/V rows {rows}",
+        )
+    actions = event.detail.replace(",", ", ")
+    return (event.rank, event.action.value, block, "", "", event.pair, where, actions)
+
+
+def _pause(step: int, num_steps: int) -> bool:
+    """Wait for Enter; False when the reader asks to quit (q, or end of input)."""
+    try:
+        answer = input(
+            f"-- step {step} of {num_steps - 1} done: press Enter for the next step, q to quit "
+        )
+    except EOFError:
+        return False
+    return answer.strip().lower() != "q"
+
+
+def run_trace(args: argparse.Namespace, case: Case) -> int:
+    _, _, _, trace = run_case(case, args.seed, args.dtype)
+    subrings = all_subrings(case)
+    pausing = args.step and sys.stdin is not None and sys.stdin.isatty()
+    if args.step and not pausing:
+        print(
+            "note: --step: stdin is not a terminal, so every step is printed without pausing",
+            file=sys.stderr,
+        )
+    print(f"ringsim trace: {case.describe()}, {args.dtype}, seed {args.seed}")
+    print(
+        "Blocks: Bj is rank j's K/V rows of one sub-ring; rows are global positions, one "
+        "list per offset group."
+    )
+    print("Every compute is followed by a merge into the rank's running (out, lse).")
+    print_subrings(case)
+    headers = ("rank", "event", "block", "peer", "bytes", "pair", "sub-ring", "rows / actions")
+    for step in range(trace.num_steps):
+        _heading(f"step {step} of {trace.num_steps - 1}")
+        events = [e for e in trace.events if e.step == step and e.action is not TraceAction.MERGE]
+        rows = [_event_row(e, subrings) for e in events]
+        print("\n".join(format_table(headers, rows, left=(1, 2, 3, 6, 7))))
+        if pausing and step + 1 < trace.num_steps and not _pause(step, trace.num_steps):
+            print(f"stopped after step {step}")
+            return 0
+    print_per_rank(trace, case)
+    return 0

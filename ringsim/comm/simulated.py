@@ -1,0 +1,328 @@
+"""An in-process cluster: one thread per rank, mailboxes, deadlock detection, timeouts.
+
+Message matching follows MPI: a message from ``source`` to ``dest`` with ``tag`` goes to the
+oldest receive ``dest`` has posted for ``(source, tag)``, else waits in the FIFO mailbox
+``(source, dest, tag)`` for the next such receive. Sends are buffered: ``start`` copies the
+payload into the mailbox (no rank ever sees another rank's memory) and never blocks.
+
+Because matching happens when a message or a receive is posted, a receive still empty at a
+wait can only be filled by a rank that is still running. So when every rank that has not
+finished is blocked in a wait, nothing can ever move: that is a deadlock, reported to every
+blocked rank with one message saying who waits for what.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TypeVar
+
+import numpy as np
+
+from .base import (
+    CommError,
+    CommTimeout,
+    Communicator,
+    DeadlockError,
+    Payload,
+    RankFailed,
+    Recv,
+    Send,
+    check_batch,
+    describe_payload,
+)
+from .faults import Fault, FaultyCommunicator
+
+T = TypeVar("T")
+
+
+class ClusterAborted(CommError):
+    """Raised in a rank's wait because another rank failed first (a secondary failure)."""
+
+
+class _State(Enum):
+    RUNNING = "running"
+    DONE = "finished"
+    FAILED = "failed"
+
+
+@dataclass
+class _Slot:
+    """One posted receive; ``payload`` is set when its message is matched."""
+
+    source: int
+    tag: int
+    payload: Payload | None = None
+
+
+@dataclass
+class _Gather:
+    """The pickled objects of one allgather call, by rank; ``None`` until that rank arrives."""
+
+    objects: list[bytes | None]
+    readers: int = 0
+
+    def complete(self) -> bool:
+        return all(o is not None for o in self.objects)
+
+
+@dataclass
+class _World:
+    """State shared by the ranks of one run; every field is guarded by ``cond``."""
+
+    world_size: int
+    timeout: float
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    mailboxes: dict[tuple[int, int, int], deque[Payload]] = field(default_factory=dict)
+    posted: dict[tuple[int, int, int], deque[_Slot]] = field(default_factory=dict)
+    gathers: dict[int, _Gather] = field(default_factory=dict)
+    states: list[_State] = field(default_factory=list)
+    waiting: dict[int, tuple[Callable[[], bool], Callable[[], str]]] = field(default_factory=dict)
+    failures: list[tuple[int, BaseException]] = field(default_factory=list)
+    deadlock: str | None = None
+
+    def __post_init__(self) -> None:
+        self.states = [_State.RUNNING] * self.world_size
+
+    # Called with cond held.
+    def post_send(self, source: int, send: Send) -> None:
+        payload = tuple(np.array(a, copy=True, order="C") for a in send.payload)
+        queue = self.posted.get((source, send.dest, send.tag))
+        if queue:
+            queue.popleft().payload = payload
+        else:
+            self.mailboxes.setdefault((source, send.dest, send.tag), deque()).append(payload)
+        self.cond.notify_all()
+
+    def post_recv(self, dest: int, recv: Recv) -> _Slot:
+        slot = _Slot(recv.source, recv.tag)
+        box = self.mailboxes.get((recv.source, dest, recv.tag))
+        if box:
+            slot.payload = box.popleft()
+        else:
+            self.posted.setdefault((recv.source, dest, recv.tag), deque()).append(slot)
+        return slot
+
+    def block(self, rank: int, ready: Callable[[], bool], describe: Callable[[], str]) -> None:
+        """Wait until ``ready()``; raise on deadlock, another rank's failure, or timeout."""
+        deadline = time.monotonic() + self.timeout
+        self.waiting[rank] = (ready, describe)
+        try:
+            while True:
+                if ready():
+                    return
+                if self.deadlock is not None:
+                    raise DeadlockError(self.deadlock)
+                if self.failures:
+                    first, error = self.failures[0]
+                    raise ClusterAborted(
+                        f"rank {rank} aborted while it {describe()}: rank {first} failed "
+                        f"with {type(error).__name__}: {error}"
+                    )
+                if self.detect_deadlock():
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CommTimeout(
+                        f"rank {rank} timed out after {self.timeout:g} s: {describe()}"
+                    )
+                self.cond.wait(remaining)
+        finally:
+            del self.waiting[rank]
+
+    def detect_deadlock(self) -> bool:
+        """Set ``deadlock`` (and wake everyone) if no live rank can ever move again."""
+        live = [r for r, s in enumerate(self.states) if s is _State.RUNNING]
+        if self.deadlock is not None or self.failures or not live:
+            return self.deadlock is not None
+        if not all(r in self.waiting and not self.waiting[r][0]() for r in live):
+            return False
+        lines = [f"deadlock: all {len(live)} live ranks are blocked"]
+        lines += [f"  rank {r} {self.waiting[r][1]()}" for r in live]
+        for state in (_State.DONE, _State.FAILED):
+            ranks = [r for r, s in enumerate(self.states) if s is state]
+            lines.append(f"  {state.value}: ranks {ranks}" if ranks else f"  {state.value}: none")
+        stray = [key for key, box in sorted(self.mailboxes.items()) if box]
+        if stray:
+            lines.append(f"  undelivered (source, dest, tag): {stray}")
+        self.deadlock = "\n".join(lines)
+        self.cond.notify_all()
+        return True
+
+    def end(self, rank: int, error: BaseException | None) -> None:
+        with self.cond:
+            if error is None:
+                self.states[rank] = _State.DONE
+                self.detect_deadlock()  # the ranks waiting for this one may now be stuck
+            else:
+                self.states[rank] = _State.FAILED
+                self.failures.append((rank, error))
+            self.cond.notify_all()
+
+
+class _SimulatedRequest:
+    """A posted batch; :meth:`wait` blocks for its receives (its sends are buffered)."""
+
+    def __init__(self, comm: SimulatedCommunicator, recvs: Sequence[Recv], slots: list[_Slot]):
+        self._comm = comm
+        self._recvs = tuple(recvs)
+        self._slots = slots
+        self._done = False
+
+    def wait(self) -> list[Payload]:
+        if self._done:
+            raise CommError(f"rank {self._comm.rank}: request waited twice")
+        self._done = True
+        world, rank = self._comm._world, self._comm.rank
+
+        def missing() -> list[_Slot]:
+            return [s for s in self._slots if s.payload is None]
+
+        def describe() -> str:
+            return "waits for " + ", ".join(
+                f"recv from rank {s.source} tag {s.tag}" for s in missing()
+            )
+
+        with world.cond:
+            world.block(rank, lambda: not missing(), describe)
+        payloads = [s.payload for s in self._slots if s.payload is not None]
+        for recv, payload in zip(self._recvs, payloads, strict=True):
+            _check_received(rank, recv, payload)
+        return payloads
+
+
+def _check_received(rank: int, recv: Recv, payload: Payload) -> None:
+    got_shapes = [a.shape for a in payload]
+    got_dtype = payload[0].dtype if payload else np.dtype(recv.dtype)
+    if got_shapes != list(recv.shapes) or got_dtype != np.dtype(recv.dtype):
+        raise CommError(
+            f"rank {rank} received from rank {recv.source} tag {recv.tag}: expected "
+            f"{describe_payload(recv.shapes, recv.dtype)}, got "
+            f"{describe_payload(got_shapes, got_dtype)}"
+        )
+
+
+class SimulatedCommunicator:
+    """One rank's view of a :class:`SimulatedCluster` (the Communicator protocol)."""
+
+    def __init__(self, world: _World, rank: int) -> None:
+        self._world = world
+        self._rank = rank
+        self._gathers = 0  # allgather calls made by this rank: the rendezvous key
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world.world_size
+
+    def start(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> _SimulatedRequest:
+        check_batch(sends, recvs, rank=self._rank, world_size=self.world_size)
+        world = self._world
+        with world.cond:
+            if world.failures:  # stop promptly once any rank failed
+                first, error = world.failures[0]
+                raise ClusterAborted(f"rank {self._rank} aborted: rank {first} failed ({error})")
+            # Sends first, so a send to oneself in the same batch meets its receive.
+            for send in sends:
+                world.post_send(self._rank, send)
+            slots = [world.post_recv(self._rank, recv) for recv in recvs]
+        return _SimulatedRequest(self, recvs, slots)
+
+    def exchange(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> list[Payload]:
+        return self.start(sends, recvs).wait()
+
+    def allgather(self, obj: object) -> list[object]:
+        """Every rank's ``obj`` by rank; pickled, so each rank gets its own deep copy."""
+        data = pickle.dumps(obj)  # fails here, like MPI, for an unpicklable object
+        world, key = self._world, self._gathers
+        self._gathers += 1
+        with world.cond:
+            gather = world.gathers.setdefault(key, _Gather([None] * self.world_size))
+            gather.objects[self._rank] = data
+            world.cond.notify_all()
+
+            def describe() -> str:
+                absent = [r for r, o in enumerate(gather.objects) if o is None]
+                return f"waits in allgather #{key} for ranks {absent}"
+
+            world.block(self._rank, gather.complete, describe)
+            gather.readers += 1
+            if gather.readers == self.world_size:
+                del world.gathers[key]
+        return [pickle.loads(o) for o in gather.objects if o is not None]
+
+
+class SimulatedCluster:
+    """``world_size`` ranks as threads of this process; ``run`` runs one function on each.
+
+    ``timeout`` bounds every wait and allgather, in seconds.
+    """
+
+    def __init__(self, world_size: int, *, timeout: float = 30.0) -> None:
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.world_size = world_size
+        self.timeout = timeout
+
+    def run(self, fn: Callable[[Communicator], T], faults: Sequence[Fault] = ()) -> list[T]:
+        """``[fn(comm_0), ..., fn(comm_{p-1})]``, each call on its own thread.
+
+        Raises :class:`RankFailed` (from the root-cause exception) if any rank raised,
+        including the :class:`DeadlockError` or :class:`CommTimeout` raised in its waits, and
+        :class:`CommError` if every rank returned but messages were left undelivered.
+        """
+        world = _World(self.world_size, self.timeout)
+        comms: list[Communicator] = []
+        for rank in range(self.world_size):
+            comm = SimulatedCommunicator(world, rank)
+            comms.append(FaultyCommunicator(comm, faults) if faults else comm)
+        results: list[T | None] = [None] * self.world_size
+
+        def main(rank: int) -> None:
+            try:
+                results[rank] = fn(comms[rank])
+            except BaseException as error:  # recorded and re-raised by run as RankFailed
+                world.end(rank, error)
+            else:
+                world.end(rank, None)
+
+        threads = [
+            threading.Thread(target=main, args=(rank,), name=f"ringsim-rank-{rank}")
+            for rank in range(self.world_size)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()  # every wait is bounded by the timeout, so this ends
+        if world.failures:
+            failed = _rank_failed(world.failures)
+            raise failed from failed.error
+        # A ring that leaves a message unreceived, or a receive unmatched, has a plan bug.
+        stray = [(key, len(box)) for key, box in sorted(world.mailboxes.items()) if box]
+        unmatched = [(key, len(q)) for key, q in sorted(world.posted.items()) if q]
+        if stray or unmatched:
+            raise CommError(
+                "every rank returned, but messages were never received "
+                f"((source, dest, tag), count): {stray}; receives never matched: {unmatched}"
+            )
+        return results  # type: ignore[return-value]
+
+
+def _rank_failed(failures: list[tuple[int, BaseException]]) -> RankFailed:
+    """The first failure is the root cause: a secondary abort needs an earlier failure."""
+    rank, error = failures[0]
+    message = f"rank {rank} failed: {type(error).__name__}: {error}"
+    others = sorted({r for r, e in failures[1:] if not isinstance(e, ClusterAborted)})
+    if others and not isinstance(error, DeadlockError):  # all deadlocked ranks say the same
+        message += f"\n(ranks {others} also failed on their own)"
+    return RankFailed(message, rank, error, tuple(failures))

@@ -1,0 +1,86 @@
+"""Build ``mpiexec`` command lines for the check modules (``ringsim.checks``).
+
+The project's MPI comes from PyPI (the ``mpich`` wheel puts ``mpiexec`` in the virtual
+environment's ``bin``), so the ``mpiexec`` next to the running interpreter wins over PATH.
+Open MPI (the GPU machine's) refuses to oversubscribe cores by default and to run as root
+without a flag; MPICH needs neither.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def find_mpiexec() -> str | None:
+    """The ``mpiexec`` beside ``sys.executable`` if there is one, else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"  # not resolved: the venv's bin
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("mpiexec")
+
+
+@functools.lru_cache(maxsize=8)
+def _version_text(mpiexec: str) -> str:
+    """``mpiexec --version`` output (stdout and stderr), asked once per executable."""
+    done = subprocess.run(
+        [mpiexec, "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{mpiexec} --version exited with {done.returncode}: {done.stderr.strip()}"
+        )
+    return done.stdout + done.stderr
+
+
+def is_open_mpi(mpiexec: str) -> bool:
+    """Whether ``mpiexec`` belongs to Open MPI (its ``--version`` says so)."""
+    return "Open MPI" in _version_text(mpiexec)
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def mpiexec_command(nprocs: int, module: str, args: Sequence[str] = ()) -> list[str]:
+    """``[mpiexec, -n, nprocs, python, -m, mpi4py, -m, module, *args]``.
+
+    ``-m mpi4py`` makes an uncaught exception on any rank abort every rank. Under Open MPI
+    ``--oversubscribe`` is added (more ranks than cores is normal here), and
+    ``--allow-run-as-root`` when running as root. Raises ``RuntimeError`` if no
+    ``mpiexec`` is found.
+    """
+    if not isinstance(nprocs, int) or nprocs < 1:
+        raise ValueError(f"nprocs must be an int >= 1, got {nprocs!r}")
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        raise RuntimeError(
+            "no mpiexec beside the Python interpreter or on PATH; install the project's "
+            "MPI extra: pip install -e '.[mpi]' (mpi4py and the mpich wheel)"
+        )
+    flags: list[str] = []
+    if is_open_mpi(mpiexec):
+        flags.append("--oversubscribe")
+        if _is_root():
+            flags.insert(0, "--allow-run-as-root")
+    return [mpiexec, *flags, "-n", str(nprocs), sys.executable, "-m", "mpi4py", "-m", module, *args]
+
+
+def mpi_available() -> str | None:
+    """``None`` if MPI checks can be launched, else why not (a pytest skip reason)."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py is not installed (pip install -e '.[mpi]')"
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        return "no mpiexec beside the Python interpreter or on PATH (pip install -e '.[mpi]')"
+    try:
+        _version_text(mpiexec)
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
+        return f"{mpiexec} does not run: {error}"
+    return None

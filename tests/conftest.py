@@ -1,0 +1,30 @@
+"""Shared fixtures for the test suite, and the hypothesis profiles.
+
+Profiles: ``ci`` (default: derandomized, 60 examples, no deadline) and ``thorough``
+(``HYPOTHESIS_PROFILE=thorough pytest ...``: 1000 random examples).
+
+``random_qkv`` lives in ``parity.py`` (an ordinary module, so test files and helpers can
+import it; conftest modules cannot be imported reliably) and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from parity import random_qkv
+
+__all__ = ["random_qkv"]
+
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60, database=None)
+settings.register_profile("thorough", deadline=None, max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A generator seeded from the test's id: random inputs, the same on every run."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,254 @@
+"""The mutant catalogue: each entry re-introduces one PITFALLS defect into the reference.
+
+A mutant is applied with ``pytest.MonkeyPatch`` to the name where the reference *uses* it
+(``ringsim.reference.dilated.merge_stable``, not ``ringsim.reference.merge.merge_stable``),
+so the dense-mask oracle, which shares none of these functions, stays correct.
+``test_mutants.py`` checks that the parity cases fail for every one of them.
+
+Not catalogued, because they cannot apply to a single process: PITFALLS 1 (shard-local
+positions) and 9-12, 15 (the ring). Equivalent here, so left out: a causal mask on compacted
+indices for both queries and keys (the compaction is monotone inside one block) and a
+-1e10 sentinel inside block attention (every selected query sees at least itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from ringsim.reference.block import block_attention
+from ringsim.reference.dilated import empty_result
+from ringsim.reference.merge import merge_naive
+from ringsim.reference.select import select_rows
+
+from ringsim.config import Pattern, PatternGroup, segment_bounds, selected_in_segment
+
+DILATED = "ringsim.reference.dilated"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One defect: the PITFALLS item it re-introduces, what it does, and how to apply it."""
+
+    pitfall: int
+    description: str
+    apply: Callable[[pytest.MonkeyPatch], None]
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """``(..., h, n)`` -> ``(..., n, h, 1)``, to scale out's rows by a per-row value."""
+    return np.swapaxes(x, -1, -2)[..., None]
+
+
+# --- PITFALLS 2: segments ignored ----------------------------------------------------------
+
+
+def selected_from_zero(pattern: Pattern, seg_start: int, lo: int, hi: int) -> np.ndarray:
+    """PITFALLS 2: dilation over the whole sequence, ``arange(offset, n, r)`` cut to the
+    segment: the offset counts from position 0 instead of the segment start."""
+    positions = np.arange(pattern.offset, hi, pattern.dilation_rate, dtype=np.int64)
+    return positions[positions >= lo]
+
+
+def one_segment(segment_length: int, seq_len: int) -> list[tuple[int, int]]:
+    """PITFALLS 2: segments ignored altogether: one pattern spans the whole sequence."""
+    return [(0, seq_len)]
+
+
+# --- PITFALLS 3: no scatter-back -------------------------------------------------------------
+
+
+def scatter_compacted(
+    out: np.ndarray, lse: np.ndarray, rows: np.ndarray, block_out: np.ndarray, block_lse: np.ndarray
+) -> None:
+    """PITFALLS 3: no scatter-back: the block's rows are written contiguously from the first
+    selected position (the compacted layout), not at the positions they came from."""
+    span = np.arange(rows[0], rows[0] + len(rows))
+    out[:, span] = block_out
+    lse[:, :, span] = block_lse
+
+
+def pattern_attention_cycled(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    group: PatternGroup,
+    *,
+    is_causal: bool,
+    scale: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PITFALLS 3, as in the seed: the selected rows are padded to the segment length by
+    cycling (``[0, 2, 4, 6, 0, 2, 4, 6]``), so keys repeat, and the padded block's rows are
+    written straight into the segment, so outputs land at the wrong positions."""
+    b, n, _, d = q.shape
+    out, lse = empty_result(b, n, len(group.heads), d, q.dtype)
+    for seg_start, seg_stop in segment_bounds(group.pattern.segment_length, n):
+        rows = selected_in_segment(group.pattern, seg_start, seg_start, seg_stop)
+        if rows.size == 0:
+            continue
+        padded = np.resize(rows, seg_stop - seg_start)  # cycles the selected rows
+        block_out, block_lse = block_attention(
+            select_rows(q, padded, group.heads),
+            select_rows(k, padded, group.heads),
+            select_rows(v, padded, group.heads),
+            padded,
+            padded,
+            is_causal=is_causal,
+            scale=scale,
+        )
+        out[:, seg_start:seg_stop] = block_out
+        lse[:, :, seg_start:seg_stop] = block_lse
+    return out, lse
+
+
+# --- PITFALLS 4: inverted mask convention ----------------------------------------------------
+
+
+def masked_scores_inverted(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """PITFALLS 4: the mask is built as True = attend but applied as True = mask out."""
+    if allowed is None:
+        return scores
+    return np.where(allowed, -np.inf, scores)
+
+
+# --- PITFALLS 5: causal mask in the wrong coordinates --------------------------------------
+
+
+def block_attention_compacted_keys(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    q_positions: np.ndarray,
+    k_positions: np.ndarray,
+    *,
+    is_causal: bool,
+    scale: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PITFALLS 5: indices into the compacted (dilated) keys compared with the global
+    positions of the queries."""
+    compacted = np.arange(len(k_positions))
+    return block_attention(q, k, v, q_positions, compacted, is_causal=is_causal, scale=scale)
+
+
+# --- PITFALLS 6: empty rows --------------------------------------------------------------------
+
+
+def empty_result_sentinel(b: int, n: int, h: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """PITFALLS 6: a -1e10 sentinel instead of -inf marks rows with no key."""
+    return np.zeros((b, n, h, d), dtype=dtype), np.full((b, h, n), -1e10, dtype=dtype)
+
+
+def empty_result_zero_lse(b: int, n: int, h: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """PITFALLS 6: an empty row reported with lse 0 (as some kernels do) instead of -inf."""
+    return np.zeros((b, n, h, d), dtype=dtype), np.zeros((b, h, n), dtype=dtype)
+
+
+def merge_max_subtraction(
+    out: np.ndarray, lse: np.ndarray, block_out: np.ndarray, block_lse: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """PITFALLS 6: the max-subtraction merge without explicit -inf handling: on a row empty
+    on both sides the max is -inf and ``-inf - -inf`` is NaN, which then never goes away."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = np.maximum(lse, block_lse)
+        weight, block_weight = np.exp(lse - m), np.exp(block_lse - m)
+        total = weight + block_weight
+        new_out = (_rows(weight) * out + _rows(block_weight) * block_out) / _rows(total)
+        return new_out.astype(out.dtype), (m + np.log(total)).astype(lse.dtype)
+
+
+# --- PITFALLS 7: unnormalised merge ------------------------------------------------------------
+
+
+def merge_unnormalised(
+    out: np.ndarray, lse: np.ndarray, block_out: np.ndarray, block_lse: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """PITFALLS 7: adds the ``out * exp(lse - m)`` terms without dividing by their sum (the
+    lse is right, and empty rows are handled, so only the weighting is wrong)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = np.maximum(lse, block_lse)
+        m = np.where(m == -np.inf, 0.0, m)
+        weight, block_weight = np.exp(lse - m), np.exp(block_lse - m)
+        new_out = _rows(weight) * out + _rows(block_weight) * block_out  # no "/ sum"
+        return new_out.astype(out.dtype), (m + np.log(weight + block_weight)).astype(lse.dtype)
+
+
+# --- PITFALLS 13: ragged segments --------------------------------------------------------------
+
+
+def full_segments_only(segment_length: int, seq_len: int) -> list[tuple[int, int]]:
+    """PITFALLS 13: ``n // w`` segments: the ragged last segment is dropped."""
+    w_eff = min(segment_length, seq_len)
+    return [(start, start + w_eff) for start in range(0, seq_len - w_eff + 1, w_eff)]
+
+
+def _patch(target: str, replacement: object) -> Callable[[pytest.MonkeyPatch], None]:
+    def apply(monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(target, replacement)  # raises if the target name is gone
+
+    return apply
+
+
+MUTANTS: dict[str, Mutant] = {
+    "offset_from_position_zero": Mutant(
+        2,
+        "offsets counted from position 0, not the segment start",
+        _patch(f"{DILATED}.selected_in_segment", selected_from_zero),
+    ),
+    "segments_ignored": Mutant(
+        2,
+        "one segment over the whole sequence: arange(offset, n, r)",
+        _patch(f"{DILATED}.segment_bounds", one_segment),
+    ),
+    "no_scatter_back": Mutant(
+        3,
+        "block rows written contiguously from the first selected row",
+        _patch(f"{DILATED}.scatter_rows", scatter_compacted),
+    ),
+    "cycled_padding": Mutant(
+        3,
+        "selected rows padded by cycling, padded block written into the segment",
+        _patch(f"{DILATED}.pattern_attention", pattern_attention_cycled),
+    ),
+    "inverted_mask": Mutant(
+        4,
+        "True = attend mask applied as True = mask out",
+        _patch("ringsim.reference.block.masked_scores", masked_scores_inverted),
+    ),
+    "causal_compacted_keys": Mutant(
+        5,
+        "causal mask compares compacted key indices with global query positions",
+        _patch(f"{DILATED}.block_attention", block_attention_compacted_keys),
+    ),
+    "sentinel_not_inf": Mutant(
+        6,
+        "-1e10 instead of -inf for rows with no key",
+        _patch(f"{DILATED}.empty_result", empty_result_sentinel),
+    ),
+    "empty_lse_zero": Mutant(
+        6,
+        "rows with no key reported with lse 0 instead of -inf",
+        _patch(f"{DILATED}.empty_result", empty_result_zero_lse),
+    ),
+    "merge_nan_on_empty": Mutant(
+        6,
+        "max-subtraction merge without -inf handling: NaN on rows with no key",
+        _patch(f"{DILATED}.merge_stable", merge_max_subtraction),
+    ),
+    "unnormalised_merge": Mutant(
+        7,
+        "exp-weighted outputs added without dividing by their sum",
+        _patch(f"{DILATED}.merge_stable", merge_unnormalised),
+    ),
+    "naive_merge": Mutant(
+        8,
+        "log(exp(lse) + exp(block_lse)) in place of the stable merge",
+        _patch(f"{DILATED}.merge_stable", merge_naive),
+    ),
+    "ragged_tail_dropped": Mutant(
+        13,
+        "n // w segments: the ragged last segment gets no keys",
+        _patch(f"{DILATED}.segment_bounds", full_segments_only),
+    ),
+}
