@@ -1,13 +1,14 @@
 """Ring dilated attention, one rank's code, over any communicator (SPEC 5-6).
 
 The same function runs on each thread of the simulated cluster and on each process under
-``mpiexec``. It executes the rank's :func:`ringsim.plan.rank_plan`, step by step:
+``mpiexec``. It executes the rank's :func:`ringsim.plan.rank_plan` with the shared loop
+:func:`ringsim.ringloop.run_ring`, plugging in the NumPy parts below:
 
 1. check the local input and agree with the other ranks (fail together);
-2. at step 0, *select* the rank's own K/V rows of each sub-ring: its first block;
-3. each step: wait for the blocks posted at the previous step, post the next step's
-   exchange (so it overlaps the compute), attend the rank's queries to each held block, and
-   merge the block result into the running ``(out, lse)`` with the stable merge.
+2. *select* the rank's own K/V rows of each sub-ring: its first blocks;
+3. each step: receive blocks, forward them, attend the rank's queries to each block with
+   :func:`~ringsim.reference.block.block_attention` and merge the result into the running
+   ``(out, lse)`` with the stable merge.
 
 Only the rows a pattern selects travel, only inside a segment's sub-ring. A rank holds its
 shards of q, k, v, its out and lse, and the blocks of the current step: O(seq_len / P).
@@ -15,13 +16,15 @@ shards of q, k, v, its out and lse, and the blocks of the current step: O(seq_le
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ringsim.agree import agree
-from ringsim.comm.base import Communicator, Payload, Recv, Request, Send, payload_nbytes
-from ringsim.config import check_qkv, make_config
-from ringsim.plan import BlockAction, RankPlan, RankStep, Task, Transfer, rank_plan
-from ringsim.trace import Event, RankTrace, TraceAction
+from ringsim.agree import agreed_config
+from ringsim.comm.base import Communicator, Payload, Recv
+from ringsim.plan import BlockAction, RankPlan, Task, Transfer, rank_plan
+from ringsim.ringloop import run_ring
+from ringsim.trace import RankTrace
 
 from .block import block_attention
 from .dilated import check_float, empty_result
@@ -32,102 +35,57 @@ def positions(rows: range) -> np.ndarray:
     return np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
 
 
-def own_block(k: np.ndarray, v: np.ndarray, task: Task, plan: RankPlan) -> Payload:
-    """This rank's K and V rows of each pattern group: ``(K_g0.., V_g0..)``, each
-    ``(b, rows, heads of the group, d)``."""
-    groups = plan.groups[task.subring.pair]
-    local = [positions(rows) - plan.shard.start for rows in task.k_rows]
-    keys = tuple(k[:, i][:, :, list(g.heads)] for i, g in zip(local, groups))
-    values = tuple(v[:, i][:, :, list(g.heads)] for i, g in zip(local, groups))
-    return keys + values
+@dataclass
+class NumpyParts:
+    """The NumPy pieces of the ring (:class:`ringsim.ringloop.RingParts`)."""
 
+    q: np.ndarray  # (b, c, h, d), this rank's shards
+    k: np.ndarray
+    v: np.ndarray
+    out: np.ndarray  # (b, c, h, d), the running result
+    lse: np.ndarray  # (b, h, c)
+    plan: RankPlan
+    scale: float
 
-def message(block: Payload, transfer: Transfer) -> Payload:
-    """The part of a held block a transfer sends: pruned groups travel as 0 rows."""
-    m = len(transfer.rows)
-    kept = [a if len(rows) else a[:, :0] for a, rows in zip(block, transfer.rows * 2)]
-    return tuple(np.ascontiguousarray(a) for a in kept[:m] + kept[m:])
+    def own_block(self, task: Task) -> Payload:
+        groups = self.plan.groups[task.subring.pair]
+        local = [positions(rows) - self.plan.shard.start for rows in task.k_rows]
+        keys = tuple(self.k[:, i][:, :, list(g.heads)] for i, g in zip(local, groups))
+        values = tuple(self.v[:, i][:, :, list(g.heads)] for i, g in zip(local, groups))
+        return keys + values
 
+    def message(self, block: Payload, transfer: Transfer) -> Payload:
+        m = len(transfer.rows)
+        kept = [a if len(rows) else a[:, :0] for a, rows in zip(block, transfer.rows * 2)]
+        return tuple(np.ascontiguousarray(a) for a in kept[:m] + kept[m:])
 
-def expected(transfer: Transfer, plan: RankPlan, shape: tuple[int, ...], dtype) -> Recv:
-    """The receive of a transfer: shapes from the plan, so buffers can be made up front."""
-    b, _, _, d = shape
-    groups = plan.groups[transfer.subring.pair]
-    shapes = tuple((b, len(rows), len(g.heads), d) for rows, g in zip(transfer.rows, groups))
-    return Recv(transfer.send_rank, transfer.subring.tag, shapes * 2, np.dtype(dtype))
+    def expected(self, transfer: Transfer) -> Recv:
+        b, _, _, d = self.q.shape
+        groups = self.plan.groups[transfer.subring.pair]
+        shapes = tuple((b, len(r), len(g.heads), d) for r, g in zip(transfer.rows, groups))
+        return Recv(transfer.send_rank, transfer.subring.tag, shapes * 2, self.q.dtype)
 
-
-def post(
-    comm: Communicator,
-    step: RankStep,
-    held: dict[int, Payload],
-    plan: RankPlan,
-    shape: tuple[int, ...],
-    dtype,
-    trace: RankTrace,
-) -> Request:
-    """Post one step's sends (from the blocks held now) and receives."""
-    sends = []
-    for t in step.sends:
-        payload = message(held[t.subring.index], t)
-        sends.append(Send(t.recv_rank, t.subring.tag, payload))
-        trace.add(
-            Event(
-                step.step,
-                plan.rank,
-                TraceAction.SEND,
-                t.recv_rank,
-                payload_nbytes(payload),
-                t.subring.pair,
-                t.subring.index,
-                t.source_rank,
-                t.rows,
+    def attend(self, block: Payload, task: Task) -> None:
+        groups = self.plan.groups[task.subring.pair]
+        for g, group in enumerate(groups):
+            action = task.actions[g]
+            if action is BlockAction.SKIP:
+                continue
+            q_local = positions(task.q_rows[g]) - self.plan.shard.start
+            heads = np.array(group.heads)
+            block_out, block_lse = block_attention(
+                self.q[:, q_local][:, :, heads],
+                block[g],
+                block[len(groups) + g],
+                positions(task.q_rows[g]),
+                positions(task.k_rows[g]),
+                is_causal=action is not BlockAction.FULL,
+                scale=self.scale,
             )
-        )
-    recvs = [expected(t, plan, shape, dtype) for t in step.recvs]
-    return comm.start(sends, recvs)
-
-
-def attend(
-    q, block: Payload, task: Task, plan: RankPlan, out, lse, scale: float, trace: RankTrace
-) -> None:
-    """Attend the rank's queries to one held block and merge into ``(out, lse)`` in place."""
-    groups = plan.groups[task.subring.pair]
-    m = len(groups)
-    for g, group in enumerate(groups):
-        action = task.actions[g]
-        if action is BlockAction.SKIP:
-            continue
-        q_local = positions(task.q_rows[g]) - plan.shard.start
-        heads = np.array(group.heads)
-        block_out, block_lse = block_attention(
-            q[:, q_local][:, :, heads],
-            block[g],
-            block[m + g],
-            positions(task.q_rows[g]),
-            positions(task.k_rows[g]),
-            is_causal=action is not BlockAction.FULL,
-            scale=scale,
-        )
-        rows, cols = q_local[:, None], heads[None, :]
-        out[:, rows, cols], lse[:, cols.T, rows.T] = merge_stable(
-            out[:, rows, cols], lse[:, cols.T, rows.T], block_out, block_lse
-        )
-    detail = ",".join(a.value for a in task.actions)
-    base = dict(
-        step=task.step,
-        rank=plan.rank,
-        pair=task.subring.pair,
-        subring=task.subring.index,
-        source_rank=task.source_rank,
-        detail=detail,
-    )
-    if task.skipped:
-        trace.add(Event(action=TraceAction.SKIP, **base))
-        return
-    attended = tuple(q for q, a in zip(task.q_rows, task.actions) if a is not BlockAction.SKIP)
-    trace.add(Event(action=TraceAction.COMPUTE, rows=attended, **base))
-    trace.add(Event(action=TraceAction.MERGE, **base))
+            rows, cols = q_local[:, None], heads[None, :]
+            self.out[:, rows, cols], self.lse[:, cols.T, rows.T] = merge_stable(
+                self.out[:, rows, cols], self.lse[:, cols.T, rows.T], block_out, block_lse
+            )
 
 
 def ring_dilated_attention_shard(
@@ -158,72 +116,22 @@ def ring_dilated_attention_shard(
         this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` [, lse].
     """
     trace = trace if trace is not None else RankTrace(comm.rank)
-    error, description, config = None, "", None
-    try:  # 1. local checks first; every rank then learns every rank's verdict
-        config = make_config(
-            segment_lengths,
-            dilation_rates,
-            is_causal=is_causal,
-            mode=mode,
-            softmax_scale=softmax_scale,
-        )
-        b, c, h, d = check_qkv(q, k, v)
-        check_float(q)
-        config.head_groups(h)
-        description = (
-            f"w={config.segment_lengths} r={config.dilation_rates} "
-            f"{config.mode.value} causal={config.is_causal} "
-            f"scale={config.softmax_scale} shard={(b, c, h, d)} {q.dtype}"
-        )
-    except (TypeError, ValueError) as err:
-        error = err
-    agree(comm, description, error)
-    shape, dtype = (b, c, h, d), q.dtype
+    config, (b, c, h, d) = agreed_config(  # 1. local checks, then every rank's verdict
+        comm,
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        mode=mode,
+        softmax_scale=softmax_scale,
+        check_array=check_float,
+    )
     plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank)
-    scale = config.scale(d)
-    out, lse = empty_result(b, c, h, d, dtype)
+    out, lse = empty_result(b, c, h, d, q.dtype)
     trace.hold("q, k, v, out, lse", sum(x.nbytes for x in (q, k, v, out, lse)))
-
-    held: dict[int, Payload] = {}  # sub-ring index -> the block this rank holds this step
-    pending: Request | None = None
+    parts = NumpyParts(q, k, v, out, lse, plan, config.scale(d))
     with np.errstate(invalid="ignore", over="ignore"):
-        for index, step in enumerate(plan.steps):
-            if pending is not None:  # 3a. the blocks posted at the previous step
-                trace.hold("in flight", 0)
-                for t, payload in zip(step.recvs, pending.wait()):
-                    held[t.subring.index] = payload
-                    trace.add(
-                        Event(
-                            step.step,
-                            plan.rank,
-                            TraceAction.RECV,
-                            t.send_rank,
-                            payload_nbytes(payload),
-                            t.subring.pair,
-                            t.subring.index,
-                            t.source_rank,
-                            t.rows,
-                        )
-                    )
-            for task in step.tasks:  # 2. step 0: the rank's own rows of each sub-ring
-                if task.source_rank == plan.rank:
-                    held[task.subring.index] = own_block(k, v, task, plan)
-            trace.hold("blocks held", sum(payload_nbytes(p) for p in held.values()))
-            pending = None
-            if index + 1 < len(plan.steps):  # 3b. overlap: post the next exchange first
-                nxt = plan.steps[index + 1]
-                pending = post(comm, nxt, held, plan, shape, dtype, trace)
-                trace.hold(
-                    "in flight",
-                    sum(_nbytes(r) for r in (expected(t, plan, shape, dtype) for t in nxt.recvs)),
-                )
-            for task in step.tasks:  # 3c. attend and merge
-                if task.subring.index in held or task.skipped:
-                    attend(q, held.get(task.subring.index, ()), task, plan, out, lse, scale, trace)
-            held.clear()  # sent blocks were copied when posted; nothing else needs them
-            trace.hold("blocks held", 0)
+        run_ring(comm, plan, parts, trace, q.dtype.itemsize)  # 2-3.
     return (out, lse) if return_lse else out
-
-
-def _nbytes(recv: Recv) -> int:
-    return sum(int(np.prod(s)) for s in recv.shapes) * recv.dtype.itemsize

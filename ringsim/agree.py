@@ -8,7 +8,11 @@ ranks entering the ring and waiting forever for ranks that never come (SPEC 7).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from ringsim.comm.base import Communicator
+from ringsim.config import DilatedConfig, check_qkv, make_config
 
 
 def agree(comm: Communicator, description: str, error: Exception | None) -> None:
@@ -33,3 +37,44 @@ def agree(comm: Communicator, description: str, error: Exception | None) -> None
     if any(d != descriptions[0] for d in descriptions):
         lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(descriptions))
         raise ValueError(f"ranks disagree on the configuration or shard shapes: {lines}")
+
+
+def agreed_config(
+    comm: Communicator,
+    q: Any,
+    k: Any,
+    v: Any,
+    segment_lengths: Any,
+    dilation_rates: Any,
+    *,
+    is_causal: bool,
+    mode: str,
+    softmax_scale: float | None,
+    check_array: Callable[[Any], None],
+) -> tuple[DilatedConfig, tuple[int, int, int, int]]:
+    """Check this rank's shards and configuration, then :func:`agree` with every rank.
+
+    ``check_array(q)`` is the backend's own type check (NumPy or torch). Returns the
+    configuration and the shard shape ``(b, c, h, d)``.
+    """
+    error, description, config, shape = None, "", None, (0, 0, 0, 0)
+    try:
+        config = make_config(
+            segment_lengths,
+            dilation_rates,
+            is_causal=is_causal,
+            mode=mode,
+            softmax_scale=softmax_scale,
+        )
+        shape = check_qkv(q, k, v)
+        check_array(q)
+        config.head_groups(shape[2])
+        description = (
+            f"w={config.segment_lengths} r={config.dilation_rates} "
+            f"{config.mode.value} causal={config.is_causal} "
+            f"scale={config.softmax_scale} shard={shape} {q.dtype}"
+        )
+    except (TypeError, ValueError) as err:
+        error = err
+    agree(comm, description, error)
+    return config, shape

@@ -114,7 +114,7 @@ def test_peak_bytes_halve_when_world_size_doubles():
 CASE = Case(1, 24, 3, 4, (24,), (2,), False, "longnet", 3)
 
 
-def run_with_faults(faults, timeout=5.0):
+def run_with_faults(faults, timeout=3.0):
     q, k, v = CASE.inputs(seed=4)
     return ring_dilated_attention(
         q,
@@ -133,7 +133,7 @@ def test_dropped_message_fails_fast_naming_the_waiting_rank():
     start = time.monotonic()
     with pytest.raises(CommError, match="rank 2") as info:
         run_with_faults([Fault(FaultKind.DROP, rank=1, message=0)])
-    assert time.monotonic() - start < 5.0
+    assert time.monotonic() - start < 10.0  # deadlock detection or the 3 s timeout
     assert "from rank 1" in str(info.value) or "source 1" in str(info.value)
 
 

@@ -7,10 +7,12 @@ the plan gives it for that step, computes, then waits. Three verbs make the over
 - ``request.wait()`` blocks until the batch is done and returns the received payloads;
 - ``exchange(sends, recvs)`` is ``start(...).wait()``.
 
-A payload is a tuple of NumPy arrays of one dtype. A receive names the shapes and dtype it
-expects (the plan knows them), so MPI can receive into buffers allocated up front. Send and
-receive buffers are always distinct (PITFALLS 9): a sent payload is copied or packed when
-the batch is posted, and received payloads are new arrays.
+A payload is a tuple of arrays of one dtype: NumPy arrays, or torch tensors for the torch
+backend (this package never imports torch: a tensor is recognised by its ``clone`` method,
+see :func:`is_array`). A receive names the shapes and dtype it expects (the plan knows
+them), so MPI can receive into buffers allocated up front. Send and receive buffers are
+always distinct (PITFALLS 9): a sent payload is copied or packed when the batch is posted,
+and received payloads are new arrays.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Recv:
     source: int
     tag: int
     shapes: tuple[tuple[int, ...], ...]
-    dtype: np.dtype
+    dtype: object  # a NumPy dtype, or a torch dtype for tensor payloads
 
 
 class Request(Protocol):
@@ -114,9 +116,31 @@ class RankFailed(CommError):
         return (type(self), (str(self), self.rank, self.error, self.failures))
 
 
+def is_array(a: object) -> bool:
+    """A NumPy array or a torch tensor (which has ``clone``, ``shape``, ``dtype``)."""
+    return isinstance(a, np.ndarray) or all(hasattr(a, n) for n in ("clone", "shape", "dtype"))
+
+
+def copy_array(a):
+    """A new array with ``a``'s contents: no rank ever sees another rank's memory."""
+    return np.array(a, copy=True, order="C") if isinstance(a, np.ndarray) else a.clone()
+
+
+def same_dtype(a: object, b: object) -> bool:
+    """Equal dtypes, NumPy (any spelling) or torch."""
+    try:
+        return np.dtype(a) == np.dtype(b)
+    except TypeError:  # a torch dtype: NumPy cannot read it
+        return a == b
+
+
+def dtype_text(dtype: object) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def describe_payload(shapes: Sequence[tuple[int, ...]], dtype: object) -> str:
     """``'2 arrays of float64, shapes [(3, 4), (5,)]'``, for error messages."""
-    return f"{len(shapes)} arrays of {np.dtype(dtype)}, shapes {[tuple(s) for s in shapes]}"
+    return f"{len(shapes)} arrays of {dtype_text(dtype)}, shapes {[tuple(s) for s in shapes]}"
 
 
 def check_batch(
@@ -132,11 +156,9 @@ def check_batch(
         where = f"rank {rank}: sends[{index}] (dest {send.dest}, tag {send.tag})"
         _check_peer(where, "dest", send.dest, world_size)
         _check_tag(where, send.tag)
-        if not isinstance(send.payload, tuple) or not all(
-            isinstance(a, np.ndarray) for a in send.payload
-        ):
-            raise TypeError(f"{where}: payload must be a tuple of numpy arrays")
-        dtypes = {a.dtype for a in send.payload}
+        if not isinstance(send.payload, tuple) or not all(is_array(a) for a in send.payload):
+            raise TypeError(f"{where}: payload must be a tuple of numpy arrays or tensors")
+        dtypes = {dtype_text(a.dtype) for a in send.payload}
         if len(dtypes) > 1:
             raise TypeError(f"{where}: payload arrays must share one dtype, got {dtypes}")
     for index, recv in enumerate(recvs):
@@ -148,7 +170,8 @@ def check_batch(
             for s in recv.shapes
         ):
             raise TypeError(f"{where}: shapes must be tuples of non-negative ints")
-        np.dtype(recv.dtype)  # raises TypeError for a non-dtype
+        if not same_dtype(recv.dtype, recv.dtype):
+            raise TypeError(f"{where}: dtype must be a NumPy or torch dtype, got {recv.dtype!r}")
 
 
 def _check_peer(where: str, name: str, peer: int, world_size: int) -> None:

@@ -51,7 +51,7 @@ class Fault:
 def corrupt_payload(payload: Payload) -> Payload:
     """New arrays with every element clearly wrong but finite (+1; booleans flipped)."""
     return tuple(
-        np.logical_not(a) if a.dtype == np.bool_ else a + np.asarray(1, dtype=a.dtype)
+        np.logical_not(a) if a.dtype == np.bool_ else a + 1  # NumPy or torch, dtype kept
         for a in payload
     )
 

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
 
-import numpy as np
-
 from .base import (
     CommError,
     CommTimeout,
@@ -34,7 +32,9 @@ from .base import (
     Recv,
     Send,
     check_batch,
+    copy_array,
     describe_payload,
+    same_dtype,
 )
 from .faults import Fault, FaultyCommunicator
 
@@ -91,7 +91,7 @@ class _World:
 
     # Called with cond held.
     def post_send(self, source: int, send: Send) -> None:
-        payload = tuple(np.array(a, copy=True, order="C") for a in send.payload)
+        payload = tuple(copy_array(a) for a in send.payload)
         queue = self.posted.get((source, send.dest, send.tag))
         if queue:
             queue.popleft().payload = payload
@@ -198,8 +198,9 @@ class _SimulatedRequest:
 
 def _check_received(rank: int, recv: Recv, payload: Payload) -> None:
     got_shapes = [a.shape for a in payload]
-    got_dtype = payload[0].dtype if payload else np.dtype(recv.dtype)
-    if got_shapes != list(recv.shapes) or got_dtype != np.dtype(recv.dtype):
+    got_shapes = [tuple(s) for s in got_shapes]
+    got_dtype = payload[0].dtype if payload else recv.dtype
+    if got_shapes != [tuple(s) for s in recv.shapes] or not same_dtype(got_dtype, recv.dtype):
         raise CommError(
             f"rank {rank} received from rank {recv.source} tag {recv.tag}: expected "
             f"{describe_payload(recv.shapes, recv.dtype)}, got "
