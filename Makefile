@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := test,mpi,docs
+EXTRAS := test,mpi,docs,torch
 
 .PHONY: setup demo test lint unit clean
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+
+from ringsim.config import Pattern, PatternGroup, segment_bounds, selected_in_segment
 from ringsim.reference.block import block_attention
 from ringsim.reference.dilated import empty_result
 from ringsim.reference.merge import merge_naive
 from ringsim.reference.select import select_rows
-
-from ringsim.config import Pattern, PatternGroup, segment_bounds, selected_in_segment
 
 DILATED = "ringsim.reference.dilated"
 

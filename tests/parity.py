@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from ringsim.reference import dense_dilated_attention
 from strategies import case as make_case
 
 from ringsim.cases import Case
+from ringsim.reference import dense_dilated_attention
 from ringsim.tolerance import max_abs_error, tolerance
 
 

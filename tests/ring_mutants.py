@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import ringsim.reference.ring
-import ringsim.reference.simulate
 from mutants import Mutant
-from ringsim.reference.block import block_attention
 
 import ringsim.plan
+import ringsim.reference.ring
+import ringsim.reference.simulate
 from ringsim.comm import simulated
 from ringsim.config import selected_range
 from ringsim.plan import SubRing
+from ringsim.reference.block import block_attention
 
 
 def shard_relative(mp: pytest.MonkeyPatch) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from ringsim.reference import ring_dilated_attention
-from ringsim.reference.parity import check_case
 
 from ringsim.cases import Case, fixed_cases, random_case
 from ringsim.config import DilatedConfig, make_config
+from ringsim.reference import ring_dilated_attention
+from ringsim.reference.parity import check_case
 
 WORLD_SIZES = (1, 2, 3, 4, 5, 8)
 

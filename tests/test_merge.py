@@ -9,9 +9,9 @@ from functools import reduce
 
 import numpy as np
 import pytest
+
 from ringsim.reference import merge_naive, merge_stable
 from ringsim.reference.merge import logsigmoid, sigmoid
-
 from ringsim.tolerance import max_abs_error
 
 B, N, H, D = 2, 7, 3, 4

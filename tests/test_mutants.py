@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import ringsim.reference
 from mutants import MUTANTS
 from parity import PARITY_CASES, case_inputs, parity_failures
-from ringsim.reference import dense_dilated_attention
-from ringsim.reference.dense import masked_attention, pattern_mask
 
+import ringsim.reference
 from ringsim.cases import Case
 from ringsim.config import make_config
+from ringsim.reference import dense_dilated_attention
+from ringsim.reference.dense import masked_attention, pattern_mask
 
 
 def _case(label: str) -> Case:

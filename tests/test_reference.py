@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import given
 from parity import PARITY_CASES, parity_failures, random_qkv
-from ringsim.reference import dense_dilated_attention, dilated_attention, pattern_mask
 from strategies import configs
 
 from ringsim.cases import Case
 from ringsim.config import Pattern, make_config, selected_in_segment
+from ringsim.reference import dense_dilated_attention, dilated_attention, pattern_mask
 from ringsim.tolerance import max_abs_error
 
 TOL64 = 1e-10  # SPEC 9, float64

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from ring_support import WORLD_SIZES, byte_failures, ring_cases, ring_failures, run_ring
-from ringsim.reference import dilated_attention, ring_dilated_attention
-from ringsim.reference.parity import check_case
 
 from ringsim.cases import Case, random_case
 from ringsim.comm import CommError, Fault, FaultKind
+from ringsim.reference import dilated_attention, ring_dilated_attention
+from ringsim.reference.parity import check_case
 from ringsim.trace import TraceAction
 
 
@@ -162,9 +162,8 @@ def test_delayed_message_still_correct():
 
 
 def test_ranks_that_disagree_fail_together():
-    from ringsim.reference import ring_dilated_attention_shard
-
     from ringsim.comm import SimulatedCluster
+    from ringsim.reference import ring_dilated_attention_shard
 
     q, k, v = CASE.inputs(seed=4)
 
@@ -180,9 +179,8 @@ def test_ranks_that_disagree_fail_together():
 
 
 def test_one_rank_with_bad_input_fails_every_rank_with_its_error():
-    from ringsim.reference import ring_dilated_attention_shard
-
     from ringsim.comm import SimulatedCluster
+    from ringsim.reference import ring_dilated_attention_shard
 
     q, k, v = CASE.inputs(seed=4)
 

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 from parity import random_qkv
-from ringsim.reference import dense_dilated_attention, dilated_attention
 
 from ringsim.config import check_world_size, make_config, validate
+from ringsim.reference import dense_dilated_attention, dilated_attention
 
 SHAPE = (1, 8, 2, 4)  # (b, n, h, d)
 

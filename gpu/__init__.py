@@ -1,0 +1,10 @@
+"""The torch backend of ring dilated attention: kernels that return the LSE, the single-device
+path, the ring over torch.distributed or the simulated cluster, and the modules.
+
+Importing this package imports torch but never probes a GPU.
+"""
+
+from .dilated import dilated_attention
+from .kernels import Kernel, choose_kernel
+
+__all__ = ["Kernel", "choose_kernel", "dilated_attention"]

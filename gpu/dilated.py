@@ -1,0 +1,130 @@
+"""Dilated attention on one device, in torch (SPEC 2-4, 6).
+
+For each pair ``(w_i, r_i)``, :func:`ringsim.batches.row_batches` groups the selected rows of
+all its heads into as few kernel calls as possible: heads whose offsets select equally many
+rows per segment share one call, segments become the batch. An aligned configuration costs
+one gather, one kernel call and one merge per pair; a ragged last segment one more call.
+Rows are selected by global positions, so ragged segments, r > w and r not dividing w are
+exact (no mask is needed: every block is FULL or the square CAUSAL diagonal).
+
+Each call's ``(out, lse)`` is merged into float32 accumulators (float64 for float64 input)
+at the rows it selected, with the stable LSE merge: rows a pattern does not select are left
+alone, which is the same as merging ``(0, -inf)`` (PITFALLS 3, 6).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringsim.batches import RowBatch, row_batches
+from ringsim.config import validate
+from ringsim.plan import pair_groups
+
+from .kernels import Kernel, attend, choose_kernel
+from .merge import accumulator_dtype, merge
+
+
+def check_tensor(q) -> None:
+    """The torch backend takes floating-point torch tensors."""
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
+    if not q.is_floating_point():
+        raise TypeError(f"q: dtype must be floating point, got {q.dtype}")
+
+
+def attend_batch(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    batch: RowBatch,
+    *,
+    causal: bool,
+    scale: float,
+    kernel: Kernel,
+    offset: int = 0,
+) -> None:
+    """Attend one row batch and merge it into ``out (b, n, h, d)``, ``lse (b, h, n)``.
+
+    ``offset`` is the global position of row 0 of q/k/v/out (a rank's shard start).
+    """
+    b, _, _, d = q.shape
+    nh, segments, m = batch.shape
+    rows = torch.as_tensor(batch.rows.reshape(nh, segments * m) - offset, device=q.device)
+    heads = torch.as_tensor(batch.heads, device=q.device)[:, None]  # (H, 1)
+
+    def gathered(x):  # (b, n, h, d) -> (b * segments, H, m, d): segments become the batch
+        x = x[:, rows, heads].reshape(b, nh, segments, m, d)
+        return x.transpose(1, 2).reshape(b * segments, nh, m, d)
+
+    block_out, block_lse = attend(
+        gathered(q), gathered(k), gathered(v), causal=causal, scale=scale, kernel=kernel
+    )
+    block_out = block_out.reshape(b, segments, nh, m, d).transpose(1, 2).reshape(b, nh, -1, d)
+    block_lse = block_lse.reshape(b, segments, nh, m).transpose(1, 2).reshape(b, nh, -1)
+    cols = heads.expand_as(rows)
+    new_out, new_lse = merge(out[:, rows, cols], lse[:, cols, rows], block_out, block_lse)
+    out[:, rows, cols] = new_out
+    lse[:, cols, rows] = new_lse
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths,
+    dilation_rates,
+    *,
+    is_causal: bool = False,
+    mode: str = "longnet",
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    kernel: Kernel | str | None = None,
+):
+    """Dilated attention on one device (SPEC 6).
+
+    Args:
+        q, k, v: ``(batch, seq_len, num_heads, head_dim)`` floating-point tensors, one dtype
+            and device.
+        segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
+            :func:`ringsim.reference.dilated_attention`.
+        return_lse: also return lse ``(batch, num_heads, seq_len)``, float32 (float64 for
+            float64 input), natural log, ``-inf`` on rows with no key.
+        kernel: a :class:`~ringsim.gpu.kernels.Kernel` to use; by default the fastest that
+            can run (:func:`~ringsim.gpu.kernels.choose_kernel`). Asking for one that cannot
+            run raises ``ValueError`` with the reason.
+    Returns:
+        out ``(batch, seq_len, num_heads, head_dim)`` in q's dtype [, lse].
+    """
+    config = validate(
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        mode=mode,
+        softmax_scale=softmax_scale,
+    )
+    check_tensor(q)
+    b, n, h, d = q.shape
+    chosen = choose_kernel(q, kernel)
+    acc = accumulator_dtype(q.dtype)
+    out = torch.zeros(b, n, h, d, dtype=acc, device=q.device)
+    lse = torch.full((b, h, n), -torch.inf, dtype=acc, device=q.device)
+    for groups in pair_groups(config, h):
+        for batch in row_batches(groups, n):
+            attend_batch(
+                q,
+                k,
+                v,
+                out,
+                lse,
+                batch,
+                causal=config.is_causal,
+                scale=config.scale(d),
+                kernel=chosen,
+            )
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,36 @@
+"""The stable LSE merge in torch (the NumPy reference's ``merge_stable``, for tensors).
+
+``out (..., M, D)`` and ``lse (..., M)`` are row-aligned here (the kernels' ``(B, H, M, D)``
+layout). Accumulators are float32 or wider (float64 stays float64); ``-inf`` rows are handled
+explicitly so an empty row never becomes NaN, and NaN inputs still propagate (SPEC 5, 7).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``(block_out, block_lse)`` into the running ``(out, lse)``; returns new tensors.
+
+    ``out -= sigmoid(block_lse - lse) * (out - block_out)``,
+    ``lse -= logsigmoid(lse - block_lse)``, in ``out``'s (accumulator) dtype.
+    """
+    block_out = block_out.to(out.dtype)
+    block_lse = block_lse.to(lse.dtype)
+    block_empty, empty = torch.isneginf(block_lse), torch.isneginf(lse)
+    weight = torch.where(block_empty, 0.0, torch.where(empty, 1.0, torch.sigmoid(block_lse - lse)))
+    new_lse = torch.where(
+        block_empty,
+        lse,
+        torch.where(empty, block_lse, lse - torch.nn.functional.logsigmoid(lse - block_lse)),
+    )
+    new_out = out - weight[..., None].to(out.dtype) * (out - block_out)
+    return new_out, new_lse
