@@ -6,5 +6,13 @@ Importing this package imports torch but never probes a GPU.
 
 from .dilated import dilated_attention
 from .kernels import Kernel, choose_kernel
+from .ring import ring_dilated_attention
+from .simulate import simulated_ring_dilated_attention
 
-__all__ = ["Kernel", "choose_kernel", "dilated_attention"]
+__all__ = [
+    "Kernel",
+    "choose_kernel",
+    "dilated_attention",
+    "ring_dilated_attention",
+    "simulated_ring_dilated_attention",
+]

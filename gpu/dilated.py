@@ -21,7 +21,7 @@ from ringsim.config import validate
 from ringsim.plan import pair_groups
 
 from .kernels import Kernel, attend, choose_kernel
-from .merge import accumulator_dtype, merge
+from .merge import accumulator_dtype, merge_into
 
 
 def check_tensor(q) -> None:
@@ -63,10 +63,7 @@ def attend_batch(
     )
     block_out = block_out.reshape(b, segments, nh, m, d).transpose(1, 2).reshape(b, nh, -1, d)
     block_lse = block_lse.reshape(b, segments, nh, m).transpose(1, 2).reshape(b, nh, -1)
-    cols = heads.expand_as(rows)
-    new_out, new_lse = merge(out[:, rows, cols], lse[:, cols, rows], block_out, block_lse)
-    out[:, rows, cols] = new_out
-    lse[:, cols, rows] = new_lse
+    merge_into(out, lse, rows, heads, block_out, block_lse)
 
 
 def dilated_attention(

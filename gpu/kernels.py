@@ -109,11 +109,17 @@ def _no_empty_plus_inf(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(lse == math.inf, -math.inf, lse)
 
 
-def math_attention(q, k, v, *, causal: bool, scale: float):
-    """Softmax attention with plain ops; scores in float32 (float64 for float64 input)."""
+def math_attention(q, k, v, *, causal: bool, scale: float, allowed=None):
+    """Softmax attention with plain ops; scores in float32 (float64 for float64 input).
+
+    ``allowed (M, L)``, if given, is a general mask (True = attend) used instead of the
+    square causal one: the MASKED block action.
+    """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = scale * torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))  # (B, H, M, L)
-    if causal:
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
+    elif causal:
         m, l_ = scores.shape[-2:]
         above = torch.ones(m, l_, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(above, -math.inf)

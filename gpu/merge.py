@@ -34,3 +34,23 @@ def merge(
     )
     new_out = out - weight[..., None].to(out.dtype) * (out - block_out)
     return new_out, new_lse
+
+
+def merge_into(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rows: torch.Tensor,
+    heads: torch.Tensor,
+    block_out: torch.Tensor,
+    block_lse: torch.Tensor,
+) -> None:
+    """Merge a block result into ``out (b, n, h, d)`` / ``lse (b, h, n)`` in place.
+
+    ``rows (H, M)`` are row indices into out's sequence axis for each of the block's heads
+    ``heads (H, 1)``; ``block_out (b, H, M, d)``, ``block_lse (b, H, M)``. Rows the block
+    does not name are left alone (the same as merging ``(0, -inf)`` there).
+    """
+    cols = heads.expand_as(rows)
+    new_out, new_lse = merge(out[:, rows, cols], lse[:, cols, rows], block_out, block_lse)
+    out[:, rows, cols] = new_out
+    lse[:, cols, rows] = new_lse

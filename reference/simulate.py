@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ringsim.comm.faults import Fault
-from ringsim.comm.simulated import SimulatedCluster
 from ringsim.config import validate
-from ringsim.trace import RankTrace, Trace
+from ringsim.simulate import run_traced
 
 from .dilated import check_float
 from .ring import ring_dilated_attention_shard
@@ -75,14 +74,10 @@ def ring_dilated_attention(
     check_float(q)
     shards = list(zip(shard(q, world_size), shard(k, world_size), shard(v, world_size)))
     del q, k, v  # from here on, every array a rank touches is its own shard
-    traces = [RankTrace(rank) for rank in range(world_size)]
 
-    def run_rank(comm):
-        q_r, k_r, v_r = shards[comm.rank]
+    def run_rank(comm, trace):
         return ring_dilated_attention_shard(
-            q_r,
-            k_r,
-            v_r,
+            *shards[comm.rank],
             config.segment_lengths,
             config.dilation_rates,
             comm=comm,
@@ -90,11 +85,11 @@ def ring_dilated_attention(
             mode=config.mode.value,
             softmax_scale=config.softmax_scale,
             return_lse=True,
-            trace=traces[comm.rank],
+            trace=trace,
         )
 
-    results = SimulatedCluster(world_size, timeout=timeout).run(run_rank, faults=faults)
+    results, trace = run_traced(world_size, run_rank, faults=faults, timeout=timeout)
     out = np.concatenate([r[0] for r in results], axis=1)
     lse = np.concatenate([r[1] for r in results], axis=-1)
-    extra = ((lse,) if return_lse else ()) + ((Trace.from_ranks(traces),) if return_trace else ())
+    extra = ((lse,) if return_lse else ()) + ((trace,) if return_trace else ())
     return (out, *extra) if extra else out

@@ -14,6 +14,7 @@ from mutants import Mutant
 import ringsim.plan
 import ringsim.reference.ring
 import ringsim.reference.simulate
+import ringsim.simulate
 from ringsim.comm import simulated
 from ringsim.config import selected_range
 from ringsim.plan import SubRing
@@ -93,7 +94,7 @@ def world_of_one(mp: pytest.MonkeyPatch) -> None:
     """PITFALLS 15: a simulated ring that quietly runs world size 1."""
     cluster = simulated.SimulatedCluster
     mp.setattr(
-        ringsim.reference.simulate,
+        ringsim.simulate,
         "SimulatedCluster",
         lambda world_size, timeout: cluster(1, timeout=timeout),
     )

@@ -1,0 +1,131 @@
+"""The torch ring: on the simulated cluster (P = 1..8) and as real gloo processes (P = 2..4).
+
+Needs torch (the ``torch`` extra, installed by the project's set-up); skipped otherwise.
+The gloo runs start their own processes on free local ports, each bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ring_support import WORLD_SIZES, ring_cases, run_ring  # noqa: E402
+
+from ringsim.cases import Case  # noqa: E402
+from ringsim.comm import CommError, SimulatedCluster  # noqa: E402
+from ringsim.gpu import ring_dilated_attention, simulated_ring_dilated_attention  # noqa: E402
+from ringsim.reference.parity import check_case  # noqa: E402
+
+
+def torch_ring(case: Case, q, k, v, dtype=torch.float64, kernel=None):
+    tensors = [torch.from_numpy(x).to(dtype) for x in (q, k, v)]
+    out, lse, trace = simulated_ring_dilated_attention(
+        *tensors,
+        case.segment_lengths,
+        case.dilation_rates,
+        world_size=case.world_size,
+        **case.kwargs(),
+        return_lse=True,
+        return_trace=True,
+        kernel=kernel,
+    )
+    return out.double().numpy(), lse.double().numpy(), trace
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("kernel", ["math", "flash_cpu"])
+def test_simulated_torch_ring_matches_definition(world_size, kernel):
+    failures = []
+    for i, case in enumerate(ring_cases([world_size], per_size=8, seed=17)):
+        q, k, v = case.inputs(seed=i)
+        out, lse, _ = torch_ring(case, q, k, v, kernel=kernel)
+        report = check_case(case, out, lse, q, k, v)
+        if not report.ok:
+            failures.append(report.line())
+    assert not failures, "\n".join(failures)
+
+
+def test_torch_ring_float32_within_spec():
+    for i, case in enumerate(ring_cases([3, 4], per_size=4, seed=2)):
+        q, k, v = case.inputs(seed=i, dtype=np.float32)
+        out, lse, _ = torch_ring(case, q, k, v, dtype=torch.float32)
+        report = check_case(case, out.astype(np.float32), lse.astype(np.float32), q, k, v)
+        assert report.ok, report.line()
+
+
+@pytest.mark.parametrize(
+    "case", ring_cases([2, 3, 5], per_size=3, seed=8), ids=lambda c: c.describe()
+)
+def test_torch_trace_equals_numpy_trace(case):
+    """Both backends run one plan: the same messages, bytes and block actions."""
+    q, k, v = case.inputs(seed=1)
+    *_, numpy_trace = run_ring(case, q, k, v)
+    *_, torch_trace = torch_ring(case, q, k, v)
+    assert torch_trace.events == numpy_trace.events
+
+
+def test_peak_bytes_halve_when_world_size_doubles():
+    peaks = {}
+    for p in (2, 4, 8):
+        case = Case(1, 64, 4, 8, (64, 64), (1, 4), False, "longnet", p)
+        *_, trace = torch_ring(case, *case.inputs(seed=3))
+        peaks[p] = max(trace.peak_bytes)
+    assert peaks[4] <= 0.55 * peaks[2] and peaks[8] <= 0.55 * peaks[4], peaks
+
+
+def test_ranks_that_disagree_fail_together():
+    q, k, v = (torch.randn(1, 24, 2, 4, dtype=torch.float64) for _ in range(3))
+
+    def rank_main(comm):
+        lo = comm.rank * 8
+        segs = (12,) if comm.rank == 2 else (24,)
+        return ring_dilated_attention(
+            q[:, lo : lo + 8], k[:, lo : lo + 8], v[:, lo : lo + 8], segs, (2,), comm=comm
+        )
+
+    with pytest.raises(CommError, match="disagree"):
+        SimulatedCluster(3, timeout=5.0).run(rank_main)
+
+
+def test_bad_input_raises_before_any_rank_starts():
+    x = torch.randn(1, 24, 2, 4)
+    with pytest.raises(ValueError, match="world_size"):
+        simulated_ring_dilated_attention(x, x, x, (24,), (2,), world_size=5)
+    with pytest.raises(TypeError, match=r"q: expected a torch\.Tensor"):
+        simulated_ring_dilated_attention(x.numpy(), x.numpy(), x.numpy(), (24,), (2,), world_size=2)
+
+
+def test_torch_dist_communicator_needs_an_initialised_group():
+    from ringsim.gpu.comm import TorchDistCommunicator
+
+    with pytest.raises(RuntimeError, match="not initialised"):
+        TorchDistCommunicator()
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_gloo_ring_on_real_processes(world_size):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ringsim.gpu.distcheck",
+            "--world-size",
+            str(world_size),
+            "--cases",
+            "4",
+            "--seed",
+            str(world_size),
+            "--timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"PASS distcheck backend=gloo world_size={world_size}" in result.stdout
