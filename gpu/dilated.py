@@ -47,22 +47,25 @@ def attend_batch(
 ) -> None:
     """Attend one row batch and merge it into ``out (b, n, h, d)``, ``lse (b, h, n)``.
 
-    ``offset`` is the global position of row 0 of q/k/v/out (a rank's shard start).
+    ``offset`` is the global position of row 0 of q/k/v/out (a rank's shard start). One
+    gather per input lands in ``(b, segments, m, H, d)``; its ``(b*segments, H, m, d)``
+    transpose is a view, which the kernels take as it is (last dim contiguous).
     """
     b, _, _, d = q.shape
     nh, segments, m = batch.shape
-    rows = torch.as_tensor(batch.rows.reshape(nh, segments * m) - offset, device=q.device)
-    heads = torch.as_tensor(batch.heads, device=q.device)[:, None]  # (H, 1)
+    rows = torch.as_tensor(
+        batch.rows.transpose(1, 2, 0).reshape(segments * m, nh) - offset, device=q.device
+    )  # (S*m, H)
+    heads = torch.as_tensor(batch.heads, device=q.device)[None, :]  # (1, H)
 
     def gathered(x):  # (b, n, h, d) -> (b * segments, H, m, d): segments become the batch
-        x = x[:, rows, heads].reshape(b, nh, segments, m, d)
-        return x.transpose(1, 2).reshape(b * segments, nh, m, d)
+        return x[:, rows, heads].reshape(b * segments, m, nh, d).transpose(1, 2)
 
     block_out, block_lse = attend(
         gathered(q), gathered(k), gathered(v), causal=causal, scale=scale, kernel=kernel
     )
-    block_out = block_out.reshape(b, segments, nh, m, d).transpose(1, 2).reshape(b, nh, -1, d)
-    block_lse = block_lse.reshape(b, segments, nh, m).transpose(1, 2).reshape(b, nh, -1)
+    block_out = block_out.transpose(1, 2).reshape(b, segments * m, nh, d)
+    block_lse = block_lse.transpose(1, 2).reshape(b, segments * m, nh)
     merge_into(out, lse, rows, heads, block_out, block_lse)
 
 

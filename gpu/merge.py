@@ -46,11 +46,11 @@ def merge_into(
 ) -> None:
     """Merge a block result into ``out (b, n, h, d)`` / ``lse (b, h, n)`` in place.
 
-    ``rows (H, M)`` are row indices into out's sequence axis for each of the block's heads
-    ``heads (H, 1)``; ``block_out (b, H, M, d)``, ``block_lse (b, H, M)``. Rows the block
-    does not name are left alone (the same as merging ``(0, -inf)`` there).
+    ``rows`` and ``heads`` are index tensors that broadcast to one shape ``(M, H)``: row M
+    of the block, head H, lands at ``out[:, rows, heads]``. ``block_out (b, M, H, d)``,
+    ``block_lse (b, M, H)``. Rows the block does not name are left alone (the same as
+    merging ``(0, -inf)`` there).
     """
-    cols = heads.expand_as(rows)
-    new_out, new_lse = merge(out[:, rows, cols], lse[:, cols, rows], block_out, block_lse)
-    out[:, rows, cols] = new_out
-    lse[:, cols, rows] = new_lse
+    new_out, new_lse = merge(out[:, rows, heads], lse[:, heads, rows], block_out, block_lse)
+    out[:, rows, heads] = new_out
+    lse[:, heads, rows] = new_lse

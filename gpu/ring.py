@@ -92,9 +92,9 @@ class TorchParts:
                     scale=self.scale,
                     kernel=self.kernel,
                 )
-            heads = torch.as_tensor(group.heads, device=qs.device)[:, None]
-            rows = self.local(task.q_rows[g])[None, :].expand(len(group.heads), -1)
-            merge_into(self.out, self.lse, rows, heads, out, lse)
+            heads = torch.as_tensor(group.heads, device=qs.device)[None, :]  # (1, H)
+            rows = self.local(task.q_rows[g])[:, None]  # (m, 1)
+            merge_into(self.out, self.lse, rows, heads, out.transpose(1, 2), lse.transpose(1, 2))
 
 
 def ring_dilated_attention(
