@@ -6,11 +6,17 @@ Importing this package imports torch but never probes a GPU.
 
 from .dilated import dilated_attention
 from .kernels import Kernel, choose_kernel
+from .modules import RingDilatedAttention, RingDilatedAttentionHybrid
+from .multihead import RingMultiheadDilatedAttention, RingMultiheadDilatedAttentionHybrid
 from .ring import ring_dilated_attention
 from .simulate import simulated_ring_dilated_attention
 
 __all__ = [
     "Kernel",
+    "RingDilatedAttention",
+    "RingDilatedAttentionHybrid",
+    "RingMultiheadDilatedAttention",
+    "RingMultiheadDilatedAttentionHybrid",
     "choose_kernel",
     "dilated_attention",
     "ring_dilated_attention",

@@ -1,0 +1,294 @@
+"""The attention module of ring dilated attention (SPEC 4, 6, 8), and the seed's name for it.
+
+- :class:`RingDilatedAttention`: q, k, v ``(batch, seq_len, num_heads, head_dim)`` in, out of
+  the same shape; on one device it runs :func:`ringsim.gpu.dilated_attention`, over a process
+  group :func:`ringsim.gpu.ring_dilated_attention` on each rank's shards.
+- :class:`RingDilatedAttentionHybrid`: the seed's name and arguments, mapped onto it.
+
+The multihead modules live in :mod:`ringsim.gpu.multihead`. Every argument works as
+documented or raises an error naming it; none is silently ignored (PITFALLS 17).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ringsim.config import DilatedConfig, make_config, validate
+
+from .dilated import check_tensor, dilated_attention
+from .kernels import Kernel, choose_kernel
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+#: ``group="default"``: the default process group, looked up when forward runs.
+DEFAULT_GROUP = "default"
+
+
+# --- argument checks, shared with ringsim.gpu.multihead ------------------------------------
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return value
+
+
+def check_dropout(dropout: Any) -> float:
+    """A probability in ``[0, 1]``, as :class:`torch.nn.Dropout` takes."""
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout: expected a float in [0, 1], got {dropout!r}")
+    if not 0.0 <= float(dropout) <= 1.0:  # NaN fails too
+        raise ValueError(f"dropout: must be in [0, 1], got {dropout}")
+    return float(dropout)
+
+
+def check_kernel(kernel: Kernel | str | None) -> Kernel | None:
+    """A :class:`Kernel` name or None; whether it can run is checked on the inputs."""
+    if kernel is None:
+        return None
+    try:
+        return Kernel(kernel)
+    except ValueError:
+        names = ", ".join(k.value for k in Kernel)
+        raise ValueError(f"kernel: must be None or one of {names}, got {kernel!r}") from None
+
+
+def check_group(group: Any) -> ProcessGroup | str | None:
+    """None (one device), ``"default"`` or a ``torch.distributed.ProcessGroup``."""
+    if group is None:
+        return None
+    if isinstance(group, str):
+        if group != DEFAULT_GROUP:
+            raise ValueError(
+                f"group: the only string accepted is 'default' (the default process group), "
+                f"got {group!r}"
+            )
+        return group
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ValueError("group: torch.distributed is not available in this torch build")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"group: expected None, 'default' or a torch.distributed.ProcessGroup, "
+            f"got {type(group).__name__}"
+        )
+    return group
+
+
+def ring_group(ring_size: Any, group: Any) -> ProcessGroup | str | None:
+    """The group for the seed's ``ring_size`` (and an explicit ``group``).
+
+    ``ring_size`` None: ``group`` as given. ``ring_size == 1`` with no group: one device.
+    ``ring_size > 1`` with no group: the default group. In the last two cases with a group,
+    ``ring_size`` must equal its world size, checked now (``ValueError`` otherwise).
+    """
+    group = check_group(group)
+    if ring_size is None:
+        return group
+    if isinstance(ring_size, bool) or not isinstance(ring_size, numbers.Integral):
+        raise TypeError(f"ring_size: expected an int or None, got {ring_size!r}")
+    if ring_size < 1:
+        raise ValueError(f"ring_size: must be >= 1, got {ring_size}")
+    if group is None:
+        if ring_size == 1:
+            return None
+        group = DEFAULT_GROUP
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"ring_size: ring_size={ring_size} runs over a torch.distributed process group, "
+            "but torch.distributed is not initialised; call init_process_group before "
+            "building the module, or use ring_size=None or 1 on one device"
+        )
+    size = dist.get_world_size(None if isinstance(group, str) else group)
+    if size != ring_size:
+        raise ValueError(
+            f"ring_size: must equal the process group's world size {size}, got {ring_size}"
+        )
+    return group
+
+
+def check_device(device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+        raise TypeError(f"device: expected a torch.device, str or int, got {device!r}")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:  # torch's own message says which strings are legal
+        raise ValueError(f"device: {err}") from err
+
+
+def check_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def check_memory_pool(enable_memory_pool: Any) -> None:
+    """The seed's memory pool is not reimplemented: True is refused, not ignored."""
+    if check_bool("enable_memory_pool", enable_memory_pool):
+        raise ValueError(
+            "enable_memory_pool: not supported; PyTorch's caching allocator already pools "
+            "memory. Pass enable_memory_pool=False"
+        )
+
+
+def flash_kernel(use_flash_attention: Any) -> Kernel | None:
+    """The seed's flag: True = the fastest kernel that can run, False = the math kernel."""
+    return None if check_bool("use_flash_attention", use_flash_attention) else Kernel.MATH
+
+
+# --- the module ----------------------------------------------------------------------------
+
+
+class RingDilatedAttention(nn.Module):
+    """Dilated attention (SPEC 4) as a module, on one device or over a process group.
+
+    Args:
+        segment_lengths, dilation_rates: positive ints, equal length (SPEC 1).
+        dropout: probability of dropping an attention probability (SPEC 4). Not implemented
+            yet for values > 0: forward raises ``NotImplementedError`` in training mode; in
+            eval mode dropout is the identity, so any value in ``[0, 1]`` runs there.
+        mode: ``"longnet"`` or ``"grouped"`` (SPEC 2).
+        softmax_scale: default ``1/sqrt(head_dim)``.
+        kernel: a :class:`~ringsim.gpu.kernels.Kernel` (or its name) to use; default the
+            fastest that can run on the inputs (:func:`~ringsim.gpu.kernels.choose_kernel`).
+            One that cannot run raises ``ValueError`` in forward. ``last_kernel`` records
+            the kernel of the last successful forward.
+        group: None: one device, q/k/v are whole sequences. ``"default"``: the default
+            ``torch.distributed`` process group, looked up in forward. A ``ProcessGroup``:
+            that group. With a group, q/k/v are this rank's shards (rank j holds positions
+            ``[j*c, (j+1)*c)``) and out is this rank's shard (SPEC 5).
+
+    The configuration is validated here; errors name the argument (SPEC 7).
+    """
+
+    def __init__(
+        self,
+        segment_lengths,
+        dilation_rates,
+        *,
+        dropout: float = 0.0,
+        mode: str = "longnet",
+        softmax_scale: float | None = None,
+        kernel: Kernel | str | None = None,
+        group: ProcessGroup | str | None = None,
+    ):
+        super().__init__()
+        self.config: DilatedConfig = make_config(
+            segment_lengths, dilation_rates, mode=mode, softmax_scale=softmax_scale
+        )
+        self.dropout = check_dropout(dropout)
+        self.kernel = check_kernel(kernel)
+        self.group = check_group(group)
+        self.last_kernel: Kernel | None = None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"segment_lengths={c.segment_lengths}, dilation_rates={c.dilation_rates}, "
+            f"mode={c.mode.value!r}, dropout={self.dropout}, "
+            f"kernel={self.kernel.value if self.kernel else None!r}, group={self.group!r}"
+        )
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False
+    ) -> torch.Tensor:
+        """Attend ``q, k, v (batch, seq_len, num_heads, head_dim)``, one float dtype and device.
+
+        With a group, ``seq_len`` is this rank's shard length. Returns out, same shape and
+        dtype as q (differentiable).
+        """
+        if self.training and self.dropout > 0:
+            raise NotImplementedError(
+                f"dropout: dropout on attention probabilities is not supported yet "
+                f"(dropout={self.dropout}); use dropout=0, or call .eval() for inference"
+            )
+        c = self.config
+        args = (q, k, v, c.segment_lengths, c.dilation_rates)
+        kwargs = {"is_causal": is_causal, "mode": c.mode.value, "softmax_scale": c.softmax_scale}
+        validate(*args, **kwargs)  # bad input fails here, before a kernel is chosen
+        check_tensor(q)
+        chosen = choose_kernel(q, self.kernel)
+        if self.group is None:
+            out = dilated_attention(*args, **kwargs, kernel=chosen)
+        else:
+            from .ring import ring_dilated_attention
+
+            group = None if isinstance(self.group, str) else self.group  # None: default
+            out = ring_dilated_attention(*args, **kwargs, group=group, kernel=chosen)
+        self.last_kernel = chosen
+        return out
+
+
+class RingDilatedAttentionHybrid(RingDilatedAttention):
+    """The seed's ``RingDilatedAttentionHybrid``: its arguments on :class:`RingDilatedAttention`.
+
+    Args (``dropout`` may be positional, the rest are keyword-only, because the seed's
+    versions ordered them differently):
+        segment_lengths, dilation_rates, dropout, mode, softmax_scale, group: as
+            :class:`RingDilatedAttention`.
+        device, dtype: the device and dtype the inputs must have (the module has no
+            parameters); forward raises ``ValueError`` / ``TypeError`` for others. None
+            accepts any (a device without an index accepts any index).
+        ring_size: None or 1: one device (unless ``group`` is given); ``p > 1``: the default
+            process group, whose world size must be p (checked at construction,
+            ``ValueError`` otherwise). With ``group`` it must equal that group's size.
+        use_flash_attention: True: the fastest kernel that can run (flash, cuDNN, efficient,
+            then math: :func:`~ringsim.gpu.kernels.choose_kernel`); False: the math kernel.
+        enable_memory_pool: must be False; True raises ``ValueError`` (PyTorch's caching
+            allocator already pools memory).
+    """
+
+    def __init__(
+        self,
+        segment_lengths,
+        dilation_rates,
+        dropout: float = 0.0,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        ring_size: int | None = None,
+        use_flash_attention: bool = True,
+        enable_memory_pool: bool = False,
+        mode: str = "longnet",
+        softmax_scale: float | None = None,
+        group: ProcessGroup | str | None = None,
+    ):
+        check_memory_pool(enable_memory_pool)
+        super().__init__(
+            segment_lengths,
+            dilation_rates,
+            dropout=dropout,
+            mode=mode,
+            softmax_scale=softmax_scale,
+            kernel=flash_kernel(use_flash_attention),
+            group=ring_group(ring_size, group),
+        )
+        self.input_device = check_device(device)
+        self.input_dtype = check_dtype(dtype)
+        self.ring_size = ring_size
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False
+    ) -> torch.Tensor:
+        """As :meth:`RingDilatedAttention.forward`, after checking q's device and dtype."""
+        check_tensor(q)
+        want = self.input_device
+        if want is not None and (
+            q.device.type != want.type or want.index not in (None, q.device.index)
+        ):
+            raise ValueError(f"device: the module was built for {want}, got q on {q.device}")
+        if self.input_dtype is not None and q.dtype != self.input_dtype:
+            raise TypeError(f"dtype: the module was built for {self.input_dtype}, got {q.dtype}")
+        return super().forward(q, k, v, is_causal)

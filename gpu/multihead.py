@@ -1,0 +1,266 @@
+"""Multihead ring dilated attention with the interface of ``nn.MultiheadAttention`` (SPEC 8).
+
+``query -> q_proj -> heads -> dilated attention -> [sub-LayerNorm] -> out_proj``. The
+sub-LayerNorm and the gain of the value and output projections are MAGNETO's (Wang et al.
+2022, "Foundation Transformers", as torchscale's ``inner_attn_ln``); MAGNETO puts no
+LayerNorm on q or k (PITFALLS 16).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .kernels import Kernel
+from .modules import (
+    RingDilatedAttention,
+    check_bool,
+    check_device,
+    check_dtype,
+    check_memory_pool,
+    flash_kernel,
+    ring_group,
+)
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: must be >= 1, got {value}")
+    return int(value)
+
+
+def check_gain(gamma_init: Any) -> float:
+    if isinstance(gamma_init, bool) or not isinstance(gamma_init, numbers.Real):
+        raise TypeError(f"gamma_init: expected a positive float, got {gamma_init!r}")
+    if not (math.isfinite(gamma_init) and gamma_init > 0):
+        raise ValueError(f"gamma_init: must be finite and > 0, got {gamma_init}")
+    return float(gamma_init)
+
+
+class RingMultiheadDilatedAttention(nn.Module):
+    """Self-attention over one sequence, ``nn.MultiheadAttention``'s interface (SPEC 8).
+
+    Args:
+        embed_dim, num_heads: ``embed_dim % num_heads == 0``; head_dim is the quotient.
+        segment_lengths, dilation_rates, dropout, mode, softmax_scale, kernel, group: as
+            :class:`~ringsim.gpu.modules.RingDilatedAttention` (with a group, inputs and
+            output are this rank's shards along the sequence).
+        bias: biases in the four projections.
+        layer_norm: MAGNETO's sub-LayerNorm ``(embed_dim)`` on the attention output, before
+            the output projection (``self.sub_layer_norm``; None when False).
+        gamma_init: the Xavier gain of ``v_proj`` and ``out_proj`` weights (MAGNETO's
+            gamma, applied whether or not ``layer_norm``); ``q_proj``/``k_proj`` get gain 1.
+        batch_first: True: tensors are ``(batch, seq, embed_dim)``; False:
+            ``(seq, batch, embed_dim)`` (transposed in and out).
+        device, dtype: of the parameters.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths,
+        dilation_rates,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        layer_norm: bool = True,
+        gamma_init: float = 1.0,
+        batch_first: bool = True,
+        mode: str = "longnet",
+        softmax_scale: float | None = None,
+        kernel: Kernel | str | None = None,
+        group: ProcessGroup | str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.embed_dim = check_positive_int("embed_dim", embed_dim)
+        self.num_heads = check_positive_int("num_heads", num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim: must be divisible by num_heads, got embed_dim={embed_dim}, "
+                f"num_heads={num_heads}"
+            )
+        self.head_dim = embed_dim // num_heads
+        self.batch_first = check_bool("batch_first", batch_first)
+        self.gamma_init = check_gain(gamma_init)
+        check_bool("bias", bias)
+        check_bool("layer_norm", layer_norm)
+        device, dtype = check_device(device), check_dtype(dtype)
+        self.attention = RingDilatedAttention(
+            segment_lengths,
+            dilation_rates,
+            dropout=dropout,
+            mode=mode,
+            softmax_scale=softmax_scale,
+            kernel=kernel,
+            group=group,
+        )
+        self.attention.config.head_groups(num_heads)  # grouped mode: >= one head per pair
+
+        def linear() -> nn.Linear:
+            return nn.Linear(embed_dim, embed_dim, bias=bias, device=device, dtype=dtype)
+
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (linear() for _ in range(4))
+        self.sub_layer_norm = (
+            nn.LayerNorm(embed_dim, device=device, dtype=dtype) if layer_norm else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights (gain 1 for q/k, ``gamma_init`` for v/out), zero biases."""
+        for proj, gain in (
+            (self.q_proj, 1.0),
+            (self.k_proj, 1.0),
+            (self.v_proj, self.gamma_init),
+            (self.out_proj, self.gamma_init),
+        ):
+            nn.init.xavier_uniform_(proj.weight, gain=gain)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        if self.sub_layer_norm is not None:
+            self.sub_layer_norm.reset_parameters()
+
+    @property
+    def dropout(self) -> float:
+        """The attention module's dropout probability (see its forward)."""
+        return self.attention.dropout
+
+    @property
+    def last_kernel(self) -> Kernel | None:
+        """The attention kernel of the last successful forward."""
+        return self.attention.last_kernel
+
+    def _check_inputs(self, query, key, value) -> None:
+        layout = "(batch, seq, embed_dim)" if self.batch_first else "(seq, batch, embed_dim)"
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+                raise ValueError(
+                    f"{name}: expected a 3-d tensor {layout} with embed_dim={self.embed_dim}, "
+                    f"got shape {tuple(x.shape)}"
+                )
+        for name, x in (("key", key), ("value", value)):
+            if x.shape != query.shape:
+                raise ValueError(
+                    f"{name}: shape must equal query's (one sequence, SPEC 1), got "
+                    f"{tuple(x.shape)} and {tuple(query.shape)}"
+                )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        """Attend; the argument order is ``nn.MultiheadAttention.forward``'s.
+
+        Args:
+            query, key, value: ``(batch, seq, embed_dim)`` (``(seq, batch, embed_dim)`` if
+                not batch_first), one shape, the parameters' dtype and device.
+            key_padding_mask, attn_mask: not supported: anything but None raises
+                ``NotImplementedError`` (for a causal mask use ``is_causal=True``).
+            need_weights: must be False (weights are never formed); True raises.
+            average_attn_weights: a bool; it only matters with need_weights, as in torch.
+            is_causal: causal masking by global position (unlike ``nn.MultiheadAttention``,
+                no ``attn_mask`` is needed).
+        Returns:
+            ``(out, None)``, out shaped like query.
+        """
+        if key_padding_mask is not None:
+            raise NotImplementedError("key_padding_mask: not supported; pass None")
+        if attn_mask is not None:
+            raise NotImplementedError(
+                "attn_mask: not supported; pass None (use is_causal=True for a causal mask)"
+            )
+        if check_bool("need_weights", need_weights):
+            raise NotImplementedError(
+                "need_weights: attention weights are never formed; pass need_weights=False"
+            )
+        check_bool("average_attn_weights", average_attn_weights)
+        self._check_inputs(query, key, value)
+        if not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        b, n, _ = query.shape
+        heads = (b, n, self.num_heads, self.head_dim)
+        q = self.q_proj(query).reshape(heads)  # (b, n, h, d)
+        k = self.k_proj(key).reshape(heads)
+        v = self.v_proj(value).reshape(heads)
+        out = self.attention(q, k, v, is_causal).reshape(b, n, self.embed_dim)
+        if self.sub_layer_norm is not None:
+            out = self.sub_layer_norm(out)  # MAGNETO's sub-LN, before the output projection
+        out = self.out_proj(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
+    """The seed's ``RingMultiheadDilatedAttentionHybrid``: its arguments on
+    :class:`RingMultiheadDilatedAttention`.
+
+    Args (``dropout`` may be positional, the rest are keyword-only, because the seed's
+    versions ordered them differently):
+        embed_dim, num_heads, segment_lengths, dilation_rates, dropout, bias, layer_norm,
+            gamma_init, batch_first, mode, softmax_scale, group: as
+            :class:`RingMultiheadDilatedAttention`.
+        device, dtype: of the parameters.
+        ring_size, use_flash_attention, enable_memory_pool: as
+            :class:`~ringsim.gpu.modules.RingDilatedAttentionHybrid` (``ring_size`` is
+            checked against the group at construction; ``enable_memory_pool=True`` raises).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths,
+        dilation_rates,
+        dropout: float = 0.0,
+        *,
+        bias: bool = True,
+        layer_norm: bool = True,
+        gamma_init: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        batch_first: bool = True,
+        ring_size: int | None = None,
+        use_flash_attention: bool = True,
+        enable_memory_pool: bool = False,
+        mode: str = "longnet",
+        softmax_scale: float | None = None,
+        group: ProcessGroup | str | None = None,
+    ):
+        check_memory_pool(enable_memory_pool)
+        super().__init__(
+            embed_dim,
+            num_heads,
+            segment_lengths,
+            dilation_rates,
+            dropout=dropout,
+            bias=bias,
+            layer_norm=layer_norm,
+            gamma_init=gamma_init,
+            batch_first=batch_first,
+            mode=mode,
+            softmax_scale=softmax_scale,
+            kernel=flash_kernel(use_flash_attention),
+            group=ring_group(ring_size, group),
+            device=device,
+            dtype=dtype,
+        )
+        self.ring_size = ring_size

@@ -1,0 +1,342 @@
+"""The torch modules and the seed's aliases, on the CPU, against the dense-mask definition.
+
+Needs torch (the ``torch`` extra); skipped otherwise. The process-group tests use gloo: one
+in-process group of one rank, and two real processes on a free local port (timeout 90 s).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from ringsim.gpu.kernels import Kernel  # noqa: E402
+from ringsim.gpu.modules import RingDilatedAttention, RingDilatedAttentionHybrid  # noqa: E402
+from ringsim.gpu.multihead import (  # noqa: E402
+    RingMultiheadDilatedAttention,
+    RingMultiheadDilatedAttentionHybrid,
+)
+from ringsim.reference import dense_dilated_attention  # noqa: E402
+from ringsim.tolerance import max_abs_error, tolerance  # noqa: E402
+
+# (seq_len, segment_lengths, dilation_rates): ragged segments, r not dividing w, r > w
+CONFIGS = [(30, (6, 15), (1, 3)), (28, (8, 20), (2, 3)), (10, (3, 7), (5, 2))]
+MODES = ["longnet", "grouped"]
+
+
+def randn(rng: np.random.Generator, *shape: int) -> torch.Tensor:
+    return torch.from_numpy(rng.standard_normal(shape))  # float64
+
+
+def reference(q, k, v, segs, rates, **kwargs) -> np.ndarray:
+    arrays = (x.detach().numpy() for x in (q, k, v))
+    return dense_dilated_attention(*arrays, segs, rates, **kwargs)[0]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_module_matches_definition(rng, config, mode, is_causal):
+    n, segs, rates = config
+    q, k, v = (randn(rng, 2, n, 4, 8) for _ in range(3))
+    kernels = ((None, Kernel.MATH), ("math", Kernel.MATH), ("flash_cpu", Kernel.FLASH_CPU))
+    for kernel, ran in kernels:
+        module = RingDilatedAttention(segs, rates, mode=mode, kernel=kernel)
+        out = module(q, k, v, is_causal=is_causal)
+        ref = reference(q, k, v, segs, rates, is_causal=is_causal, mode=mode)
+        assert max_abs_error(out.numpy(), ref) <= tolerance("float64"), kernel
+        assert module.last_kernel is ran
+
+
+def test_attention_module_passes_softmax_scale(rng):
+    q, k, v = (randn(rng, 1, 12, 2, 4) for _ in range(3))
+    out = RingDilatedAttention((4, 12), (1, 2), softmax_scale=0.3)(q, k, v)
+    ref = reference(q, k, v, (4, 12), (1, 2), softmax_scale=0.3)
+    assert max_abs_error(out.numpy(), ref) <= tolerance("float64")
+
+
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Random biases and LayerNorm parameters, so the hand computation can tell them apart."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def by_hand(module, query, key, value, is_causal: bool) -> torch.Tensor:
+    """projections -> heads -> the NumPy definition -> LayerNorm -> out_proj, float64."""
+    if not module.batch_first:
+        query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+    b, n, e = query.shape
+
+    def proj(linear, x):
+        y = x @ linear.weight.detach().T
+        return y if linear.bias is None else y + linear.bias.detach()
+
+    q, k, v = (
+        proj(lin, x).reshape(b, n, module.num_heads, -1)
+        for lin, x in ((module.q_proj, query), (module.k_proj, key), (module.v_proj, value))
+    )
+    c = module.attention.config
+    out = reference(
+        q, k, v, c.segment_lengths, c.dilation_rates, is_causal=is_causal, mode=c.mode.value
+    )
+    out = torch.from_numpy(out).reshape(b, n, e)
+    norm = module.sub_layer_norm
+    if norm is not None:
+        mean, var = out.mean(-1, keepdim=True), out.var(-1, unbiased=False, keepdim=True)
+        out = (out - mean) / torch.sqrt(var + norm.eps) * norm.weight.detach() + norm.bias.detach()
+    out = proj(module.out_proj, out)
+    return out if module.batch_first else out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_multihead_matches_hand_computation(rng, batch_first, layer_norm, mode, is_causal):
+    module = RingMultiheadDilatedAttention(
+        24, 3, (6, 14), (2, 3), layer_norm=layer_norm, batch_first=batch_first, mode=mode,
+        gamma_init=0.7, dtype=torch.float64,
+    )  # fmt: skip
+    randomise(module, seed=5)
+    shape = (2, 21, 24) if batch_first else (21, 2, 24)
+    query, key, value = (randn(rng, *shape) for _ in range(3))
+    out, weights = module(query, key, value, is_causal=is_causal)
+    assert weights is None and out.shape == shape
+    expected = by_hand(module, query, key, value, is_causal)
+    assert max_abs_error(out.detach().numpy(), expected.numpy()) <= tolerance("float64")
+
+
+def test_magneto_sub_layer_norm_sits_before_out_proj(rng):
+    with_ln = RingMultiheadDilatedAttention(16, 2, (8,), (2,)).double()
+    without = RingMultiheadDilatedAttention(16, 2, (8,), (2,), layer_norm=False).double()
+    norms = [m for m in with_ln.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms == [with_ln.sub_layer_norm] and norms[0].normalized_shape == (16,)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in without.modules())
+    without.load_state_dict(with_ln.state_dict(), strict=False)  # same projections
+    seen = {}
+    with_ln.sub_layer_norm.register_forward_hook(lambda m, i, o: seen.update(ln=o))
+    with_ln.out_proj.register_forward_pre_hook(lambda m, i: seen.update(proj_in=i[0]))
+    x = randn(rng, 1, 16, 16)
+    a, _ = with_ln(x, x, x)
+    b, _ = without(x, x, x)
+    assert torch.equal(seen["proj_in"], seen["ln"])  # out_proj reads the normalised output
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_gamma_init_is_the_xavier_gain_of_v_and_out_projections():
+    stds, names = {}, ("q_proj", "k_proj", "v_proj", "out_proj")
+    for gamma in (0.5, 1.0):
+        torch.manual_seed(0)
+        module = RingMultiheadDilatedAttention(512, 8, (64,), (1,), gamma_init=gamma)
+        stds[gamma] = {n: getattr(module, n).weight.std().item() for n in names}
+        assert all(torch.all(getattr(module, n).bias == 0) for n in names)
+    xavier = (2 / (512 + 512)) ** 0.5  # xavier std at gain 1
+    for name in ("v_proj", "out_proj"):
+        assert stds[0.5][name] / stds[1.0][name] == pytest.approx(0.5, rel=0.1)
+        assert stds[1.0][name] == pytest.approx(xavier, rel=0.05)
+    for name in ("q_proj", "k_proj"):  # gain 1 whatever gamma_init is
+        assert stds[0.5][name] == pytest.approx(xavier, rel=0.05)
+
+
+def att(**kwargs):
+    return RingDilatedAttention((4,), (1,), **kwargs)
+
+
+def hybrid(**kwargs):
+    return RingDilatedAttentionHybrid((4,), (1,), **kwargs)
+
+
+def mha(**kwargs):
+    return RingMultiheadDilatedAttention(8, 2, (4,), (1,), **kwargs)
+
+
+def call_mha(module=None, shapes=((1, 8, 8),) * 3, **kwargs):
+    return (module or mha())(*(torch.randn(s) for s in shapes), **kwargs)
+
+
+def train_forward(module):
+    x = torch.randn(1, 8, 2, 4)
+    return module.train()(x, x, x)
+
+
+NO = NotImplementedError
+MASK = torch.zeros(1, 8, dtype=torch.bool)
+# (the argument the error names, the error, what raises it)
+REJECTED = [
+    ("key_padding_mask", NO, lambda: call_mha(key_padding_mask=MASK)),
+    ("attn_mask", NO, lambda: call_mha(attn_mask=MASK.expand(8, 8))),
+    ("need_weights", NO, lambda: call_mha(need_weights=True)),
+    ("dropout", NO, lambda: train_forward(att(dropout=0.1))),
+    ("dropout", NO, lambda: call_mha(mha(dropout=0.1))),
+    ("dropout", ValueError, lambda: att(dropout=1.5)),
+    ("enable_memory_pool", ValueError, lambda: hybrid(enable_memory_pool=True)),
+    (
+        "enable_memory_pool",
+        ValueError,
+        lambda: RingMultiheadDilatedAttentionHybrid(8, 2, (4,), (1,), enable_memory_pool=True),
+    ),
+    ("ring_size", ValueError, lambda: hybrid(ring_size=2)),  # no process group here
+    (
+        "ring_size",
+        ValueError,
+        lambda: RingMultiheadDilatedAttentionHybrid(8, 2, (4,), (1,), 0.0, ring_size=0),
+    ),
+    ("embed_dim", ValueError, lambda: RingMultiheadDilatedAttention(10, 3, (4,), (1,))),
+    (
+        "num_heads",
+        ValueError,
+        lambda: RingMultiheadDilatedAttention(8, 1, (4, 8), (1, 2), mode="grouped"),
+    ),
+    ("segment_lengths", ValueError, lambda: RingDilatedAttention((), ())),
+    ("dilation_rates", ValueError, lambda: RingDilatedAttention((4,), (0,))),
+    ("mode", ValueError, lambda: att(mode="dense")),
+    ("softmax_scale", ValueError, lambda: att(softmax_scale=float("nan"))),
+    ("kernel", ValueError, lambda: att(kernel="fast")),
+    ("kernel", ValueError, lambda: train_forward(att(kernel="flash"))),  # needs CUDA
+    ("group", ValueError, lambda: att(group="world")),
+    ("gamma_init", ValueError, lambda: mha(gamma_init=0.0)),
+    ("use_flash_attention", TypeError, lambda: hybrid(use_flash_attention="yes")),
+    ("device", ValueError, lambda: train_forward(hybrid(device="meta"))),
+    ("dtype", TypeError, lambda: train_forward(hybrid(dtype=torch.float64))),
+    ("query", ValueError, lambda: call_mha(shapes=((8, 8),) * 3)),
+    ("key", ValueError, lambda: call_mha(shapes=((1, 8, 8), (1, 4, 8), (1, 8, 8)))),
+    ("is_causal", TypeError, lambda: call_mha(is_causal=1)),
+]
+
+
+@pytest.mark.parametrize(("name", "error", "make"), REJECTED, ids=[r[0] for r in REJECTED])
+def test_rejected_arguments_raise_naming_the_argument(name, error, make):
+    with pytest.raises(error, match=rf"^{name}: "):
+        make()
+
+
+def test_dropout_is_the_identity_in_eval_mode(rng):
+    q, k, v = (randn(rng, 1, 12, 2, 4) for _ in range(3))
+    module = RingDilatedAttention((4, 12), (1, 2), dropout=0.3).eval()
+    assert torch.equal(module(q, k, v), RingDilatedAttention((4, 12), (1, 2))(q, k, v))
+
+
+SEED_ATTENTION = dict(
+    segment_lengths=[2048, 4096], dilation_rates=[1, 2], dropout=0.1, device=torch.device("cpu"),
+    dtype=torch.float32, ring_size=1, enable_memory_pool=True, use_flash_attention=True,
+)  # fmt: skip
+SEED_MULTIHEAD = dict(
+    embed_dim=768, num_heads=12, segment_lengths=[2048, 4096], dilation_rates=[1, 2],
+    layer_norm=True, gamma_init=0.5,
+)  # fmt: skip
+
+
+def test_seed_attention_example_runs(rng):
+    with pytest.raises(ValueError, match=r"^enable_memory_pool: "):
+        RingDilatedAttentionHybrid(**SEED_ATTENTION)
+    module = RingDilatedAttentionHybrid(**{**SEED_ATTENTION, "enable_memory_pool": False})
+    q, k, v = (randn(rng, 1, 512, 8, 64).float() for _ in range(3))  # the seed's shape
+    with pytest.raises(NotImplementedError, match=r"^dropout: "):
+        module(q, k, v, is_causal=True)  # training mode, dropout 0.1
+    out = module.eval()(q, k, v, is_causal=True)
+    ref = reference(q, k, v, [2048, 4096], [1, 2], is_causal=True)
+    assert max_abs_error(out.numpy(), ref) <= tolerance("float32")
+    assert module.last_kernel is Kernel.MATH  # on the CPU: flash kernels need CUDA
+
+
+def test_seed_multihead_example_runs(rng):
+    torch.manual_seed(1)
+    module = RingMultiheadDilatedAttentionHybrid(**SEED_MULTIHEAD).double()
+    x = randn(rng, 2, 64, 768)
+    out, weights = module(x, x, x, is_causal=True)
+    assert weights is None and out.shape == x.shape
+    expected = by_hand(module, x, x, x, is_causal=True)
+    assert max_abs_error(out.detach().numpy(), expected.numpy()) <= tolerance("float64")
+    math_only = RingMultiheadDilatedAttentionHybrid(**SEED_MULTIHEAD, use_flash_attention=False)
+    assert math_only.attention.kernel is Kernel.MATH and module.attention.kernel is None
+
+
+def test_gradients_flow_on_the_math_path(rng):
+    module = RingMultiheadDilatedAttention(
+        16, 4, (4, 12), (1, 3), kernel="math", dtype=torch.float64
+    )
+    randomise(module, seed=2)
+    x = randn(rng, 2, 12, 16).requires_grad_()
+    out, _ = module(x, x, x, is_causal=True)
+    out.square().sum().backward()
+    for name, p in [*module.named_parameters(), ("input", x)]:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, name
+
+
+@pytest.fixture
+def world_of_one():
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_group_path_in_a_world_of_one(rng, world_of_one):
+    q, k, v = (randn(rng, 1, 16, 2, 4) for _ in range(3))
+    ref = reference(q, k, v, (4, 16), (2, 4), is_causal=True)
+    for group in ("default", dist.group.WORLD):
+        module = RingDilatedAttention((4, 16), (2, 4), group=group)
+        assert max_abs_error(module(q, k, v, is_causal=True).numpy(), ref) <= 1e-10
+    assert RingDilatedAttentionHybrid((4,), (1,), ring_size=1).group is None
+    assert RingDilatedAttentionHybrid((4,), (1,), ring_size=1, group="default").group == "default"
+    with pytest.raises(
+        ValueError, match=r"^ring_size: must equal the process group's world size 1"
+    ):
+        RingDilatedAttentionHybrid((4,), (1,), ring_size=2)
+
+
+def two_rank_main(rank: int, port: int) -> None:
+    """One rank: the multihead module over the group on shards vs on the whole sequence."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(3)  # every rank draws the same, keeps its shard
+    for mode in MODES:
+        for is_causal in (False, True):
+            torch.manual_seed(4)
+            ring = RingMultiheadDilatedAttention(
+                24, 3, (8, 24), (1, 3), mode=mode, group="default", dtype=torch.float64
+            )
+            whole = RingMultiheadDilatedAttention(24, 3, (8, 24), (1, 3), mode=mode).double()
+            whole.load_state_dict(ring.state_dict())
+            x = torch.randn(2, 24, 24, generator=gen, dtype=torch.float64)
+            shard = x[:, rank * 12 : (rank + 1) * 12]  # segment [8, 16) crosses the shards
+            out, _ = ring(shard, shard, shard, is_causal=is_causal)
+            expected = whole(x, x, x, is_causal=is_causal)[0][:, rank * 12 : (rank + 1) * 12]
+            err = (out - expected).abs().max().item()
+            assert err <= 1e-10, f"rank {rank} mode={mode} causal={is_causal}: {err:.2e}"
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_multihead_over_two_gloo_processes_matches_one_device():
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    context = mp.spawn(two_rank_main, args=(port,), nprocs=2, join=False)
+    deadline = time.monotonic() + 90
+    while not context.join(timeout=1):  # raises with the rank's traceback if one fails
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("two gloo ranks did not finish within 90 s")
