@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS := test,mpi,docs,torch
 
-.PHONY: setup demo test lint unit clean
+.PHONY: setup demo test lint unit docs clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ unit: setup
 	$(BIN)/python -m pytest -q
 
 test: lint unit
+
+# The site (docs/), tutorials executed, warnings as errors; tests/test_docs.py builds it too.
+docs: setup
+	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--step", action="store_true", help="pause after each step (only when stdin is a terminal)"
     )
     trace.set_defaults(prepare=config_case, func=_run_trace)
+    from ringsim.cli_plot import add_plot_parser
+
+    add_plot_parser(sub)
     return parser
 
 

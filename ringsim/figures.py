@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ringsim.config import make_config, segment_bounds
-from ringsim.trace import Trace, TraceAction
+from ringsim.trace import Trace
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-#: Colours shared by every figure: what a rank does with a block, and sent/received bytes.
+#: Colours shared by every figure, for what a rank does with a block and for bytes.
 COLOURS = {
     "full": "#4c72b0",  # every query attends every key
     "masked": "#dd8452",  # causal or masked: some (query, key) pairs are masked out
@@ -32,6 +32,7 @@ COLOURS = {
     "peak": "#c44e52",
 }
 MASK_COLOURS = ("#ffffff", "#4c72b0", "#1b2a49")  # keys chosen 0, 1, 2+ times
+SEGMENT_COLOUR = "#e377c2"
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -74,6 +75,8 @@ def mask_figure(
     (default: all ``num_heads``).
     """
     from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     from ringsim.reference import pattern_mask  # the definition's own masks
 
@@ -85,7 +88,9 @@ def mask_figure(
     figure = new_figure(1.9 * (k + 1) + 0.4, 1.9 * len(heads) + 0.6)
     axes = figure.subplots(len(heads), k + 1, squeeze=False)
     causal = ", causal" if is_causal else ""
-    figure.suptitle(f"Masks, n={seq_len}, {mode} mode{causal}: query x (rows) may attend key y")
+    figure.suptitle(
+        f"Masks, n={seq_len}, {mode} mode{causal}\nquery x (rows) may attend key y (columns)"
+    )
     used = {(h, g.pair): g.pattern for g in config.pattern_groups(num_heads) for h in g.heads}
     for row, head in enumerate(heads):
         total = np.zeros((seq_len, seq_len), dtype=int)
@@ -110,6 +115,12 @@ def mask_figure(
         axes[row, 0].set_ylabel("query x")
     for ax in axes[-1]:
         ax.set_xlabel("key y")
+    handles = [
+        Patch(facecolor=MASK_COLOURS[1], label="x may attend y"),
+        Patch(facecolor=MASK_COLOURS[2], label="chosen by two patterns (counts twice)"),
+        Line2D([], [], color=SEGMENT_COLOUR, lw=1, label="segment boundary"),
+    ]
+    figure.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8)
     return figure
 
 
@@ -121,8 +132,8 @@ def _draw_mask(ax, values: np.ndarray, cmap, norm, segment_length: int | None, n
         spine.set_color("#888888")
     if segment_length is not None:  # segment boundaries (not at the edges)
         for start, _ in segment_bounds(segment_length, n)[1:]:
-            ax.axhline(start - 0.5, color="#e377c2", lw=0.8)
-            ax.axvline(start - 0.5, color="#e377c2", lw=0.8)
+            ax.axhline(start - 0.5, color=SEGMENT_COLOUR, lw=0.8)
+            ax.axvline(start - 0.5, color=SEGMENT_COLOUR, lw=0.8)
     if n <= 48:  # thin white lines between cells, so neighbouring cells stay apart
         ax.set_xticks(np.arange(-0.5, n), minor=True)
         ax.set_yticks(np.arange(-0.5, n), minor=True)
@@ -203,14 +214,6 @@ def scaling_figure(
 # --- the space-time diagram of a trace ----------------------------------------------------
 
 
-def block_kind(detail: str) -> str:
-    """``'full'``, ``'masked'`` or ``'skip'`` from an event's per-group block actions."""
-    actions = set(detail.split(","))
-    if actions & {"causal", "masked"}:
-        return "masked"
-    return "full" if "full" in actions else "skip"
-
-
 def trace_figure(trace: Trace, *, title: str | None = None) -> Figure:
     """Ranks (rows) by steps (columns): the blocks each rank holds, and the messages.
 
@@ -218,97 +221,9 @@ def trace_figure(trace: Trace, *, title: str | None = None) -> Figure:
     K/V block of pair 1, coloured by what the rank's queries need from it (every key,
     causal/masked, or nothing: skipped, grey). An arrow is one message: it leaves the box
     of the block a rank sends during step t-1 and points at the box of the same block on
-    the receiving rank at step t, labelled with its payload bytes.
+    the receiving rank at step t, labelled with its payload bytes. Drawn by
+    :func:`ringsim.figures_trace.draw_trace`.
     """
-    from matplotlib.patches import Patch, Rectangle
+    from ringsim.figures_trace import draw_trace
 
-    steps, world = max(trace.num_steps, 1), trace.world_size
-    figure = new_figure(2.2 * steps + 1.6, 1.0 * world + 1.8)
-    ax = figure.subplots()
-    left, right = 0.08, 0.58  # the boxes' share of a step's width
-    boxes: dict[tuple[int, int, int | None], float] = {}  # (step, rank, sub-ring) -> y
-    for e in trace.events:
-        if e.action not in (TraceAction.COMPUTE, TraceAction.SKIP):
-            continue
-        cell = [
-            b
-            for b in trace.events
-            if (b.step, b.rank) == (e.step, e.rank)
-            and b.action in (TraceAction.COMPUTE, TraceAction.SKIP)
-        ]
-        height = 0.8 / len(cell)
-        y = e.rank - 0.4 + cell.index(e) * height
-        boxes[(e.step, e.rank, e.subring)] = y + height / 2
-        kind = "skip" if e.action is TraceAction.SKIP else block_kind(e.detail)
-        ax.add_patch(
-            Rectangle(
-                (e.step + left, y + 0.02),
-                right - left,
-                height - 0.04,
-                facecolor=COLOURS[kind],
-                edgecolor="#555555",
-                lw=0.6,
-            )
-        )
-        ax.text(
-            e.step + (left + right) / 2,
-            y + height / 2,
-            f"B{e.source_rank} p{e.pair}" + (" skip" if kind == "skip" else ""),
-            ha="center",
-            va="center",
-            fontsize=min(8.0, 20 * height),
-            color="#333333" if kind == "skip" else "white",
-        )
-    for e in trace.select(TraceAction.SEND):  # sent during step e.step - 1, used at e.step
-        start = (e.step - 1 + right, boxes.get((e.step - 1, e.rank, e.subring), e.rank))
-        end = (e.step + left, boxes.get((e.step, e.peer, e.subring), e.peer))
-        up = end[1] < start[1]  # rank 0 is on top: towards a lower rank (the wrap-around)
-        ax.annotate(
-            "",
-            xy=end,
-            xytext=start,
-            arrowprops=dict(
-                arrowstyle="-|>",
-                color="#222222",
-                lw=0.9,
-                shrinkA=0,
-                shrinkB=0,
-                connectionstyle=f"arc3,rad={-0.15 if up else 0.0}",
-            ),
-        )
-        ax.text(  # on the side of the start away from the arrow
-            start[0] + 0.03,
-            start[1] + (0.04 if up else -0.04),
-            f"{e.nbytes} B",
-            fontsize=7,
-            ha="left",
-            va="top" if up else "bottom",
-        )
-    ax.set_xlim(-0.05, steps - 0.3)
-    ax.set_ylim(world - 0.45, -0.55)  # rank 0 on top
-    ax.set_xticks([s + (left + right) / 2 for s in range(steps)])
-    ax.set_xticklabels([f"step {s}" for s in range(steps)])
-    ax.set_yticks(range(world))
-    ax.set_yticklabels([f"rank {r}" for r in range(world)])
-    ax.tick_params(length=0)
-    for rank in range(world - 1):
-        ax.axhline(rank + 0.5, color="#dddddd", lw=0.8, zorder=0)
-    ax.set_xlabel(
-        "box Bj pi: rank j's K/V block of pair i at that step; "
-        "arrow: a message, with its payload bytes",
-        fontsize=8,
-    )
-    handles = [
-        Patch(facecolor=COLOURS[k], edgecolor="#555555", label=text)
-        for k, text in (
-            ("full", "attends every key"),
-            ("masked", "causal / masked"),
-            ("skip", "skipped (nothing attended)"),
-        )
-    ]
-    figure.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8)
-    total = sum(trace.sent_bytes(r) for r in range(world))
-    figure.suptitle(
-        title or f"Ring trace: {world} ranks, {steps} steps, {total} payload bytes sent"
-    )
-    return figure
+    return draw_trace(trace, title=title)
