@@ -10,8 +10,8 @@ import numpy as np
 #: Keyed by dtype name; the same numbers hold for out and lse, and for every world size.
 TOLERANCES: dict[str, float] = {"float64": 1e-10, "float32": 2e-5}
 
-#: For bf16/fp16 (SPEC 9), the error may be at most this multiple of the error of the plain dense-mask formula
-#: evaluated in that dtype on the same inputs, plus LOW_PRECISION_SLACK.
+#: For bf16/fp16 (SPEC 9), the error may be at most this multiple of the error of the plain
+#: dense-mask formula evaluated in that dtype on the same inputs, plus LOW_PRECISION_SLACK.
 LOW_PRECISION_FACTORS: dict[str, float] = {"out": 2.0, "grad": 3.0}
 LOW_PRECISION_SLACK = 1e-6
 
