@@ -1,0 +1,305 @@
+"""Forward time of :func:`ringsim.gpu.dilated_attention` on one GPU, against what it replaces.
+
+    python -m ringsim.gpu.bench [--smoke] [--lengths 32768,65536] [--out DIR] [--budget S]
+        [--no-flex] [--no-naive] [--no-dense] [--dense-max N] [--kernel K]
+
+Problem: b=1, h=16, d=128, bf16, segment_lengths (2048, 4096, 8192, 16384, 32768),
+dilation_rates (1, 2, 4, 8, 16), longnet, causal and not, n = 32K .. 1M. Rows per (n, causal):
+
+- ours: ``dilated_attention`` with the kernel :func:`~ringsim.gpu.kernels.choose_kernel`
+  picks (recorded), its peak memory (``max_memory_allocated`` after a reset, less what was
+  allocated before the call; the inputs' size is printed once per length);
+- pre-gathered: the same kernel calls on blocks gathered beforehand: ours / pre-gathered
+  throughput is the share of time spent in the kernel (target >= 0.8);
+- dense: the same kernel on full ``n x n`` attention, up to ``--dense-max`` (262144);
+- naive and flex: see :mod:`ringsim.gpu.bench_baselines`; their output is compared with
+  ours (max abs difference) so that every row computes the same function.
+
+TFLOP/s count useful FLOPs: ``4 d`` per selected (query, key) pair, causal pairs exactly
+(:func:`~ringsim.gpu.bench_baselines.useful_flops`); the dense row counts its own ``n^2``.
+Times are medians over CUDA events after a warm-up call (which also compiles FlexAttention);
+the number of repetitions follows ``--budget`` seconds per row, at least 3 (own loop rather
+than ``triton.testing.do_bench``, to bound the total time at 1M tokens). Only the
+comparison rows (dense, naive, flex) may end as OOM; ours never is skipped.
+Writes ``bench.json`` and ``bench.md`` (``bench_smoke.*`` with ``--smoke``) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ringsim.config import make_config
+
+from . import bench_baselines as baselines
+from .check_support import environment, format_table, markdown_table, max_abs_err
+from .dilated import dilated_attention
+from .kernels import Kernel, capability, choose_kernel
+
+LENGTHS = (32768, 65536, 131072, 262144, 524288, 1048576)
+SEGMENTS, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16)
+SMOKE = dict(lengths=(256,), segments=(32, 64, 128, 256), rates=(1, 2, 4, 8), h=4, d=16)
+
+
+@dataclass
+class Result:
+    """One row of the table; ``ms`` is None for a row that did not run (``status`` says why)."""
+
+    n: int
+    causal: bool
+    row: str
+    kernel: str
+    status: str = "ok"
+    ms: float | None = None
+    reps: int = 0
+    flops: int = 0
+    peak_gib: float | None = None
+    diff: float | None = None  # max |out - ours|
+    ratio: float | None = None  # time of this row / time of ours; on ours: pre / ours
+
+    @property
+    def tflops(self) -> float | None:
+        return None if self.ms is None else self.flops / self.ms / 1e9
+
+    def cells(self) -> list[str]:
+        def fmt(x, spec):
+            return "-" if x is None else format(x, spec)
+
+        return [
+            str(self.n),
+            "causal" if self.causal else "full",
+            self.row,
+            self.kernel,
+            fmt(self.ms, ".2f"),
+            fmt(self.tflops, ".1f"),
+            fmt(self.ratio, ".2f"),
+            fmt(self.peak_gib, ".2f"),
+            fmt(self.diff, ".1e"),
+            self.status,
+        ]
+
+
+HEADER = ["n", "mask", "row", "kernel", "ms", "TFLOP/s", "ratio", "peak GiB", "max Δ", "status"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def first_call(fn: Callable, device: torch.device):
+    """Run ``fn`` once (warm-up, compile); returns its result and the peak memory (GiB) the
+    call allocated beyond what was allocated before it (None on the CPU)."""
+    if device.type != "cuda":
+        return fn(), None
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    sync(device)
+    return result, (torch.cuda.max_memory_allocated(device) - before) / 2**30
+
+
+def median_ms(fn: Callable, device: torch.device, budget_s: float) -> tuple[float, int]:
+    """Median time of ``fn()`` in ms over ``budget_s / (one call)`` repetitions (3 to 50; 1
+    with a zero budget), timed with CUDA events (host clock on the CPU); ``fn`` must be warm."""
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    least = 3 if budget_s > 0 else 1
+    reps = max(least, min(50, int(budget_s / max(time.perf_counter() - start, 1e-6))))
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times), reps
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    for _ in range(reps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        events.append((begin, end))
+    sync(device)
+    return statistics.median(b.elapsed_time(e) for b, e in events), reps
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(result: Result, fn: Callable, device, budget_s: float, ours=None, keep=False):
+    """Run ``fn`` once (compared with ``ours`` when both give an output), then time it.
+    Returns the output if ``keep``."""
+    out, result.peak_gib = first_call(fn, device)
+    if out is not None and ours is not None:
+        result.diff = max_abs_err(out, ours)
+    if not keep:
+        out = None
+    result.ms, result.reps = median_ms(fn, device, budget_s)
+    return out
+
+
+def optional(result: Result, build: Callable, device, budget_s: float, ours) -> None:
+    """A comparison row: running out of device memory is recorded as OOM, not raised."""
+    try:
+        measure(result, build(), device, budget_s, ours)
+    except torch.cuda.OutOfMemoryError:
+        result.status = "OOM"
+    finally:
+        free(device)
+
+
+def comparisons(args, kernel: Kernel, flex_why: str | None) -> list[tuple[str, str, object, str]]:
+    """``(row, kernel, builder(q, k, v, config), why skipped or "")`` of the comparison rows."""
+    compiled = flex_why is None
+    flex_skip = "--no-flex" if args.no_flex else "" if compiled or args.smoke else flex_why
+    return [
+        ("dense", kernel.value, lambda q, k, v, c: baselines.dense(q, k, v, c, kernel),
+         "--no-dense" if args.no_dense else ""),
+        ("naive", kernel.value, lambda q, k, v, c: baselines.naive(q, k, v, c, kernel),
+         "--no-naive" if args.no_naive else ""),
+        ("flex" if compiled else "flex-eager", "flex",
+         lambda q, k, v, c: baselines.flex(q, k, v, c, compiled), flex_skip),
+    ]  # fmt: skip
+
+
+def bench_length(n: int, args, problem: dict, device: torch.device, emit) -> None:
+    """Every row for one length, causal and not, on one set of random inputs."""
+    b, h, d, segs, rates = 1, problem["h"], problem["d"], problem["segments"], problem["rates"]
+    gen = torch.Generator(device=device).manual_seed(n)
+    shape, dtype = (b, n, h, d), problem["dtype"]
+    q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(3))
+    kernel = choose_kernel(q, args.kernel)
+    print(
+        f"n={n}: inputs q, k, v {3 * q.nbytes / 2**30:.2f} GiB, kernel {kernel.value}", flush=True
+    )
+    rows = comparisons(args, kernel, capability(Kernel.FLEX, q))
+    for causal in (False, True):
+        config = make_config(segs, rates, is_causal=causal)
+        flops = baselines.useful_flops(config, b, n, h, d)
+
+        def ours_fn(causal=causal):
+            return dilated_attention(q, k, v, segs, rates, is_causal=causal, kernel=kernel)
+
+        ours = Result(n, causal, "ours", kernel.value, flops=flops)
+        ours_out = measure(ours, ours_fn, device, args.budget, keep=True)
+        pre = Result(n, causal, "pre-gathered", kernel.value, flops=flops)
+        measure(pre, baselines.pregathered(q, k, v, config, kernel), device, args.budget)
+        free(device)
+        ours.ratio = pre.ms / ours.ms
+        ours.status = f"ours/pre {ours.ratio:.2f} (target >= 0.8)"
+        emit(ours)
+        emit(pre)
+        for name, kname, builder, why in rows:
+            result = Result(n, causal, name, kname)
+            if name == "dense" and not why and n > args.dense_max:
+                why = f"n > --dense-max {args.dense_max}"
+            if why:
+                result.status = f"skipped: {why}"
+            else:
+                result.flops = (
+                    baselines.dense_flops(b, n, h, d, causal) if name == "dense" else flops
+                )
+                compare = None if name == "dense" else ours_out
+                optional(
+                    result, lambda c=config, f=builder: f(q, k, v, c), device, args.budget, compare
+                )
+                result.ratio = None if result.ms is None else result.ms / ours.ms
+            emit(result)
+        del ours_out
+        free(device)
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    title = __doc__.partition("\n")[0]
+    parser = argparse.ArgumentParser("python -m ringsim.gpu.bench", description=title)
+    parser.add_argument("--smoke", action="store_true", help="tiny, on the CPU: tests the script")
+    parser.add_argument("--lengths", help="comma-separated n (default 32768,...,1048576)")
+    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="output folder")
+    parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention row")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive row")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    parser.add_argument("--dense-max", type=int, default=262144, help="longest dense row")
+    parser.add_argument("--budget", type=float, help="seconds of timing per row (0.5; smoke 0)")
+    parser.add_argument("--kernel", choices=[k.value for k in Kernel], help="default: auto")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("ringsim.gpu.bench: no CUDA device; run with --smoke on a CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if args.budget is None:
+        args.budget = 0.0 if args.smoke else 0.5
+    problem = dict(h=16, d=128, segments=SEGMENTS, rates=RATES, lengths=LENGTHS)
+    problem.update(SMOKE if args.smoke else {})
+    if args.lengths:
+        problem["lengths"] = tuple(int(x) for x in args.lengths.split(","))
+    problem["dtype"] = torch.float32 if args.smoke else torch.bfloat16
+    env = environment(device)
+    print(f"ringsim.gpu.bench on {env['device']}, torch {env['torch']}, CUDA {env['cuda']}")
+    print(f"problem: b=1 {problem} longnet", flush=True)
+    results: list[Result] = []
+
+    def emit(result: Result) -> Result:
+        results.append(result)
+        print("  " + "  ".join(result.cells()), flush=True)
+        return result
+
+    start, paths = time.perf_counter(), []
+    for n in problem["lengths"]:
+        bench_length(n, args, problem, device, emit)
+        free(device)
+        paths = write(args, env, problem, results, time.perf_counter() - start)  # after each n
+    print(f"\n{format_table(HEADER, [r.cells() for r in results])}\n\n" + "\n".join(NOTES))
+    print(f"\nwrote {' and '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def write(args, env: dict, problem: dict, results: list[Result], seconds: float) -> list[Path]:
+    """``bench.json`` and ``bench.md`` (``bench_smoke.*``) under ``args.out``."""
+    suffix = "_smoke" if args.smoke else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    problem = dict(problem, dtype=str(problem["dtype"]).removeprefix("torch."))
+    rows = [dict(asdict(r), tflops=r.tflops) for r in results]
+    report = dict(env, problem=problem, seconds=round(seconds, 1), rows=rows, notes=NOTES)
+    paths = [args.out / f"bench{suffix}.json", args.out / f"bench{suffix}.md"]
+    paths[0].write_text(json.dumps(report, indent=1))
+    md = [f"# ringsim.gpu.bench{suffix}", "", f"{env['device']}, torch {env['torch']}, "
+          f"CUDA {env['cuda']}, {env['date']}; b=1 {problem}, longnet.", "",
+          markdown_table(HEADER, [r.cells() for r in results]), "", *NOTES]  # fmt: skip
+    paths[1].write_text("\n".join(md) + "\n")
+    return paths
+
+
+NOTES = [
+    "- TFLOP/s: useful FLOPs (4 d per selected query-key pair, causal exact) over the median "
+    "time; the dense row counts its own n^2 pairs.",
+    "- ratio: on ours, pre-gathered time / ours time (kernel share, target >= 0.8); on other "
+    "rows, their time / ours time (above 1: ours is faster).",
+    "- peak GiB: max_memory_allocated during one call (after a reset) minus what was allocated "
+    "before it: the inputs, ours' output kept for comparison and data prepared outside the "
+    "timed region (pre-gathered blocks, transposes, block masks) are not counted.",
+    "- max Δ: max abs difference of the row's output from ours (same function, bf16).",
+    "- naive: torchscale-style slicing, one kernel call per offset, softmax-of-lse mixing; "
+    "flex: one FlexAttention call per pair with a dilated block mask (see bench_baselines).",
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
