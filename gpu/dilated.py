@@ -1,9 +1,11 @@
 """Dilated attention on one device, in torch (SPEC 2-4, 6).
 
-For each pair ``(w_i, r_i)``, :func:`ringsim.batches.row_batches` groups the selected rows of
-all its heads into as few kernel calls as possible: heads whose offsets select equally many
-rows per segment share one call, segments become the batch. An aligned configuration costs
-one gather, one kernel call and one merge per pair; a ragged last segment one more call.
+An aligned pair (``w'`` divides n, r divides ``w'``) runs each pattern group on strided
+views of q, k, v and of the accumulators (:mod:`ringsim.gpu.strided`): no copies at all.
+Otherwise :func:`ringsim.batches.row_batches` groups the selected rows of all the pair's
+heads into as few kernel calls as possible: heads whose offsets select equally many rows
+per segment share one call, segments become the batch, and a ragged last segment costs
+one more call.
 Rows are selected by global positions, so ragged segments, r > w and r not dividing w are
 exact (no mask is needed: every block is FULL or the square CAUSAL diagonal).
 
@@ -22,6 +24,7 @@ from ringsim.plan import pair_groups
 
 from .kernels import Kernel, attend, choose_kernel
 from .merge import accumulator_dtype, merge_into
+from .strided import attend_strided, is_strided
 
 
 def check_tensor(q) -> None:
@@ -45,7 +48,7 @@ def attend_batch(
     kernel: Kernel,
     offset: int = 0,
 ) -> None:
-    """Attend one row batch and merge it into ``out (b, n, h, d)``, ``lse (b, h, n)``.
+    """Attend one row batch and merge it into ``out (b, n, h, d)``, ``lse (b, n, h)``.
 
     ``offset`` is the global position of row 0 of q/k/v/out (a rank's shard start). One
     gather per input lands in ``(b, segments, m, H, d)``; its ``(b*segments, H, m, d)``
@@ -112,19 +115,16 @@ def dilated_attention(
     chosen = choose_kernel(q, kernel)
     acc = accumulator_dtype(q.dtype)
     out = torch.zeros(b, n, h, d, dtype=acc, device=q.device)
-    lse = torch.full((b, h, n), -torch.inf, dtype=acc, device=q.device)
+    lse = torch.full((b, n, h), -torch.inf, dtype=acc, device=q.device)  # rows, then heads
+    touched: set[int] = set()  # heads some earlier pair already wrote
+    common = dict(causal=config.is_causal, scale=config.scale(d), kernel=chosen)
     for groups in pair_groups(config, h):
-        for batch in row_batches(groups, n):
-            attend_batch(
-                q,
-                k,
-                v,
-                out,
-                lse,
-                batch,
-                causal=config.is_causal,
-                scale=config.scale(d),
-                kernel=chosen,
-            )
+        if all(is_strided(g, n) for g in groups):  # aligned: views, no copies
+            for g in groups:
+                attend_strided(q, k, v, out, lse, g, fresh=touched.isdisjoint(g.heads), **common)
+        else:  # ragged: gather the selected rows, one call per row batch
+            for batch in row_batches(groups, n):
+                attend_batch(q, k, v, out, lse, batch, **common)
+        touched.update(h_ for g in groups for h_ in g.heads)
     out = out.to(q.dtype)
-    return (out, lse) if return_lse else out
+    return (out, lse.transpose(1, 2)) if return_lse else out

@@ -11,6 +11,7 @@ and head_dim: never by catching a kernel's exception (PITFALLS 11). Callers reco
 kernel that ran.
 
 Kernel quirks normalised here:
+
 - flash / cuDNN / efficient are PyTorch's SDPA aten ops that return the logsumexp;
   the efficient kernel pads lse to a multiple of 32 rows (sliced off), cuDNN returns
   ``(B, H, M, 1)`` (squeezed).

@@ -234,8 +234,10 @@ class RingDilatedAttention(nn.Module):
 class RingDilatedAttentionHybrid(RingDilatedAttention):
     """The seed's ``RingDilatedAttentionHybrid``: its arguments on :class:`RingDilatedAttention`.
 
-    Args (``dropout`` may be positional, the rest are keyword-only, because the seed's
-    versions ordered them differently):
+    ``dropout`` may be positional; the rest are keyword-only, because the seed's versions
+    ordered them differently.
+
+    Args:
         segment_lengths, dilation_rates, dropout, mode, softmax_scale, group: as
             :class:`RingDilatedAttention`.
         device, dtype: the device and dtype the inputs must have (the module has no

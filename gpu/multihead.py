@@ -213,10 +213,13 @@ class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
     """The seed's ``RingMultiheadDilatedAttentionHybrid``: its arguments on
     :class:`RingMultiheadDilatedAttention`.
 
-    Args (``dropout`` may be positional, the rest are keyword-only, because the seed's
-    versions ordered them differently):
-        embed_dim, num_heads, segment_lengths, dilation_rates, dropout, bias, layer_norm,
-            gamma_init, batch_first, mode, softmax_scale, group: as
+    ``dropout`` may be positional; the rest are keyword-only, because the seed's versions
+    ordered them differently.
+
+    Args:
+        embed_dim, num_heads, segment_lengths, dilation_rates, dropout: as
+            :class:`RingMultiheadDilatedAttention`.
+        bias, layer_norm, gamma_init, batch_first, mode, softmax_scale, group: as
             :class:`RingMultiheadDilatedAttention`.
         device, dtype: of the parameters.
         ring_size, use_flash_attention, enable_memory_pool: as

@@ -33,7 +33,7 @@ class TorchParts:
     k: torch.Tensor
     v: torch.Tensor
     out: torch.Tensor  # (b, c, h, d) accumulator
-    lse: torch.Tensor  # (b, h, c) accumulator
+    lse: torch.Tensor  # (b, c, h) accumulator
     plan: RankPlan
     scale: float
     kernel: Kernel
@@ -150,9 +150,9 @@ def ring_dilated_attention(
     plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank)
     acc = accumulator_dtype(q.dtype)
     out = torch.zeros(b, c, h, d, dtype=acc, device=q.device)
-    lse = torch.full((b, h, c), -torch.inf, dtype=acc, device=q.device)
+    lse = torch.full((b, c, h), -torch.inf, dtype=acc, device=q.device)  # rows, then heads
     trace.hold("q, k, v, out, lse", sum(x.nbytes for x in (q, k, v, out, lse)))
     parts = TorchParts(q, k, v, out, lse, plan, config.scale(d), chosen)
     run_ring(comm, plan, parts, trace, q.element_size())
     out = out.to(q.dtype)
-    return (out, lse) if return_lse else out
+    return (out, lse.transpose(1, 2)) if return_lse else out

@@ -172,3 +172,37 @@ def test_bad_input(args, error, match):
         kwargs["k"] = kwargs["v"] = kwargs["q"]
     with pytest.raises(error, match=match):
         dilated_attention(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ["longnet", "grouped"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_aligned_configurations_take_the_strided_path(mode, causal):
+    from ringsim.gpu.strided import is_strided
+
+    config = make_config((8, 16, 32), (1, 2, 4), is_causal=causal, mode=mode)
+    assert all(is_strided(g, 32) for g in config.pattern_groups(8))
+    rng = np.random.default_rng(9)
+    q, k, v = (rng.standard_normal((2, 32, 8, 4)) for _ in range(3))
+    out, lse = dilated_attention(
+        *(torch.from_numpy(x) for x in (q, k, v)),
+        (8, 16, 32),
+        (1, 2, 4),
+        is_causal=causal,
+        mode=mode,
+        return_lse=True,
+    )
+    ref_out, ref_lse = dense_dilated_attention(
+        q, k, v, (8, 16, 32), (1, 2, 4), is_causal=causal, mode=mode
+    )
+    assert max_abs_error(out.numpy(), ref_out) <= tolerance("float64")
+    assert max_abs_error(lse.numpy(), ref_lse) <= tolerance("float64")
+
+
+def test_heads_that_do_not_step_by_r_are_not_strided():
+    from ringsim.config import Pattern, PatternGroup
+    from ringsim.gpu.strided import heads_slice, is_strided
+
+    assert heads_slice((1, 3, 5), 2) == slice(1, 6, 2)
+    assert heads_slice((1, 2, 5), 2) is None
+    assert not is_strided(PatternGroup(0, Pattern(8, 2, 0), (0, 3)), 32)
+    assert not is_strided(PatternGroup(0, Pattern(10, 2, 0), (0, 2)), 32)  # 10 does not divide 32
