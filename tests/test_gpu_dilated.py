@@ -206,3 +206,23 @@ def test_heads_that_do_not_step_by_r_are_not_strided():
     assert heads_slice((1, 2, 5), 2) is None
     assert not is_strided(PatternGroup(0, Pattern(8, 2, 0), (0, 3)), 32)
     assert not is_strided(PatternGroup(0, Pattern(10, 2, 0), (0, 2)), 32)  # 10 does not divide 32
+
+
+@pytest.mark.parametrize("segments", [(8, 16, 32), (10, 16, 32)])  # covered, not covered
+def test_unfilled_accumulators_are_fully_written(monkeypatch, segments):
+    """With a first pair of r = 1 over every head the accumulators start unfilled: poison
+    them with NaN to show every element is written before it is read."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((1, 32, 4, 4)) for _ in range(3))
+    out, lse = dilated_attention(
+        *(torch.from_numpy(x) for x in (q, k, v)),
+        segments,
+        (1, 2, 4),
+        is_causal=True,
+        return_lse=True,
+    )
+    ref_out, ref_lse = dense_dilated_attention(q, k, v, segments, (1, 2, 4), is_causal=True)
+    assert max_abs_error(out.numpy(), ref_out) <= tolerance("float64")
+    assert max_abs_error(lse.numpy(), ref_lse) <= tolerance("float64")
