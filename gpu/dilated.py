@@ -35,6 +35,30 @@ def check_tensor(q) -> None:
         raise TypeError(f"q: dtype must be floating point, got {q.dtype}")
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def check_gradients(q, k, v, kernel: Kernel, mixes: bool, reason: str = "") -> None:
+    """Refuse a backward pass that would be silently wrong (PITFALLS 14).
+
+    The fused kernels return an lse that autograd does not differentiate, so where results
+    are merged by their lse (``mixes``: patterns mixed, or ring steps merged) only the math
+    kernel gives exact gradients today; ``reason`` names any other obstacle. Exact
+    gradients through every kernel are the backward issue's work.
+    """
+    if not needs_grad(q, k, v):
+        return
+    if reason:
+        raise NotImplementedError(f"gradients: {reason}; run under torch.no_grad()")
+    if mixes and kernel is not Kernel.MATH:
+        raise NotImplementedError(
+            f"kernel: gradients through the {kernel.value} kernel's lse are not implemented "
+            "yet, and this configuration mixes results by their lse; use kernel='math' to "
+            "train, or run under torch.no_grad()"
+        )
+
+
 def attend_batch(
     q,
     k,
@@ -113,6 +137,7 @@ def dilated_attention(
     check_tensor(q)
     b, n, h, d = q.shape
     chosen = choose_kernel(q, kernel)
+    check_gradients(q, k, v, chosen, mixes=any(len(p) > 1 for p in config.head_patterns(h)))
     acc = accumulator_dtype(q.dtype)
     pairs = pair_groups(config, h)
     # a first pair with r = 1 over every head writes every row and head on first touch:

@@ -7,8 +7,6 @@ explicitly so an empty row never becomes NaN, and NaN inputs still propagate (SP
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
@@ -52,23 +50,6 @@ def merge_(
     weight, new_lse = _weight_and_lse(lse, block_lse.to(lse.dtype))
     out.lerp_(block_out.to(out.dtype), weight[..., None].to(out.dtype))
     lse.copy_(new_lse)
-
-
-@functools.cache
-def _fused_merge():
-    return torch.compile(merge_, dynamic=True, fullgraph=True)
-
-
-def fused_merge_(
-    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
-) -> None:
-    """:func:`merge_`, compiled by inductor into one kernel on CUDA.
-
-    Eager, :func:`merge_` reads and writes ``out`` in three passes (the cast of
-    ``block_out``, the weights, ``lerp_``); fused it is one. On other devices it runs eager
-    (inductor's CPU path needs a C++ toolchain at run time and gains little there).
-    """
-    (_fused_merge() if out.is_cuda else merge_)(out, lse, block_out, block_lse)
 
 
 def merge_into(

@@ -20,7 +20,7 @@ from ringsim.plan import BlockAction, RankPlan, Task, Transfer, rank_plan
 from ringsim.ringloop import run_ring
 from ringsim.trace import RankTrace
 
-from .dilated import check_tensor
+from .dilated import check_gradients, check_tensor
 from .kernels import Kernel, attend, choose_kernel, math_attention
 from .merge import accumulator_dtype, merge_into
 
@@ -147,6 +147,21 @@ def ring_dilated_attention(
         check_array=check_tensor,
     )
     chosen = choose_kernel(q, kernel)
+    from .comm import TorchDistCommunicator
+
+    graphless = isinstance(comm, TorchDistCommunicator)
+    check_gradients(
+        q,
+        k,
+        v,
+        chosen,
+        mixes=True,
+        reason="messages over torch.distributed "
+        "carry no autograd graph, so k and v would get no gradient from other "
+        "ranks"
+        if graphless
+        else "",
+    )
     plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank)
     acc = accumulator_dtype(q.dtype)
     out = torch.zeros(b, c, h, d, dtype=acc, device=q.device)

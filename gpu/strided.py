@@ -15,7 +15,7 @@ import torch
 from ringsim.config import PatternGroup
 
 from .kernels import Kernel, attend
-from .merge import fused_merge_
+from .merge import merge_
 
 
 def heads_slice(heads: tuple[int, ...], step: int) -> slice | None:
@@ -74,4 +74,4 @@ def attend_strided(
         out_view.copy_(block_out)
         lse_view.copy_(block_lse)
     else:
-        fused_merge_(out_view, lse_view, block_out, block_lse)
+        merge_(out_view, lse_view, block_out, block_lse)

@@ -226,3 +226,17 @@ def test_unfilled_accumulators_are_fully_written(monkeypatch, segments):
     ref_out, ref_lse = dense_dilated_attention(q, k, v, segments, (1, 2, 4), is_causal=True)
     assert max_abs_error(out.numpy(), ref_out) <= tolerance("float64")
     assert max_abs_error(lse.numpy(), ref_lse) <= tolerance("float64")
+
+
+def test_gradients_that_would_be_wrong_are_refused():
+    """PITFALLS 14: the fused kernels' lse has no gradient, so mixing patterns through it
+    would give a silently wrong backward: it is refused; the math path is exact."""
+    q, k, v = (torch.randn(1, 16, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    with pytest.raises(NotImplementedError, match="kernel: gradients through the flash_cpu"):
+        dilated_attention(q, k, v, (8, 16), (1, 2), kernel="flash_cpu")
+    with torch.no_grad():
+        dilated_attention(q, k, v, (8, 16), (1, 2), kernel="flash_cpu")
+    dilated_attention(q, k, v, (8,), (1,), kernel="flash_cpu")  # one pattern: no mixing
+    out = dilated_attention(q, k, v, (8, 16), (1, 2), kernel="math")
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
