@@ -26,7 +26,8 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
 ]
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**/.ipynb_checkpoints"]
+# results/: the raw GPU outputs, summarised in gpu.md
+exclude_patterns = ["_build", "results", "Thumbs.db", ".DS_Store", "**/.ipynb_checkpoints"]
 html_theme = "furo"
 html_title = f"ringsim {release}"
 
