@@ -81,9 +81,7 @@ def ring_dilated_attention(
             config.segment_lengths,
             config.dilation_rates,
             comm=comm,
-            is_causal=config.is_causal,
-            mode=config.mode.value,
-            softmax_scale=config.softmax_scale,
+            **config.kwargs(),
             return_lse=True,
             trace=trace,
         )

@@ -65,6 +65,12 @@ class DilatedConfig:
     def num_pairs(self) -> int:
         return len(self.segment_lengths)
 
+    def kwargs(self) -> dict:
+        """The keyword arguments every entry point takes, to pass this configuration on."""
+        return dict(
+            is_causal=self.is_causal, mode=self.mode.value, softmax_scale=self.softmax_scale
+        )
+
     def scale(self, head_dim: int) -> float:
         """The softmax scale, ``1/sqrt(head_dim)`` unless given (SPEC 1)."""
         if self.softmax_scale is not None:
