@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ringsim.cases import fixed_cases, random_case
+from ringsim.cases import check_cases
 
 DTYPES = {
     "float64": torch.float64,
@@ -71,8 +71,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
         timeout=datetime.timedelta(seconds=args.timeout),
     )
     p, dtype = args.world_size, DTYPES[args.dtype]
-    rng = np.random.default_rng(args.seed)
-    cases = fixed_cases(p) + [random_case(rng, p) for _ in range(args.cases)]
+    cases = check_cases(p, args.cases, args.seed)
     failures, worst = [], 0.0
     for i, case in enumerate(cases):
         q, k, v = case.inputs(args.seed + i)  # every rank draws the same, keeps its shard

@@ -90,3 +90,15 @@ def fixed_cases(world_size: int) -> list[Case]:
         Case(2, n, 4, 2, (3, 7), (5, 2), False, "grouped", p),  # r > w: rows with no key
         Case(1, n, 2, 4, (c, c), (1, 1), True, "longnet", p),  # a key chosen twice
     ]
+
+
+def check_cases(world_size: int, count: int, seed: int, *, fixed: bool = True) -> list[Case]:
+    """What every check runs for one world size: the :func:`fixed_cases` (unless
+    ``fixed`` is False), then ``count`` random cases from ``seed``.
+
+    Case i's inputs come from seed ``seed + i``: the MPI check, the torch.distributed check
+    and ``ringsim verify`` all draw exactly these, so their results compare case by case.
+    """
+    rng = np.random.default_rng(seed)
+    first = fixed_cases(world_size) if fixed else []
+    return first + [random_case(rng, world_size) for _ in range(count)]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ringsim.cases import Case, fixed_cases, random_case
+from ringsim.cases import Case, check_cases, fixed_cases
 from ringsim.cli_commands import format_table
 from ringsim.progress import Progress
 from ringsim.tolerance import tolerance
@@ -65,8 +65,7 @@ def draw_cases(world_size: int, count: int, seed: int) -> list[tuple[Case, int]]
     Drawn as :mod:`ringsim.checks.parity` draws them, so the simulated and the mpiexec ring
     of one world size run the same cases on the same inputs.
     """
-    rng = np.random.default_rng(seed)
-    cases = fixed_cases(world_size) + [random_case(rng, world_size) for _ in range(count)]
+    cases = check_cases(world_size, count, seed)
     return [(case, seed + i) for i, case in enumerate(cases)]
 
 

@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from ringsim.cases import Case, fixed_cases, random_case
+from ringsim.cases import Case, check_cases
 from ringsim.comm import CommError, Fault, FaultKind, FaultyCommunicator, MPICommunicator
 from ringsim.reference import ring_dilated_attention_shard
 from ringsim.reference.parity import check_case
@@ -52,9 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def cases_for(args: argparse.Namespace, world_size: int) -> list[Case]:
-    rng = np.random.default_rng(args.seed)
-    fixed = [] if args.no_fixed else fixed_cases(world_size)
-    return fixed + [random_case(rng, world_size) for _ in range(args.cases)]
+    return check_cases(world_size, args.cases, args.seed, fixed=not args.no_fixed)
 
 
 def run_case(comm, case: Case, seed: int, dtype, disagree: bool):
