@@ -22,6 +22,7 @@ import numpy as np
 
 from ringsim.agree import agreed_config
 from ringsim.comm.base import Communicator, Payload, Recv
+from ringsim.config import positions
 from ringsim.plan import BlockAction, RankPlan, Task, Transfer, rank_plan
 from ringsim.ringloop import run_ring
 from ringsim.trace import RankTrace
@@ -29,10 +30,7 @@ from ringsim.trace import RankTrace
 from .block import block_attention
 from .dilated import check_float, empty_result
 from .merge import merge_stable
-
-
-def positions(rows: range) -> np.ndarray:
-    return np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
+from .select import select_rows
 
 
 @dataclass
@@ -50,14 +48,13 @@ class NumpyParts:
     def own_block(self, task: Task) -> Payload:
         groups = self.plan.groups[task.subring.pair]
         local = [positions(rows) - self.plan.shard.start for rows in task.k_rows]
-        keys = tuple(self.k[:, i][:, :, list(g.heads)] for i, g in zip(local, groups))
-        values = tuple(self.v[:, i][:, :, list(g.heads)] for i, g in zip(local, groups))
+        keys = tuple(select_rows(self.k, i, g.heads) for i, g in zip(local, groups))
+        values = tuple(select_rows(self.v, i, g.heads) for i, g in zip(local, groups))
         return keys + values
 
     def message(self, block: Payload, transfer: Transfer) -> Payload:
-        m = len(transfer.rows)
-        kept = [a if len(rows) else a[:, :0] for a, rows in zip(block, transfer.rows * 2)]
-        return tuple(np.ascontiguousarray(a) for a in kept[:m] + kept[m:])
+        kept = (a if len(rows) else a[:, :0] for a, rows in zip(block, transfer.rows * 2))
+        return tuple(np.ascontiguousarray(a) for a in kept)
 
     def expected(self, transfer: Transfer) -> Recv:
         b, _, _, d = self.q.shape
@@ -74,7 +71,7 @@ class NumpyParts:
             q_local = positions(task.q_rows[g]) - self.plan.shard.start
             heads = np.array(group.heads)
             block_out, block_lse = block_attention(
-                self.q[:, q_local][:, :, heads],
+                select_rows(self.q, q_local, group.heads),
                 block[g],
                 block[len(groups) + g],
                 positions(task.q_rows[g]),

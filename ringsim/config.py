@@ -158,10 +158,14 @@ def selected_range(pattern: Pattern, seg_start: int, lo: int, hi: int) -> range:
     return range(first, max(first, hi), r)
 
 
+def positions(rows: range) -> np.ndarray:
+    """A range of positions as an int64 array."""
+    return np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
+
+
 def selected_in_segment(pattern: Pattern, seg_start: int, lo: int, hi: int) -> np.ndarray:
     """:func:`selected_range` as an int64 array of global positions."""
-    rows = selected_range(pattern, seg_start, lo, hi)
-    return np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
+    return positions(selected_range(pattern, seg_start, lo, hi))
 
 
 # --- validation (SPEC 7) -------------------------------------------------------------------

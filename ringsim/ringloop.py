@@ -15,6 +15,7 @@ of arrays held (the memory meter).
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from ringsim.comm.base import Communicator, Payload, Recv, Request, Send, payload_nbytes
@@ -43,13 +44,8 @@ class RingParts(Protocol):
 
 
 def recv_nbytes(recv: Recv, itemsize: int) -> int:
-    total = 0
-    for shape in recv.shapes:
-        count = 1
-        for size in shape:
-            count *= size
-        total += count
-    return total * itemsize
+    """Bytes a receive will hold (``itemsize`` given: a torch dtype is no NumPy dtype)."""
+    return sum(math.prod(shape) for shape in recv.shapes) * itemsize
 
 
 def _post(
