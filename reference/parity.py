@@ -2,7 +2,8 @@
 
 A parity report gives the max errors of out and lse against the definition and, when they
 exceed the SPEC 9 tolerance, which rank's rows are wrong (global positions), so a corrupted
-message or a wrong block is traced to the rank and rows it touched.
+message or a wrong block is traced to the rank and rows it touched. A gradient report gives
+the max errors of dq, dk and dv against the float64 reference backward.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import numpy as np
 from ringsim.cases import Case
 from ringsim.tolerance import max_abs_error, tolerance
 
+from .backward import dilated_attention_backward
 from .dense import dense_dilated_attention
+from .dilated import dilated_attention
 
 
 @dataclass(frozen=True)
@@ -88,3 +91,45 @@ def check_case(case: Case, out, lse, q, k, v) -> ParityReport:
         tol=tolerance(q.dtype),
         case=case.describe(),
     )
+
+
+@dataclass(frozen=True)
+class GradReport:
+    """Max errors of dq, dk, dv against the float64 reference backward."""
+
+    case: str
+    errors: tuple[float, float, float]
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return max(self.errors) <= self.tolerance
+
+    def line(self) -> str:
+        verdict = "PASS" if self.ok else "FAIL"
+        dq, dk, dv = self.errors
+        return (
+            f"{verdict} {self.case}: dq {dq:.1e} dk {dk:.1e} dv {dv:.1e} "
+            f"(tolerance {self.tolerance:.0e})"
+        )
+
+
+def reference_gradients(case: Case, q, k, v, dout) -> tuple[np.ndarray, ...]:
+    """dq, dk, dv of ``case`` in float64 (:func:`dilated_attention_backward`, itself tested
+    against torch autograd of the dense-mask formula and against finite differences)."""
+    q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
+    out, lse = dilated_attention(
+        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs(), return_lse=True
+    )
+    return dilated_attention_backward(
+        q, k, v, out, lse, dout, case.segment_lengths, case.dilation_rates, **case.kwargs()
+    )
+
+
+def check_gradients(case: Case, grads, q, k, v, dout, tol: float | None = None) -> GradReport:
+    """Compare ``grads = (dq, dk, dv)`` of ``case`` with the float64 reference backward;
+    ``tol`` defaults to SPEC 9's bound for q's dtype."""
+    want = reference_gradients(case, q, k, v, dout)
+    errors = tuple(max_abs_error(g, w) for g, w in zip(grads, want))
+    tol = tolerance(np.asarray(q).dtype) if tol is None else tol
+    return GradReport(case.describe(), errors, tol)  # type: ignore[arg-type]

@@ -16,8 +16,10 @@ from ringsim.comm.faults import Fault
 from ringsim.config import validate
 from ringsim.simulate import run_traced
 
+from .backward import check_backward_inputs
 from .dilated import check_float
 from .ring import ring_dilated_attention_shard
+from .ring_backward import ring_dilated_attention_shard_backward
 
 
 def shard(x: np.ndarray, world_size: int) -> list[np.ndarray]:
@@ -91,3 +93,76 @@ def ring_dilated_attention(
     lse = np.concatenate([r[1] for r in results], axis=-1)
     extra = ((lse,) if return_lse else ()) + ((trace,) if return_trace else ())
     return (out, *extra) if extra else out
+
+
+def ring_dilated_attention_backward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    lse: np.ndarray,
+    dout: np.ndarray,
+    segment_lengths,
+    dilation_rates,
+    *,
+    world_size: int,
+    is_causal: bool = False,
+    mode: str = "longnet",
+    softmax_scale: float | None = None,
+    dlse: np.ndarray | None = None,
+    return_trace: bool = False,
+    faults: Sequence[Fault] = (),
+    timeout: float = 60.0,
+):
+    """The backward of :func:`ring_dilated_attention` on ``world_size`` simulated ranks.
+
+    Args:
+        q, k, v, segment_lengths, dilation_rates, world_size, is_causal, mode,
+            softmax_scale: as given to :func:`ring_dilated_attention`.
+        out, lse: what it returned: out ``(batch, seq_len, num_heads, head_dim)``, lse
+            ``(batch, num_heads, seq_len)``.
+        dout: the gradient of the loss with respect to out, shaped like out.
+        dlse: the gradient with respect to lse, shaped like lse (None: lse unused).
+        return_trace: also return the :class:`ringsim.trace.Trace` of the backward run.
+        faults, timeout: as :func:`ring_dilated_attention`.
+    Returns:
+        the gathered global ``(dq, dk, dv)`` [, trace].
+    """
+    config = validate(
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        mode=mode,
+        softmax_scale=softmax_scale,
+        world_size=world_size,
+    )
+    check_float(q)
+    check_backward_inputs(q, out, lse, dout, dlse)
+    per_rank = [shard(x, world_size) for x in (q, k, v, out)]
+    per_rank.append([np.ascontiguousarray(s) for s in np.split(lse, world_size, axis=-1)])
+    per_rank.append(shard(dout, world_size))
+    dlse_shards = (
+        [None] * world_size
+        if dlse is None
+        else [np.ascontiguousarray(s) for s in np.split(dlse, world_size, axis=-1)]
+    )
+    shards = list(zip(*per_rank))
+    del q, k, v, out, lse, dout, dlse  # from here on, every array a rank touches is its own
+
+    def run_rank(comm, trace):
+        return ring_dilated_attention_shard_backward(
+            *shards[comm.rank],
+            config.segment_lengths,
+            config.dilation_rates,
+            comm=comm,
+            **config.kwargs(),
+            dlse=dlse_shards[comm.rank],
+            trace=trace,
+        )
+
+    results, trace = run_traced(world_size, run_rank, faults=faults, timeout=timeout)
+    grads = tuple(np.concatenate([r[i] for r in results], axis=1) for i in range(3))
+    return (*grads, trace) if return_trace else grads

@@ -24,6 +24,11 @@ queries, so a block of place s is useful at places s+1..g-1 and useless after th
 place a sends a+1 blocks when a < g-1 (SPEC 5). The pruning is per pattern group: a group
 whose rows no later place attends to travels as 0 rows, and a message with no rows at all is
 not sent.
+
+Backward (``returns``): the gradients dK/dV of a block travel with it and, once the block
+stops (per pattern group, at its last useful place), go straight back to its owner: one
+*return* transfer per block and stopping place. Non-causal, the last place is the owner's
+ring neighbour; causal, every block stops at place g-1.
 """
 
 from __future__ import annotations
@@ -83,8 +88,13 @@ class SubRing:
 
     @property
     def tag(self) -> int:
-        """The message tag of this sub-ring's transfers (MPI guarantees tags < 32768)."""
-        return self.index % 32768
+        """The message tag of this sub-ring's K/V transfers (MPI guarantees tags < 32768)."""
+        return self.index % 16384
+
+    @property
+    def grad_tag(self) -> int:
+        """The message tag of this sub-ring's dK/dV transfers (backward)."""
+        return 16384 + self.index % 16384
 
     def place(self, rank: int) -> int:
         return self.ranks.index(rank)
@@ -141,13 +151,19 @@ class RankStep:
 
 @dataclass(frozen=True)
 class RankPlan:
-    """The whole schedule of one rank; ``groups[pair]`` are that pair's pattern groups."""
+    """The whole schedule of one rank; ``groups[pair]`` are that pair's pattern groups.
+
+    ``returns`` (backward only) are the return transfers this rank sends or receives: at the
+    end of step ``t.step``, ``t.send_rank`` sends the dK/dV of ``t.source_rank``'s block,
+    for the groups with rows in ``t.rows``, back to their owner ``t.recv_rank``.
+    """
 
     rank: int
     world_size: int
     seq_len: int
     groups: tuple[tuple[PatternGroup, ...], ...]
     steps: tuple[RankStep, ...]
+    returns: tuple[Transfer, ...] = ()
 
     @property
     def shard(self) -> range:
@@ -194,10 +210,10 @@ def _subring_schedule(
     seq_len: int,
     world_size: int,
 ) -> tuple[list[Transfer], list[Task]]:
-    """Every transfer and task of one sub-ring, for all its ranks."""
+    """Every transfer, task and return transfer of one sub-ring, for all its ranks."""
     g = subring.size
     rows = _block_rows(subring, groups, seq_len, world_size)
-    transfers, tasks = [], []
+    transfers, tasks, returns = [], [], []
     for source in range(g):
         k_rows = rows[source]
         # actions[h][gi]: what the place h hops further along needs from this block
@@ -238,7 +254,12 @@ def _subring_schedule(
                     actions[h],
                 )
             )
-    return transfers, tasks
+        for h in range(1, g):  # backward: each group's dK/dV goes home from its last place
+            back = tuple(k if last_hop[gi] == h else k[:0] for gi, k in enumerate(k_rows))
+            if any(back):
+                owner, holder = subring.rank_at(source), subring.rank_at(source + h)
+                returns.append(Transfer(h, subring, owner, holder, owner, back))
+    return transfers, tasks, returns
 
 
 def rank_plan(
@@ -249,10 +270,12 @@ def rank_plan(
     sends: dict[int, list[Transfer]] = {}
     recvs: dict[int, list[Transfer]] = {}
     tasks: dict[int, list[Task]] = {}
+    returns: list[Transfer] = []
     for subring in rank_subrings(config, seq_len, world_size, rank):
-        transfers, sub_tasks = _subring_schedule(
+        transfers, sub_tasks, sub_returns = _subring_schedule(
             subring, groups[subring.pair], config.is_causal, seq_len, world_size
         )
+        returns.extend(t for t in sub_returns if rank in (t.send_rank, t.recv_rank))
         for t in transfers:
             if t.send_rank == rank:
                 sends.setdefault(t.step, []).append(t)
@@ -266,7 +289,7 @@ def rank_plan(
         RankStep(t, tuple(sends.get(t, ())), tuple(recvs.get(t, ())), tuple(tasks.get(t, ())))
         for t in range(num_steps)
     )
-    return RankPlan(rank, world_size, seq_len, groups, steps)
+    return RankPlan(rank, world_size, seq_len, groups, steps, tuple(returns))
 
 
 def ring_plan(

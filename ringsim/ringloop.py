@@ -19,6 +19,7 @@ import math
 from typing import Protocol
 
 from ringsim.comm.base import Communicator, Payload, Recv, Request, Send, payload_nbytes
+from ringsim.gradrelay import GradRelay
 from ringsim.plan import BlockAction, RankPlan, RankStep, Task, Transfer
 from ringsim.trace import Event, RankTrace, TraceAction
 
@@ -38,8 +39,11 @@ class RingParts(Protocol):
         """The receive of ``transfer``: shapes and dtype from the plan."""
         ...
 
-    def attend(self, block: Payload, task: Task) -> None:
-        """Attend the rank's queries to ``block`` and merge into the running state."""
+    def attend(self, block: Payload, task: Task) -> Payload | None:
+        """Attend the rank's queries to ``block`` and merge into the running state.
+
+        In the backward pass: the block backward, which adds to dq and returns the block's
+        share of dK/dV (:mod:`ringsim.gradrelay`)."""
         ...
 
 
@@ -94,9 +98,18 @@ def _record_task(task: Task, rank: int, trace: RankTrace) -> None:
 
 
 def run_ring(
-    comm: Communicator, plan: RankPlan, parts: RingParts, trace: RankTrace, itemsize: int
+    comm: Communicator,
+    plan: RankPlan,
+    parts: RingParts,
+    trace: RankTrace,
+    itemsize: int,
+    relay: GradRelay | None = None,
 ) -> None:
-    """Execute ``plan`` on this rank; ``parts.attend`` accumulates the result."""
+    """Execute ``plan`` on this rank; ``parts.attend`` accumulates the result.
+
+    With a ``relay`` (the backward pass), the dK/dV shares ``parts.attend`` returns travel
+    with their blocks and back to their owners (:mod:`ringsim.gradrelay`).
+    """
     held: dict[int, Payload] = {}  # sub-ring index -> the block this rank holds this step
     pending: Request | None = None
     for index, step in enumerate(plan.steps):
@@ -128,9 +141,16 @@ def run_ring(
             trace.hold(
                 "in flight", sum(recv_nbytes(parts.expected(t), itemsize) for t in nxt.recvs)
             )
+        shares = {}  # backward: the dK/dV share of each block held (None: not attended)
         for task in step.tasks:  # 2c. attend and merge
             if not task.skipped:
-                parts.attend(held[task.subring.index], task)
+                shares[task.subring.index] = parts.attend(held[task.subring.index], task)
+            elif task.subring.index in held:  # a skipped block may still move on
+                shares[task.subring.index] = None
             _record_task(task, plan.rank, trace)
+        if relay is not None:  # 2d. backward: dK/dV on and home
+            relay.after_step(index, held, shares)
         held.clear()  # sent blocks were copied when posted; nothing else needs them
         trace.hold("blocks held", 0)
+    if relay is not None:
+        relay.finish()

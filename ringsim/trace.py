@@ -120,9 +120,17 @@ class Trace:
             and (rank is None or e.rank == rank)
         ]
 
-    def sent_bytes(self, rank: int) -> int:
-        """Payload bytes of the arrays ``rank`` sent (elements x itemsize, SPEC 6)."""
-        return sum(e.nbytes for e in self.select(TraceAction.SEND, rank))
+    def sent_bytes(self, rank: int, grads: bool | None = None) -> int:
+        """Payload bytes of the arrays ``rank`` sent (elements x itemsize, SPEC 6).
+
+        ``grads``: None counts every message; False only K/V, True only the dK/dV of a
+        backward run (events whose detail starts with ``"dk"``).
+        """
+        return sum(
+            e.nbytes
+            for e in self.select(TraceAction.SEND, rank)
+            if grads is None or grads == e.detail.startswith("dk")
+        )
 
     def received_bytes(self, rank: int) -> int:
         return sum(e.nbytes for e in self.select(TraceAction.RECV, rank))

@@ -9,6 +9,9 @@ Not catalogued, because they cannot apply to a single process: PITFALLS 1 (shard
 positions) and 9-12, 15 (the ring). Equivalent here, so left out: a causal mask on compacted
 indices for both queries and keys (the compaction is monotone inside one block) and a
 -1e10 sentinel inside block attention (every selected query sees at least itself).
+
+:data:`BACKWARD_MUTANTS` break only gradients (PITFALLS 14), so the forward parity cannot
+kill them: ``test_backward_reference.py`` checks that the gradient oracles do.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import pytest
 
 from ringsim.config import Pattern, PatternGroup, segment_bounds, selected_in_segment
+from ringsim.reference.backward import mix_backward
 from ringsim.reference.block import block_attention
 from ringsim.reference.dilated import empty_result
 from ringsim.reference.merge import merge_naive
@@ -183,6 +187,23 @@ def full_segments_only(segment_length: int, seq_len: int) -> list[tuple[int, int
     return [(start, start + w_eff) for start in range(0, seq_len - w_eff + 1, w_eff)]
 
 
+# --- PITFALLS 14: detached mixing weights ----------------------------------------------------
+
+
+def mix_backward_detached(
+    outs: list[np.ndarray],
+    lses: list[np.ndarray],
+    out: np.ndarray,
+    lse: np.ndarray,
+    dout: np.ndarray,
+    dlse: np.ndarray | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """PITFALLS 14, as torchscale: the pattern weights computed under no_grad, so no
+    gradient reaches a pattern's lse through its weight (every ``dlse_i`` is 0)."""
+    grads = mix_backward(outs, lses, out, lse, dout, dlse)
+    return [(d_out, np.zeros_like(d_lse)) for d_out, d_lse in grads]
+
+
 def _patch(target: str, replacement: object) -> Callable[[pytest.MonkeyPatch], None]:
     def apply(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(target, replacement)  # raises if the target name is gone
@@ -250,5 +271,14 @@ MUTANTS: dict[str, Mutant] = {
         13,
         "n // w segments: the ragged last segment gets no keys",
         _patch(f"{DILATED}.segment_bounds", full_segments_only),
+    ),
+}
+
+#: Mutants of the backward only; the forward is untouched (see the module docstring).
+BACKWARD_MUTANTS: dict[str, Mutant] = {
+    "detached_mixing_weights": Mutant(
+        14,
+        "pattern weights detached: no gradient through w_i = exp(lse_i - L)",
+        _patch("ringsim.reference.backward.mix_backward", mix_backward_detached),
     ),
 }

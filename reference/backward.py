@@ -1,0 +1,291 @@
+"""The backward pass of single-process dilated attention, exact in float64 (SPEC 4).
+
+Forward, per head and query row: each pattern i gives ``(o_i, lse_i)`` over its keys, and the
+patterns mix by their softmax denominators (LongNet eq. 10):
+
+    out = sum_i w_i o_i,    w_i = exp(lse_i - L),    L = log sum_i exp(lse_i).
+
+The gradients here are exact, *including through the weights* ``w_i`` (torchscale computes
+them under no_grad: PITFALLS 14). Two forms, equal up to rounding:
+
+1. :func:`dilated_attention_backward_chain`, the teaching form, runs the chain rule backwards
+   through the forward: :func:`mix_backward` turns ``(dout, dL)`` into each pattern's
+   ``(do_i, dlse_i)``, then :func:`block_attention_backward`, with each pattern's *own*
+   ``(o_i, lse_i)``, turns those into dq, dk, dv.
+2. :func:`dilated_attention_backward`, the fused form the ring uses, never looks at a
+   pattern's own result: every block is given the FINAL ``(out, L, dout, dL)`` rows.
+
+Note [one softmax over every pattern]
+    The patterns of a row together are one softmax over the concatenation of their key lists
+    (a key chosen by two patterns appears twice), because ``P_i * w_i`` is
+    ``exp(s - lse_i) * exp(lse_i - L) = exp(s - L)``. The FlashAttention backward of that one
+    softmax, with ``P = exp(s - L)``, ``dP = dout . v``, ``D = rowsum(dout * out)``:
+
+        dS = P * (dP - D + dL),   dq = scale * dS @ k,   dk = scale * dS^T @ q,   dv = P^T @ dout
+
+    is a sum of one term per block of keys, and each term needs only the block's q, k, v and
+    the row's final out, L, dout, dL. So block_attention_backward called with the final
+    ``(out, L)`` returns the block's *share* of the exact gradient, and the shares add up::
+
+        keys of row x:  [ pattern 0, segment of x ][ pattern 1, segment of x ] ...
+        dS of row x:    [ exp(s - L) (dP - D + dL) ][ exp(s - L) (dP - D + dL) ] ...
+                        '---- one block call -----''---- one block call -----'
+
+    The ring backward therefore runs block by block, exactly like the forward, with the global
+    out and lse. The chain form agrees: mix_backward gives ``do_i = w_i dout`` and
+    ``dlse_i = w_i (rowsum(dout * (o_i - out)) + dL)``, and then
+    ``P_i (w_i dP - rowsum(do_i * o_i) + dlse_i) = exp(s - L) (dP - D + dL)``.
+
+Shapes: out ``(b, n, h, d)``, lse ``(b, h, n)`` as everywhere in the package. A row with no key
+(``lse = -inf``) gets no gradient, and never NaN (PITFALLS 6).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ringsim.config import (
+    DilatedConfig,
+    PatternGroup,
+    segment_bounds,
+    selected_in_segment,
+    validate,
+)
+
+from .block import masked_scores
+from .dilated import check_float, empty_result, pattern_attention
+from .select import select_rows
+
+Grads = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def block_attention_backward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    lse: np.ndarray,
+    dout: np.ndarray,
+    q_positions: np.ndarray,
+    k_positions: np.ndarray,
+    *,
+    is_causal: bool,
+    scale: float,
+    dlse: np.ndarray | None = None,
+) -> Grads:
+    """The backward of :func:`~ringsim.reference.block.block_attention` (FlashAttention's).
+
+    Args:
+        q: ``(b, m, h, d)``; k, v: ``(b, l, h, d)``, float32 or float64.
+        out: ``(b, m, h, d)`` and lse: ``(b, h, m)``, the result the gradient is taken of:
+            the block's own, or the final mixed out and L (Note [one softmax over every
+            pattern]: then this is the block's share of the whole gradient).
+        dout: ``(b, m, h, d)``, the gradient of the loss with respect to out.
+        q_positions: ``(m,)``, k_positions: ``(l,)``, global positions of the rows.
+        is_causal: key y is visible to query x only if ``y <= x`` (global positions).
+        scale: multiplies the scores.
+        dlse: ``(b, h, m)``, the gradient with respect to lse, or None for 0.
+    Returns:
+        dq ``(b, m, h, d)``, dk and dv ``(b, l, h, d)``, in q's dtype.
+    """
+    scores = scale * np.einsum("bmhd,blhd->bhml", q, k)  # (b, h, m, l)
+    allowed = k_positions[None, :] <= q_positions[:, None] if is_causal else None
+    scores = masked_scores(scores, allowed)
+    # 1. the probabilities from the given lse; a row with lse = -inf has no allowed key (or
+    #    no key in any pattern) and gets P = 0, not exp(-inf - -inf) = NaN.
+    empty = (lse == -np.inf)[..., None]  # (b, h, m, 1)
+    probs = np.where(empty, 0.0, np.exp(scores - np.where(empty, 0.0, lse[..., None])))
+    # 2. D = rowsum(dout * out), the softmax's correction term; dlse enters with the other sign.
+    delta = np.einsum("bmhd,bmhd->bhm", dout, out)  # (b, h, m)
+    if dlse is not None:
+        delta = delta - dlse
+    # 3. back through P = softmax(S) and S = scale * q.k.
+    dprobs = np.einsum("bmhd,blhd->bhml", dout, v)  # (b, h, m, l)
+    dscores = probs * (dprobs - delta[..., None])
+    dq = scale * np.einsum("bhml,blhd->bmhd", dscores, k)
+    dk = scale * np.einsum("bhml,bmhd->blhd", dscores, q)
+    dv = np.einsum("bhml,bmhd->blhd", probs, dout)
+    return dq.astype(q.dtype), dk.astype(q.dtype), dv.astype(q.dtype)
+
+
+def mix_backward(
+    outs: list[np.ndarray],
+    lses: list[np.ndarray],
+    out: np.ndarray,
+    lse: np.ndarray,
+    dout: np.ndarray,
+    dlse: np.ndarray | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The backward of mixing patterns by their lse (LongNet eq. 10).
+
+    With ``w_i = exp(lse_i - L)``, ``out = sum_i w_i o_i`` and ``dw_i/dlse_j = w_i (δ_ij - w_j)``:
+
+        do_i = w_i dout,    dlse_i = w_i (rowsum(dout * (o_i - out)) + dL).
+
+    Args:
+        outs: the patterns' ``o_i``, each ``(b, n, h, d)``; lses: their ``lse_i``, ``(b, h, n)``.
+        out: ``(b, n, h, d)`` and lse: ``(b, h, n)``, the mixed result (``L``).
+        dout: ``(b, n, h, d)``; dlse: ``(b, h, n)`` or None, the upstream gradients.
+    Returns:
+        ``(do_i, dlse_i)`` for every pattern, shaped like ``(o_i, lse_i)``. A pattern with
+        ``lse_i = -inf`` on a row (weight 0), and a row with ``L = -inf``, get 0 there.
+    """
+    grads = []
+    for o_i, lse_i in zip(outs, lses):
+        with np.errstate(invalid="ignore"):  # -inf - -inf, discarded by the where
+            weight = np.where(lse_i == -np.inf, 0.0, np.exp(lse_i - lse))  # (b, h, n)
+        share = np.einsum("bnhd,bnhd->bhn", dout, o_i - out)
+        if dlse is not None:
+            share = share + dlse
+        grads.append((np.einsum("bhn,bnhd->bnhd", weight, dout), weight * share))
+    return grads
+
+
+def check_backward_inputs(
+    q: np.ndarray, out: np.ndarray, lse: np.ndarray, dout: np.ndarray, dlse: np.ndarray | None
+) -> None:
+    """out and dout are shaped like q ``(b, n, h, d)``; lse and dlse are ``(b, h, n)``.
+
+    Call after q has been validated; raises ValueError naming the argument.
+    """
+    b, n, h, _ = q.shape
+    for name, x, shape in (
+        ("out", out, q.shape),
+        ("dout", dout, q.shape),
+        ("lse", lse, (b, h, n)),
+        ("dlse", dlse, (b, h, n)),
+    ):
+        if x is not None and np.shape(x) != shape:
+            raise ValueError(f"{name}: shape must be {shape}, got {np.shape(x)}")
+
+
+def _group_backward(
+    grads: Grads,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    lse: np.ndarray,
+    dout: np.ndarray,
+    dlse: np.ndarray | None,
+    group: PatternGroup,
+    config: DilatedConfig,
+) -> None:
+    """Add one pattern group's gradient into ``grads = (dq, dk, dv)`` ``(b, n, h, d)``.
+
+    ``out, dout`` ``(b, n, h, d)`` and ``lse, dlse`` ``(b, h, n)`` are the result and its
+    gradient that the group's blocks see: the final ones (fused form) or the group's own
+    (chain form). Select / block backward / scatter-add, segment by segment.
+    """
+    heads = list(group.heads)
+    scale = config.scale(q.shape[-1])
+    for seg_start, seg_stop in segment_bounds(group.pattern.segment_length, q.shape[1]):
+        rows = selected_in_segment(group.pattern, seg_start, seg_start, seg_stop)
+        if rows.size == 0:
+            continue  # the offset falls past this (short) segment: nothing selected
+        block_grads = block_attention_backward(
+            *(select_rows(x, rows, heads) for x in (q, k, v, out)),
+            lse[:, heads][:, :, rows],
+            select_rows(dout, rows, heads),
+            rows,
+            rows,
+            is_causal=config.is_causal,
+            scale=scale,
+            dlse=None if dlse is None else dlse[:, heads][:, :, rows],
+        )
+        # rows are unique in a segment and heads in a group, so += adds each entry once
+        for total, part in zip(grads, block_grads):
+            total[:, rows[:, None], np.array(heads)[None, :]] += part
+
+
+def dilated_attention_backward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    lse: np.ndarray,
+    dout: np.ndarray,
+    segment_lengths,
+    dilation_rates,
+    *,
+    is_causal: bool = False,
+    mode: str = "longnet",
+    softmax_scale: float | None = None,
+    dlse: np.ndarray | None = None,
+) -> Grads:
+    """Gradients of :func:`~ringsim.reference.dilated.dilated_attention` (fused form).
+
+    Args:
+        q, k, v: ``(batch, seq_len, num_heads, head_dim)``, float32 or float64, one dtype.
+        out: ``(batch, seq_len, num_heads, head_dim)`` and lse: ``(batch, num_heads, seq_len)``,
+            what ``dilated_attention(..., return_lse=True)`` returned for these inputs.
+        dout: ``(batch, seq_len, num_heads, head_dim)``, the gradient with respect to out.
+        segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as in the forward.
+        dlse: ``(batch, num_heads, seq_len)``, the gradient with respect to lse, or None.
+    Returns:
+        dq, dk, dv ``(batch, seq_len, num_heads, head_dim)`` in q's dtype: the exact gradient,
+        through the mixing weights too. Every block sees the final out and lse (Note [one
+        softmax over every pattern]), so the patterns' own results are never needed.
+    Raises:
+        ValueError, TypeError: as the forward (SPEC 7); ValueError naming out, lse, dout or
+        dlse when its shape is wrong.
+    """
+    config = validate(
+        q, k, v, segment_lengths, dilation_rates,
+        is_causal=is_causal, mode=mode, softmax_scale=softmax_scale,
+    )  # fmt: skip
+    check_float(q)
+    check_backward_inputs(q, out, lse, dout, dlse)
+    grads = tuple(np.zeros_like(q) for _ in range(3))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN inputs propagate (SPEC 7)
+        for group in config.pattern_groups(q.shape[2]):
+            _group_backward(grads, q, k, v, out, lse, dout, dlse, group, config)
+    return grads  # type: ignore[return-value]
+
+
+def dilated_attention_backward_chain(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    lse: np.ndarray,
+    dout: np.ndarray,
+    segment_lengths,
+    dilation_rates,
+    *,
+    is_causal: bool = False,
+    mode: str = "longnet",
+    softmax_scale: float | None = None,
+    dlse: np.ndarray | None = None,
+) -> Grads:
+    """The same gradients as :func:`dilated_attention_backward`, by the chain rule in two
+    stages: back through the mix, then back through each pattern's blocks. Same arguments.
+
+    It recomputes every pattern's own ``(o_i, lse_i)``, which the fused form does not need.
+    """
+    config = validate(
+        q, k, v, segment_lengths, dilation_rates,
+        is_causal=is_causal, mode=mode, softmax_scale=softmax_scale,
+    )  # fmt: skip
+    check_float(q)
+    check_backward_inputs(q, out, lse, dout, dlse)
+    b, n, h, d = q.shape
+    groups = config.pattern_groups(h)
+    grads = tuple(np.zeros_like(q) for _ in range(3))
+    with np.errstate(invalid="ignore", over="ignore"):
+        # 1. forward again, keeping each group's own (o_i, lse_i) on all h heads: the heads
+        #    outside the group get (0, -inf), weight 0, so every head mixes over all groups.
+        outs, lses = [], []
+        for group in groups:
+            o_i, lse_i = empty_result(b, n, h, d, q.dtype)
+            o_i[:, :, list(group.heads)], lse_i[:, list(group.heads)] = pattern_attention(
+                q, k, v, group, is_causal=config.is_causal, scale=config.scale(d)
+            )
+            outs.append(o_i)
+            lses.append(lse_i)
+        # 2. back through the mix: (dout, dL) -> (do_i, dlse_i) for every group.
+        mixed = mix_backward(outs, lses, out, lse, dout, dlse)
+        # 3. back through each group's blocks, with its own result and upstream gradient.
+        for group, o_i, lse_i, (do_i, dlse_i) in zip(groups, outs, lses, mixed):
+            _group_backward(grads, q, k, v, o_i, lse_i, do_i, dlse_i, group, config)
+    return grads  # type: ignore[return-value]

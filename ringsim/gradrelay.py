@@ -1,0 +1,148 @@
+"""The backward half of the ring: dK/dV travel with their block and go home to its owner.
+
+In the backward pass every rank runs the forward's schedule again (:func:`run_ring`): the
+same K/V blocks move the same way, and attending a block now means the block backward,
+which adds to the rank's dq and returns the block's share of dK/dV. Those shares belong to
+the block's owner, so they travel with the block, one accumulator per held block:
+
+1. after computing step t, the accumulator of each held block is its own share plus what
+   came with the block (the previous holder's accumulator);
+2. groups of the block that move on at step t+1 send their accumulator along, to the same
+   rank as the K/V (tag ``grad_tag``, float32 or wider);
+3. groups whose block stops here (the plan's ``returns``) send it straight back to the
+   owner; at the owner, a block that never leaves is added at once;
+4. the owner adds every returned accumulator into its dk, dv.
+
+The K/V of step t+1 are posted before computing step t (overlap, as in the forward); the
+dK/dV can only be posted after it, and are waited for after computing step t+1.
+
+Note [Why the forward schedule is enough]
+-----------------------------------------
+A group's accumulator leaves a place exactly when the K/V rows of that group leave it (the
+plan's transfer rows), and stops where the K/V stop: each return transfer names the groups
+whose last place it is. So no place ever receives a gradient it has no block for, and every
+share reaches its owner exactly once: the mutant that drops the return trip loses the
+shares of every rank but the owner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from ringsim.comm.base import Communicator, Payload, Recv, Request, Send, payload_nbytes
+from ringsim.plan import RankPlan, Transfer
+from ringsim.trace import Event, RankTrace, TraceAction
+
+ONWARD, RETURN = "dk,dv", "dk,dv return"
+
+
+class GradParts(Protocol):
+    """A backend's pieces of the backward ring, besides :class:`ringsim.ringloop.RingParts`."""
+
+    grad_dtype: object
+    grad_itemsize: int
+
+    def message(self, block: Payload, transfer: Transfer) -> Payload: ...
+
+    def expected(self, transfer: Transfer) -> Recv: ...
+
+    def zeros(self, block: Payload) -> Payload:
+        """Zero dK/dV shaped like ``block`` (a block this rank did not attend)."""
+        ...
+
+    def add(self, a: Payload, b: Payload) -> Payload:
+        """Element-wise ``a + b`` of two dK/dV payloads of equal shapes."""
+        ...
+
+    def add_home(self, grads: Payload, transfer: Transfer) -> None:
+        """Add the dK/dV of ``transfer.rows`` (this rank's own rows) into its dk, dv."""
+        ...
+
+
+@dataclass
+class GradRelay:
+    """The dK/dV accumulators of one rank's blocks, moved as the plan says."""
+
+    comm: Communicator
+    plan: RankPlan
+    parts: GradParts
+    trace: RankTrace
+    pending: Request | None = None
+    pending_recvs: list[Transfer] = field(default_factory=list)
+
+    def grad_recv(self, transfer: Transfer) -> Recv:
+        recv = self.parts.expected(transfer)
+        return replace(recv, tag=transfer.subring.grad_tag, dtype=self.parts.grad_dtype)
+
+    def after_step(
+        self, index: int, held: dict[int, Payload], shares: dict[int, Payload | None]
+    ) -> None:
+        """Step ``index`` is computed: ``shares[subring]`` is each held block's dK/dV share
+        (None where nothing was attended); gather, send on and send home."""
+        step = self.plan.steps[index]
+        acc = {i: s if s is not None else self.parts.zeros(held[i]) for i, s in shares.items()}
+        for t, payload in self._wait(step.step):  # 1. what came with the blocks
+            if t.recv_rank == t.source_rank:
+                self.parts.add_home(payload, t)  # 4. a block of this rank came home
+            else:
+                acc[t.subring.index] = self.parts.add(acc[t.subring.index], payload)
+        nxt = self.plan.steps[index + 1] if index + 1 < len(self.plan.steps) else None
+        onward = {t.subring.index: t for t in (nxt.sends if nxt else ())}
+        for task in step.tasks:  # 3. an own block that never leaves is added at once
+            if task.source_rank == self.plan.rank and task.subring.index in acc:
+                moving = onward.get(task.subring.index)
+                rows = tuple(
+                    k if moving is None or not len(moving.rows[g]) else k[:0]
+                    for g, k in enumerate(task.k_rows)
+                )
+                if any(rows):
+                    here = Transfer(step.step, task.subring, *(self.plan.rank,) * 3, rows)
+                    self.parts.add_home(self.parts.message(acc[task.subring.index], here), here)
+        returns = [t for t in self.plan.returns if t.step == step.step]
+        sends = [(t, ONWARD) for t in onward.values()]  # 2. and 3.
+        sends += [(t, RETURN) for t in returns if t.send_rank == self.plan.rank]
+        recvs = list(nxt.recvs if nxt else ())
+        recvs += [t for t in returns if t.recv_rank == self.plan.rank]
+        self._post(step.step + 1, [(t, kind, acc[t.subring.index]) for t, kind in sends], recvs)
+
+    def finish(self) -> None:
+        """After the last step: wait for the last returns and add them."""
+        for t, payload in self._wait(len(self.plan.steps)):
+            self.parts.add_home(payload, t)
+
+    def _post(self, step: int, sends: list, recvs: list[Transfer]) -> None:
+        posted = []
+        for t, kind, grads in sends:
+            payload = self.parts.message(grads, t)
+            posted.append(Send(t.recv_rank, t.subring.grad_tag, payload))
+            self._record(step, TraceAction.SEND, t, t.recv_rank, payload, kind)
+        self.pending_recvs = recvs
+        if posted or recvs:
+            self.pending = self.comm.start(posted, [self.grad_recv(t) for t in recvs])
+
+    def _wait(self, step: int) -> list[tuple[Transfer, Payload]]:
+        if self.pending is None:
+            return []
+        got = list(zip(self.pending_recvs, self.pending.wait()))
+        self.pending, self.pending_recvs = None, []
+        for t, payload in got:
+            kind = RETURN if t.recv_rank == t.source_rank else ONWARD
+            self._record(step, TraceAction.RECV, t, t.send_rank, payload, kind)
+        return got
+
+    def _record(self, step, action, t: Transfer, peer, payload, kind) -> None:
+        self.trace.add(
+            Event(
+                step,
+                self.plan.rank,
+                action,
+                peer,
+                payload_nbytes(payload),
+                t.subring.pair,
+                t.subring.index,
+                t.source_rank,
+                t.rows,
+                kind,
+            )
+        )
