@@ -52,8 +52,9 @@ def dense_flops(b: int, n: int, h: int, d: int, causal: bool) -> int:
     return 4 * b * h * d * (n * (n + 1) // 2 if causal else n * n)
 
 
-def pregathered(q, k, v, config: DilatedConfig, kernel: Kernel) -> Callable[[], None]:
-    """The kernel calls of ``dilated_attention`` on blocks gathered beforehand."""
+def gathered_blocks(q, k, v, config: DilatedConfig) -> list[tuple[torch.Tensor, ...]]:
+    """The ``(q, k, v)`` blocks of every kernel call of ``dilated_attention``, gathered into
+    new contiguous ``(B, H, m, d)`` tensors."""
     b, n, h, d = q.shape
     blocks = []
     for groups in pair_groups(config, h):
@@ -67,7 +68,13 @@ def pregathered(q, k, v, config: DilatedConfig, kernel: Kernel) -> Callable[[], 
                 return x.transpose(1, 2).reshape(b * segments, nh, m, d).contiguous()
 
             blocks.append((gather(q), gather(k), gather(v)))
-    scale, causal = config.scale(d), config.is_causal
+    return blocks
+
+
+def pregathered(q, k, v, config: DilatedConfig, kernel: Kernel) -> Callable[[], None]:
+    """The kernel calls of ``dilated_attention`` on blocks gathered beforehand."""
+    blocks = gathered_blocks(q, k, v, config)
+    scale, causal = config.scale(q.shape[-1]), config.is_causal
 
     def run() -> None:
         for qb, kb, vb in blocks:

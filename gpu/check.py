@@ -13,6 +13,8 @@ Sections, each row one check on fresh seeded unit-normal inputs (never zeros):
    lse (a FlexAttention lse off by a factor ln 2 is reported as such).
 3. dilated / ring: :func:`ringsim.gpu.dilated_attention` with every kernel that can run, and
    the simulated ring (P = 2, 4, 8) on one device, on aligned and ragged configurations.
+4. gradients: dq, dk, dv of the same paths on some of those configurations
+   (:mod:`ringsim.gpu.check_grad`, SPEC 9's 3x rule).
 
 Reference: the dense-mask definition in float64 up to ``dense_max`` (8192) rows, beyond it
 the float64 math path (``kernel="math"`` on float64 inputs), on the inputs already rounded to
@@ -44,6 +46,7 @@ from ringsim.cases import Case, fixed_cases, random_case
 from ringsim.reference import dense_dilated_attention
 from ringsim.tolerance import dtype_name, tolerance
 
+from .check_grad import grad_rows
 from .check_support import (
     ROW_HEADER,
     MaskCache,
@@ -73,6 +76,7 @@ class Check:
     flex_dtypes: tuple[str, ...] = ()  # FlexAttention compiles per shape and dtype: few
     rings: tuple[int, ...] = ()  # simulated ring world sizes
     ring_kernels: bool = False  # ring with every kernel in the first dtype, not only auto
+    grads: bool = False  # also check dq, dk, dv (:mod:`ringsim.gpu.check_grad`)
 
 
 @dataclass(frozen=True)
@@ -98,19 +102,33 @@ def make_plan(name: str) -> Plan:
     low, fp32 = ("bfloat16",), ("float32",)
     if name == "smoke":
         checks = (
-            Check("A", _case(96, (24, 48, 96), (1, 2, 4), h=4, d=16), (), (2, 4, 8), True),
-            Check("B", _case(90, (20, 50, 130), (1, 3, 5), True, "grouped", h=4, d=16), (), (3,)),
+            Check("A", _case(96, (24, 48, 96), (1, 2, 4), h=4, d=16), (), (2, 4, 8), True, True),
+            Check(
+                "B",
+                _case(90, (20, 50, 130), (1, 3, 5), True, "grouped", h=4, d=16),
+                (),
+                (3,),
+                grads=True,
+            ),
             Check("C", _case(200, (40, 100), (2, 3), True, h=4, d=16), (), (4,)),
         )
         dtypes = (torch.bfloat16, torch.float16, torch.float32)
         return Plan(name, "cpu", dtypes, ((2, 3, 33, 16),), checks, tuple(oracle[:6]), 128)
     every = ("bfloat16", "float16", "float32")
     checks = (
-        Check("A", _case(4096, (1024, 2048, 4096), (1, 2, 4), b=2), low + fp32, (2, 4, 8)),
-        Check("B", _case(4096, (1024, 2048, 4096), (1, 2, 4), True), (), (2, 4, 8), True),
-        Check("C", _case(3000, (700, 1800, 5000), (1, 3, 5), True, "grouped"), low, (2, 4, 8)),
+        Check(
+            "A", _case(4096, (1024, 2048, 4096), (1, 2, 4), b=2), low + fp32, (2, 4, 8), grads=True
+        ),
+        Check("B", _case(4096, (1024, 2048, 4096), (1, 2, 4), True), (), (2, 4, 8), True, True),
+        Check(
+            "C",
+            _case(3000, (700, 1800, 5000), (1, 3, 5), True, "grouped"),
+            low,
+            (2, 4, 8),
+            grads=True,
+        ),
         Check("D", _case(8190, (2000, 3000), (3, 2), scale=0.2), (), (2, 3)),
-        Check("E", _case(1000, (6, 500), (8, 2), True), (), (2, 4, 8)),  # rows with no key
+        Check("E", _case(1000, (6, 500), (8, 2), True), (), (2, 4, 8), grads=True),  # no-key rows
     )
     flex = every
     if name == "quick":
@@ -119,7 +137,7 @@ def make_plan(name: str) -> Plan:
     else:
         checks += (
             Check("F", _case(16384, (2048, 4096, 8192, 16384), (1, 2, 4, 8)), (), (8,)),
-            Check("G", _case(32768, (2048, 4096, 8192), (1, 2, 4), True), (), (4,)),
+            Check("G", _case(32768, (2048, 4096, 8192), (1, 2, 4), True), (), (4,), grads=True),
             Check("H", _case(20000, (3000, 7000, 12000), (2, 3, 5), True, "grouped")),
             Check("I", _case(65536, (2048, 4096, 8192), (1, 2, 4))),
         )
@@ -134,9 +152,12 @@ def runnable(plan: Plan, d: int) -> dict[tuple[Kernel, torch.dtype], str | None]
     return {(kn, dt): capability(kn, probe[dt]) for kn in Kernel for dt in plan.dtypes}
 
 
-def emit(rows: list[Row], where: tuple, run: Callable, ref, bound, ref_name: str, note=""):
+def emit(
+    rows: list[Row], where: tuple, run: Callable, ref, bound, ref_name: str, note="", measure=None
+):
     """Run one check ``run() -> (out, lse)``, measure it against ``ref``, print and keep the
-    row; returns ``(row, (out, lse) or None)``. ``where = (path, kernel, dtype, P, n, config)``.
+    row; returns ``(row, (out, lse) or None)``. ``where = (path, kernel, dtype, P, n, config)``;
+    ``measure(got, ref) -> (err, err)`` replaces the (out, lse) errors (gradient rows).
 
     An exception is not a fallback: it becomes a failing row (error inf, its message in the
     note, the traceback printed) and the check goes on to the other rows.
@@ -146,7 +167,10 @@ def emit(rows: list[Row], where: tuple, run: Callable, ref, bound, ref_name: str
     except Exception as error:
         traceback.print_exc()
         got, note = None, f"{type(error).__name__}: {error}".splitlines()[0][:200]
-    err = (math.inf,) * 2 if got is None else tuple(map(max_abs_err, got, ref))
+    if got is None:
+        err = (math.inf,) * 2
+    else:
+        err = measure(got, ref) if measure else tuple(map(max_abs_err, got, ref))
     row = Row(*where, *err, *bound, ref_name, note)
     rows.append(row)
     print("  " + "  ".join(row.cells()) + (f"  {row.note}" if row.note else ""), flush=True)
@@ -304,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("reference", lambda: reference_rows(plan, rows)),
         ("adapter", lambda: adapter_rows(plan, able, rows)),
         ("dilated/ring", lambda: dilated_rows(plan, able, rows, ring_function(args.smoke))),
+        ("gradients", lambda: grad_rows(plan, able, rows, ring_function(args.smoke), emit)),
     ):
         t0 = time.perf_counter()
         print(f"== {section}", flush=True)

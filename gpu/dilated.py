@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ringsim.batches import RowBatch, row_batches
-from ringsim.config import validate
+from ringsim.config import DilatedConfig, validate
 from ringsim.plan import pair_groups
 
 from .kernels import Kernel, attend, choose_kernel
@@ -39,24 +39,37 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def check_gradients(q, k, v, kernel: Kernel, mixes: bool, reason: str = "") -> None:
-    """Refuse a backward pass that would be silently wrong (PITFALLS 14).
-
-    The fused kernels return an lse that autograd does not differentiate, so where results
-    are merged by their lse (``mixes``: patterns mixed, or ring steps merged) only the math
-    kernel gives exact gradients today; ``reason`` names any other obstacle. Exact
-    gradients through every kernel are the backward issue's work.
-    """
-    if not needs_grad(q, k, v):
-        return
-    if reason:
-        raise NotImplementedError(f"gradients: {reason}; run under torch.no_grad()")
-    if mixes and kernel is not Kernel.MATH:
+def check_gradients(q, k, v, kernel: Kernel) -> None:
+    """Refuse, before any work, a backward pass the kernel cannot run: FlexAttention has no
+    backward that takes an external lse (:func:`~ringsim.gpu.kernels_backward.attend_backward`)."""
+    if needs_grad(q, k, v) and kernel is Kernel.FLEX:
         raise NotImplementedError(
-            f"kernel: gradients through the {kernel.value} kernel's lse are not implemented "
-            "yet, and this configuration mixes results by their lse; use kernel='math' to "
-            "train, or run under torch.no_grad()"
+            "kernel: flex has no backward from an external lse; use flash, cudnn, efficient "
+            "or math to train, or run under torch.no_grad()"
         )
+
+
+def batch_index(batch: RowBatch, offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors of a row batch: rows ``(S*m, H)`` (minus ``offset``, the global position
+    of row 0), heads ``(1, H)``; ``x[:, rows, heads]`` is ``(b, S*m, H, ...)``."""
+    nh, segments, m = batch.shape
+    rows = batch.rows.transpose(1, 2, 0).reshape(segments * m, nh) - offset
+    heads = torch.as_tensor(batch.heads, device=device)[None, :]
+    return torch.as_tensor(rows, device=device), heads
+
+
+def batch_blocks(x: torch.Tensor, batch: RowBatch, rows, heads) -> torch.Tensor:
+    """``x (b, n, h, *rest)`` -> the batch's rows as blocks ``(b*S, H, m, *rest)``: one gather
+    (its transpose is a view, which the kernels take: last dim contiguous)."""
+    nh, segments, m = batch.shape
+    picked = x[:, rows, heads]  # (b, S*m, H, *rest)
+    return picked.reshape(x.shape[0] * segments, m, nh, *x.shape[3:]).transpose(1, 2)
+
+
+def unblock(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Blocks ``(b*S, H, m, *rest)`` -> ``(b, S*m, H, *rest)``, the inverse of batch_blocks."""
+    bs, nh, m, *rest = x.shape
+    return x.transpose(1, 2).reshape(b, bs // b * m, nh, *rest)
 
 
 def attend_batch(
@@ -74,26 +87,17 @@ def attend_batch(
 ) -> None:
     """Attend one row batch and merge it into ``out (b, n, h, d)``, ``lse (b, n, h)``.
 
-    ``offset`` is the global position of row 0 of q/k/v/out (a rank's shard start). One
-    gather per input lands in ``(b, segments, m, H, d)``; its ``(b*segments, H, m, d)``
-    transpose is a view, which the kernels take as it is (last dim contiguous).
+    ``offset`` is the global position of row 0 of q/k/v/out (a rank's shard start).
     """
-    b, _, _, d = q.shape
-    nh, segments, m = batch.shape
-    rows = torch.as_tensor(
-        batch.rows.transpose(1, 2, 0).reshape(segments * m, nh) - offset, device=q.device
-    )  # (S*m, H)
-    heads = torch.as_tensor(batch.heads, device=q.device)[None, :]  # (1, H)
-
-    def gathered(x):  # (b, n, h, d) -> (b * segments, H, m, d): segments become the batch
-        return x[:, rows, heads].reshape(b * segments, m, nh, d).transpose(1, 2)
-
+    rows, heads = batch_index(batch, offset, q.device)
     block_out, block_lse = attend(
-        gathered(q), gathered(k), gathered(v), causal=causal, scale=scale, kernel=kernel
+        *(batch_blocks(x, batch, rows, heads) for x in (q, k, v)),
+        causal=causal,
+        scale=scale,
+        kernel=kernel,
     )
-    block_out = block_out.transpose(1, 2).reshape(b, segments * m, nh, d)
-    block_lse = block_lse.transpose(1, 2).reshape(b, segments * m, nh)
-    merge_into(out, lse, rows, heads, block_out, block_lse)
+    b = q.shape[0]
+    merge_into(out, lse, rows, heads, unblock(block_out, b), unblock(block_lse, b))
 
 
 def dilated_attention(
@@ -135,9 +139,18 @@ def dilated_attention(
         softmax_scale=softmax_scale,
     )
     check_tensor(q)
-    b, n, h, d = q.shape
     chosen = choose_kernel(q, kernel)
-    check_gradients(q, k, v, chosen, mixes=any(len(p) > 1 for p in config.head_patterns(h)))
+    check_gradients(q, k, v, chosen)
+    from .autograd import DilatedFunction
+
+    out, lse = DilatedFunction.apply(q, k, v, config, chosen)
+    return (out, lse) if return_lse else out
+
+
+def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel):
+    """The forward on one device, no autograd: out ``(b, n, h, d)`` in q's dtype and the
+    lse accumulator ``(b, n, h)`` (rows, then heads), float32 or float64."""
+    b, n, h, d = q.shape
     acc = accumulator_dtype(q.dtype)
     pairs = pair_groups(config, h)
     # a first pair with r = 1 over every head writes every row and head on first touch:
@@ -153,7 +166,7 @@ def dilated_attention(
     if not covered:
         lse.fill_(-torch.inf)
     touched: set[int] = set()  # heads some earlier pair already wrote
-    common = dict(causal=config.is_causal, scale=config.scale(d), kernel=chosen)
+    common = dict(causal=config.is_causal, scale=config.scale(d), kernel=kernel)
     for groups in pairs:
         if all(is_strided(g, n) for g in groups):  # aligned: views, no copies
             for g in groups:
@@ -162,5 +175,4 @@ def dilated_attention(
             for batch in row_batches(groups, n):
                 attend_batch(q, k, v, out, lse, batch, **common)
         touched.update(h_ for g in groups for h_ in g.heads)
-    out = out.to(q.dtype)
-    return (out, lse.transpose(1, 2)) if return_lse else out
+    return out.to(q.dtype), lse

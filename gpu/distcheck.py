@@ -7,8 +7,9 @@ Launch::
 
 It starts ``--world-size`` processes on this machine (a free local port, a timeout on every
 collective), each running :func:`ringsim.gpu.ring_dilated_attention` on its own shards of
-the same random cases; rank 0 gathers out and lse and compares them with the dense-mask
-definition (float64: SPEC 9's 1e-10; other dtypes are reported, the GPU check judges them).
+the same random cases, forward and backward; rank 0 gathers out and lse and compares them
+with the dense-mask definition, and dq, dk, dv with the float64 reference backward
+(float64: SPEC 9's 1e-10; other dtypes are reported, the GPU check judges them).
 Rank 0 prints one line, PASS or FAIL; the exit code is non-zero on any failure.
 """
 
@@ -58,7 +59,7 @@ def free_port() -> int:
 
 def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
     from ringsim.gpu import ring_dilated_attention
-    from ringsim.reference.parity import check_case
+    from ringsim.reference.parity import check_case, check_gradients
 
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
@@ -72,32 +73,33 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
     )
     p, dtype = args.world_size, DTYPES[args.dtype]
     cases = check_cases(p, args.cases, args.seed)
-    failures, worst = [], 0.0
+    failures, worst, worst_grad = [], 0.0, 0.0
     for i, case in enumerate(cases):
         q, k, v = case.inputs(args.seed + i)  # every rank draws the same, keeps its shard
+        dout = np.random.default_rng(args.seed + 10_000 + i).standard_normal(q.shape)
         c = case.seq_len // p
         shards = [
-            torch.from_numpy(x[:, rank * c : (rank + 1) * c]).to(device, dtype) for x in (q, k, v)
+            torch.from_numpy(x[:, rank * c : (rank + 1) * c]).to(device, dtype).requires_grad_()
+            for x in (q, k, v)
         ]
         out, lse = ring_dilated_attention(
             *shards, case.segment_lengths, case.dilation_rates, **case.kwargs(), return_lse=True
         )
+        out.backward(torch.from_numpy(dout[:, rank * c : (rank + 1) * c]).to(device, dtype))
+        mine = [x.detach().double().cpu().numpy() for x in (out, lse)]
+        mine += [x.grad.double().cpu().numpy() for x in shards]
         gathered = [None] * p if rank == 0 else None
-        dist.gather_object(
-            (out.double().cpu().numpy(), lse.double().cpu().numpy()), gathered, dst=0
-        )
+        dist.gather_object(mine, gathered, dst=0)
         if rank == 0:
-            report = check_case(
-                case,
-                np.concatenate([g[0] for g in gathered], axis=1),
-                np.concatenate([g[1] for g in gathered], axis=-1),
-                q,
-                k,
-                v,
+            out_, lse_, *grads = (
+                np.concatenate([g[j] for g in gathered], axis=-1 if j == 1 else 1) for j in range(5)
             )
+            report = check_case(case, out_, lse_, q, k, v)
+            grad_report = check_gradients(case, grads, q, k, v, dout)
             worst = max(worst, report.out_error, report.lse_error)
-            if not report.ok and dtype == torch.float64:
-                failures.append(report.line())
+            worst_grad = max(worst_grad, *grad_report.errors)
+            if dtype == torch.float64:
+                failures += [r.line() for r in (report, grad_report) if not r.ok]
     if rank == 0:
         for line in failures:
             print(line, file=sys.stderr)
@@ -105,6 +107,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
         print(
             f"{verdict} distcheck backend={args.backend} world_size={p} "
             f"configurations={len(cases)} failed={len(failures)} max_error={worst:.3e} "
+            f"max_grad_error={worst_grad:.3e} "
             f"dtype={args.dtype}",
             flush=True,
         )

@@ -16,6 +16,7 @@ import torch
 
 from ringsim.agree import agreed_config
 from ringsim.comm.base import Communicator, Payload, Recv
+from ringsim.config import DilatedConfig
 from ringsim.plan import BlockAction, RankPlan, Task, Transfer, rank_plan
 from ringsim.ringloop import run_ring
 from ringsim.trace import RankTrace
@@ -112,8 +113,16 @@ def ring_dilated_attention(
     return_lse: bool = False,
     kernel: Kernel | str | None = None,
     trace: RankTrace | None = None,
+    backward_trace: RankTrace | None = None,
 ):
     """This rank's part of ring dilated attention, on local shards (SPEC 5-6).
+
+    Differentiable: the backward runs the ring again (:mod:`ringsim.gpu.ring_backward`), so
+    every rank must call backward, as with any torch.distributed collective. Over the
+    simulated cluster on a GPU, one autograd engine thread serves every virtual rank, so
+    their backward passes cannot wait for each other there: use
+    :func:`~ringsim.gpu.simulated_ring_dilated_attention`, which runs the backward ring
+    itself.
 
     Args:
         q, k, v: this rank's shards ``(batch, seq_len / P, num_heads, head_dim)``; rank j
@@ -126,6 +135,7 @@ def ring_dilated_attention(
         return_lse: also return this rank's lse ``(batch, num_heads, seq_len / P)``.
         kernel: the attention kernel (default: the fastest that can run).
         trace: a :class:`ringsim.trace.RankTrace` to record this rank's events in.
+        backward_trace: another, for the events of the backward pass.
     Returns:
         this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` in q's dtype [, lse].
     """
@@ -134,7 +144,7 @@ def ring_dilated_attention(
 
         comm = TorchDistCommunicator(group)
     trace = trace if trace is not None else RankTrace(comm.rank)
-    config, (b, c, h, d) = agreed_config(
+    config, _ = agreed_config(
         comm,
         q,
         k,
@@ -147,27 +157,22 @@ def ring_dilated_attention(
         check_array=check_tensor,
     )
     chosen = choose_kernel(q, kernel)
-    from .comm import TorchDistCommunicator
+    check_gradients(q, k, v, chosen)
+    from .autograd import RingFunction
 
-    graphless = isinstance(comm, TorchDistCommunicator)
-    check_gradients(
-        q,
-        k,
-        v,
-        chosen,
-        mixes=True,
-        reason="messages over torch.distributed "
-        "carry no autograd graph, so k and v would get no gradient from other "
-        "ranks"
-        if graphless
-        else "",
-    )
+    out, lse = RingFunction.apply(q, k, v, config, comm, chosen, trace, backward_trace)
+    return (out, lse) if return_lse else out
+
+
+def ring_forward(q, k, v, config: DilatedConfig, comm: Communicator, kernel: Kernel, trace):
+    """This rank's forward, no autograd: out ``(b, c, h, d)`` in q's dtype and the lse
+    accumulator ``(b, c, h)`` (rows, then heads), float32 or float64."""
+    b, c, h, d = q.shape
     plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank)
     acc = accumulator_dtype(q.dtype)
     out = torch.zeros(b, c, h, d, dtype=acc, device=q.device)
     lse = torch.full((b, c, h), -torch.inf, dtype=acc, device=q.device)  # rows, then heads
     trace.hold("q, k, v, out, lse", sum(x.nbytes for x in (q, k, v, out, lse)))
-    parts = TorchParts(q, k, v, out, lse, plan, config.scale(d), chosen)
+    parts = TorchParts(q, k, v, out, lse, plan, config.scale(d), kernel)
     run_ring(comm, plan, parts, trace, q.element_size())
-    out = out.to(q.dtype)
-    return (out, lse.transpose(1, 2)) if return_lse else out
+    return out.to(q.dtype), lse

@@ -41,6 +41,13 @@ def group_view(x: torch.Tensor, group: PatternGroup, seq_len: int) -> torch.Tens
     return selected.view(b, n // w, w // r, len(group.heads), *rest)
 
 
+def group_blocks(x: torch.Tensor, group: PatternGroup, seq_len: int) -> torch.Tensor:
+    """``x (b, n, h, *rest)`` -> the group's blocks ``(b*S, H, m, *rest)``, a view of x."""
+    view = group_view(x, group, seq_len)
+    b, segments, m, nh, *rest = view.shape
+    return view.view(b * segments, m, nh, *rest).transpose(1, 2)
+
+
 def attend_strided(
     q,
     k,
@@ -58,18 +65,11 @@ def attend_strided(
 
     ``fresh``: no earlier pattern touched these heads, so the result is copied, not merged.
     """
-    b, n, _, d = q.shape
-    _, segments, m, nh, _ = group_view(q, group, n).shape
-
-    def blocks(x):  # (b, S, m, H, d) view -> (b*S, H, m, d) view
-        return group_view(x, group, n).view(b * segments, m, nh, d).transpose(1, 2)
-
+    n = q.shape[1]
     block_out, block_lse = attend(
-        blocks(q), blocks(k), blocks(v), causal=causal, scale=scale, kernel=kernel
+        *(group_blocks(x, group, n) for x in (q, k, v)), causal=causal, scale=scale, kernel=kernel
     )
-    block_out = block_out.view(b, segments, nh, m, d).transpose(2, 3)  # (b, S, m, H, d)
-    block_lse = block_lse.view(b, segments, nh, m).transpose(2, 3)  # (b, S, m, H)
-    out_view, lse_view = group_view(out, group, n), group_view(lse, group, n)
+    out_view, lse_view = group_blocks(out, group, n), group_blocks(lse, group, n)
     if fresh:
         out_view.copy_(block_out)
         lse_view.copy_(block_lse)

@@ -117,8 +117,8 @@ def ring_dilated_attention_backward(
     """The backward of :func:`ring_dilated_attention` on ``world_size`` simulated ranks.
 
     Args:
-        q, k, v, segment_lengths, dilation_rates, world_size, is_causal, mode,
-            softmax_scale: as given to :func:`ring_dilated_attention`.
+        q, k, v: as given to :func:`ring_dilated_attention`, like ``segment_lengths``,
+            ``dilation_rates``, ``world_size``, ``is_causal``, ``mode`` and ``softmax_scale``.
         out, lse: what it returned: out ``(batch, seq_len, num_heads, head_dim)``, lse
             ``(batch, num_heads, seq_len)``.
         dout: the gradient of the loss with respect to out, shaped like out.

@@ -318,7 +318,7 @@ def two_rank_main(rank: int, port: int) -> None:
             whole.load_state_dict(ring.state_dict())
             x = torch.randn(2, 24, 24, generator=gen, dtype=torch.float64)
             shard = x[:, rank * 12 : (rank + 1) * 12]  # segment [8, 16) crosses the shards
-            with torch.no_grad():  # the torch.distributed ring refuses gradients (for now)
+            with torch.no_grad():  # gradients over gloo: test_gpu_ring's distcheck runs
                 out, _ = ring(shard, shard, shard, is_causal=is_causal)
                 expected = whole(x, x, x, is_causal=is_causal)[0][:, rank * 12 : (rank + 1) * 12]
             err = (out - expected).abs().max().item()

@@ -44,7 +44,15 @@ def test_check_smoke_passes_and_writes_json(tmp_path):
     report = json.loads((tmp_path / "check_smoke.json").read_text())
     assert {"device", "torch", "cuda", "date"} <= set(report)
     paths = {row["path"] for row in report["rows"]}
-    assert paths == {"reference", "adapter", "dilated", "ring"}
+    assert paths == {
+        "reference",
+        "adapter",
+        "dilated",
+        "ring",
+        "grad ref",
+        "grad dilated",
+        "grad ring",
+    }
     assert all(row["passed"] for row in report["rows"])
     assert {row["world_size"] for row in report["rows"] if row["path"] == "ring"} >= {2, 4, 8}
     assert "flash/bfloat16" in report["not_run"]  # no CUDA here: said, not hidden
@@ -63,6 +71,19 @@ def test_bench_smoke_writes_json_and_markdown(tmp_path):
         for name in ("naive", "flex-eager"):  # the comparison rows compute the same function
             assert rows[(name, causal)]["diff"] < 1e-5, rows[(name, causal)]
     assert "| ours |" in (tmp_path / "bench_smoke.md").read_text()
+
+
+def test_bench_backward_smoke_writes_tables(tmp_path):
+    run_smoke("ringsim.gpu.bench_backward", tmp_path)
+    report = json.loads((tmp_path / "bench_backward_smoke.json").read_text())
+    assert {"device", "torch", "date"} <= set(report)
+    rows = {(r[1], r[2]): r for r in report["time"]}
+    for causal in (False, True):
+        assert rows[(causal, "ours")][4] > 0 and rows[(causal, "pre-gathered")][4] > 0
+    ring = {r[1]: r for r in report["ring"]}
+    assert set(ring) == {1, 2, 4, 8}
+    assert ring[8][3] < 0.2 * ring[1][3]  # backward bytes per virtual rank fall as 1/P
+    assert "## ring" in (tmp_path / "bench_backward_smoke.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -137,7 +158,8 @@ def test_naive_dilated_float64_is_the_definition(dense):
 
 def test_importing_the_scripts_does_not_initialise_cuda():
     code = (
-        "import torch, ringsim.gpu.check, ringsim.gpu.bench; assert not torch.cuda.is_initialized()"
+        "import torch, ringsim.gpu.check, ringsim.gpu.bench, ringsim.gpu.bench_backward; "
+        "assert not torch.cuda.is_initialized()"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 

@@ -1,0 +1,135 @@
+"""Autograd for dilated attention: the forward keeps ``(q, k, v, out, lse)``, the backward
+runs the kernels' own backward with the final out and lse (exact through the LSE mixing,
+SPEC 4) instead of differentiating the forward's merges.
+
+- :class:`DilatedFunction`: one device (:mod:`ringsim.gpu.dilated_backward`).
+- :class:`RingFunction`: one rank of the ring; its backward runs the ring again
+  (:mod:`ringsim.gpu.ring_backward`), so every rank must call backward.
+- :class:`SimulatedRingFunction`: global tensors over the simulated cluster; its backward
+  runs every virtual rank's backward ring in the cluster's threads.
+
+Each returns ``out`` (q's dtype) and ``lse (b, h, n)``; the lse accumulator is kept in the
+forward's ``(b, n, h)`` layout. A gradient reaching lse (``dlse``) needs the math kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringsim.config import DilatedConfig
+from ringsim.simulate import run_traced
+from ringsim.trace import RankTrace
+
+from .dilated import dilated_forward
+from .dilated_backward import dilated_backward
+from .kernels import Kernel
+from .ring import ring_forward
+from .ring_backward import ring_backward
+
+
+def _grads_in(dout, dlse, out):
+    """Autograd's incoming gradients, as the backward functions take them: dout contiguous
+    (zeros when only lse was used), dlse ``(b, n, h)`` contiguous or None."""
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    return dout, None if dlse is None else dlse.transpose(1, 2).contiguous()
+
+
+class DilatedFunction(torch.autograd.Function):
+    """Dilated attention on one device: ``apply(q, k, v, config, kernel) -> (out, lse)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, config: DilatedConfig, kernel: Kernel):
+        """:func:`~ringsim.gpu.dilated.dilated_forward`; keeps q, k, v, out and lse."""
+        out, lse = dilated_forward(q, k, v, config, kernel)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.config, ctx.kernel = config, kernel
+        ctx.set_materialize_grads(False)
+        return out, lse.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        """:func:`~ringsim.gpu.dilated_backward.dilated_backward`: dq, dk, dv."""
+        q, k, v, out, lse = ctx.saved_tensors
+        dout, dlse = _grads_in(dout, dlse, out)
+        grads = dilated_backward(q, k, v, out, lse, dout, dlse, ctx.config, ctx.kernel)
+        return (*grads, None, None)
+
+
+class RingFunction(torch.autograd.Function):
+    """One rank of the ring: ``apply(q, k, v, config, comm, kernel, trace, backward_trace)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, config, comm, kernel, trace, backward_trace):
+        """:func:`~ringsim.gpu.ring.ring_forward` on this rank; keeps q, k, v, out and lse."""
+        out, lse = ring_forward(q, k, v, config, comm, kernel, trace)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.config, ctx.comm, ctx.kernel = config, comm, kernel
+        ctx.trace = backward_trace if backward_trace is not None else RankTrace(comm.rank)
+        ctx.set_materialize_grads(False)
+        return out, lse.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        """:func:`~ringsim.gpu.ring_backward.ring_backward` on this rank: dq, dk, dv."""
+        q, k, v, out, lse = ctx.saved_tensors
+        dout, dlse = _grads_in(dout, dlse, out)
+        grads = ring_backward(
+            q, k, v, out, lse, dout, dlse, ctx.config, ctx.comm, ctx.kernel, ctx.trace
+        )
+        return (*grads, None, None, None, None, None)
+
+
+def _shards(x: torch.Tensor, world_size: int, dim: int = 1) -> list[torch.Tensor]:
+    """Contiguous copies of ``x``'s chunks along ``dim``, one per rank."""
+    return [s.contiguous() for s in x.chunk(world_size, dim)]
+
+
+class SimulatedRingFunction(torch.autograd.Function):
+    """Global tensors over ``world_size`` simulated ranks:
+    ``apply(q, k, v, config, world_size, kernel, timeout, traces) -> (out, lse)``;
+    ``traces`` (a list, or None) receives the forward's, then the backward's
+    :class:`ringsim.trace.Trace`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, config, world_size, kernel, timeout, traces):
+        """Every virtual rank's forward in the cluster's threads; keeps the global tensors."""
+        shards = list(zip(*(_shards(x, world_size) for x in (q, k, v))))
+
+        def run_rank(comm, trace):
+            return ring_forward(*shards[comm.rank], config, comm, kernel, trace)
+
+        results, trace = run_traced(world_size, run_rank, timeout=timeout)
+        if traces is not None:
+            traces.append(trace)
+        out = torch.cat([r[0] for r in results], dim=1)
+        lse = torch.cat([r[1] for r in results], dim=1)  # (b, n, h)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.config, ctx.world_size, ctx.kernel = config, world_size, kernel
+        ctx.timeout, ctx.traces = timeout, traces
+        ctx.set_materialize_grads(False)
+        return out, lse.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        """Every virtual rank's backward ring in the cluster's threads: dq, dk, dv."""
+        q, k, v, out, lse = ctx.saved_tensors
+        dout, dlse = _grads_in(dout, dlse, out)
+        p = ctx.world_size
+        shards = list(zip(*(_shards(x, p) for x in (q, k, v, out, lse, dout))))
+        dlse_shards = [None] * p if dlse is None else _shards(dlse, p)
+
+        def run_rank(comm, trace):
+            return ring_backward(
+                *shards[comm.rank],
+                dlse_shards[comm.rank],
+                ctx.config,
+                comm,
+                ctx.kernel,
+                trace,
+            )
+
+        results, trace = run_traced(p, run_rank, timeout=ctx.timeout)
+        if ctx.traces is not None:
+            ctx.traces.append(trace)
+        grads = (torch.cat([r[i] for r in results], dim=1) for i in range(3))
+        return (*grads, None, None, None, None, None)

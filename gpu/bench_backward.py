@@ -1,0 +1,223 @@
+"""Forward + backward of :func:`ringsim.gpu.dilated_attention` on one GPU: time, memory,
+and the ring's memory per virtual rank.
+
+    python -m ringsim.gpu.bench_backward [--smoke] [--lengths 32768,...] [--max-n N]
+        [--ring-n N] [--out DIR] [--budget S]
+
+The problem of :mod:`ringsim.gpu.bench` (b=1, h=16, d=128, bf16, segment_lengths (2048 ..
+32768), dilation_rates (1 .. 16), longnet, causal and not). Three tables:
+
+1. time, per (n, causal): ``ours`` is ``dilated_attention`` then ``out.backward(dout)``;
+   ``pre-gathered`` the same kernel's forward and backward
+   (:func:`~ringsim.gpu.kernels_backward.attend_backward`) on blocks gathered beforehand,
+   the floor of our overhead; ``dense`` SDPA forward + backward on the whole sequence up to
+   ``--dense-max``. TFLOP/s count useful FLOPs: forward + backward = 3.5x the forward's
+   ``4 d`` per selected pair (two matmuls forward, five backward).
+2. memory: the peak memory of ours forward + backward (``max_memory_allocated`` after a
+   reset, inputs and dout included) at growing n, doubling past the last length until the
+   card runs out or ``--max-n``: GiB and KiB per token.
+3. ring: the simulated ring on one device at ``--ring-n`` for P = 1, 2, 4, 8: the peak
+   bytes one virtual rank holds (the trace's memory meter: its shards, accumulators, blocks
+   held and in flight), forward and backward, against P = 1 (O(n / P), SPEC 5).
+
+Writes ``bench_backward.json`` and ``.md`` (``_smoke`` with ``--smoke``) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ringsim.config import make_config
+
+from . import bench_baselines as baselines
+from .autograd import SimulatedRingFunction
+from .bench import LENGTHS, RATES, SEGMENTS, SMOKE, free, median_ms, sync
+from .check_support import environment, format_table, markdown_table
+from .dilated import dilated_attention
+from .kernels import attend, choose_kernel
+from .kernels_backward import attend_backward
+
+TIME_HEADER = ["n", "mask", "row", "kernel", "ms", "TFLOP/s", "row/ours time", "status"]
+MEMORY_HEADER = ["n", "mask", "peak GiB", "KiB/token", "status"]
+RING_HEADER = ["n", "P", "forward MiB/rank", "backward MiB/rank", "backward x P / P=1"]
+
+
+def pregathered_fwd_bwd(q, k, v, dout, config, kernel):
+    blocks = baselines.gathered_blocks(q, k, v, config)
+    douts = [b[0] for b in baselines.gathered_blocks(dout, dout, dout, config)]
+    scale, causal = config.scale(q.shape[-1]), config.is_causal
+
+    def run() -> None:
+        for (qb, kb, vb), db in zip(blocks, douts):
+            out, lse = attend(qb, kb, vb, causal=causal, scale=scale, kernel=kernel)
+            attend_backward(qb, kb, vb, out, lse, db, causal=causal, scale=scale, kernel=kernel)
+
+    return run
+
+
+def time_rows(n, problem, args, device, emit) -> None:
+    b, h, d, segs, rates = 1, problem["h"], problem["d"], problem["segments"], problem["rates"]
+    gen = torch.Generator(device=device).manual_seed(n)
+    x = [
+        torch.randn(b, n, h, d, generator=gen, device=device, dtype=problem["dtype"])
+        for _ in "qkvd"
+    ]
+    q, k, v = (t.requires_grad_() for t in x[:3])
+    dout, kernel = x[3], choose_kernel(x[0])
+    for causal in (False, True):
+        config = make_config(segs, rates, is_causal=causal)
+        flops = 3.5 * baselines.useful_flops(config, b, n, h, d)
+
+        def ours(causal=causal):
+            out = dilated_attention(q, k, v, segs, rates, is_causal=causal, kernel=kernel)
+            torch.autograd.grad(out, (q, k, v), dout)
+
+        ms, _ = median_ms(ours, device, args.budget)
+        emit("time", [n, causal, "ours", kernel.value, ms, flops / ms / 1e9, 1.0, "ok"])
+        with torch.no_grad():
+            pre = pregathered_fwd_bwd(q.detach(), k.detach(), v.detach(), dout, config, kernel)
+        pre_ms, _ = median_ms(pre, device, args.budget)
+        emit("time", [n, causal, "pre-gathered", kernel.value, pre_ms, flops / pre_ms / 1e9,
+                      pre_ms / ms, f"ours/pre {pre_ms / ms:.2f}"])  # fmt: skip
+        del pre
+        free(device)
+        if n <= args.dense_max:
+            dense_flops = 3.5 * baselines.dense_flops(b, n, h, d, causal)
+
+            def dense(causal=causal):
+                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+                out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                torch.autograd.grad(out, (q, k, v), dout.transpose(1, 2))
+
+            try:
+                dms, _ = median_ms(dense, device, args.budget)
+                emit("time", [n, causal, "dense sdpa", "auto", dms, dense_flops / dms / 1e9,
+                              dms / ms, "ok"])  # fmt: skip
+            except torch.cuda.OutOfMemoryError:
+                emit("time", [n, causal, "dense sdpa", "auto", None, None, None, "OOM"])
+            free(device)
+
+
+def peak_fwd_bwd(n, problem, device, causal) -> float:
+    """GiB allocated at the peak of one forward + backward, inputs and dout included."""
+    free(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    shape, dtype = (1, n, problem["h"], problem["d"]), problem["dtype"]
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in "qkv")
+    out = dilated_attention(q, k, v, problem["segments"], problem["rates"], is_causal=causal)
+    out.backward(torch.randn_like(out))
+    sync(device)
+    del q, k, v, out
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def memory_rows(problem, args, device, emit) -> None:
+    n = problem["lengths"][0]
+    while n <= args.max_n:
+        for causal in (False, True):
+            try:
+                gib = peak_fwd_bwd(n, problem, device, causal)
+                emit("memory", [n, causal, gib, gib * 2**20 / n, "ok"])
+            except torch.cuda.OutOfMemoryError:
+                emit("memory", [n, causal, None, None, "OOM"])
+                free(device)
+                return
+        n *= 2
+
+
+def ring_rows(problem, args, device, emit) -> None:
+    n, h, d = args.ring_n, problem["h"], problem["d"]
+    config = make_config(problem["segments"], problem["rates"])
+    base = None
+    for p in (1, 2, 4, 8):
+        q, k, v = (torch.randn(1, n, h, d, device=device, dtype=problem["dtype"],
+                               requires_grad=True) for _ in "qkv")  # fmt: skip
+        traces: list = []
+        kernel = choose_kernel(q.detach())
+        out, _ = SimulatedRingFunction.apply(q, k, v, config, p, kernel, 600.0, traces)
+        out.backward(torch.randn_like(out))
+        fwd, bwd = (max(t.peak_bytes) / 2**20 for t in traces)
+        base = bwd if base is None else base
+        emit("ring", [n, p, fwd, bwd, bwd * p / base])
+        del q, k, v, out
+        free(device)
+
+
+def cell(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "causal" if x else "full"
+    return f"{x:.2f}" if isinstance(x, float) else str(x)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("python -m ringsim.gpu.bench_backward")
+    parser.add_argument("--smoke", action="store_true", help="tiny, on the CPU: tests the script")
+    parser.add_argument("--lengths", help="comma-separated n (default 32768,...,1048576)")
+    parser.add_argument("--max-n", type=int, default=8 * 2**20, help="memory table up to")
+    parser.add_argument("--ring-n", type=int, default=65536, help="length of the ring table")
+    parser.add_argument("--dense-max", type=int, default=131072, help="longest dense row")
+    parser.add_argument("--budget", type=float, help="seconds of timing per row (0.5; smoke 0)")
+    parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("ringsim.gpu.bench_backward: no CUDA device; use --smoke", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.smoke else "cuda")
+    problem = dict(h=16, d=128, segments=SEGMENTS, rates=RATES, lengths=LENGTHS)
+    problem.update(SMOKE if args.smoke else {})
+    if args.lengths:
+        problem["lengths"] = tuple(int(x) for x in args.lengths.split(","))
+    problem["dtype"] = torch.float32 if args.smoke else torch.bfloat16
+    if args.budget is None:
+        args.budget = 0.0 if args.smoke else 0.5
+    if args.smoke:
+        args.ring_n, args.max_n = 256, 0
+    env = environment(device)
+    print(f"ringsim.gpu.bench_backward on {env['device']}, torch {env['torch']}", flush=True)
+    tables: dict[str, list[list]] = {"time": [], "memory": [], "ring": []}
+
+    def emit(table: str, row: list) -> None:
+        tables[table].append(row)
+        print(f"  {table}: " + "  ".join(cell(c) for c in row), flush=True)
+
+    start = time.perf_counter()
+    for n in problem["lengths"]:
+        time_rows(n, problem, args, device, emit)
+    if device.type == "cuda":
+        memory_rows(problem, args, device, emit)
+    ring_rows(problem, args, device, emit)
+    headers = {"time": TIME_HEADER, "memory": MEMORY_HEADER, "ring": RING_HEADER}
+    text = [f"{name}:\n{format_table(headers[name], [[cell(c) for c in r] for r in rows])}"
+            for name, rows in tables.items()]  # fmt: skip
+    print("\n\n".join(text))
+    suffix = "_smoke" if args.smoke else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    problem = dict(problem, dtype=str(problem["dtype"]).removeprefix("torch."))
+    seconds = round(time.perf_counter() - start, 1)
+    report = dict(env, problem=problem, seconds=seconds, **tables)
+    (args.out / f"bench_backward{suffix}.json").write_text(json.dumps(report, indent=1))
+    md = [f"# ringsim.gpu.bench_backward{suffix}", "", f"{env['device']}, torch {env['torch']}, "
+          f"CUDA {env['cuda']}, {env['date']}; b=1 {problem}, longnet.", ""]  # fmt: skip
+    for name, rows in tables.items():
+        md += [
+            f"## {name}",
+            "",
+            markdown_table(headers[name], [[cell(c) for c in r] for r in rows]),
+            "",
+        ]
+    (args.out / f"bench_backward{suffix}.md").write_text("\n".join(md))
+    print(f"wrote {args.out}/bench_backward{suffix}.json and .md in {seconds} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

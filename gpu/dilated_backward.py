@@ -1,0 +1,78 @@
+"""The backward of dilated attention on one device, in torch.
+
+Every kernel call of the forward has one backward call here, over the same rows (strided
+views for aligned pattern groups, row batches otherwise), given the *final* out and lse of
+those rows: with them, the FlashAttention identity ``dS = P * (dP - D)``,
+``P = exp(s - L)``, ``D = rowsum(dout * out)`` is each block's share of the exact gradient
+of the LSE mixture (SPEC 4; :mod:`ringsim.reference.backward` derives it). The shares are
+added into float32 accumulators (float64 for float64 input): rows and heads are unique
+within one call, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringsim.batches import row_batches
+from ringsim.config import DilatedConfig
+from ringsim.plan import pair_groups
+
+from .dilated import batch_blocks, batch_index, unblock
+from .kernels import Kernel
+from .kernels_backward import attend_backward
+from .merge import accumulator_dtype
+from .strided import group_blocks, is_strided
+
+
+def dilated_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    config: DilatedConfig,
+    kernel: Kernel,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of dilated attention on one device, in q's dtype.
+
+    Args:
+        q, k, v, out, dout: ``(b, n, h, d)``; out is the forward's (final) output.
+        lse, dlse: ``(b, n, h)`` (rows, then heads), the forward's lse accumulator and its
+            gradient (None: lse unused).
+        config, kernel: as the forward ran.
+    """
+    b, n, h, d = q.shape
+    acc = accumulator_dtype(q.dtype)
+    dq, dk, dv = (torch.zeros(b, n, h, d, dtype=acc, device=q.device) for _ in range(3))
+    common = dict(causal=config.is_causal, scale=config.scale(d), kernel=kernel)
+    for groups in pair_groups(config, h):
+        if all(is_strided(g, n) for g in groups):  # aligned: views in, views out
+            for g in groups:
+                grads = attend_backward(
+                    *(group_blocks(x, g, n) for x in (q, k, v, out)),
+                    group_blocks(lse, g, n).contiguous(),
+                    group_blocks(dout, g, n),
+                    dlse=None if dlse is None else group_blocks(dlse, g, n).contiguous(),
+                    **common,
+                )
+                for total, share in zip((dq, dk, dv), grads):
+                    group_blocks(total, g, n).add_(share)
+        else:  # ragged: gather the rows of each row batch, add back at the same rows
+            for batch in row_batches(groups, n):
+                rows, heads = batch_index(batch, 0, q.device)
+
+                def blocks(x, batch=batch, rows=rows, heads=heads):
+                    return batch_blocks(x, batch, rows, heads)
+
+                grads = attend_backward(
+                    *(blocks(x) for x in (q, k, v, out)),
+                    blocks(lse).contiguous(),
+                    blocks(dout),
+                    dlse=None if dlse is None else blocks(dlse).contiguous(),
+                    **common,
+                )
+                for total, share in zip((dq, dk, dv), grads):
+                    total[:, rows, heads] += unblock(share, b)
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)

@@ -1,0 +1,269 @@
+"""Backward adapters for the attention kernels of :mod:`ringsim.gpu.kernels`.
+
+:func:`attend_backward` returns one key block's share of dq and that block's dk, dv, given
+the *final* ``out`` and ``lse`` of the query rows: the result of the whole dilated attention
+(every pattern, every ring step), not the block's own forward.
+
+Note [Backward with the final out and lse]
+    For one query row x, the patterns (and the ring's key blocks) mix as
+    ``out = sum_i exp(lse_i - L) o_i`` with ``o_i = sum_{y in K_i} exp(s_xy - lse_i) v_y``,
+    so ``out = sum_{y in K_1 + K_2 + ...} exp(s_xy - L) v_y``: ONE softmax over the
+    concatenated key lists, normalised by ``L`` (a key in two patterns counts twice). Its
+    FlashAttention backward (Dao 2023, alg. 2)::
+
+        P  = exp(scale * q k^T - L)        (0 where masked)
+        D  = rowsum(dout * out)            (the final out)
+        dS = P * (dout v^T - D + dlse)     (dlse: the loss's gradient w.r.t. L, if it reads L)
+        dq = scale * dS k,   dk = scale * dS^T q,   dv = P^T dout
+
+    splits by key block: a block's terms need its own q, k, v and the rows' final out, L,
+    dout (and dlse). ``P_block = P_i * w_i`` with ``w_i = exp(lse_i - L)``, so the gradient
+    through the mixing weights is included, not detached. The fused kernels' backward ops
+    take out and logsumexp as inputs and never recompute them, so given the final out and L
+    they return exactly these shares; dq adds up over blocks. The NumPy form, with a diagram:
+    Note [one softmax over every pattern] in :mod:`ringsim.reference.backward`.
+
+Rows with no key anywhere have ``L = -inf``. ``exp(s - L)`` would be ``exp(+inf)`` or NaN
+there, and FlashAttention-2 treats a ``-inf`` row maximum as 0 (its empty-row guard), which
+gives garbage; so ``-inf`` is replaced by ``+inf`` before any kernel runs: ``exp(s - inf) = 0``,
+``P = 0``, and the row contributes nothing and gets ``dq = 0`` (PITFALLS 6). ``+inf`` is also
+what the kernels themselves write for rows without keys and for padding rows.
+
+Per-kernel details (checked against PyTorch's aten sources; each op is called with dropout 0):
+
+- flash: ``cum_seq_q/k`` must be undefined (``None``): a defined tensor, even an empty one,
+  selects the variable-length kernel. The philox seed/offset are read only when dropout > 0.
+- cuDNN: lse is passed in the shape the forward returns (``(B, H, M, 1)`` since torch 2.9,
+  ``(B, H, M)`` before; read from the forward's meta function). out and dout are laid out
+  like q, as the forward allocates out: some torch versions cache the backward graph by the
+  q/k/v layouts only, so a differently laid-out out would be read with stale strides.
+- efficient: lse is padded with ``+inf`` to a multiple of 32 rows, as the forward returns it
+  (the backward checks that lse's head and batch strides are multiples of 8). out must be
+  laid out ``(B, M, H, D)`` in memory: the kernel assumes out's row stride is ``H * D``.
+- cuDNN refuses a block of one query and one key ("s_q = s_kv = 1 is not supported", cuDNN
+  9.19, torch 2.11, H100); such blocks (a dilation rate at least the segment length) run the
+  math backward instead (:func:`backward_kernel`): one product per head, a documented
+  substitution, not a caught error.
+- flash_cpu: takes any strides; lse in float64 for float64 inputs, else float32.
+- flex: FlexAttention's backward recomputes its own lse, so it cannot take the final one.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from .kernels import Kernel, capability
+from .merge import accumulator_dtype
+
+Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+aten = torch.ops.aten
+
+
+def attend_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    kernel: Kernel | str,
+    allowed: torch.Tensor | None = None,
+    dlse: torch.Tensor | None = None,
+) -> Grads:
+    """One block's share of the gradient of attention with the final ``out`` and ``lse``.
+
+    Args:
+        q: ``(B, H, M, D)`` queries of the block (a batch of blocks, heads, rows, head_dim);
+            any strides with a contiguous last dim.
+        k, v: ``(B, H, L, D)`` the block's keys and values, same dtype as q.
+        out: ``(B, H, M, D)`` the FINAL output of these rows (any float dtype; cast to q's
+            dtype for the fused kernels, which read it only through ``rowsum(dout * out)``).
+        lse: ``(B, H, M)`` the FINAL natural-log lse of these rows, float32 (float64 for
+            float64 input); ``-inf`` on a row with no key anywhere.
+        dout: ``(B, H, M, D)`` gradient of the loss w.r.t. out.
+        causal: the square diagonal block (row i attends keys 0..i), as in
+            :func:`~ringsim.gpu.kernels.math_attention`; ignored when ``allowed`` is given.
+        scale: the softmax scale.
+        kernel: which backward runs; MATH is the explicit formula, FLEX has none.
+        allowed: ``(M, L)`` bool, True = attend (the ring's MASKED blocks); MATH only.
+        dlse: ``(B, H, M)`` gradient of the loss w.r.t. lse; MATH only.
+    Returns:
+        ``dq (B, H, M, D)``, ``dk, dv (B, H, L, D)`` in float32 (float64 for float64 input).
+    Raises:
+        NotImplementedError: for FLEX, or ``dlse`` with a kernel other than MATH.
+        ValueError: bad shapes, ``allowed`` with a kernel other than MATH, or a kernel that
+            cannot run on these tensors.
+    """
+    kernel = _as_kernel(kernel)
+    _check_shapes(q, k, v, out, lse, dout, allowed, dlse)
+    if kernel is Kernel.FLEX:
+        raise NotImplementedError(
+            "flex: no backward with an external lse; use flash/cudnn/efficient/math"
+        )
+    if kernel is not Kernel.MATH:
+        if allowed is not None:
+            raise ValueError(
+                f"allowed: only kernel='math' takes a general mask, not {kernel.value}"
+            )
+        if dlse is not None:
+            raise NotImplementedError(
+                f"dlse: kernel {kernel.value} cannot add a gradient w.r.t. lse; use kernel='math'"
+            )
+        reason = capability(kernel, q)
+        if reason is not None:
+            raise ValueError(f"kernel: {kernel.value} cannot run here: {reason}")
+        if causal and q.shape[-2] != k.shape[-2]:  # flash aligns a non-square mask bottom-right
+            raise ValueError(f"causal: needs a square block, got M={q.shape[-2]}, L={k.shape[-2]}")
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.stride(-1) != 1 and x.shape[-1] > 1:  # a size-1 dim has any stride
+                raise ValueError(f"{name}: the last dim must be contiguous for {kernel.value}")
+    acc = accumulator_dtype(q.dtype)
+    # Note [Backward with the final out and lse]: a row with no key gets P = exp(s - inf) = 0
+    lse = torch.where(torch.isneginf(lse), math.inf, lse)
+    kernel = backward_kernel(kernel, q, k)
+    if kernel is Kernel.MATH:
+        return _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse)
+    out, dout = out.to(q.dtype), dout.to(q.dtype)
+    grads = _FUSED[kernel](q, k, v, out, lse.to(acc), dout, causal, scale)
+    return tuple(g.to(acc) for g in grads)
+
+
+def backward_kernel(kernel: Kernel, q: torch.Tensor, k: torch.Tensor) -> Kernel:
+    """The kernel whose backward runs for ``kernel``'s blocks ``q (B, H, M, D)``,
+    ``k (B, H, L, D)``: ``kernel`` itself, except MATH for cuDNN on a 1 x 1 block, which
+    cuDNN's backward refuses (module docstring)."""
+    if kernel is Kernel.CUDNN and q.shape[-2] == 1 and k.shape[-2] == 1:
+        return Kernel.MATH
+    return kernel
+
+
+def _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse) -> Grads:
+    """The Note's formula with plain ops, scores in float32 (float64 for float64 input)."""
+    acc = accumulator_dtype(q.dtype)
+    q, k, v, out, dout, lse = (x.to(acc) for x in (q, k, v, out, dout, lse))
+    scores = scale * torch.matmul(q, k.transpose(-1, -2))  # (B, H, M, L)
+    if allowed is None and causal:
+        m, l_ = scores.shape[-2:]
+        allowed = torch.ones(m, l_, dtype=torch.bool, device=q.device).tril()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
+    probs = torch.exp(scores - lse[..., None])  # 0 where masked, and on rows with lse = +inf
+    delta = (dout * out).sum(-1)  # (B, H, M)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    ds = probs * (torch.matmul(dout, v.transpose(-1, -2)) - delta[..., None])  # (B, H, M, L)
+    dq = scale * torch.matmul(ds, k)
+    dk = scale * torch.matmul(ds.transpose(-1, -2), q)
+    dv = torch.matmul(probs.transpose(-1, -2), dout)
+    return dq, dk, dv
+
+
+def _flash(q, k, v, out, lse, dout, causal, scale) -> Grads:
+    # cum_seq_q/k None (dense, not varlen), philox seed/offset None (unread with dropout 0);
+    # the op makes out and dout contiguous itself and reads lse as a dense (B, H, M)
+    m, l_ = q.shape[-2], k.shape[-2]
+    args = (dout, q, k, v, out, lse.contiguous(), None, None, m, l_, 0.0, causal, None, None)
+    return aten._scaled_dot_product_flash_attention_backward(*args, scale=scale)
+
+
+def _cudnn(q, k, v, out, lse, dout, causal, scale) -> Grads:
+    out, dout = _layout_like(out, q), _layout_like(dout, q)  # see the module docstring
+    if _cudnn_ragged(q, k, v, out):  # the forward's (B, M, H, 1) stats in this mode
+        stats = lse.transpose(1, 2).contiguous().transpose(1, 2)[..., None]
+    else:
+        stats = lse.contiguous()[..., None] if _cudnn_lse_has_unit_dim() else lse.contiguous()
+    # philox seed/offset, attn_bias, cum_seq_q/k: None (dropout 0, no bias, not nested)
+    m, l_ = q.shape[-2], k.shape[-2]
+    args = (dout, q, k, v, out, stats, None, None, None, None, None, m, l_, 0.0, causal)
+    return aten._scaled_dot_product_cudnn_attention_backward(*args, scale=scale)
+
+
+def _efficient(q, k, v, out, lse, dout, causal, scale) -> Grads:
+    m = q.shape[-2]
+    padded = lse.new_full((*lse.shape[:-1], -(-m // 32) * 32), math.inf)  # (B, H, M_32)
+    padded[..., :m] = lse
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)  # (B, M, H, D) in memory
+    # attn_bias, philox seed/offset: None (no bias, dropout 0); no grad for the bias
+    args = (dout, q, k, v, None, out, padded, None, None, 0.0, [True, True, True, False], causal)
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(*args, scale=scale)
+    return dq, dk, dv
+
+
+def _flash_cpu(q, k, v, out, lse, dout, causal, scale) -> Grads:
+    args = (dout, q, k, v, out, lse, 0.0, causal)  # lse float64 for float64 input, else float32
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(*args, scale=scale)
+
+
+_FUSED = {
+    Kernel.FLASH: _flash,
+    Kernel.CUDNN: _cudnn,
+    Kernel.EFFICIENT: _efficient,
+    Kernel.FLASH_CPU: _flash_cpu,
+}
+
+
+@functools.cache
+def _cudnn_lse_has_unit_dim() -> bool:
+    """Whether cuDNN's forward returns lse as ``(B, H, M, 1)`` (torch >= 2.9) rather than
+    ``(B, H, M)``: its meta function answers without touching a device."""
+    x = torch.empty(1, 1, 1, 8, dtype=torch.float16, device="meta")
+    lse = aten._scaled_dot_product_cudnn_attention(x, x, x, None, True, 0.0, False, False)[1]
+    return lse.dim() == 4
+
+
+def _cudnn_ragged(q, k, v, out) -> bool:
+    """torch's ``use_ragged_in_dense``: with ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE`` on and every
+    tensor laid out ``(B, M, H, D)``, cuDNN reads lse with ragged offsets in that layout."""
+    flag = os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "").upper()
+    if flag not in ("1", "ON", "YES", "TRUE", "Y"):
+        return False
+    return all(x.transpose(1, 2).is_contiguous() for x in (q, k, v, out))
+
+
+def _layout_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` with its dims in memory in the order of ``ref``'s strides (a copy only if needed)."""
+    order = sorted(range(ref.dim()), key=lambda i: -ref.stride(i))  # outermost first
+    inverse = [order.index(i) for i in range(ref.dim())]
+    return x.permute(order).contiguous().permute(inverse)
+
+
+def _as_kernel(kernel: Kernel | str) -> Kernel:
+    try:
+        return Kernel(kernel)
+    except ValueError:
+        names = ", ".join(k.value for k in Kernel)
+        raise ValueError(f"kernel: must be one of {names}, got {kernel!r}") from None
+
+
+def _check_shapes(q, k, v, out, lse, dout, allowed, dlse) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"q: must be (B, H, M, D), got shape {tuple(q.shape)}")
+    b, h, m, _ = q.shape
+    rows, block = (b, h, m), (b, h, k.shape[-2])
+    expected = {
+        "k": (k, (*block, q.shape[-1])),
+        "v": (v, (*block, v.shape[-1])),
+        "out": (out, (*rows, v.shape[-1])),
+        "dout": (dout, (*rows, v.shape[-1])),
+        "lse": (lse, rows),
+        "dlse": (dlse, rows),
+    }
+    for name, (x, shape) in expected.items():
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(x.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k, v: dtypes {k.dtype}, {v.dtype} differ from q's {q.dtype}")
+    if allowed is not None and (
+        allowed.dtype != torch.bool or tuple(allowed.shape) != (m, k.shape[-2])
+    ):
+        raise ValueError(
+            f"allowed: expected a bool ({m}, {k.shape[-2]}) mask, got {allowed.dtype} "
+            f"{tuple(allowed.shape)}"
+        )
