@@ -75,4 +75,8 @@ def dilated_backward(
                 )
                 for total, share in zip((dq, dk, dv), grads):
                     total[:, rows, heads] += unblock(share, b)
-    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+    totals, grads = [dq, dk, dv], []
+    del dq, dk, dv
+    while totals:  # cast one at a time, freeing each float32 total: a lower peak
+        grads.append(totals.pop(0).to(q.dtype))
+    return tuple(grads)

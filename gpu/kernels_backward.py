@@ -95,7 +95,9 @@ def attend_backward(
         allowed: ``(M, L)`` bool, True = attend (the ring's MASKED blocks); MATH only.
         dlse: ``(B, H, M)`` gradient of the loss w.r.t. lse; MATH only.
     Returns:
-        ``dq (B, H, M, D)``, ``dk, dv (B, H, L, D)`` in float32 (float64 for float64 input).
+        ``dq (B, H, M, D)``, ``dk, dv (B, H, L, D)``: the fused kernels' own dtype (q's),
+        float32 (float64 for float64 input) from MATH. Callers add them into float32
+        accumulators in place, so no float32 copy of a large block is ever made.
     Raises:
         NotImplementedError: for FLEX, or ``dlse`` with a kernel other than MATH.
         ValueError: bad shapes, ``allowed`` with a kernel other than MATH, or a kernel that
@@ -131,8 +133,7 @@ def attend_backward(
     if kernel is Kernel.MATH:
         return _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse)
     out, dout = out.to(q.dtype), dout.to(q.dtype)
-    grads = _FUSED[kernel](q, k, v, out, lse.to(acc), dout, causal, scale)
-    return tuple(g.to(acc) for g in grads)
+    return _FUSED[kernel](q, k, v, out, lse.to(acc), dout, causal, scale)
 
 
 def backward_kernel(kernel: Kernel, q: torch.Tensor, k: torch.Tensor) -> Kernel:

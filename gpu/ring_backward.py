@@ -78,7 +78,7 @@ class TorchGradParts(TorchParts):
                 dlse=None if self.dlse is None else self.rows_of(self.dlse, rows, heads),
             )
             self._add(self.dq, rows, heads, dq)
-        return tuple(shares)
+        return tuple(x.to(self.grad_dtype) for x in shares)  # dK/dV travel in float32
 
     def _add(self, total: torch.Tensor, rows: range, heads: tuple[int, ...], share) -> None:
         """``total (b, c, h, d)`` at ``rows`` and ``heads`` += ``share (b, H, m, d)``."""
@@ -143,4 +143,4 @@ def ring_backward(
     parts = TorchGradParts(q, k, v, out, lse, plan, config.scale(d), kernel, dout, dlse, *grads)
     relay = GradRelay(comm, plan, parts, trace)
     run_ring(comm, plan, parts, trace, q.element_size(), relay)
-    return tuple(x.to(q.dtype) for x in grads)
+    return tuple(x.to(q.dtype) for x in grads)  # (one shard each: small next to the ring)
