@@ -30,10 +30,12 @@ def parity(nprocs: int, *args: str, timeout: float = 120.0) -> subprocess.Comple
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
 def test_mpi_ring_matches_definition(world_size):
+    """Forward and backward (dK/dV home over MPI) against the definition and the reference."""
     result = parity(world_size, "--cases", "8", "--seed", str(world_size))
     assert result.returncode == 0, result.stdout + result.stderr
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith("PASS parity") and f"world_size={world_size}" in line, line
+    assert "max_grad_error=" in line, line
 
 
 def test_mpi_float32():

@@ -1,4 +1,5 @@
-"""Ring parity on real processes: the per-rank ring under MPI against the definition.
+"""Ring parity on real processes: the per-rank ring under MPI, forward and backward, against
+the definition.
 
 Launch (MPI from the project's own set-up)::
 
@@ -6,8 +7,10 @@ Launch (MPI from the project's own set-up)::
 
 Every rank draws the same random configurations (seeded), runs
 ``ringsim.reference.ring_dilated_attention_shard`` over :class:`ringsim.comm.MPICommunicator`
-on its own shards, and sends its out and lse to rank 0, which compares them with the
-dense-mask definition. Rank 0 prints one line, ``PASS``/``FAIL``, world size, configurations
+on its own shards, then ``ring_dilated_attention_shard_backward`` (dK/dV travel back to
+their owners over MPI too), and sends its out, lse, dq, dk and dv to rank 0, which compares
+out and lse with the dense-mask definition and the gradients with the float64 reference
+backward. Rank 0 prints one line, ``PASS``/``FAIL``, world size, configurations
 and max error; every rank exits non-zero if any case failed. A communication failure (a
 message that never comes, a crashed rank, ranks that disagree) prints one ``FAIL`` line
 from the rank that saw it and aborts every rank.
@@ -27,8 +30,8 @@ import numpy as np
 
 from ringsim.cases import Case, check_cases
 from ringsim.comm import CommError, Fault, FaultKind, FaultyCommunicator, MPICommunicator
-from ringsim.reference import ring_dilated_attention_shard
-from ringsim.reference.parity import check_case
+from ringsim.reference import ring_dilated_attention_shard, ring_dilated_attention_shard_backward
+from ringsim.reference.parity import check_case, check_gradients
 from ringsim.trace import RankTrace, Trace
 
 
@@ -55,25 +58,30 @@ def cases_for(args: argparse.Namespace, world_size: int) -> list[Case]:
     return check_cases(world_size, args.cases, args.seed, fixed=not args.no_fixed)
 
 
+def upstream(case: Case, seed: int, dtype) -> np.ndarray:
+    """The gradient of the loss with respect to out (global, the same on every rank)."""
+    return np.random.default_rng(seed + 10_000).standard_normal(case.shape).astype(dtype)
+
+
 def run_case(comm, case: Case, seed: int, dtype, disagree: bool):
-    """This rank's shard of one case; returns ``(out, lse, trace)``."""
+    """This rank's shard of one case, forward then backward; returns
+    ``(out, lse, (dq, dk, dv), trace)`` (the trace of the forward)."""
     q, k, v = case.inputs(seed, dtype)  # the same global draw on every rank, then sliced
     c = case.seq_len // comm.world_size
     lo = comm.rank * c
     shards = [np.ascontiguousarray(x[:, lo : lo + c]) for x in (q, k, v)]
+    dout = np.ascontiguousarray(upstream(case, seed, dtype)[:, lo : lo + c])
     del q, k, v
     segments = tuple(w + 1 for w in case.segment_lengths) if disagree else case.segment_lengths
     trace = RankTrace(comm.rank)
+    args = (segments, case.dilation_rates)
     out, lse = ring_dilated_attention_shard(
-        *shards,
-        segments,
-        case.dilation_rates,
-        comm=comm,
-        **case.kwargs(),
-        return_lse=True,
-        trace=trace,
+        *shards, *args, comm=comm, **case.kwargs(), return_lse=True, trace=trace
     )
-    return out, lse, trace
+    grads = ring_dilated_attention_shard_backward(
+        *shards, out, lse, dout, *args, comm=comm, **case.kwargs()
+    )
+    return out, lse, grads, trace
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,23 +95,24 @@ def main(argv: list[str] | None = None) -> int:
         comm = FaultyCommunicator(comm, [fault])
     dtype = np.dtype(args.dtype)
     cases = cases_for(args, comm.world_size)
-    lines, worst = [], 0.0
+    lines, worst, worst_grad = [], 0.0, 0.0
     try:
         for i, case in enumerate(cases):
             disagree = args.disagree_rank == comm.rank
-            out, lse, trace = run_case(comm, case, args.seed + i, dtype, disagree)
-            gathered = world.gather((out, lse, trace), root=0)
+            out, lse, grads, trace = run_case(comm, case, args.seed + i, dtype, disagree)
+            gathered = world.gather((out, lse, grads, trace), root=0)
             if comm.rank == 0:
-                outs, lses, traces = zip(*gathered)
+                outs, lses, rank_grads, traces = zip(*gathered)
+                inputs = case.inputs(args.seed + i, dtype)
                 report = check_case(
-                    case,
-                    np.concatenate(outs, axis=1),
-                    np.concatenate(lses, axis=-1),
-                    *case.inputs(args.seed + i, dtype),
+                    case, np.concatenate(outs, axis=1), np.concatenate(lses, axis=-1), *inputs
                 )
+                whole = [np.concatenate([g[j] for g in rank_grads], axis=1) for j in range(3)]
+                dout = upstream(case, args.seed + i, dtype)
+                grad_report = check_gradients(case, whole, *inputs, dout)
                 worst = max(worst, report.out_error, report.lse_error)
-                if not report.ok:
-                    lines.append(report.line())
+                worst_grad = max(worst_grad, *grad_report.errors)
+                lines += [r.line() for r in (report, grad_report) if not r.ok]
                 if i == 0 and args.trace_out:
                     with open(args.trace_out, "w") as f:
                         json.dump(Trace.from_ranks(traces).to_json(), f)
@@ -123,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "FAIL" if failed else "PASS"
         print(
             f"{verdict} parity world_size={comm.world_size} configurations={len(cases)} "
-            f"failed={failed} max_error={worst:.3e} dtype={dtype}",
+            f"failed={failed} max_error={worst:.3e} max_grad_error={worst_grad:.3e} "
+            f"dtype={dtype}",
             flush=True,
         )
     return 1 if failed else 0
