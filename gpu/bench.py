@@ -11,6 +11,8 @@ dilation_rates (1, 2, 4, 8, 16), longnet, causal and not, n = 32K .. 1M. Rows pe
   allocated before the call; the inputs' size is printed once per length);
 - pre-gathered: the same kernel calls on blocks gathered beforehand: ours / pre-gathered
   throughput is the share of time spent in the kernel (target >= 0.8);
+- ours graph: ours with ``cuda_graph=True``, the forward replayed as one CUDA graph
+  (:mod:`ringsim.gpu.graphs`), which removes the launch overhead of short sequences;
 - dense: the same kernel on full ``n x n`` attention, up to ``--dense-max`` (262144);
 - naive and flex: see :mod:`ringsim.gpu.bench_baselines`; their output is compared with
   ours (max abs difference) so that every row computes the same function.
@@ -27,6 +29,7 @@ Writes ``bench.json`` and ``bench.md`` (``bench_smoke.*`` with ``--smoke``) unde
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -43,6 +46,7 @@ from ringsim.config import make_config
 from . import bench_baselines as baselines
 from .check_support import environment, format_table, markdown_table, max_abs_err
 from .dilated import dilated_attention
+from .graphs import clear_graphs
 from .kernels import Kernel, capability, choose_kernel
 
 LENGTHS = (32768, 65536, 131072, 262144, 524288, 1048576)
@@ -191,8 +195,10 @@ def bench_length(n: int, args, problem: dict, device: torch.device, emit) -> Non
         config = make_config(segs, rates, is_causal=causal)
         flops = baselines.useful_flops(config, b, n, h, d)
 
-        def ours_fn(causal=causal):
-            return dilated_attention(q, k, v, segs, rates, is_causal=causal, kernel=kernel)
+        def ours_fn(causal=causal, cuda_graph=False):
+            return dilated_attention(
+                q, k, v, segs, rates, is_causal=causal, kernel=kernel, cuda_graph=cuda_graph
+            )
 
         ours = Result(n, causal, "ours", kernel.value, flops=flops)
         ours_out = measure(ours, ours_fn, device, args.budget, keep=True)
@@ -203,6 +209,17 @@ def bench_length(n: int, args, problem: dict, device: torch.device, emit) -> Non
         ours.status = f"ours/pre {ours.ratio:.2f} (target >= 0.8)"
         emit(ours)
         emit(pre)
+        graphed = Result(n, causal, "ours graph", kernel.value, flops=flops)
+        if device.type == "cuda":  # the same forward replayed as one CUDA graph
+            graph_fn = functools.partial(ours_fn, cuda_graph=True)
+            optional(graphed, lambda f=graph_fn: f, device, args.budget, ours_out)
+            clear_graphs()
+            if graphed.ms is not None:
+                graphed.ratio = pre.ms / graphed.ms
+                graphed.status = f"graph/pre {graphed.ratio:.2f}"
+        else:
+            graphed.status = "skipped: CUDA graphs need a GPU"
+        emit(graphed)
         for name, kname, builder, why in rows:
             result = Result(n, causal, name, kname)
             if name == "dense" and not why and n > args.dense_max:
@@ -290,8 +307,8 @@ def write(args, env: dict, problem: dict, results: list[Result], seconds: float)
 NOTES = [
     "- TFLOP/s: useful FLOPs (4 d per selected query-key pair, causal exact) over the median "
     "time; the dense row counts its own n^2 pairs.",
-    "- ratio: on ours, pre-gathered time / ours time (kernel share, target >= 0.8); on other "
-    "rows, their time / ours time (above 1: ours is faster).",
+    "- ratio: on ours and ours graph, pre-gathered time / their time (kernel share, target "
+    ">= 0.8); on other rows, their time / ours time (above 1: ours is faster).",
     "- peak GiB: max_memory_allocated during one call (after a reset) minus what was allocated "
     "before it: the inputs, ours' output kept for comparison and data prepared outside the "
     "timed region (pre-gathered blocks, transposes, block masks) are not counted.",

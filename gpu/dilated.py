@@ -112,6 +112,7 @@ def dilated_attention(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     kernel: Kernel | str | None = None,
+    cuda_graph: bool = False,
 ):
     """Dilated attention on one device (SPEC 6).
 
@@ -125,6 +126,9 @@ def dilated_attention(
         kernel: a :class:`~ringsim.gpu.kernels.Kernel` to use; by default the fastest that
             can run (:func:`~ringsim.gpu.kernels.choose_kernel`). Asking for one that cannot
             run raises ``ValueError`` with the reason.
+        cuda_graph: replay the forward as a CUDA graph (:mod:`ringsim.gpu.graphs`): one
+            launch instead of hundreds, for short sequences. Forward only, CUDA, aligned
+            configurations; otherwise ``ValueError`` says why.
     Returns:
         out ``(batch, seq_len, num_heads, head_dim)`` in q's dtype [, lse].
     """
@@ -140,6 +144,14 @@ def dilated_attention(
     )
     check_tensor(q)
     chosen = choose_kernel(q, kernel)
+    if cuda_graph:
+        from .graphs import graph_refusal, graphed_forward
+
+        refusal = graph_refusal(q, config, needs_grad(q, k, v))
+        if refusal is not None:
+            raise ValueError(f"cuda_graph: the graphed forward {refusal}")
+        out, lse = graphed_forward(dilated_forward, q, k, v, config, chosen)
+        return (out, lse.transpose(1, 2)) if return_lse else out
     check_gradients(q, k, v, chosen)
     from .autograd import DilatedFunction
 

@@ -180,3 +180,36 @@ def test_backward_of_one_query_one_key_blocks(kernel):
     got = attend_backward(q, k, v, out, lse, dout, causal=True, scale=scale, kernel=kernel)
     assert torch.allclose(got[2].float(), dout.float(), atol=1e-2)  # one key: dv = dout
     assert got[0].abs().max() < 1e-2 and got[1].abs().max() < 1e-2  # P = 1 exactly: dS = 0
+
+
+def test_cuda_graph_forward_equals_eager_and_takes_new_inputs():
+    """The graphed forward replays the eager one (same kernels, same order): equal results,
+    fresh ones for new inputs, and clones that a later replay does not overwrite."""
+    from ringsim.gpu.graphs import clear_graphs
+
+    args = ((256, 512, 1024), (1, 2, 4))
+    shape = (1, 1024, 8, 64)
+    runs = []
+    for seed in (51, 52):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        q, k, v = (
+            torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in "qkv"
+        )
+        eager = dilated_attention(q, k, v, *args, is_causal=True, return_lse=True)
+        graphed = dilated_attention(
+            q, k, v, *args, is_causal=True, return_lse=True, cuda_graph=True
+        )
+        runs.append((eager, graphed))
+    for eager, graphed in runs:  # the first run's clones survive the second replay
+        assert torch.equal(eager[0], graphed[0]) and torch.equal(eager[1], graphed[1])
+    assert not torch.equal(runs[0][1][0], runs[1][1][0])
+    clear_graphs()
+
+
+def test_cuda_graph_refuses_what_it_cannot_capture():
+    q = torch.randn(1, 1000, 4, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"cuda_graph: .* aligned configuration"):
+        dilated_attention(q, q, q, (300,), (1,), cuda_graph=True)  # ragged: 300 ∤ 1000
+    x = q[:, :512].clone().requires_grad_()
+    with pytest.raises(ValueError, match=r"cuda_graph: .* forward only"):
+        dilated_attention(x, x, x, (256,), (1,), cuda_graph=True)
