@@ -7,6 +7,9 @@ explicitly so an empty row never becomes NaN, and NaN inputs still propagate (SP
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 
 
@@ -40,13 +43,47 @@ def _weight_and_lse(lse: torch.Tensor, block_lse: torch.Tensor):
     return weight, new_lse
 
 
+def fused_merge_reason(out: torch.Tensor, block_out: torch.Tensor) -> str | None:
+    """Why :func:`merge_` cannot use the Triton kernel of :mod:`ringsim.gpu.merge_triton`
+    for these tensors (None: it can). Decided up front, never by catching an error."""
+    if not out.is_cuda:
+        return "the fused merge runs on CUDA only"
+    if out.dtype != torch.float32 or out.dim() != 4:
+        return "the fused merge takes float32 (B, H, M, D) accumulators"
+    if out.stride(-1) != 1 or block_out.stride(-1) != 1 or out.shape[-1] > 256:
+        return "the fused merge needs a contiguous last dim of at most 256"
+    if not _has_triton():
+        return "Triton is not installed"
+    return None
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def merge_(
     out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
 ) -> None:
     """:func:`merge` in place, into ``out (..., M, D)`` and ``lse (..., M)`` (views allowed).
 
-    ``out -= s * (out - block_out)`` is ``out.lerp_(block_out, s)``: one pass over ``out``.
+    On CUDA with float32 ``(B, H, M, D)`` accumulators, one Triton kernel does it all,
+    reading the block in its own dtype (:mod:`ringsim.gpu.merge_triton`); elsewhere
+    ``out -= s * (out - block_out)`` is ``out.lerp_(block_out, s)``, one pass over ``out``
+    after a copy of the block in out's dtype.
     """
+    if fused_merge_reason(out, block_out) is None:
+        from .merge_triton import fused_merge_
+
+        fused_merge_(out, lse, block_out, block_lse)
+    else:
+        lerp_merge_(out, lse, block_out, block_lse)
+
+
+def lerp_merge_(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> None:
+    """:func:`merge_` with torch ops: the weights, then ``out.lerp_(block_out, s)``."""
     weight, new_lse = _weight_and_lse(lse, block_lse.to(lse.dtype))
     out.lerp_(block_out.to(out.dtype), weight[..., None].to(out.dtype))
     lse.copy_(new_lse)

@@ -213,3 +213,35 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
     x = q[:, :512].clone().requires_grad_()
     with pytest.raises(ValueError, match=r"cuda_graph: .* forward only"):
         dilated_attention(x, x, x, (256,), (1,), cuda_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 72])
+def test_fused_merge_equals_the_torch_merge(dtype, head_dim):
+    """The Triton merge against ``lerp_merge_`` on strided views of float32 accumulators,
+    with rows empty in the block, empty so far, empty in both, and a NaN row."""
+    from ringsim.gpu.merge import fused_merge_reason, lerp_merge_
+    from ringsim.gpu.merge_triton import fused_merge_
+
+    gen = torch.Generator(device="cuda").manual_seed(head_dim)
+    b, n, h, d = 2, 96, 6, head_dim
+    out = torch.randn(b, n, h, d, generator=gen, device="cuda")
+    lse = 3 * torch.randn(b, n, h, generator=gen, device="cuda")
+    lse[:, 5], lse[:, 7] = -math.inf, -math.inf  # empty so far
+    view = lambda x: x.view(b, n // 2, 2, h, *x.shape[3:])[:, :, 1, ::2].transpose(1, 2)  # noqa: E731
+    shape = view(out).shape
+    block_out = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+    block_lse = 3 * torch.randn(shape[:3], generator=gen, device="cuda")
+    block_lse[:, :, 3] = -math.inf  # row 7 of out (view row 3): empty in both
+    block_lse[:, :, 10] = -math.inf  # empty in the block only
+    block_lse[:, :, 12] = math.nan
+    assert fused_merge_reason(view(out), block_out) is None
+    want_out, want_lse = out.clone(), lse.clone()
+    lerp_merge_(view(want_out), view(want_lse), block_out, block_lse)
+    fused_merge_(view(out), view(lse), block_out, block_lse)
+    assert torch.equal(torch.isnan(out), torch.isnan(want_out))
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    finite = ~torch.isnan(want_out)
+    assert (out[finite] - want_out[finite]).abs().max() < 1e-5
+    same = torch.isfinite(want_lse)
+    assert (lse[same] - want_lse[same]).abs().max() < 1e-5
