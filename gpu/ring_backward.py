@@ -42,10 +42,6 @@ class TorchGradParts(TorchParts):
     def grad_dtype(self) -> torch.dtype:
         return self.dq.dtype
 
-    @property
-    def grad_itemsize(self) -> int:
-        return self.dq.element_size()
-
     def rows_of(self, x: torch.Tensor, rows: range, heads: tuple[int, ...]) -> torch.Tensor:
         """``x (b, c, h)`` -> the rows and heads as ``(b, H, m)`` contiguous."""
         return x[:, self.local(rows)][:, :, list(heads)].transpose(1, 2).contiguous()

@@ -48,10 +48,6 @@ class NumpyGradParts(NumpyParts):
     def grad_dtype(self):
         return self.q.dtype
 
-    @property
-    def grad_itemsize(self) -> int:
-        return self.q.dtype.itemsize
-
     def _local(self, rows: range) -> np.ndarray:
         return positions(rows) - self.plan.shard.start
 

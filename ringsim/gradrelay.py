@@ -10,7 +10,7 @@ the block's owner, so they travel with the block, one accumulator per held block
 2. groups of the block that move on at step t+1 send their accumulator along, to the same
    rank as the K/V (tag ``grad_tag``, float32 or wider);
 3. groups whose block stops here (the plan's ``returns``) send it straight back to the
-   owner; at the owner, a block that never leaves is added at once;
+   owner; groups of the owner's block that never leave it are added at once;
 4. the owner adds every returned accumulator into its dk, dv.
 
 The K/V of step t+1 are posted before computing step t (overlap, as in the forward); the
@@ -41,7 +41,6 @@ class GradParts(Protocol):
     """A backend's pieces of the backward ring, besides :class:`ringsim.ringloop.RingParts`."""
 
     grad_dtype: object
-    grad_itemsize: int
 
     def message(self, block: Payload, transfer: Transfer) -> Payload: ...
 
@@ -88,22 +87,15 @@ class GradRelay:
             else:
                 acc[t.subring.index] = self.parts.add(acc[t.subring.index], payload)
         nxt = self.plan.steps[index + 1] if index + 1 < len(self.plan.steps) else None
-        onward = {t.subring.index: t for t in (nxt.sends if nxt else ())}
-        for task in step.tasks:  # 3. an own block that never leaves is added at once
-            if task.source_rank == self.plan.rank and task.subring.index in acc:
-                moving = onward.get(task.subring.index)
-                rows = tuple(
-                    k if moving is None or not len(moving.rows[g]) else k[:0]
-                    for g, k in enumerate(task.k_rows)
-                )
-                if any(rows):
-                    here = Transfer(step.step, task.subring, *(self.plan.rank,) * 3, rows)
-                    self.parts.add_home(self.parts.message(acc[task.subring.index], here), here)
-        returns = [t for t in self.plan.returns if t.step == step.step]
-        sends = [(t, ONWARD) for t in onward.values()]  # 2. and 3.
-        sends += [(t, RETURN) for t in returns if t.send_rank == self.plan.rank]
+        sends = [(t, ONWARD) for t in (nxt.sends if nxt else ())]  # 2. on with the blocks
         recvs = list(nxt.recvs if nxt else ())
-        recvs += [t for t in returns if t.recv_rank == self.plan.rank]
+        for t in (t for t in self.plan.returns if t.step == step.step):  # 3. home
+            if t.send_rank == t.recv_rank:  # a block that never left: added in place
+                self.parts.add_home(self.parts.message(acc[t.subring.index], t), t)
+            elif t.send_rank == self.plan.rank:
+                sends.append((t, RETURN))
+            else:
+                recvs.append(t)
         self._post(step.step + 1, [(t, kind, acc[t.subring.index]) for t, kind in sends], recvs)
 
     def finish(self) -> None:

@@ -28,7 +28,8 @@ not sent.
 Backward (``returns``): the gradients dK/dV of a block travel with it and, once the block
 stops (per pattern group, at its last useful place), go straight back to its owner: one
 *return* transfer per block and stopping place. Non-causal, the last place is the owner's
-ring neighbour; causal, every block stops at place g-1.
+ring neighbour; causal, every block stops at place g-1. Groups that never leave their
+owner "return" at step 0 from the owner to itself: nothing is sent, the owner adds them.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ class RankPlan:
 
     ``returns`` (backward only) are the return transfers this rank sends or receives: at the
     end of step ``t.step``, ``t.send_rank`` sends the dK/dV of ``t.source_rank``'s block,
-    for the groups with rows in ``t.rows``, back to their owner ``t.recv_rank``.
+    for the groups with rows in ``t.rows``, back to their owner ``t.recv_rank`` (at step 0
+    sender and owner are one rank: the groups that never leave it, added in place).
     """
 
     rank: int
@@ -254,7 +256,7 @@ def _subring_schedule(
                     actions[h],
                 )
             )
-        for h in range(1, g):  # backward: each group's dK/dV goes home from its last place
+        for h in range(g):  # backward: each group's dK/dV goes home from its last place
             back = tuple(k if last_hop[gi] == h else k[:0] for gi, k in enumerate(k_rows))
             if any(back):
                 owner, holder = subring.rank_at(source), subring.rank_at(source + h)
