@@ -39,7 +39,7 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def check_gradients(q, k, v, kernel: Kernel) -> None:
+def check_differentiable(q, k, v, kernel: Kernel) -> None:
     """Refuse, before any work, a backward pass the kernel cannot run: FlexAttention has no
     backward that takes an external lse (:func:`~ringsim.gpu.kernels_backward.attend_backward`)."""
     if needs_grad(q, k, v) and kernel is Kernel.FLEX:
@@ -152,7 +152,7 @@ def dilated_attention(
             raise ValueError(f"cuda_graph: the graphed forward {refusal}")
         out, lse = graphed_forward(dilated_forward, q, k, v, config, chosen)
         return (out, lse.transpose(1, 2)) if return_lse else out
-    check_gradients(q, k, v, chosen)
+    check_differentiable(q, k, v, chosen)
     from .autograd import DilatedFunction
 
     out, lse = DilatedFunction.apply(q, k, v, config, chosen)

@@ -11,6 +11,8 @@ within one call, so nothing is lost.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ringsim.batches import row_batches
@@ -47,36 +49,31 @@ def dilated_backward(
     acc = accumulator_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(b, n, h, d, dtype=acc, device=q.device) for _ in range(3))
     common = dict(causal=config.is_causal, scale=config.scale(d), kernel=kernel)
+    inputs = (q, k, v, out, lse, dout, dlse)
     for groups in pair_groups(config, h):
         if all(is_strided(g, n) for g in groups):  # aligned: views in, views out
             for g in groups:
-                grads = attend_backward(
-                    *(group_blocks(x, g, n) for x in (q, k, v, out)),
-                    group_blocks(lse, g, n).contiguous(),
-                    group_blocks(dout, g, n),
-                    dlse=None if dlse is None else group_blocks(dlse, g, n).contiguous(),
-                    **common,
-                )
-                for total, share in zip((dq, dk, dv), grads):
-                    group_blocks(total, g, n).add_(share)
+                blocks = functools.partial(group_blocks, group=g, seq_len=n)
+                for total, share in zip((dq, dk, dv), _block_grads(blocks, *inputs, common)):
+                    blocks(total).add_(share)
         else:  # ragged: gather the rows of each row batch, add back at the same rows
             for batch in row_batches(groups, n):
                 rows, heads = batch_index(batch, 0, q.device)
-
-                def blocks(x, batch=batch, rows=rows, heads=heads):
-                    return batch_blocks(x, batch, rows, heads)
-
-                grads = attend_backward(
-                    *(blocks(x) for x in (q, k, v, out)),
-                    blocks(lse).contiguous(),
-                    blocks(dout),
-                    dlse=None if dlse is None else blocks(dlse).contiguous(),
-                    **common,
-                )
-                for total, share in zip((dq, dk, dv), grads):
+                blocks = functools.partial(batch_blocks, batch=batch, rows=rows, heads=heads)
+                for total, share in zip((dq, dk, dv), _block_grads(blocks, *inputs, common)):
                     total[:, rows, heads] += unblock(share, b)
-    totals, grads = [dq, dk, dv], []
-    del dq, dk, dv
-    while totals:  # cast one at a time, freeing each float32 total: a lower peak
-        grads.append(totals.pop(0).to(q.dtype))
-    return tuple(grads)
+    totals = [dq, dk, dv]
+    del dq, dk, dv  # cast one at a time, freeing each float32 total: a lower peak
+    return tuple(totals.pop(0).to(q.dtype) for _ in range(3))
+
+
+def _block_grads(blocks, q, k, v, out, lse, dout, dlse, common: dict):
+    """``attend_backward`` of the blocks ``blocks(x)`` selects from each full tensor (the
+    lse and dlse blocks made contiguous: kernels read them densely)."""
+    return attend_backward(
+        *(blocks(x) for x in (q, k, v, out)),
+        blocks(lse).contiguous(),
+        blocks(dout),
+        dlse=None if dlse is None else blocks(dlse).contiguous(),
+        **common,
+    )

@@ -90,15 +90,20 @@ def capability(kernel: Kernel, q: torch.Tensor) -> str | None:
 PREFERENCE = (Kernel.FLASH, Kernel.CUDNN, Kernel.EFFICIENT, Kernel.MATH)
 
 
+def as_kernel(requested: Kernel | str) -> Kernel:
+    """``requested`` as a :class:`Kernel`; ``ValueError`` naming the choices otherwise."""
+    try:
+        return Kernel(requested)
+    except ValueError:
+        names = ", ".join(k.value for k in Kernel)
+        raise ValueError(f"kernel: must be one of {names}, got {requested!r}") from None
+
+
 def choose_kernel(q: torch.Tensor, requested: Kernel | str | None = None) -> Kernel:
     """The kernel for tensors like ``q``: ``requested`` if it can run (else ``ValueError``
     with the reason), otherwise the first of :data:`PREFERENCE` that can."""
     if requested is not None:
-        try:
-            kernel = Kernel(requested)
-        except ValueError:
-            names = ", ".join(k.value for k in Kernel)
-            raise ValueError(f"kernel: must be one of {names}, got {requested!r}") from None
+        kernel = as_kernel(requested)
         reason = capability(kernel, q)
         if reason is not None:
             raise ValueError(f"kernel: {kernel.value} cannot run here: {reason}")

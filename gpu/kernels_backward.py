@@ -56,7 +56,7 @@ import os
 
 import torch
 
-from .kernels import Kernel, capability
+from .kernels import Kernel, as_kernel, choose_kernel
 from .merge import accumulator_dtype
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -103,7 +103,7 @@ def attend_backward(
         ValueError: bad shapes, ``allowed`` with a kernel other than MATH, or a kernel that
             cannot run on these tensors.
     """
-    kernel = _as_kernel(kernel)
+    kernel = as_kernel(kernel)
     _check_shapes(q, k, v, out, lse, dout, allowed, dlse)
     if kernel is Kernel.FLEX:
         raise NotImplementedError(
@@ -118,9 +118,7 @@ def attend_backward(
             raise NotImplementedError(
                 f"dlse: kernel {kernel.value} cannot add a gradient w.r.t. lse; use kernel='math'"
             )
-        reason = capability(kernel, q)
-        if reason is not None:
-            raise ValueError(f"kernel: {kernel.value} cannot run here: {reason}")
+        choose_kernel(q, kernel)  # ValueError with the reason if it cannot run on q
         if causal and q.shape[-2] != k.shape[-2]:  # flash aligns a non-square mask bottom-right
             raise ValueError(f"causal: needs a square block, got M={q.shape[-2]}, L={k.shape[-2]}")
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -233,14 +231,6 @@ def _layout_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     order = sorted(range(ref.dim()), key=lambda i: -ref.stride(i))  # outermost first
     inverse = [order.index(i) for i in range(ref.dim())]
     return x.permute(order).contiguous().permute(inverse)
-
-
-def _as_kernel(kernel: Kernel | str) -> Kernel:
-    try:
-        return Kernel(kernel)
-    except ValueError:
-        names = ", ".join(k.value for k in Kernel)
-        raise ValueError(f"kernel: must be one of {names}, got {kernel!r}") from None
 
 
 def _check_shapes(q, k, v, out, lse, dout, allowed, dlse) -> None:

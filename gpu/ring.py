@@ -21,7 +21,7 @@ from ringsim.plan import BlockAction, RankPlan, Task, Transfer, rank_plan
 from ringsim.ringloop import run_ring
 from ringsim.trace import RankTrace
 
-from .dilated import check_gradients, check_tensor
+from .dilated import check_differentiable, check_tensor
 from .kernels import Kernel, attend, choose_kernel, math_attention
 from .merge import accumulator_dtype, merge_into
 
@@ -44,7 +44,8 @@ class TorchParts:
         return torch.arange(rows.start - start, rows.stop - start, rows.step, device=self.q.device)
 
     def select(self, x: torch.Tensor, rows: range, heads: tuple[int, ...]) -> torch.Tensor:
-        """``x (b, c, h, d)`` -> the rows and heads, as ``(b, H, m, d)`` contiguous."""
+        """``x (b, c, h, *rest)`` -> the rows and heads, as ``(b, H, m, *rest)`` contiguous
+        (q, k, v, out: ``(b, H, m, d)``; lse ``(b, c, h)``: ``(b, H, m)``)."""
         return x[:, self.local(rows)][:, :, list(heads)].transpose(1, 2).contiguous()
 
     def own_block(self, task: Task) -> Payload:
@@ -157,7 +158,7 @@ def ring_dilated_attention(
         check_array=check_tensor,
     )
     chosen = choose_kernel(q, kernel)
-    check_gradients(q, k, v, chosen)
+    check_differentiable(q, k, v, chosen)
     from .autograd import RingFunction
 
     out, lse = RingFunction.apply(q, k, v, config, comm, chosen, trace, backward_trace)

@@ -42,10 +42,6 @@ class TorchGradParts(TorchParts):
     def grad_dtype(self) -> torch.dtype:
         return self.dq.dtype
 
-    def rows_of(self, x: torch.Tensor, rows: range, heads: tuple[int, ...]) -> torch.Tensor:
-        """``x (b, c, h)`` -> the rows and heads as ``(b, H, m)`` contiguous."""
-        return x[:, self.local(rows)][:, :, list(heads)].transpose(1, 2).contiguous()
-
     def attend(self, block: Payload, task: Task) -> Payload:
         """Kernel backward of every pattern group: dq here, the dK/dV share returned."""
         groups = self.plan.groups[task.subring.pair]
@@ -65,13 +61,13 @@ class TorchGradParts(TorchParts):
                 block[g],
                 block[len(groups) + g],
                 self.select(self.out, rows, heads),
-                self.rows_of(self.lse, rows, heads),
+                self.select(self.lse, rows, heads),
                 self.select(self.dout, rows, heads),
                 causal=action is not BlockAction.FULL,
                 scale=self.scale,
                 kernel=Kernel.MATH if allowed is not None else self.kernel,
                 allowed=allowed,
-                dlse=None if self.dlse is None else self.rows_of(self.dlse, rows, heads),
+                dlse=None if self.dlse is None else self.select(self.dlse, rows, heads),
             )
             self._add(self.dq, rows, heads, dq)
         return tuple(x.to(self.grad_dtype) for x in shares)  # dK/dV travel in float32

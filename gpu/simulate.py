@@ -8,7 +8,7 @@ from ringsim.config import validate
 from ringsim.trace import Trace
 
 from .autograd import SimulatedRingFunction
-from .dilated import check_gradients, check_tensor
+from .dilated import check_differentiable, check_tensor
 from .kernels import Kernel, choose_kernel
 
 
@@ -57,7 +57,7 @@ def simulated_ring_dilated_attention(
     )
     check_tensor(q)
     chosen = choose_kernel(q, kernel)
-    check_gradients(q, k, v, chosen)
+    check_differentiable(q, k, v, chosen)
     traces: list[Trace] = []
     out, lse = SimulatedRingFunction.apply(
         q, k, v, config, world_size, chosen, timeout, traces if return_trace else None

@@ -15,7 +15,7 @@ from ringsim.batches import row_batches  # noqa: E402
 from ringsim.cases import fixed_cases, random_case  # noqa: E402
 from ringsim.config import make_config  # noqa: E402
 from ringsim.gpu import Kernel, choose_kernel, dilated_attention  # noqa: E402
-from ringsim.gpu.dilated import check_gradients  # noqa: E402
+from ringsim.gpu.dilated import check_differentiable  # noqa: E402
 from ringsim.gpu.kernels import attend, math_attention  # noqa: E402
 from ringsim.gpu.merge import merge  # noqa: E402
 from ringsim.plan import pair_groups  # noqa: E402
@@ -235,7 +235,7 @@ def test_flex_gradients_are_refused_before_any_work():
     without gradients it is fine."""
     q, k, v = (torch.randn(1, 16, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     with pytest.raises(NotImplementedError, match="kernel: flex has no backward"):
-        check_gradients(q, k, v, Kernel.FLEX)
+        check_differentiable(q, k, v, Kernel.FLEX)
     with torch.no_grad():
-        check_gradients(q, k, v, Kernel.FLEX)
-    check_gradients(q, k, v, Kernel.FLASH_CPU)
+        check_differentiable(q, k, v, Kernel.FLEX)
+    check_differentiable(q, k, v, Kernel.FLASH_CPU)
