@@ -255,12 +255,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse(argv)
-    if not args.smoke and not torch.cuda.is_available():
-        print("ringsim.gpu.bench: no CUDA device; run with --smoke on a CPU", file=sys.stderr)
-        return 2
-    device = torch.device("cpu" if args.smoke else "cuda")
+def problem_of(args) -> dict:
+    """The benchmark problem (the module docstring's, tiny with ``--smoke``, ``--lengths``
+    applied); also fills in ``args.budget`` (0.5 s per row, 0 with ``--smoke``)."""
     if args.budget is None:
         args.budget = 0.0 if args.smoke else 0.5
     problem = dict(h=16, d=128, segments=SEGMENTS, rates=RATES, lengths=LENGTHS)
@@ -268,6 +265,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lengths:
         problem["lengths"] = tuple(int(x) for x in args.lengths.split(","))
     problem["dtype"] = torch.float32 if args.smoke else torch.bfloat16
+    return problem
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("ringsim.gpu.bench: no CUDA device; run with --smoke on a CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.smoke else "cuda")
+    problem = problem_of(args)
     env = environment(device)
     print(f"ringsim.gpu.bench on {env['device']}, torch {env['torch']}, CUDA {env['cuda']}")
     print(f"problem: b=1 {problem} longnet", flush=True)

@@ -38,7 +38,7 @@ from ringsim.config import make_config
 
 from . import bench_baselines as baselines
 from .autograd import SimulatedRingFunction
-from .bench import LENGTHS, RATES, SEGMENTS, SMOKE, free, median_ms, sync
+from .bench import free, median_ms, problem_of, sync
 from .check_support import environment, format_table, markdown_table
 from .dilated import dilated_attention
 from .kernels import attend, choose_kernel
@@ -175,13 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ringsim.gpu.bench_backward: no CUDA device; use --smoke", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.smoke else "cuda")
-    problem = dict(h=16, d=128, segments=SEGMENTS, rates=RATES, lengths=LENGTHS)
-    problem.update(SMOKE if args.smoke else {})
-    if args.lengths:
-        problem["lengths"] = tuple(int(x) for x in args.lengths.split(","))
-    problem["dtype"] = torch.float32 if args.smoke else torch.bfloat16
-    if args.budget is None:
-        args.budget = 0.0 if args.smoke else 0.5
+    problem = problem_of(args)
     if args.smoke:
         args.ring_n, args.max_n = 256, 0
     env = environment(device)

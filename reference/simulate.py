@@ -22,9 +22,10 @@ from .ring import ring_dilated_attention_shard
 from .ring_backward import ring_dilated_attention_shard_backward
 
 
-def shard(x: np.ndarray, world_size: int) -> list[np.ndarray]:
-    """Contiguous copies of ``x``'s seq_len axis, one per rank: ``(b, n/P, h, d)`` each."""
-    return [np.ascontiguousarray(s) for s in np.split(x, world_size, axis=1)]
+def shard(x: np.ndarray, world_size: int, axis: int = 1) -> list[np.ndarray]:
+    """Contiguous copies of ``x``'s seq_len axis (1, or -1 for an lse ``(b, h, n)``), one
+    per rank: ``(b, n/P, h, d)`` (or ``(b, h, n/P)``) each."""
+    return [np.ascontiguousarray(s) for s in np.split(x, world_size, axis=axis)]
 
 
 def ring_dilated_attention(
@@ -142,13 +143,9 @@ def ring_dilated_attention_backward(
     check_float(q)
     check_backward_inputs(q, out, lse, dout, dlse)
     per_rank = [shard(x, world_size) for x in (q, k, v, out)]
-    per_rank.append([np.ascontiguousarray(s) for s in np.split(lse, world_size, axis=-1)])
+    per_rank.append(shard(lse, world_size, axis=-1))
     per_rank.append(shard(dout, world_size))
-    dlse_shards = (
-        [None] * world_size
-        if dlse is None
-        else [np.ascontiguousarray(s) for s in np.split(dlse, world_size, axis=-1)]
-    )
+    dlse_shards = [None] * world_size if dlse is None else shard(dlse, world_size, axis=-1)
     shards = list(zip(*per_rank))
     del q, k, v, out, lse, dout, dlse  # from here on, every array a rank touches is its own
 

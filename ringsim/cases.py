@@ -42,6 +42,12 @@ class Case:
         rng = np.random.default_rng(self.seed if seed is None else seed)
         return tuple(rng.standard_normal(self.shape).astype(dtype) for _ in range(3))
 
+    def upstream(self, seed: int | None = None, dtype=np.float64) -> np.ndarray:
+        """A unit-normal gradient of the loss with respect to out, ``(b, n, h, d)``, for the
+        inputs of ``inputs(seed)`` (its own stream: seed + 10000)."""
+        rng = np.random.default_rng((self.seed if seed is None else seed) + 10_000)
+        return rng.standard_normal(self.shape).astype(dtype)
+
     def describe(self) -> str:
         causal = "causal" if self.is_causal else "full"
         scale = "" if self.softmax_scale is None else f" scale={self.softmax_scale}"

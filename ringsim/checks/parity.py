@@ -58,11 +58,6 @@ def cases_for(args: argparse.Namespace, world_size: int) -> list[Case]:
     return check_cases(world_size, args.cases, args.seed, fixed=not args.no_fixed)
 
 
-def upstream(case: Case, seed: int, dtype) -> np.ndarray:
-    """The gradient of the loss with respect to out (global, the same on every rank)."""
-    return np.random.default_rng(seed + 10_000).standard_normal(case.shape).astype(dtype)
-
-
 def run_case(comm, case: Case, seed: int, dtype, disagree: bool):
     """This rank's shard of one case, forward then backward; returns
     ``(out, lse, (dq, dk, dv), trace)`` (the trace of the forward)."""
@@ -70,7 +65,7 @@ def run_case(comm, case: Case, seed: int, dtype, disagree: bool):
     c = case.seq_len // comm.world_size
     lo = comm.rank * c
     shards = [np.ascontiguousarray(x[:, lo : lo + c]) for x in (q, k, v)]
-    dout = np.ascontiguousarray(upstream(case, seed, dtype)[:, lo : lo + c])
+    dout = np.ascontiguousarray(case.upstream(seed, dtype)[:, lo : lo + c])
     del q, k, v
     segments = tuple(w + 1 for w in case.segment_lengths) if disagree else case.segment_lengths
     trace = RankTrace(comm.rank)
@@ -108,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     case, np.concatenate(outs, axis=1), np.concatenate(lses, axis=-1), *inputs
                 )
                 whole = [np.concatenate([g[j] for g in rank_grads], axis=1) for j in range(3)]
-                dout = upstream(case, args.seed + i, dtype)
+                dout = case.upstream(args.seed + i, dtype)
                 grad_report = check_gradients(case, whole, *inputs, dout)
                 worst = max(worst, report.out_error, report.lse_error)
                 worst_grad = max(worst_grad, *grad_report.errors)
