@@ -27,11 +27,21 @@ from .ring import ring_forward
 from .ring_backward import ring_backward
 
 
-def _grads_in(dout, dlse, out):
-    """Autograd's incoming gradients, as the backward functions take them: dout contiguous
-    (zeros when only lse was used), dlse ``(b, n, h)`` contiguous or None."""
+def _keep(ctx, q, k, v, out, lse):
+    """Save what every backward needs; returns out and lse in the public ``(b, h, n)``
+    layout (the accumulator ``lse (b, n, h)`` is what is kept)."""
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.set_materialize_grads(False)
+    return out, lse.transpose(1, 2)
+
+
+def _restore(ctx, dout, dlse):
+    """``(q, k, v, out, lse, dout, dlse)`` as the backward functions take them: dout
+    contiguous (zeros when only lse was used), dlse ``(b, n, h)`` contiguous or None."""
+    q, k, v, out, lse = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-    return dout, None if dlse is None else dlse.transpose(1, 2).contiguous()
+    dlse = None if dlse is None else dlse.transpose(1, 2).contiguous()
+    return q, k, v, out, lse, dout, dlse
 
 
 class DilatedFunction(torch.autograd.Function):
@@ -40,18 +50,13 @@ class DilatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, config: DilatedConfig, kernel: Kernel):
         """:func:`~ringsim.gpu.dilated.dilated_forward`; keeps q, k, v, out and lse."""
-        out, lse = dilated_forward(q, k, v, config, kernel)
-        ctx.save_for_backward(q, k, v, out, lse)
         ctx.config, ctx.kernel = config, kernel
-        ctx.set_materialize_grads(False)
-        return out, lse.transpose(1, 2)
+        return _keep(ctx, q, k, v, *dilated_forward(q, k, v, config, kernel))
 
     @staticmethod
     def backward(ctx, dout, dlse):
         """:func:`~ringsim.gpu.dilated_backward.dilated_backward`: dq, dk, dv."""
-        q, k, v, out, lse = ctx.saved_tensors
-        dout, dlse = _grads_in(dout, dlse, out)
-        grads = dilated_backward(q, k, v, out, lse, dout, dlse, ctx.config, ctx.kernel)
+        grads = dilated_backward(*_restore(ctx, dout, dlse), ctx.config, ctx.kernel)
         return (*grads, None, None)
 
 
@@ -61,20 +66,15 @@ class RingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, config, comm, kernel, trace, backward_trace):
         """:func:`~ringsim.gpu.ring.ring_forward` on this rank; keeps q, k, v, out and lse."""
-        out, lse = ring_forward(q, k, v, config, comm, kernel, trace)
-        ctx.save_for_backward(q, k, v, out, lse)
         ctx.config, ctx.comm, ctx.kernel = config, comm, kernel
         ctx.trace = backward_trace if backward_trace is not None else RankTrace(comm.rank)
-        ctx.set_materialize_grads(False)
-        return out, lse.transpose(1, 2)
+        return _keep(ctx, q, k, v, *ring_forward(q, k, v, config, comm, kernel, trace))
 
     @staticmethod
     def backward(ctx, dout, dlse):
         """:func:`~ringsim.gpu.ring_backward.ring_backward` on this rank: dq, dk, dv."""
-        q, k, v, out, lse = ctx.saved_tensors
-        dout, dlse = _grads_in(dout, dlse, out)
         grads = ring_backward(
-            q, k, v, out, lse, dout, dlse, ctx.config, ctx.comm, ctx.kernel, ctx.trace
+            *_restore(ctx, dout, dlse), ctx.config, ctx.comm, ctx.kernel, ctx.trace
         )
         return (*grads, None, None, None, None, None)
 
@@ -103,19 +103,16 @@ class SimulatedRingFunction(torch.autograd.Function):
             traces.append(trace)
         out = torch.cat([r[0] for r in results], dim=1)
         lse = torch.cat([r[1] for r in results], dim=1)  # (b, n, h)
-        ctx.save_for_backward(q, k, v, out, lse)
         ctx.config, ctx.world_size, ctx.kernel = config, world_size, kernel
         ctx.timeout, ctx.traces = timeout, traces
-        ctx.set_materialize_grads(False)
-        return out, lse.transpose(1, 2)
+        return _keep(ctx, q, k, v, out, lse)
 
     @staticmethod
     def backward(ctx, dout, dlse):
         """Every virtual rank's backward ring in the cluster's threads: dq, dk, dv."""
-        q, k, v, out, lse = ctx.saved_tensors
-        dout, dlse = _grads_in(dout, dlse, out)
+        *tensors, dlse = _restore(ctx, dout, dlse)
         p = ctx.world_size
-        shards = list(zip(*(_shards(x, p) for x in (q, k, v, out, lse, dout))))
+        shards = list(zip(*(_shards(x, p) for x in tensors)))
         dlse_shards = [None] * p if dlse is None else _shards(dlse, p)
 
         def run_rank(comm, trace):
