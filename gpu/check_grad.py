@@ -17,18 +17,11 @@ import functools
 
 import torch
 
-from ringsim.tolerance import dtype_name, low_precision_bound, tolerance
+from ringsim.tolerance import dtype_name, tolerance
 
-from .check_support import Row, draw, is_low_precision, max_abs_err, naive_dilated
+from .check_support import Row, bounds, draw, is_low_precision, max_abs_err, naive_dilated
 from .dilated import dilated_attention
 from .kernels import Kernel
-
-
-def grad_bounds(dtype: torch.dtype, naive: tuple[float, float]) -> tuple[float, float]:
-    """SPEC 9 for gradients: fixed for float32/64, else 3x the naive same-dtype error."""
-    if is_low_precision(dtype):
-        return tuple(low_precision_bound(e, "grad") for e in naive)  # type: ignore[return-value]
-    return tolerance(dtype), tolerance(dtype)
 
 
 def gradients(run, x, dout) -> tuple[torch.Tensor, ...]:
@@ -65,7 +58,7 @@ def grad_rows(plan, able: dict, rows: list[Row], ring, emit) -> None:
             base = (0.0, 0.0)
             if is_low_precision(dtype):
                 base = errors(gradients(functools.partial(naive, **kw, dense=False), x, dout), ref)
-            bound, name = grad_bounds(dtype, base), dtype_name(dtype)
+            bound, name = bounds(dtype, *base, kind="grad"), dtype_name(dtype)
             kernels = [kn for kn in Kernel if kn is not Kernel.FLEX and not able[(kn, dtype)]]
             for kernel in kernels:
                 run = functools.partial(_single, args, kw, kernel)

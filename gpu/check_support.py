@@ -165,10 +165,11 @@ def is_low_precision(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def bounds(dtype: torch.dtype, naive_out: float, naive_lse: float) -> tuple[float, float]:
-    """SPEC 9: fixed for float32/64, else 2x the naive same-dtype error + 1e-6 (out and lse)."""
+def bounds(dtype: torch.dtype, naive_a: float, naive_b: float, kind: str = "out"):
+    """SPEC 9 for two measured errors (out and lse, or dq and dk/dv with ``kind="grad"``):
+    fixed for float32/64, else 2x (out) or 3x (grad) the naive same-dtype error + 1e-6."""
     if is_low_precision(dtype):
-        return low_precision_bound(naive_out, "out"), low_precision_bound(naive_lse, "out")
+        return low_precision_bound(naive_a, kind), low_precision_bound(naive_b, kind)
     return tolerance(dtype), tolerance(dtype)
 
 
