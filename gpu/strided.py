@@ -6,6 +6,9 @@ group's heads (those with ``h mod r = o``, in one pair) step by r too, so they a
 The group's q, k, v are then views ``(b, S, m, H, d)`` (S segments of m rows) that the
 kernels read as ``(b*S, H, m, d)`` with the last dim contiguous, and the result merges in
 place into the same views of the float32 accumulators: no gather, no scatter.
+
+On CUDA the aligned forward keeps each group's result instead and mixes them all in one
+pass (:mod:`ringsim.gpu.aligned`).
 """
 
 from __future__ import annotations
@@ -42,10 +45,21 @@ def group_view(x: torch.Tensor, group: PatternGroup, seq_len: int) -> torch.Tens
 
 
 def group_blocks(x: torch.Tensor, group: PatternGroup, seq_len: int) -> torch.Tensor:
-    """``x (b, n, h, *rest)`` -> the group's blocks ``(b*S, H, m, *rest)``, a view of x."""
+    """``x (b, n, h, *rest)`` -> the group's blocks ``(b*S, H, m, *rest)``.
+
+    A view of x (one ``as_strided``) when b = 1 or x's batch stride is n times its row
+    stride, as in any contiguous tensor; otherwise a copy, which is fine for the inputs
+    (the accumulators written through these blocks are always contiguous).
+    """
+    w, r = group.pattern.effective_length(seq_len), group.pattern.dilation_rate
+    b, n, _, *rest = x.shape
+    sb, sn, sh, *srest = x.stride()
+    segments, m, nh = n // w, w // r, len(group.heads)
+    if b == 1 or sb == n * sn:  # batch and segments merge into one stride
+        start = x.storage_offset() + group.pattern.offset * sn + group.heads[0] * sh
+        return x.as_strided((b * segments, nh, m, *rest), (w * sn, r * sh, r * sn, *srest), start)
     view = group_view(x, group, seq_len)
-    b, segments, m, nh, *rest = view.shape
-    return view.view(b * segments, m, nh, *rest).transpose(1, 2)
+    return view.reshape(b * segments, m, nh, *rest).transpose(1, 2)
 
 
 def attend_strided(

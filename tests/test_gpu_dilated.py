@@ -239,3 +239,15 @@ def test_flex_gradients_are_refused_before_any_work():
     with torch.no_grad():
         check_differentiable(q, k, v, Kernel.FLEX)
     check_differentiable(q, k, v, Kernel.FLASH_CPU)
+
+
+@pytest.mark.parametrize("segments", [(8, 16, 32), (10, 16, 32)])  # aligned, ragged
+def test_batched_inputs_that_are_not_contiguous(segments):
+    """(b, h, n, d) storage seen as (b, n, h, d): batch and segments share no stride, so the
+    strided blocks are copies; the result is the contiguous inputs' one, to the bit."""
+    rng = np.random.default_rng(8)
+    q, k, v = (torch.from_numpy(rng.standard_normal((2, 4, 32, 8))).transpose(1, 2) for _ in "qkv")
+    assert not q.is_contiguous()
+    out = dilated_attention(q, k, v, segments, (1, 2, 4), is_causal=True)
+    dense = (x.contiguous() for x in (q, k, v))
+    assert torch.equal(out, dilated_attention(*dense, segments, (1, 2, 4), is_causal=True))
