@@ -135,8 +135,12 @@ def math_attention(q, k, v, *, causal: bool, scale: float, allowed=None):
     return torch.matmul(probs, v.to(acc)).to(q.dtype), lse
 
 
-def attend(q, k, v, *, causal: bool, scale: float, kernel: Kernel):
-    """Run ``kernel`` on ``(B, H, M, D)`` blocks; returns ``(out, lse)`` as described above."""
+def attend(q, k, v, *, causal: bool, scale: float, kernel: Kernel, raw_lse: bool = False):
+    """Run ``kernel`` on ``(B, H, M, D)`` blocks; returns ``(out, lse)`` as described above.
+
+    ``raw_lse``: leave a ``+inf`` lse as the kernel returned it (one launch less), for a
+    caller that reads ``+inf`` as an empty row itself (:mod:`ringsim.gpu.mix_triton`).
+    """
     aten = torch.ops.aten
     if kernel is Kernel.MATH:
         return math_attention(q, k, v, causal=causal, scale=scale)
@@ -144,25 +148,25 @@ def attend(q, k, v, *, causal: bool, scale: float, kernel: Kernel):
         out, lse, *_ = aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale
         )
-        return out, _no_empty_plus_inf(lse)
-    if kernel is Kernel.CUDNN:
+    elif kernel is Kernel.CUDNN:
         out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale
         )
-        return out, _no_empty_plus_inf(lse.reshape(q.shape[:-1]))
-    if kernel is Kernel.EFFICIENT:
+        lse = lse.reshape(q.shape[:-1])
+    elif kernel is Kernel.EFFICIENT:
         out, lse, *_ = aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, causal, scale=scale
         )
-        return out, _no_empty_plus_inf(lse[..., : q.shape[-2]])
-    if kernel is Kernel.FLASH_CPU:
+        lse = lse[..., : q.shape[-2]]
+    elif kernel is Kernel.FLASH_CPU:
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale
         )
-        return out, _no_empty_plus_inf(lse)
-    if kernel is Kernel.FLEX:
+    elif kernel is Kernel.FLEX:
         return _flex(q, k, v, causal=causal, scale=scale)
-    raise ValueError(f"kernel: unknown kernel {kernel!r}")
+    else:
+        raise ValueError(f"kernel: unknown kernel {kernel!r}")
+    return out, (lse if raw_lse else _no_empty_plus_inf(lse))
 
 
 def _flex(q, k, v, *, causal: bool, scale: float):
