@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := test,mpi,docs,torch
+EXTRAS := test,mpi,docs,torch,triton
 
 .PHONY: setup demo test lint unit docs clean
 

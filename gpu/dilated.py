@@ -22,8 +22,9 @@ from ringsim.batches import RowBatch, row_batches
 from ringsim.config import DilatedConfig, validate
 from ringsim.plan import pair_groups
 
+from .aligned import aligned_forward
 from .kernels import Kernel, attend, choose_kernel
-from .merge import accumulator_dtype, merge_into
+from .merge import accumulator_dtype, merge_into, mix_reason
 from .strided import attend_strided, is_strided
 
 
@@ -165,6 +166,8 @@ def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel):
     b, n, h, d = q.shape
     acc = accumulator_dtype(q.dtype)
     pairs = pair_groups(config, h)
+    if all(is_strided(g, n) for groups in pairs for g in groups) and mix_reason(q) is None:
+        return aligned_forward(q, k, v, config, kernel)
     # a first pair with r = 1 over every head writes every row and head on first touch:
     # then the accumulators need no initial fill
     covered = (

@@ -39,9 +39,18 @@ class _Graph:
     inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     out: torch.Tensor
     lse: torch.Tensor
+    kept: list  # what the captured work reads at replay besides its memory pool
 
 
 _CACHE: OrderedDict[tuple, _Graph] = OrderedDict()
+_KEEP: list[list] = []  # the keep-list of the capture in progress, if any
+
+
+def keep_alive(obj) -> None:
+    """Keep ``obj`` as long as the graph being captured, if one is: for host memory that a
+    captured copy reads again at each replay (:mod:`ringsim.gpu.mix_triton`'s tables)."""
+    if _KEEP:
+        _KEEP[-1].append(obj)
 
 
 def graph_refusal(q: torch.Tensor, config: DilatedConfig, grad: bool) -> str | None:
@@ -64,10 +73,14 @@ def _capture(forward, q, k, v, config: DilatedConfig, kernel: Kernel) -> _Graph:
         for _ in range(3):  # warm-up outside the capture (allocator, kernel selection)
             forward(*inputs, config, kernel)
     torch.cuda.current_stream(q.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = forward(*inputs, config, kernel)
-    return _Graph(graph, inputs, out, lse)  # type: ignore[arg-type]
+    graph, kept = torch.cuda.CUDAGraph(), []
+    _KEEP.append(kept)
+    try:
+        with torch.cuda.graph(graph):
+            out, lse = forward(*inputs, config, kernel)
+    finally:
+        _KEEP.pop()
+    return _Graph(graph, inputs, out, lse, kept)  # type: ignore[arg-type]
 
 
 def graphed_forward(forward, q, k, v, config: DilatedConfig, kernel: Kernel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 
@@ -52,6 +53,21 @@ def fused_merge_reason(out: torch.Tensor, block_out: torch.Tensor) -> str | None
         return "the fused merge takes float32 (B, H, M, D) accumulators"
     if out.stride(-1) != 1 or block_out.stride(-1) != 1 or out.shape[-1] > 256:
         return "the fused merge needs a contiguous last dim of at most 256"
+    if not _has_triton():
+        return "Triton is not installed"
+    return None
+
+
+def mix_reason(q: torch.Tensor) -> str | None:
+    """Why the aligned forward cannot mix its groups' results with the Triton kernel of
+    :mod:`ringsim.gpu.mix_triton` for inputs like ``q (b, n, h, d)`` (None: it can)."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (q.is_cuda or interpreted):
+        return "the mixing kernel runs on CUDA (or under TRITON_INTERPRET=1)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the mixing kernel mixes in float32: {q.dtype} accumulates instead"
+    if q.shape[-1] > 256:
+        return "the mixing kernel takes head_dim <= 256"
     if not _has_triton():
         return "Triton is not installed"
     return None

@@ -245,3 +245,62 @@ def test_fused_merge_equals_the_torch_merge(dtype, head_dim):
     assert (out[finite] - want_out[finite]).abs().max() < 1e-5
     same = torch.isfinite(want_lse)
     assert (lse[same] - want_lse[same]).abs().max() < 1e-5
+
+
+# The aligned forward on CUDA: every pair's calls (strided, gathered or on side streams),
+# then one Triton mixing pass (gpu/aligned.py, gpu/mix_triton.py).
+ALIGNED = ((256, 512, 1024, 2048), (1, 2, 4, 8))
+
+
+@pytest.mark.parametrize("schedule", ["strided", "gathered", "streams"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_aligned_forward_matches_definition(monkeypatch, schedule, dtype, causal):
+    from ringsim.gpu import aligned
+
+    calls = []
+    monkeypatch.setattr(aligned, "schedule", lambda *a: calls.append(1) or schedule)
+    q, k, v = draw((2, 2048, 8, 64), dtype, 7 + causal, "cuda")
+    ref = naive_dilated(q.double(), k.double(), v.double(), *ALIGNED, is_causal=causal)
+    naive = naive_dilated(q, k, v, *ALIGNED, is_causal=causal)
+    bound = bounds(dtype, max_abs_err(naive[0], ref[0]), max_abs_err(naive[1], ref[1]))
+    out, lse = dilated_attention(q, k, v, *ALIGNED, is_causal=causal, return_lse=True)
+    err = max_abs_err(out, ref[0]), max_abs_err(lse, ref[1])
+    assert calls and err[0] <= bound[0] and err[1] <= bound[1], f"{err} > {bound}"
+
+
+def test_aligned_forward_equals_the_accumulating_path(monkeypatch):
+    """Same kernels, same float32 arithmetic up to the order of the merges."""
+    import ringsim.gpu.dilated as dilated
+
+    q, k, v = draw((1, 4096, 16, 128), torch.bfloat16, 3, "cuda")
+    args = ((512, 1024, 2048, 4096), (1, 2, 4, 8))
+    mixed = dilated_attention(q, k, v, *args, is_causal=True, return_lse=True)
+    monkeypatch.setattr(dilated, "mix_reason", lambda q: "accumulate, for the comparison")
+    accumulated = dilated_attention(q, k, v, *args, is_causal=True, return_lse=True)
+    assert max_abs_err(mixed[0], accumulated[0]) <= 2**-7  # one bf16 rounding of |out| < 2
+    assert max_abs_err(mixed[1], accumulated[1]) <= 1e-5
+
+
+def test_schedule_follows_the_tiles_per_multiprocessor(monkeypatch):
+    from ringsim.config import make_config
+    from ringsim.gpu import aligned
+    from ringsim.plan import pair_groups
+
+    monkeypatch.setattr(aligned, "_multiprocessors", lambda device: 132)
+    config = make_config((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16))
+    cuda = torch.device("cuda")
+    plans = {n: [aligned.schedule(g, 1, n, cuda) for g in pair_groups(config, 16)]
+             for n in (32768, 1048576)}  # fmt: skip
+    assert plans[32768] == ["strided", "streams", "streams", "gathered", "gathered"]
+    assert plans[1048576] == ["strided", "strided", "strided", "strided", "streams"]
+    assert aligned.schedule(pair_groups(config, 16)[4], 1, 32768, torch.device("cpu")) == "strided"
+
+
+def test_batched_inputs_that_are_not_contiguous():
+    """(b, h, n, d) storage seen as (b, n, h, d): batch and segments do not share a stride."""
+    q, k, v = (x.transpose(1, 2) for x in draw((2, 8, 2048, 64), torch.bfloat16, 5, "cuda"))
+    assert not q.is_contiguous()
+    out = dilated_attention(q, k, v, *ALIGNED, is_causal=True)
+    want = dilated_attention(*(x.contiguous() for x in (q, k, v)), *ALIGNED, is_causal=True)
+    assert torch.equal(out, want)

@@ -1,0 +1,149 @@
+"""All pairs' results mixed in one Triton kernel: the aligned forward's only pass over memory.
+
+The strided path (:mod:`ringsim.gpu.strided`) can merge each pattern group into float32
+accumulators as it goes; at 1M tokens that costs a float32 copy of the first pair, a
+read-modify-write of the accumulators per later group and a final cast: about a quarter of
+the kernels' time. Instead, :func:`mix_` keeps every group's ``(out, lse)`` as the kernel
+returned it and, once all pairs have run, makes one pass that, for each row and head,
+
+1. reads the lse of every pair that selected the row (``-inf`` for the others; the raw
+   ``+inf`` that flash kernels give a row with no key is read as ``-inf``, as
+   :func:`~ringsim.gpu.kernels.attend` maps it),
+2. takes the largest, ``M``, and the weights ``e_i = exp(lse_i - M)``, ``Z = sum e_i``,
+3. writes ``out = sum e_i out_i / Z`` in q's dtype and ``lse = M + log Z``, float32.
+
+That is the stable LSE merge of SPEC 5 done for all pairs at once, in float32: a row no pair
+selects gets ``(0, -inf)``, a NaN lse or output propagates. Each group's output is read once
+in its own dtype and the result written once: no accumulator.
+
+The groups' outputs are separate tensors, so the kernel reads them through a table of
+addresses: for each pair and head, the group's out and lse pointers, its row offset, ``w'``,
+``r`` and the strides that locate position ``p`` in the group's blocks (block ``p // w'``,
+row ``(p mod w') // r``). The table is copied from pinned host memory; under CUDA graph
+capture that host copy is read again at every replay, so the graph keeps it
+(:func:`ringsim.gpu.graphs.keep_alive`).
+
+Imported only where :func:`ringsim.gpu.merge.mix_reason` allows (this module imports
+Triton). On CPU tensors the kernel runs only under Triton's interpreter
+(``TRITON_INTERPRET=1``), which the CPU tests use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .aligned import Part
+from .graphs import keep_alive
+
+FIELDS = 9  # per (pair, head): out, lse, offset, 3 out strides, 3 lse strides
+
+
+@triton.jit
+def _mix_kernel(
+    table, out, lse, seq_len, heads, dim, so0, so1, so2, sl0, sl1, sl2,
+    WIDTHS: tl.constexpr, RATES: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    head = tl.program_id(0) % heads
+    p = tl.program_id(0) // heads * BLOCK_N + tl.arange(0, BLOCK_N)  # positions
+    batch = tl.program_id(1).to(tl.int64)
+    live = p < seq_len
+    cols = tl.arange(0, BLOCK_D)
+    col_live = cols < dim
+    # online: the largest lse so far (best), sum of exp(lse_i - best) (total) and the
+    # weighted sum (acc), rescaled when best grows; every pair's loads are independent
+    best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for i in tl.static_range(len(WIDTHS)):
+        # w' and r are compile-time constants: dividing by them is cheap
+        entry = table + (i * heads + head) * 9
+        picked = live & (p % RATES[i] == tl.load(entry + 2))
+        block = batch * (seq_len // WIDTHS[i]) + p // WIDTHS[i]
+        row = (p % WIDTHS[i]) // RATES[i]
+        at = tl.load(entry + 1) + block * tl.load(entry + 6) + tl.load(entry + 7)
+        pair_lse = tl.load(lse + at + row * tl.load(entry + 8), mask=picked, other=float("-inf"))
+        pair_lse = tl.where(pair_lse == float("inf"), float("-inf"), pair_lse)  # flash: empty
+        # out offsets are in units of VEC elements: the loads are VEC-aligned vectors
+        at = tl.load(entry) + block * tl.load(entry + 3) + tl.load(entry + 4)
+        at = (at + row * tl.load(entry + 5)) * VEC
+        mask = picked[:, None] & col_live[None, :]
+        part = tl.load(out + at[:, None] + cols[None, :], mask=mask, other=0.0)
+        grown = tl.maximum(best, pair_lse, propagate_nan=tl.PropagateNan.ALL)
+        shift = tl.where(grown == float("-inf"), 0.0, grown)  # all empty so far: no shift
+        keep, weight = tl.exp(best - shift), tl.exp(pair_lse - shift)
+        total = total * keep + weight
+        acc = acc * keep[:, None] + weight[:, None] * part.to(tl.float32)
+        best = grown
+    empty = best == float("-inf")
+    total = tl.where(empty, 1.0, total)
+    result = tl.where(empty[:, None], 0.0, acc / total[:, None])
+    merged = tl.where(empty, float("-inf"), best + tl.log(total))
+    out_at = out + batch * so0 + p.to(tl.int64) * so1 + head * so2
+    tl.store(out_at[:, None] + cols[None, :], result, mask=live[:, None] & col_live[None, :])
+    tl.store(lse + batch * sl0 + p.to(tl.int64) * sl1 + head * sl2, merged, mask=live)
+
+
+def _vec(parts: Sequence[Part], out: torch.Tensor) -> int:
+    """The widest vector (elements, at most 16 bytes) that divides every group's out offset
+    from ``out`` and every stride the kernel steps by."""
+    size, vec = out.element_size(), max(1, 16 // out.element_size())
+    for part in parts:
+        o = part.out
+        for x in ((o.data_ptr() - out.data_ptr()) // size, *o.stride()[:3]):
+            vec = math.gcd(vec, x)
+    return vec
+
+
+def _table(parts: Sequence[Part], pairs: int, out, lse, vec: int) -> torch.Tensor:
+    """The ``(pairs, heads, FIELDS)`` int64 table the kernel reads, on out's device: offsets
+    from ``out`` (in units of ``vec`` elements) and from ``lse``."""
+    heads, size = out.shape[2], out.element_size()
+    # a head no group of the pair covers: offset -1 selects no position
+    rows = [[0, 0, -1, 0, 0, 0, 0, 0, 0] for _ in range(pairs * heads)]
+    for part in parts:
+        o, ls = part.out, part.lse
+        start = (o.data_ptr() - out.data_ptr()) // size // vec
+        lse_start = (ls.data_ptr() - lse.data_ptr()) // 4
+        sb, sh, sm = (x // vec for x in o.stride()[:3])
+        for j, (head, offset) in enumerate(zip(part.heads, part.offsets)):
+            rows[part.pair * heads + head] = [
+                start, lse_start, offset, sb, j * sh, sm,
+                ls.stride(0), j * ls.stride(1), ls.stride(2),
+            ]  # fmt: skip
+    host = torch.tensor(rows, dtype=torch.int64)
+    if out.device.type != "cuda":
+        return host
+    host = host.pin_memory()
+    keep_alive(host)  # a graph capturing this copy reads the host table at every replay
+    return host.to(out.device, non_blocking=True)
+
+
+def mix_(parts: Sequence[Part], widths, rates, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Mix the parts into ``out (b, n, h, d)`` (q's dtype, last dim contiguous) and
+    ``lse (b, n, h)`` float32, overwriting both; pair i has ``w' = widths[i]`` and
+    ``r = rates[i]`` (compile-time constants of the kernel).
+
+    Every part's out must have q's dtype and a contiguous last dim, its lse float32, and its
+    positions must be aligned (``w'`` divides n, ``r`` divides ``w'``): the caller checks.
+    """
+    b, n, h, d = out.shape
+    for part in parts:
+        if part.out.dtype != out.dtype or part.lse.dtype != torch.float32:
+            raise ValueError(f"mix_: parts must have {out.dtype} out and float32 lse")
+        if part.out.stride(-1) != 1:
+            raise ValueError("mix_: every part's out needs a contiguous last dim")
+    vec = _vec(parts, out)
+    table = _table(parts, len(widths), out, lse, vec)
+    block_d = triton.next_power_of_2(d)
+    block_n = max(1, min(64, 8192 // block_d))
+    grid = (triton.cdiv(n, block_n) * h, b)  # heads vary fastest: whole rows of out at once
+    _mix_kernel[grid](
+        table, out, lse, n, h, d, *out.stride()[:3], *lse.stride(),
+        WIDTHS=tuple(widths), RATES=tuple(rates), VEC=vec, BLOCK_N=block_n, BLOCK_D=block_d,
+    )  # fmt: skip

@@ -1,0 +1,230 @@
+"""The aligned forward's mixing kernel (:mod:`ringsim.gpu.mix_triton`) on the CPU, run by
+Triton's interpreter (``TRITON_INTERPRET=1``), against the dense-mask definition.
+
+Needs torch and Triton (the ``torch`` and ``triton`` extras of the project's set-up);
+skipped otherwise, and on a machine with CUDA, where ``test_gpu_cuda.py`` checks the
+compiled kernel (a process that has imported the module compiled cannot interpret it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ringsim.cases import fixed_cases, random_case  # noqa: E402
+from ringsim.config import make_config  # noqa: E402
+from ringsim.gpu import Kernel, aligned, dilated_attention  # noqa: E402
+from ringsim.gpu.merge import mix_reason  # noqa: E402
+from ringsim.gpu.strided import is_strided  # noqa: E402
+from ringsim.plan import pair_groups  # noqa: E402
+from ringsim.reference import dense_dilated_attention  # noqa: E402
+from ringsim.tolerance import max_abs_error, tolerance  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA: test_gpu_cuda.py checks it"),
+]
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Triton's interpreter for this test: mix_reason lets CPU tensors mix. Returns the
+    kernel module (imported under the interpreter the first time)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return importlib.import_module("ringsim.gpu.mix_triton")
+
+
+def aligned_cases():
+    """The parity cases whose every pair is aligned (the ones the mix path takes)."""
+    rng = np.random.default_rng(5)
+    pool = fixed_cases(1) + [random_case(rng, 1, max_shard=48) for _ in range(200)]
+    chosen = []
+    for case in pool:
+        q, _, _ = case.inputs(seed=0)
+        n, h = q.shape[1], q.shape[2]
+        config = make_config(case.segment_lengths, case.dilation_rates, **case.kwargs())
+        if all(is_strided(g, n) for groups in pair_groups(config, h) for g in groups):
+            chosen.append(case)
+    return chosen[:24]
+
+
+def run(case, seed, dtype=torch.float32):
+    q, k, v = (torch.from_numpy(x).to(dtype) for x in case.inputs(seed=seed))
+    return dilated_attention(
+        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs(), return_lse=True
+    )
+
+
+def reference(case, seed):
+    q, k, v = case.inputs(seed=seed)
+    return dense_dilated_attention(
+        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs()
+    )
+
+
+def test_cases_are_aligned_and_varied():
+    cases = aligned_cases()
+    assert len(cases) >= 12
+    assert any(c.is_causal for c in cases) and any(not c.is_causal for c in cases)
+    assert any(max(c.dilation_rates) > 1 for c in cases)
+
+
+def test_mix_is_used_only_where_it_can_run(interpreted, monkeypatch):
+    q = torch.zeros(1, 8, 2, 4)
+    assert mix_reason(q) is None
+    assert "float32" in mix_reason(q.double())
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "CUDA" in mix_reason(q)
+
+
+@pytest.mark.parametrize("schedule", ["strided", "gathered"])
+def test_mixed_forward_matches_definition(interpreted, monkeypatch, schedule):
+    monkeypatch.setattr(aligned, "schedule", lambda *a: schedule)
+    calls = []
+    mix = interpreted.mix_
+    monkeypatch.setattr(interpreted, "mix_", lambda *a: calls.append(1) or mix(*a))
+    failures = []
+    for i, case in enumerate(aligned_cases()):
+        out, lse = run(case, seed=i)
+        ref_out, ref_lse = reference(case, seed=i)
+        err = max(max_abs_error(out.double().numpy(), ref_out), max_abs_error(lse.numpy(), ref_lse))
+        if err > tolerance("float32"):
+            failures.append(f"{case.describe()}: {err:.2e}")
+    assert not failures, "\n".join(failures)
+    assert len(calls) == len(aligned_cases())  # every case took the mixing path
+
+
+def test_rows_no_pair_selects_are_zero_and_minus_inf(interpreted):
+    # r = 2 and 4: head 0 selects even positions only; odd ones have no key at all
+    q, k, v = (torch.randn(1, 16, 2, 4) for _ in range(3))
+    out, lse = dilated_attention(q, k, v, (8, 16), (2, 4), return_lse=True)
+    assert torch.isneginf(lse[0, 0, 1::2]).all() and (out[0, 1::2, 0] == 0).all()
+    assert torch.isfinite(lse[0, 0, 0::2]).all() and not torch.isnan(out).any()
+
+
+def test_nan_propagates_as_in_the_accumulating_path(interpreted, monkeypatch):
+    q, k, v = (torch.randn(1, 16, 4, 8) for _ in range(3))
+    v[0, 5, 1] = float("nan")
+    mixed = dilated_attention(q, k, v, (4, 8, 16), (1, 2, 4), is_causal=True)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    accumulated = dilated_attention(q, k, v, (4, 8, 16), (1, 2, 4), is_causal=True)
+    assert torch.isnan(mixed).any()
+    assert torch.equal(torch.isnan(mixed), torch.isnan(accumulated))
+    ok = ~torch.isnan(mixed)
+    assert torch.allclose(mixed[ok], accumulated[ok], atol=1e-6)
+
+
+def test_large_lse_gaps_do_not_overflow(interpreted):
+    """Scores of hundreds: exp(lse) overflows float32, the shifted weights do not."""
+    q, k, v = (torch.randn(1, 32, 4, 8) for _ in range(3))
+    q[0, ::3] *= 60.0
+    out, lse = dilated_attention(q, k, v, (8, 16, 32), (1, 2, 4), return_lse=True)
+    ref_out, ref_lse = dense_dilated_attention(
+        *(x.double().numpy() for x in (q, k, v)), (8, 16, 32), (1, 2, 4)
+    )
+    assert lse.max() > 100
+    assert max_abs_error(out.double().numpy(), ref_out) <= tolerance("float32") * 10
+    assert max_abs_error(lse.numpy(), ref_lse) <= tolerance("float32") * 100
+
+
+def test_plus_inf_lse_reads_as_an_empty_row(interpreted):
+    """Flash kernels mark a row with no key by lse = +inf; the mix reads it as -inf."""
+    out_block = torch.randn(1, 1, 4, 4)
+    lse_block = torch.tensor([[[0.5, float("inf"), 0.5, float("inf")]]])
+    part = aligned.Part(0, 4, 1, (0,), (0,), out_block, lse_block)
+    out, lse = torch.empty(1, 4, 1, 4), torch.empty(1, 4, 1)
+    interpreted.mix_([part], (4,), (1,), out, lse)
+    assert torch.isneginf(lse[0, 1::2, 0]).all() and (out[0, 1::2] == 0).all()
+    assert torch.allclose(out[0, 0::2, 0], out_block[0, 0, 0::2])
+
+
+def test_each_head_is_read_at_its_own_offset(interpreted, monkeypatch):
+    """A mutant table that gives every head offset 0 is caught by the parity above."""
+    table = interpreted._table
+
+    def offsets_zero(parts, *args):
+        for part in parts:
+            part.offsets = (0,) * len(part.offsets)
+        return table(parts, *args)
+
+    monkeypatch.setattr(interpreted, "_table", offsets_zero)
+    case = next(c for c in aligned_cases() if max(c.dilation_rates) > 1 and c.num_heads > 1)
+    out, _ = run(case, seed=3)
+    ref_out, _ = reference(case, seed=3)
+    assert max_abs_error(out.double().numpy(), ref_out) > tolerance("float32")
+
+
+def test_mix_refuses_parts_of_another_dtype(interpreted):
+    part = aligned.Part(0, 4, 1, (0,), (0,), torch.zeros(1, 1, 4, 4).double(), torch.zeros(1, 1, 4))
+    with pytest.raises(ValueError, match="float32 out"):
+        interpreted.mix_([part], (4,), (1,), torch.empty(1, 4, 1, 4), torch.empty(1, 4, 1))
+
+
+def test_kernel_choice_does_not_change_the_mix(interpreted):
+    q, k, v = (torch.randn(2, 32, 4, 8) for _ in range(3))
+    args = ((8, 16, 32), (1, 2, 4))
+    math = dilated_attention(q, k, v, *args, kernel=Kernel.MATH, is_causal=True)
+    flash = dilated_attention(q, k, v, *args, kernel=Kernel.FLASH_CPU, is_causal=True)
+    assert torch.allclose(math, flash, atol=1e-5)
+
+
+#: Defects re-introduced into the kernel's source: each must fail :func:`checks_pass`.
+MIX_MUTANTS = {
+    "acc not rescaled when the max grows": ("acc = acc * keep[:, None] + ", "acc = acc + "),
+    "total not rescaled when the max grows": ("total = total * keep + weight", "total += weight"),
+    "+inf lse read as a real score": ('pair_lse == float("inf")', "pair_lse != pair_lse"),
+    "every row taken, selected or not": ("p % RATES[i] == tl.load(entry + 2)", "p >= 0"),
+    "rows counted from the segment start": ("row = (p % WIDTHS[i]) // RATES[i]", "row = p % 1"),
+    "no guard while every lse is -inf": ('tl.where(grown == float("-inf"), 0.0, grown)', "grown"),
+}
+
+
+def checks_pass(mix_module, monkeypatch) -> bool:
+    """The parity of the first aligned cases and the +inf rule, with ``mix_module``."""
+    monkeypatch.setattr("ringsim.gpu.mix_triton.mix_", mix_module.mix_)
+    for i, case in enumerate(aligned_cases()[:8]):
+        out, lse = run(case, seed=i)
+        ref_out, ref_lse = reference(case, seed=i)
+        err = max(max_abs_error(out.double().numpy(), ref_out), max_abs_error(lse.numpy(), ref_lse))
+        if not err <= tolerance("float32"):
+            return False
+    q, k, v = (torch.randn(1, 16, 2, 4) for _ in range(3))
+    out, lse = dilated_attention(q, k, v, (8, 16), (2, 4), return_lse=True)
+    empty_ok = torch.isneginf(lse[0, 0, 1::2]).all() and (out[0, 1::2, 0] == 0).all()
+    part = aligned.Part(0, 4, 1, (0,), (0,), torch.ones(1, 1, 4, 4), torch.full((1, 1, 4), 9e9))
+    part.lse[0, 0, 1] = float("inf")
+    out, lse = torch.empty(1, 4, 1, 4), torch.empty(1, 4, 1)
+    mix_module.mix_([part], (4,), (1,), out, lse)
+    return bool(empty_ok and torch.isneginf(lse[0, 1, 0]) and not torch.isnan(out).any())
+
+
+def load_mutant(source: str, name: str, tmp_path):
+    """The kernel module with its relative imports made absolute, from ``source``."""
+    source = source.replace("from .", "from ringsim.gpu.")
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unmutated_copy_passes(interpreted, monkeypatch, tmp_path):
+    source = Path(interpreted.__file__).read_text()
+    assert checks_pass(load_mutant(source, "mix_copy", tmp_path), monkeypatch)
+
+
+@pytest.mark.parametrize("name", MIX_MUTANTS)
+def test_kernel_mutant_is_killed(interpreted, monkeypatch, tmp_path, name):
+    old, new = MIX_MUTANTS[name]
+    source = Path(interpreted.__file__).read_text()
+    assert source.count(old) == 1, f"mutant {name!r} no longer applies"
+    label = f"mix_mutant_{sorted(MIX_MUTANTS).index(name)}"
+    mutant = load_mutant(source.replace(old, new), label, tmp_path)
+    assert not checks_pass(mutant, monkeypatch), f"the suite does not kill: {name}"
