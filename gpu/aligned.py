@@ -83,34 +83,32 @@ def schedule(groups: tuple[PatternGroup, ...], b: int, n: int, device: torch.dev
 
 
 @functools.lru_cache(maxsize=16)
-def _pair_index(n: int, w: int, r: int, offsets: tuple[int, ...], heads, device):
-    """Gather indices of an aligned pair: rows ``(S*m, H)``, heads ``(1, H)``, so that
-    ``x[:, rows, heads]`` is ``(b, S*m, H, ...)``."""
-    starts = torch.arange(0, n, w, device=device)[:, None] + torch.arange(0, w, r, device=device)
-    rows = starts.reshape(-1, 1) + torch.tensor(offsets, device=device)[None, :]
-    return rows, torch.tensor(heads, device=device)[None, :]
+def _pair_rows(b: int, n: int, h: int, w: int, r: int, offsets, heads, device) -> torch.Tensor:
+    """Rows of ``x.view(b * n * h, d)`` that an aligned pair gathers, block by block:
+    ``(b, S, m, H)`` flattened, for position ``s*w + i*r + offsets[j]`` of head ``heads[j]``."""
+    positions = torch.arange(0, n, w, device=device)[:, None] + torch.arange(0, w, r, device=device)
+    positions = positions[..., None] + torch.tensor(offsets, device=device)  # (S, m, H)
+    rows = positions * h + torch.tensor(heads, device=device)
+    return (torch.arange(b, device=device).view(b, 1, 1, 1) * (n * h) + rows).reshape(-1)
 
 
 def _gathered(q, k, v, groups, n: int, common: dict) -> Part:
-    """One call for the whole pair, on gathered copies of its rows."""
+    """One call for the whole pair, on gathered copies of its rows (one ``index_select``
+    per input)."""
     pattern = groups[0].pattern
     w, r = pattern.effective_length(n), pattern.dilation_rate
     heads = tuple(h for g in groups for h in g.heads)
     offsets = tuple(g.pattern.offset for g in groups for _ in g.heads)
-    rows, index = _pair_index(n, w, r, offsets, heads, q.device)
-    b, m = q.shape[0], w // r
+    b, _, h, d = q.shape
+    rows = _pair_rows(b, n, h, w, r, offsets, heads, q.device)
 
     def blocks(x):
-        picked = x[:, rows, index]  # (b, S*m, H, d)
-        return picked.view(b * (n // w), m, len(heads), x.shape[-1]).transpose(1, 2)
+        flat = x.reshape(b * n * h, d)  # a view of the usual contiguous input; else a copy
+        picked = torch.index_select(flat, 0, rows)  # (b*S*m*H, d)
+        return picked.view(b * (n // w), w // r, len(heads), d).transpose(1, 2)
 
     out, lse = attend(blocks(q), blocks(k), blocks(v), **common)
     return Part(groups[0].pair, w, r, heads, offsets, out, lse)
-
-
-#: Side CUDA streams the strided groups of one pair are spread over (0: none), so that
-#: small calls run side by side.
-STREAMS = 4
 
 
 @functools.cache

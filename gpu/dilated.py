@@ -25,7 +25,7 @@ from ringsim.plan import pair_groups
 from .aligned import aligned_forward
 from .kernels import Kernel, attend, choose_kernel
 from .merge import accumulator_dtype, merge_into, mix_reason
-from .strided import attend_strided, is_strided
+from .strided import all_strided, attend_strided, is_strided
 
 
 def check_tensor(q) -> None:
@@ -166,7 +166,7 @@ def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel):
     b, n, h, d = q.shape
     acc = accumulator_dtype(q.dtype)
     pairs = pair_groups(config, h)
-    if all(is_strided(g, n) for groups in pairs for g in groups) and mix_reason(q) is None:
+    if all_strided(config, n, h) and mix_reason(q) is None:
         return aligned_forward(q, k, v, config, kernel)
     # a first pair with r = 1 over every head writes every row and head on first touch:
     # then the accumulators need no initial fill

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from ringsim.config import DilatedConfig
-from ringsim.plan import pair_groups
 
 from .kernels import Kernel
-from .strided import is_strided
+from .strided import all_strided
 
 CACHE_SIZE = 4
 
@@ -60,7 +59,7 @@ def graph_refusal(q: torch.Tensor, config: DilatedConfig, grad: bool) -> str | N
     if grad:
         return "is forward only: run under torch.no_grad() or with inputs not requiring grad"
     n, h = q.shape[1], q.shape[2]
-    if not all(is_strided(g, n) for groups in pair_groups(config, h) for g in groups):
+    if not all_strided(config, n, h):
         return "needs an aligned configuration (w' divides n and r divides w' for every pair)"
     return None
 

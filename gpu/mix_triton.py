@@ -19,8 +19,8 @@ in its own dtype and the result written once: no accumulator.
 The groups' outputs are separate tensors, so the kernel reads them through a table of
 addresses: for each pair and head, the group's out and lse pointers, its row offset, ``w'``,
 ``r`` and the strides that locate position ``p`` in the group's blocks (block ``p // w'``,
-row ``(p mod w') // r``). The table is copied from pinned host memory; under CUDA graph
-capture that host copy is read again at every replay, so the graph keeps it
+row ``(p mod w') // r``). The table is copied to the device once per layout (a steady loop
+sees the same addresses every call); a CUDA graph that captured a call keeps its table
 (:func:`ringsim.gpu.graphs.keep_alive`).
 
 Imported only where :func:`ringsim.gpu.merge.mix_reason` allows (this module imports
@@ -31,6 +31,7 @@ Triton). On CPU tensors the kernel runs only under Triton's interpreter
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -100,28 +101,46 @@ def _vec(parts: Sequence[Part], out: torch.Tensor) -> int:
     return vec
 
 
+#: Device tables of recent calls, by everything they encode: in a steady loop the caching
+#: allocator hands out the same addresses, so the table is built and copied once.
+_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+TABLES_KEPT = 8
+
+
 def _table(parts: Sequence[Part], pairs: int, out, lse, vec: int) -> torch.Tensor:
     """The ``(pairs, heads, FIELDS)`` int64 table the kernel reads, on out's device: offsets
     from ``out`` (in units of ``vec`` elements) and from ``lse``."""
     heads, size = out.shape[2], out.element_size()
-    # a head no group of the pair covers: offset -1 selects no position
-    rows = [[0, 0, -1, 0, 0, 0, 0, 0, 0] for _ in range(pairs * heads)]
-    for part in parts:
-        o, ls = part.out, part.lse
-        start = (o.data_ptr() - out.data_ptr()) // size // vec
-        lse_start = (ls.data_ptr() - lse.data_ptr()) // 4
-        sb, sh, sm = (x // vec for x in o.stride()[:3])
-        for j, (head, offset) in enumerate(zip(part.heads, part.offsets)):
-            rows[part.pair * heads + head] = [
-                start, lse_start, offset, sb, j * sh, sm,
-                ls.stride(0), j * ls.stride(1), ls.stride(2),
-            ]  # fmt: skip
-    host = torch.tensor(rows, dtype=torch.int64)
-    if out.device.type != "cuda":
-        return host
-    host = host.pin_memory()
-    keep_alive(host)  # a graph capturing this copy reads the host table at every replay
-    return host.to(out.device, non_blocking=True)
+    layout = [
+        (p.pair, p.heads, p.offsets, p.out.data_ptr(), p.out.stride(), p.lse.data_ptr(),
+         p.lse.stride())
+        for p in parts
+    ]  # fmt: skip
+    stream = torch.cuda.current_stream(out.device).cuda_stream if out.is_cuda else 0
+    key = (tuple(layout), out.data_ptr(), lse.data_ptr(), out.device, stream, heads, pairs, vec)
+    table = _TABLES.pop(key, None)
+    if table is None:
+        # a head no group of the pair covers: offset -1 selects no position
+        rows = [[0, 0, -1, 0, 0, 0, 0, 0, 0] for _ in range(pairs * heads)]
+        for pair, group_heads, offsets, at, strides, lse_at, lse_strides in layout:
+            start = (at - out.data_ptr()) // size // vec
+            lse_start = (lse_at - lse.data_ptr()) // 4
+            sb, sh, sm = (x // vec for x in strides[:3])
+            lb, lh, lm = lse_strides
+            for j, (head, offset) in enumerate(zip(group_heads, offsets)):
+                rows[pair * heads + head] = [
+                    start, lse_start, offset, sb, j * sh, sm, lb, j * lh, lm
+                ]  # fmt: skip
+        table = torch.tensor(rows, dtype=torch.int64)
+        if out.is_cuda:
+            table = table.pin_memory()
+            keep_alive(table)  # a graph capturing this copy reads the host table at replay
+            table = table.to(out.device, non_blocking=True)
+    _TABLES[key] = table
+    while len(_TABLES) > TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    keep_alive(table)  # a graph that captured a call with this table reads it at every replay
+    return table
 
 
 def mix_(parts: Sequence[Part], widths, rates, out: torch.Tensor, lse: torch.Tensor) -> None:

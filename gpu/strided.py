@@ -13,9 +13,12 @@ pass (:mod:`ringsim.gpu.aligned`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ringsim.config import PatternGroup
+from ringsim.config import DilatedConfig, PatternGroup
+from ringsim.plan import pair_groups
 
 from .kernels import Kernel, attend
 from .merge import merge_
@@ -32,6 +35,12 @@ def is_strided(group: PatternGroup, seq_len: int) -> bool:
     """Whether :func:`attend_strided` can run ``group`` over a sequence of ``seq_len``."""
     w, r = group.pattern.effective_length(seq_len), group.pattern.dilation_rate
     return seq_len % w == 0 and w % r == 0 and heads_slice(group.heads, r) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def all_strided(config: DilatedConfig, seq_len: int, num_heads: int) -> bool:
+    """Whether every pattern group of ``config`` is :func:`is_strided` (cached)."""
+    return all(is_strided(g, seq_len) for groups in pair_groups(config, num_heads) for g in groups)
 
 
 def group_view(x: torch.Tensor, group: PatternGroup, seq_len: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ owner "return" at step 0 from the owner to itself: nothing is sent, the owner ad
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -172,8 +173,10 @@ class RankPlan:
         return shard_range(self.rank, self.seq_len, self.world_size)
 
 
+@functools.lru_cache(maxsize=256)
 def pair_groups(config: DilatedConfig, num_heads: int) -> tuple[tuple[PatternGroup, ...], ...]:
-    """Pattern groups of each pair, in the order messages carry them."""
+    """Pattern groups of each pair, in the order messages carry them (cached: the torch
+    forward asks for them at every call)."""
     groups = config.pattern_groups(num_heads)
     return tuple(tuple(g for g in groups if g.pair == i) for i in range(config.num_pairs))
 
