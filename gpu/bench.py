@@ -11,11 +11,12 @@ dilation_rates (1, 2, 4, 8, 16), longnet, causal and not, n = 32K .. 1M. Rows pe
   allocated before the call; the inputs' size is printed once per length);
 - pre-gathered: the same kernel calls on blocks gathered beforehand: ours / pre-gathered
   throughput is the share of time spent in the kernel (target >= 0.8);
-- ours graph: ours with ``cuda_graph=True``, the forward replayed as one CUDA graph
-  (:mod:`ringsim.gpu.graphs`), which removes the launch overhead of short sequences;
 - dense: the same kernel on full ``n x n`` attention, up to ``--dense-max`` (262144);
 - naive and flex: see :mod:`ringsim.gpu.bench_baselines`; their output is compared with
-  ours (max abs difference) so that every row computes the same function.
+  ours (max abs difference) so that every row computes the same function;
+- ours graph: ours with ``cuda_graph=True``, the forward replayed as one CUDA graph
+  (:mod:`ringsim.gpu.graphs`), which removes the launch overhead; last, since a capture
+  that runs out of memory may keep some of it.
 
 TFLOP/s count useful FLOPs: ``4 d`` per selected (query, key) pair, causal pairs exactly
 (:func:`~ringsim.gpu.bench_baselines.useful_flops`); the dense row counts its own ``n^2``.

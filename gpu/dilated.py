@@ -9,9 +9,11 @@ one more call.
 Rows are selected by global positions, so ragged segments, r > w and r not dividing w are
 exact (no mask is needed: every block is FULL or the square CAUSAL diagonal).
 
-Each call's ``(out, lse)`` is merged into float32 accumulators (float64 for float64 input)
-at the rows it selected, with the stable LSE merge: rows a pattern does not select are left
-alone, which is the same as merging ``(0, -inf)`` (PITFALLS 3, 6).
+On CUDA, when every pair is aligned, the calls' results are kept and mixed in one Triton
+pass (:mod:`ringsim.gpu.aligned`, :func:`~ringsim.gpu.merge.mix_reason` says when).
+Otherwise each call's ``(out, lse)`` is merged into float32 accumulators (float64 for
+float64 input) at the rows it selected, with the stable LSE merge: rows a pattern does not
+select are left alone, which is the same as merging ``(0, -inf)`` (PITFALLS 3, 6).
 """
 
 from __future__ import annotations
@@ -128,8 +130,8 @@ def dilated_attention(
             can run (:func:`~ringsim.gpu.kernels.choose_kernel`). Asking for one that cannot
             run raises ``ValueError`` with the reason.
         cuda_graph: replay the forward as a CUDA graph (:mod:`ringsim.gpu.graphs`): one
-            launch instead of hundreds, for short sequences. Forward only, CUDA, aligned
-            configurations; otherwise ``ValueError`` says why.
+            launch instead of dozens, for a host too slow to issue them. Forward only,
+            CUDA, aligned configurations; otherwise ``ValueError`` says why.
     Returns:
         out ``(batch, seq_len, num_heads, head_dim)`` in q's dtype [, lse].
     """

@@ -1,9 +1,10 @@
-"""The single-device forward replayed as a CUDA graph: one launch instead of hundreds.
+"""The single-device forward replayed as a CUDA graph: one launch instead of dozens.
 
-Below about 128K tokens the strided path is bound by launches, not by the kernels: one
-attention call per pattern group (31 for r = 1..16) plus a few elementwise launches for each
-merge, each issued from Python. Captured once as a CUDA graph, the whole forward replays
-with a single launch. ``dilated_attention(..., cuda_graph=True)`` asks for it:
+For short sequences the forward's kernels are short, and a slow host may not issue them
+(a dozen attention calls, gathers and the mix for r = 1..16 at 32K) as fast as the GPU runs
+them. Captured once as a CUDA graph, the whole forward replays with a single launch; the
+copies of the inputs and outputs it needs cost more than that on a fast host (see
+``docs/gpu.md``). ``dilated_attention(..., cuda_graph=True)`` asks for it:
 
 1. the first call for a given (shape, dtype, device, configuration, kernel) allocates static
    inputs, runs the forward three times on a side stream (warm-up, as CUDA graph capture

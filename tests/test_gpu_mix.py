@@ -180,7 +180,7 @@ MIX_MUTANTS = {
     "total not rescaled when the max grows": ("total = total * keep + weight", "total += weight"),
     "+inf lse read as a real score": ('pair_lse == float("inf")', "pair_lse != pair_lse"),
     "every row taken, selected or not": ("p % RATES[i] == tl.load(entry + 2)", "p >= 0"),
-    "rows counted from the segment start": ("row = (p % WIDTHS[i]) // RATES[i]", "row = p % 1"),
+    "every position reads the first row": ("row = (p % WIDTHS[i]) // RATES[i]", "row = p % 1"),
     "no guard while every lse is -inf": ('tl.where(grown == float("-inf"), 0.0, grown)', "grown"),
 }
 
