@@ -38,11 +38,12 @@ from ringsim.config import make_config
 
 from . import bench_baselines as baselines
 from .autograd import SimulatedRingFunction
-from .bench import free, median_ms, problem_of, sync
+from .bench import problem_of
 from .check_support import environment, format_table, markdown_table
 from .dilated import dilated_attention
 from .kernels import attend, choose_kernel
 from .kernels_backward import attend_backward
+from .timing import free, median_ms, sync
 
 TIME_HEADER = ["n", "mask", "row", "kernel", "ms", "TFLOP/s", "row/ours time", "status"]
 MEMORY_HEADER = ["n", "mask", "peak GiB", "KiB/token", "status"]

@@ -38,7 +38,7 @@ def errors(got, want) -> tuple[float, float]:
 
 
 def grad_rows(plan, able: dict, rows: list[Row], ring, emit) -> None:
-    """Gradient rows for the plan's ``grad_checks`` (see :func:`ringsim.gpu.check.emit`)."""
+    """Gradient rows for the plan's ``grad_checks`` (see :func:`ringsim.gpu.check_rows.emit`)."""
     for index, check in enumerate(c for c in plan.checks if c.grads):
         case = check.case
         args, kw = (case.segment_lengths, case.dilation_rates), case.kwargs()

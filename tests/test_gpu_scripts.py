@@ -165,7 +165,7 @@ def test_importing_the_scripts_does_not_initialise_cuda():
 
 
 def test_check_records_an_exception_as_a_failing_row():
-    from ringsim.gpu.check import emit
+    from ringsim.gpu.check_rows import emit
 
     def explode():
         raise RuntimeError("kernel exploded\nmore detail")
@@ -178,7 +178,7 @@ def test_check_records_an_exception_as_a_failing_row():
 
 
 def test_lse_in_base_2_is_reported_loudly():
-    from ringsim.gpu.check import lse_base_note
+    from ringsim.gpu.check_rows import lse_base_note
 
     ref = torch.randn(3, 50, dtype=torch.float64) + 6
     assert "LSE BASE MISMATCH" in lse_base_note((ref / math.log(2)).float(), ref, 1e-3)

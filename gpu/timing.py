@@ -1,0 +1,94 @@
+"""Timing for the benchmarks: CUDA events, a warm-up call, peak memory, OOM as a result.
+
+Shared by :mod:`ringsim.gpu.bench` and :mod:`ringsim.gpu.bench_backward`. Times are medians
+over CUDA events after a warm-up call; the number of repetitions follows a budget in
+seconds per row (own loop rather than ``triton.testing.do_bench``, to bound the total time
+at 1M tokens). On the CPU (``--smoke``) the host clock times the calls.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from .check_support import max_abs_err
+
+if TYPE_CHECKING:
+    from .bench import Result
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def first_call(fn: Callable, device: torch.device):
+    """Run ``fn`` once (warm-up, compile); returns its result and the peak memory (GiB) the
+    call allocated beyond what was allocated before it (None on the CPU)."""
+    if device.type != "cuda":
+        return fn(), None
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    sync(device)
+    return result, (torch.cuda.max_memory_allocated(device) - before) / 2**30
+
+
+def median_ms(fn: Callable, device: torch.device, budget_s: float) -> tuple[float, int]:
+    """Median time of ``fn()`` in ms over ``budget_s / (one call)`` repetitions (3 to 50; 1
+    with a zero budget), timed with CUDA events (host clock on the CPU); ``fn`` must be warm."""
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    least = 3 if budget_s > 0 else 1
+    reps = max(least, min(50, int(budget_s / max(time.perf_counter() - start, 1e-6))))
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times), reps
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    for _ in range(reps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        events.append((begin, end))
+    sync(device)
+    return statistics.median(b.elapsed_time(e) for b, e in events), reps
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(result: Result, fn: Callable, device, budget_s: float, ours=None, keep=False):
+    """Run ``fn`` once (compared with ``ours`` when both give an output), then time it,
+    filling in ``result`` (a :class:`ringsim.gpu.bench.Result`). Returns the output if
+    ``keep``."""
+    out, result.peak_gib = first_call(fn, device)
+    if out is not None and ours is not None:
+        result.diff = max_abs_err(out, ours)
+    if not keep:
+        out = None
+    result.ms, result.reps = median_ms(fn, device, budget_s)
+    return out
+
+
+def optional(result: Result, build: Callable, device, budget_s: float, ours) -> None:
+    """A comparison row: running out of device memory is recorded as OOM, not raised."""
+    try:
+        measure(result, build(), device, budget_s, ours)
+    except torch.cuda.OutOfMemoryError:
+        result.status = "OOM"
+    finally:
+        free(device)
