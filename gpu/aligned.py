@@ -23,11 +23,13 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ringsim.config import DilatedConfig, PatternGroup
 from ringsim.plan import pair_groups
 
+from .graphs import DeviceCache
 from .kernels import Kernel, attend
 from .strided import group_blocks
 
@@ -82,14 +84,17 @@ def schedule(groups: tuple[PatternGroup, ...], b: int, n: int, device: torch.dev
     return "streams" if per_sm < STREAMS_BELOW and STREAMS else "strided"
 
 
-@functools.lru_cache(maxsize=16)
-def _pair_rows(b: int, n: int, h: int, w: int, r: int, offsets, heads, device) -> torch.Tensor:
+#: Gather indices of recent gathered pairs (built on the host, copied once per stream).
+_ROWS = DeviceCache(16)
+
+
+def _pair_rows(b: int, n: int, h: int, w: int, r: int, offsets, heads) -> torch.Tensor:
     """Rows of ``x.view(b * n * h, d)`` that an aligned pair gathers, block by block:
-    ``(b, S, m, H)`` flattened, for position ``s*w + i*r + offsets[j]`` of head ``heads[j]``."""
-    positions = torch.arange(0, n, w, device=device)[:, None] + torch.arange(0, w, r, device=device)
-    positions = positions[..., None] + torch.tensor(offsets, device=device)  # (S, m, H)
-    rows = positions * h + torch.tensor(heads, device=device)
-    return (torch.arange(b, device=device).view(b, 1, 1, 1) * (n * h) + rows).reshape(-1)
+    ``(b, S, m, H)`` flattened, for position ``s*w + i*r + offsets[j]`` of head ``heads[j]``
+    (int64, on the host)."""
+    positions = np.arange(0, n, w)[:, None, None] + np.arange(0, w, r)[None, :, None]
+    rows = (positions + np.asarray(offsets)) * h + np.asarray(heads)  # (S, m, H)
+    return torch.from_numpy((np.arange(b)[:, None, None, None] * (n * h) + rows).reshape(-1))
 
 
 def _gathered(q, k, v, groups, n: int, common: dict) -> Part:
@@ -100,7 +105,8 @@ def _gathered(q, k, v, groups, n: int, common: dict) -> Part:
     heads = tuple(h for g in groups for h in g.heads)
     offsets = tuple(g.pattern.offset for g in groups for _ in g.heads)
     b, _, h, d = q.shape
-    rows = _pair_rows(b, n, h, w, r, offsets, heads, q.device)
+    build = functools.partial(_pair_rows, b, n, h, w, r, offsets, heads)
+    rows = _ROWS.get((b, n, h, w, r, offsets, heads), q.device, build)
 
     def blocks(x):
         flat = x.reshape(b * n * h, d)  # a view of the usual contiguous input; else a copy

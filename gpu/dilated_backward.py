@@ -55,7 +55,7 @@ def dilated_backward(
             for g in groups:
                 blocks = functools.partial(group_blocks, group=g, seq_len=n)
                 for total, share in zip((dq, dk, dv), _block_grads(blocks, *inputs, common)):
-                    blocks(total).add_(share)
+                    blocks(total, view=True).add_(share)
         else:  # ragged: gather the rows of each row batch, add back at the same rows
             for batch in row_batches(groups, n):
                 rows, heads = batch_index(batch, 0, q.device)

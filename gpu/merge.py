@@ -58,18 +58,32 @@ def fused_merge_reason(out: torch.Tensor, block_out: torch.Tensor) -> str | None
     return None
 
 
+#: Let CPU tensors take the mixing kernel under Triton's interpreter (``TRITON_INTERPRET=1``
+#: as well): a hook for the CPU tests, off otherwise (the interpreter is slow).
+INTERPRET_ON_CPU = False
+
+
 def mix_reason(q: torch.Tensor) -> str | None:
     """Why the aligned forward cannot mix its groups' results with the Triton kernel of
-    :mod:`ringsim.gpu.mix_triton` for inputs like ``q (b, n, h, d)`` (None: it can)."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    :mod:`ringsim.gpu.mix_triton` for inputs like ``q (b, n, h, d)`` (None: it can).
+
+    Besides device, dtype and head_dim: a CUDA graph captured by the caller (not by
+    ``cuda_graph=True``) could not keep the kernel's tables, so it gets the accumulating
+    path, which captures as any torch code does."""
+    interpreted = INTERPRET_ON_CPU and os.environ.get("TRITON_INTERPRET") == "1"
     if not (q.is_cuda or interpreted):
-        return "the mixing kernel runs on CUDA (or under TRITON_INTERPRET=1)"
+        return "the mixing kernel runs on CUDA (or under Triton's interpreter, for the tests)"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the mixing kernel mixes in float32: {q.dtype} accumulates instead"
     if q.shape[-1] > 256:
         return "the mixing kernel takes head_dim <= 256"
     if not _has_triton():
         return "Triton is not installed"
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        from .graphs import capturing
+
+        if not capturing():
+            return "a CUDA graph captured outside cuda_graph=True cannot keep its tables"
     return None
 
 

@@ -20,8 +20,7 @@ The groups' outputs are separate tensors, so the kernel reads them through a tab
 addresses: for each pair and head, the group's out and lse pointers, its row offset, ``w'``,
 ``r`` and the strides that locate position ``p`` in the group's blocks (block ``p // w'``,
 row ``(p mod w') // r``). The table is copied to the device once per layout (a steady loop
-sees the same addresses every call); a CUDA graph that captured a call keeps its table
-(:func:`ringsim.gpu.graphs.keep_alive`).
+sees the same addresses every call; :class:`ringsim.gpu.graphs.DeviceCache`).
 
 Imported only where :func:`ringsim.gpu.merge.mix_reason` allows (this module imports
 Triton). On CPU tensors the kernel runs only under Triton's interpreter
@@ -31,7 +30,6 @@ Triton). On CPU tensors the kernel runs only under Triton's interpreter
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -39,9 +37,11 @@ import triton
 import triton.language as tl
 
 from .aligned import Part
-from .graphs import keep_alive
+from .graphs import DeviceCache
 
-FIELDS = 9  # per (pair, head): out, lse, offset, 3 out strides, 3 lse strides
+#: Table entries per (pair, head): out and lse offsets, the row offset, 3 out strides, 3 lse
+#: strides.
+FIELDS = tl.constexpr(9)
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _mix_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for i in tl.static_range(len(WIDTHS)):
         # w' and r are compile-time constants: dividing by them is cheap
-        entry = table + (i * heads + head) * 9
+        entry = table + (i * heads + head) * FIELDS
         picked = live & (p % RATES[i] == tl.load(entry + 2))
         block = batch * (seq_len // WIDTHS[i]) + p // WIDTHS[i]
         row = (p % WIDTHS[i]) // RATES[i]
@@ -101,25 +101,22 @@ def _vec(parts: Sequence[Part], out: torch.Tensor) -> int:
     return vec
 
 
-#: Device tables of recent calls, by everything they encode: in a steady loop the caching
-#: allocator hands out the same addresses, so the table is built and copied once.
-_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-TABLES_KEPT = 8
+#: Tables of recent calls, by everything they encode: in a steady loop the caching allocator
+#: hands out the same addresses, so each table is built and copied once.
+_TABLES = DeviceCache(8)
 
 
 def _table(parts: Sequence[Part], pairs: int, out, lse, vec: int) -> torch.Tensor:
-    """The ``(pairs, heads, FIELDS)`` int64 table the kernel reads, on out's device: offsets
+    """The ``(pairs * heads, FIELDS)`` int64 table the kernel reads, on out's device: offsets
     from ``out`` (in units of ``vec`` elements) and from ``lse``."""
     heads, size = out.shape[2], out.element_size()
-    layout = [
+    layout = tuple(
         (p.pair, p.heads, p.offsets, p.out.data_ptr(), p.out.stride(), p.lse.data_ptr(),
          p.lse.stride())
         for p in parts
-    ]  # fmt: skip
-    stream = torch.cuda.current_stream(out.device).cuda_stream if out.is_cuda else 0
-    key = (tuple(layout), out.data_ptr(), lse.data_ptr(), out.device, stream, heads, pairs, vec)
-    table = _TABLES.pop(key, None)
-    if table is None:
+    )  # fmt: skip
+
+    def build() -> torch.Tensor:
         # a head no group of the pair covers: offset -1 selects no position
         rows = [[0, 0, -1, 0, 0, 0, 0, 0, 0] for _ in range(pairs * heads)]
         for pair, group_heads, offsets, at, strides, lse_at, lse_strides in layout:
@@ -131,16 +128,10 @@ def _table(parts: Sequence[Part], pairs: int, out, lse, vec: int) -> torch.Tenso
                 rows[pair * heads + head] = [
                     start, lse_start, offset, sb, j * sh, sm, lb, j * lh, lm
                 ]  # fmt: skip
-        table = torch.tensor(rows, dtype=torch.int64)
-        if out.is_cuda:
-            table = table.pin_memory()
-            keep_alive(table)  # a graph capturing this copy reads the host table at replay
-            table = table.to(out.device, non_blocking=True)
-    _TABLES[key] = table
-    while len(_TABLES) > TABLES_KEPT:
-        _TABLES.popitem(last=False)
-    keep_alive(table)  # a graph that captured a call with this table reads it at every replay
-    return table
+        return torch.tensor(rows, dtype=torch.int64)
+
+    key = (layout, out.data_ptr(), lse.data_ptr(), out.dtype, heads, pairs, vec)
+    return _TABLES.get(key, out.device, build)
 
 
 def mix_(parts: Sequence[Part], widths, rates, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -152,6 +143,8 @@ def mix_(parts: Sequence[Part], widths, rates, out: torch.Tensor, lse: torch.Ten
     positions must be aligned (``w'`` divides n, ``r`` divides ``w'``): the caller checks.
     """
     b, n, h, d = out.shape
+    if lse.dtype != torch.float32 or out.stride(-1) != 1:
+        raise ValueError("mix_: out needs a contiguous last dim and lse float32")
     for part in parts:
         if part.out.dtype != out.dtype or part.lse.dtype != torch.float32:
             raise ValueError(f"mix_: parts must have {out.dtype} out and float32 lse")

@@ -53,12 +53,14 @@ def group_view(x: torch.Tensor, group: PatternGroup, seq_len: int) -> torch.Tens
     return selected.view(b, n // w, w // r, len(group.heads), *rest)
 
 
-def group_blocks(x: torch.Tensor, group: PatternGroup, seq_len: int) -> torch.Tensor:
+def group_blocks(
+    x: torch.Tensor, group: PatternGroup, seq_len: int, *, view: bool = False
+) -> torch.Tensor:
     """``x (b, n, h, *rest)`` -> the group's blocks ``(b*S, H, m, *rest)``.
 
     A view of x (one ``as_strided``) when b = 1 or x's batch stride is n times its row
-    stride, as in any contiguous tensor; otherwise a copy, which is fine for the inputs
-    (the accumulators written through these blocks are always contiguous).
+    stride, as in any contiguous tensor; otherwise a copy, which is fine for inputs.
+    ``view=True`` (the caller writes through the blocks) raises instead of copying.
     """
     w, r = group.pattern.effective_length(seq_len), group.pattern.dilation_rate
     b, n, _, *rest = x.shape
@@ -67,8 +69,10 @@ def group_blocks(x: torch.Tensor, group: PatternGroup, seq_len: int) -> torch.Te
     if b == 1 or sb == n * sn:  # batch and segments merge into one stride
         start = x.storage_offset() + group.pattern.offset * sn + group.heads[0] * sh
         return x.as_strided((b * segments, nh, m, *rest), (w * sn, r * sh, r * sn, *srest), start)
-    view = group_view(x, group, seq_len)
-    return view.reshape(b * segments, m, nh, *rest).transpose(1, 2)
+    if view:
+        raise ValueError("group_blocks: written blocks need b = 1 or a contiguous (b, n) layout")
+    selected = group_view(x, group, seq_len)
+    return selected.reshape(b * segments, m, nh, *rest).transpose(1, 2)
 
 
 def attend_strided(
@@ -92,7 +96,7 @@ def attend_strided(
     block_out, block_lse = attend(
         *(group_blocks(x, group, n) for x in (q, k, v)), causal=causal, scale=scale, kernel=kernel
     )
-    out_view, lse_view = group_blocks(out, group, n), group_blocks(lse, group, n)
+    out_view, lse_view = (group_blocks(x, group, n, view=True) for x in (out, lse))
     if fresh:
         out_view.copy_(block_out)
         lse_view.copy_(block_lse)

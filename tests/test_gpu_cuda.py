@@ -321,3 +321,26 @@ def test_cuda_graph_captures_each_schedule(monkeypatch, schedule):
         )
         assert torch.equal(eager[0], graphed[0]) and torch.equal(eager[1], graphed[1])
     clear_graphs()
+
+
+def test_a_graph_the_caller_captures_takes_the_accumulating_path():
+    """The mixing path's tables could not outlive a capture it does not own: under the
+    caller's own torch.cuda.graph the forward accumulates instead, and replays correctly."""
+    from ringsim.gpu.merge import mix_reason
+
+    q, k, v = draw((1, 2048, 8, 64), torch.bfloat16, 71, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            dilated_attention(q, k, v, *ALIGNED, is_causal=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph, reasons = torch.cuda.CUDAGraph(), []
+    with torch.cuda.graph(graph):
+        reasons.append(mix_reason(q))
+        static_out = dilated_attention(q, k, v, *ALIGNED, is_causal=True)
+    assert "outside cuda_graph=True" in reasons[0]
+    q.copy_(draw((1, 2048, 8, 64), torch.bfloat16, 72, "cuda")[0])
+    graph.replay()
+    want = dilated_attention(q, k, v, *ALIGNED, is_causal=True)
+    assert max_abs_err(static_out, want) <= 2**-7
