@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from ringsim.comm import CommError, Fault, FaultKind, FaultyCommunicator, MPICom
 from ringsim.reference import ring_dilated_attention_shard, ring_dilated_attention_shard_backward
 from ringsim.reference.parity import check_case, check_gradients
 from ringsim.trace import RankTrace, Trace
+
+#: Seconds a failing rank waits between printing its line and aborting every rank.
+ABORT_GRACE_S = 0.5
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -119,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+        # Abort tears down every process at once; mpiexec's forwarding of the line just
+        # written can lose that race on a loaded machine (seen in CI: empty stderr)
+        time.sleep(ABORT_GRACE_S)
         world.Abort(1)
     failed = world.bcast(len(lines) if comm.rank == 0 else None, root=0)
     if comm.rank == 0:
