@@ -122,6 +122,26 @@ def _side_streams(device: torch.device) -> tuple[torch.cuda.Stream, ...]:
     return tuple(torch.cuda.Stream(device) for _ in range(STREAMS))
 
 
+class SideStreams:
+    """Work forked from the current stream onto the side streams, joined back by
+    :meth:`join`: ``with sides.on(i):`` runs the i-th piece (round robin). Pieces must not
+    write the same memory; tensors a piece makes and the current stream reads need
+    ``record_stream(sides.main)``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.main = torch.cuda.current_stream(device)
+        self.sides = _side_streams(device)
+        for side in self.sides:  # what the pieces read is ready on the main stream
+            side.wait_stream(self.main)
+
+    def on(self, i: int):
+        return torch.cuda.stream(self.sides[i % len(self.sides)])
+
+    def join(self) -> None:
+        for side in self.sides:
+            self.main.wait_stream(side)
+
+
 def attend_pairs(q, k, v, config: DilatedConfig, kernel: Kernel) -> list[Part]:
     """Every kernel call of the aligned forward over ``q, k, v (b, n, h, d)``, unmerged."""
     b, n, h, d = q.shape
@@ -129,10 +149,7 @@ def attend_pairs(q, k, v, config: DilatedConfig, kernel: Kernel) -> list[Part]:
     parts: list[Part] = []
     pairs = pair_groups(config, h)
     plans = [schedule(groups, b, n, q.device) for groups in pairs]
-    sides = _side_streams(q.device) if "streams" in plans else ()
-    main = torch.cuda.current_stream(q.device) if sides else None
-    for side in sides:  # the inputs are ready on the main stream
-        side.wait_stream(main)
+    sides = SideStreams(q.device) if "streams" in plans else None
     for groups, plan in zip(pairs, plans):
         if plan == "gathered":
             parts.append(_gathered(q, k, v, groups, n, common))
@@ -140,15 +157,15 @@ def attend_pairs(q, k, v, config: DilatedConfig, kernel: Kernel) -> list[Part]:
         for i, g in enumerate(groups):
             w, r = g.pattern.effective_length(n), g.pattern.dilation_rate
             if plan == "streams":
-                with torch.cuda.stream(sides[i % len(sides)]):
+                with sides.on(i):
                     out, lse = attend(*(group_blocks(x, g, n) for x in (q, k, v)), **common)
-                out.record_stream(main)  # made on a side stream, read by the mix on main
-                lse.record_stream(main)
+                out.record_stream(sides.main)  # made on a side stream, read by the mix on main
+                lse.record_stream(sides.main)
             else:
                 out, lse = attend(*(group_blocks(x, g, n) for x in (q, k, v)), **common)
             parts.append(Part(g.pair, w, r, g.heads, (g.pattern.offset,) * len(g.heads), out, lse))
-    for side in sides:
-        main.wait_stream(side)
+    if sides is not None:
+        sides.join()
     return parts
 
 

@@ -1,16 +1,18 @@
 """The backward of dilated attention on one device, in torch.
 
-Every kernel call of the forward has one backward call here, over the same rows (strided
-views for aligned pattern groups, row batches otherwise), given the *final* out and lse of
-those rows: with them, the FlashAttention identity ``dS = P * (dP - D)``,
-``P = exp(s - L)``, ``D = rowsum(dout * out)`` is each block's share of the exact gradient
-of the LSE mixture (SPEC 4; :mod:`ringsim.reference.backward` derives it). The shares are
-added into float32 accumulators (float64 for float64 input): rows and heads are unique
-within one call, so nothing is lost.
+Every pattern group of an aligned pair (strided views) and every row batch of a ragged one
+has one backward call here, given the *final* out and lse of its rows. With them, the
+FlashAttention identity ``dS = P * (dP - D)``, ``P = exp(s - L)``, ``D = rowsum(dout * out)``
+is each block's share of the exact gradient of the LSE mixture (SPEC 4;
+:mod:`ringsim.reference.backward` derives it). The shares are added into float32
+accumulators (float64 for float64 input): rows and heads are unique within one call, so
+nothing is lost. On CUDA the groups of a pair too small to fill the GPU run side by side
+(:class:`ringsim.gpu.aligned.SideStreams`; they write disjoint heads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -19,6 +21,7 @@ from ringsim.batches import row_batches
 from ringsim.config import DilatedConfig
 from ringsim.plan import pair_groups
 
+from .aligned import SideStreams, schedule
 from .dilated import batch_blocks, batch_index, unblock
 from .kernels import Kernel
 from .kernels_backward import attend_backward
@@ -52,10 +55,17 @@ def dilated_backward(
     inputs = (q, k, v, out, lse, dout, dlse)
     for groups in pair_groups(config, h):
         if all(is_strided(g, n) for g in groups):  # aligned: views in, views out
-            for g in groups:
-                blocks = functools.partial(group_blocks, group=g, seq_len=n)
-                for total, share in zip((dq, dk, dv), _block_grads(blocks, *inputs, common)):
-                    blocks(total, view=True).add_(share)
+            # groups too small to fill the GPU run side by side (they write disjoint heads);
+            # the next pair adds to the same totals, so it starts after the join
+            small = schedule(groups, b, n, q.device) != "strided"
+            sides = SideStreams(q.device) if small else None
+            for i, g in enumerate(groups):
+                with sides.on(i) if sides else contextlib.nullcontext():
+                    blocks = functools.partial(group_blocks, group=g, seq_len=n)
+                    for total, share in zip((dq, dk, dv), _block_grads(blocks, *inputs, common)):
+                        blocks(total, view=True).add_(share)
+            if sides:
+                sides.join()
         else:  # ragged: gather the rows of each row batch, add back at the same rows
             for batch in row_batches(groups, n):
                 rows, heads = batch_index(batch, 0, q.device)
