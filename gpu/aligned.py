@@ -1,6 +1,6 @@
 """The aligned forward on CUDA: every pair's kernel calls, then one mixing pass.
 
-When every pair is aligned (``w'`` divides n, r divides ``w'``), each pair runs in one of two
+When every pair is aligned (``w'`` divides n, r divides ``w'``), each pair runs in one of three
 ways, and its results are kept as the kernels return them (:class:`Part`):
 
 - **strided**: one call per pattern group on views of q, k, v (:mod:`ringsim.gpu.strided`),

@@ -166,10 +166,9 @@ def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel):
     """The forward on one device, no autograd: out ``(b, n, h, d)`` in q's dtype and the
     lse accumulator ``(b, n, h)`` (rows, then heads), float32 or float64."""
     b, n, h, d = q.shape
-    acc = accumulator_dtype(q.dtype)
-    pairs = pair_groups(config, h)
     if all_strided(config, n, h) and mix_reason(q) is None:
         return aligned_forward(q, k, v, config, kernel)
+    acc, pairs = accumulator_dtype(q.dtype), pair_groups(config, h)
     # a first pair with r = 1 over every head writes every row and head on first touch:
     # then the accumulators need no initial fill
     covered = (

@@ -58,7 +58,7 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host
     host = host.pin_memory()
-    if _KEEP:
+    if capturing():
         _KEEP[-1].append(host)
     return host.to(device, non_blocking=True)
 

@@ -16,11 +16,13 @@ That is the stable LSE merge of SPEC 5 done for all pairs at once, in float32: a
 selects gets ``(0, -inf)``, a NaN lse or output propagates. Each group's output is read once
 in its own dtype and the result written once: no accumulator.
 
-The groups' outputs are separate tensors, so the kernel reads them through a table of
-addresses: for each pair and head, the group's out and lse pointers, its row offset, ``w'``,
-``r`` and the strides that locate position ``p`` in the group's blocks (block ``p // w'``,
-row ``(p mod w') // r``). The table is copied to the device once per layout (a steady loop
-sees the same addresses every call; :class:`ringsim.gpu.graphs.DeviceCache`).
+The groups' outputs are separate tensors, so the kernel reads them through a table: for
+each pair and head, where the group's out and lse start (as offsets from the output's
+``out`` and ``lse``), the row offset of its pattern, and the strides that locate position
+``p`` in the group's blocks (block ``p // w'``, row ``(p mod w') // r``; ``w'`` and ``r``
+are compile-time constants of the kernel). The table is copied to the device once per
+layout (a steady loop sees the same addresses every call;
+:class:`ringsim.gpu.graphs.DeviceCache`).
 
 Imported only where :func:`ringsim.gpu.merge.mix_reason` allows (this module imports
 Triton). On CPU tensors the kernel runs only under Triton's interpreter
