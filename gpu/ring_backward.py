@@ -17,8 +17,8 @@ import torch
 from ringsim.agree import agree
 from ringsim.comm.base import Communicator, Payload
 from ringsim.config import DilatedConfig
-from ringsim.gradrelay import GradRelay
-from ringsim.plan import BlockAction, Task, Transfer, rank_plan
+from ringsim.gradrelay import GradRelay, HomeAdds
+from ringsim.plan import BlockAction, Task, rank_plan
 from ringsim.ringloop import run_ring
 from ringsim.trace import RankTrace
 
@@ -29,7 +29,7 @@ from .ring import TorchParts
 
 
 @dataclass
-class TorchGradParts(TorchParts):
+class TorchGradParts(HomeAdds, TorchParts):
     """The torch pieces of the backward ring: ``out``, ``lse`` are the final ones."""
 
     dout: torch.Tensor  # (b, c, h, d)
@@ -69,26 +69,16 @@ class TorchGradParts(TorchParts):
                 allowed=allowed,
                 dlse=None if self.dlse is None else self.select(self.dlse, rows, heads),
             )
-            self._add(self.dq, rows, heads, dq)
+            self.add_rows(self.dq, rows, heads, dq)
         return tuple(x.to(self.grad_dtype) for x in shares)  # dK/dV travel in float32
 
-    def _add(self, total: torch.Tensor, rows: range, heads: tuple[int, ...], share) -> None:
+    def add_rows(self, total: torch.Tensor, rows: range, heads: tuple[int, ...], share) -> None:
         """``total (b, c, h, d)`` at ``rows`` and ``heads`` += ``share (b, H, m, d)``."""
         index = self.local(rows)[:, None], torch.as_tensor(heads, device=total.device)[None, :]
         total[(slice(None), *index)] += share.transpose(1, 2).to(total.dtype)
 
     def zeros(self, block: Payload) -> Payload:
         return tuple(torch.zeros(a.shape, dtype=self.grad_dtype, device=a.device) for a in block)
-
-    def add(self, a: Payload, b: Payload) -> Payload:
-        return tuple(x + y for x, y in zip(a, b))
-
-    def add_home(self, grads: Payload, transfer: Transfer) -> None:
-        groups = self.plan.groups[transfer.subring.pair]
-        for g, rows in enumerate(transfer.rows):
-            if len(rows):
-                self._add(self.dk, rows, groups[g].heads, grads[g])
-                self._add(self.dv, rows, groups[g].heads, grads[len(groups) + g])
 
 
 def check_backward(comm: Communicator, kernel: Kernel, dlse: torch.Tensor | None) -> None:

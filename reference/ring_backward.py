@@ -23,8 +23,8 @@ import numpy as np
 from ringsim.agree import agreed_config
 from ringsim.comm.base import Communicator, Payload
 from ringsim.config import positions
-from ringsim.gradrelay import GradRelay
-from ringsim.plan import BlockAction, Task, Transfer, rank_plan
+from ringsim.gradrelay import GradRelay, HomeAdds
+from ringsim.plan import BlockAction, Task, rank_plan
 from ringsim.ringloop import run_ring
 from ringsim.trace import RankTrace
 
@@ -35,7 +35,7 @@ from .select import select_rows
 
 
 @dataclass
-class NumpyGradParts(NumpyParts):
+class NumpyGradParts(HomeAdds, NumpyParts):
     """The NumPy pieces of the backward ring: ``out``, ``lse`` are the final ones."""
 
     dout: np.ndarray  # (b, c, h, d)
@@ -74,22 +74,16 @@ class NumpyGradParts(NumpyParts):
                 scale=self.scale,
                 dlse=None if self.dlse is None else self.dlse[:, cols.T, rows.T],
             )
-            self.dq[:, rows, cols] += dq  # rows and heads are unique: no lost updates
+            self.add_rows(self.dq, task.q_rows[g], group.heads, dq)
         return tuple(shares)
+
+    def add_rows(self, total: np.ndarray, rows: range, heads: tuple[int, ...], share) -> None:
+        """``total (b, c, h, d)`` at ``rows`` and ``heads`` += ``share (b, m, H, d)`` (rows and
+        heads are unique: no lost updates)."""
+        total[:, self._local(rows)[:, None], np.array(heads)[None, :]] += share
 
     def zeros(self, block: Payload) -> Payload:
         return tuple(np.zeros(a.shape, dtype=self.grad_dtype) for a in block)
-
-    def add(self, a: Payload, b: Payload) -> Payload:
-        return tuple(x + y for x, y in zip(a, b))
-
-    def add_home(self, grads: Payload, transfer: Transfer) -> None:
-        groups = self.plan.groups[transfer.subring.pair]
-        for g, rows in enumerate(transfer.rows):
-            if len(rows):
-                index = self._local(rows)[:, None], np.array(groups[g].heads)[None, :]
-                self.dk[(slice(None), *index)] += grads[g]
-                self.dv[(slice(None), *index)] += grads[len(groups) + g]
 
 
 def ring_dilated_attention_shard_backward(

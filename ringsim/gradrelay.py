@@ -59,6 +59,33 @@ class GradParts(Protocol):
         ...
 
 
+class HomeAdds:
+    """``add`` and ``add_home`` of :class:`GradParts` for parts whose dK/dV payload is the dk
+    of every pattern group of the pair, then the dv of every group (both backends' layout).
+
+    The parts supply ``plan`` (their :class:`~ringsim.plan.RankPlan`), the ``dk``, ``dv``
+    accumulators and ``add_rows(total, rows, heads, share)``: ``share`` added into ``total``
+    at the global ``rows`` (of this rank's shard) and ``heads``.
+    """
+
+    plan: RankPlan
+    dk: object
+    dv: object
+
+    def add_rows(self, total, rows: range, heads: tuple[int, ...], share) -> None:
+        raise NotImplementedError
+
+    def add(self, a: Payload, b: Payload) -> Payload:
+        return tuple(x + y for x, y in zip(a, b))
+
+    def add_home(self, grads: Payload, transfer: Transfer) -> None:
+        groups = self.plan.groups[transfer.subring.pair]
+        for g, rows in enumerate(transfer.rows):
+            if len(rows):
+                self.add_rows(self.dk, rows, groups[g].heads, grads[g])
+                self.add_rows(self.dv, rows, groups[g].heads, grads[len(groups) + g])
+
+
 @dataclass
 class GradRelay:
     """The dK/dV accumulators of one rank's blocks, moved as the plan says."""
