@@ -1,15 +1,26 @@
-"""The torch backend of ring dilated attention: kernels that return the LSE, the single-device
-path, the ring over torch.distributed or the simulated cluster, and the modules.
+"""The torch backend of ring dilated attention, in layers that import only downwards:
+
+- :mod:`.kernels`: attention kernels that return the LSE, and their backward;
+- :mod:`.executor`: the step executor, which runs one rank's batches of one step, and the
+  single-device path, which is that executor at P = 1;
+- :mod:`.ring`: the ring over torch.distributed or the simulated cluster, forward and
+  backward;
+- :mod:`.nn`: the modules and the seed's names for them;
+- :mod:`.harness` (apart, imported by nothing above): the device check, the benchmarks, the
+  multi-process parity check and the profile.
 
 Importing this package imports torch but never probes a GPU.
 """
 
-from .dilated import dilated_attention
+from .executor import dilated_attention
 from .kernels import Kernel, choose_kernel
-from .modules import RingDilatedAttention, RingDilatedAttentionHybrid
-from .multihead import RingMultiheadDilatedAttention, RingMultiheadDilatedAttentionHybrid
-from .ring import ring_dilated_attention
-from .simulate import simulated_ring_dilated_attention
+from .nn import (
+    RingDilatedAttention,
+    RingDilatedAttentionHybrid,
+    RingMultiheadDilatedAttention,
+    RingMultiheadDilatedAttentionHybrid,
+)
+from .ring import ring_dilated_attention, simulated_ring_dilated_attention
 
 __all__ = [
     "Kernel",

@@ -24,7 +24,7 @@ from ringsim.agree import agreed_config
 from ringsim.comm.base import Communicator, Payload, Recv
 from ringsim.config import positions
 from ringsim.plan import BlockAction, RankPlan, Task, Transfer, rank_plan
-from ringsim.ringloop import run_ring
+from ringsim.ringloop import TaskParts, run_ring
 from ringsim.trace import RankTrace
 
 from .block import block_attention
@@ -34,8 +34,9 @@ from .select import select_rows
 
 
 @dataclass
-class NumpyParts:
-    """The NumPy pieces of the ring (:class:`ringsim.ringloop.RingParts`)."""
+class NumpyParts(TaskParts):
+    """The NumPy pieces of the ring (:class:`ringsim.ringloop.RingParts`), one task at a
+    time."""
 
     q: np.ndarray  # (b, c, h, d), this rank's shards
     k: np.ndarray
@@ -62,7 +63,7 @@ class NumpyParts:
         shapes = tuple((b, len(r), len(g.heads), d) for r, g in zip(transfer.rows, groups))
         return Recv(transfer.send_rank, transfer.subring.tag, shapes * 2, self.q.dtype)
 
-    def attend(self, block: Payload, task: Task) -> None:
+    def attend_task(self, block: Payload, task: Task) -> None:
         groups = self.plan.groups[task.subring.pair]
         for g, group in enumerate(groups):
             action = task.actions[g]

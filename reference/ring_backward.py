@@ -51,7 +51,7 @@ class NumpyGradParts(HomeAdds, NumpyParts):
     def _local(self, rows: range) -> np.ndarray:
         return positions(rows) - self.plan.shard.start
 
-    def attend(self, block: Payload, task: Task) -> Payload:
+    def attend_task(self, block: Payload, task: Task) -> Payload:
         """Block backward of every pattern group: dq here, the dK/dV share returned."""
         groups = self.plan.groups[task.subring.pair]
         shares = [np.zeros_like(a) for a in block]

@@ -14,9 +14,19 @@ from typing import Any
 from ringsim.comm.base import Communicator
 from ringsim.config import DilatedConfig, check_qkv, make_config
 
+#: How many agreed descriptions a communicator with an ``agreed`` memory keeps.
+REMEMBERED = 32
+
 
 def agree(comm: Communicator, description: str, error: Exception | None) -> None:
     """Raise on every rank unless every rank passed its checks with the same description.
+
+    A communicator with an ``agreed`` memory (an ordered dict, as the torch.distributed one
+    has) skips the collective for a description every rank has agreed on before: a steady
+    training loop agrees once per new configuration, not at every call. Ranks that then
+    diverge (one repeats an agreed configuration while another changes it) are no longer
+    caught here but by the ring's own communication timing out (torch.distributed's
+    ``timeout``).
 
     Args:
         comm: the ring's communicator (one ``allgather``).
@@ -26,6 +36,10 @@ def agree(comm: Communicator, description: str, error: Exception | None) -> None
         the rank's own ``error``; else ``ValueError`` naming the rank that failed or the
         ranks that disagree.
     """
+    known = getattr(comm, "agreed", None)
+    if known is not None and error is None and description in known:
+        known.move_to_end(description)
+        return
     message = None if error is None else f"{type(error).__name__}: {error}"
     reports = comm.allgather((description, message))
     if error is not None:
@@ -37,6 +51,10 @@ def agree(comm: Communicator, description: str, error: Exception | None) -> None
     if any(d != descriptions[0] for d in descriptions):
         lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(descriptions))
         raise ValueError(f"ranks disagree on the configuration or shard shapes: {lines}")
+    if known is not None:
+        known[description] = None
+        while len(known) > REMEMBERED:
+            known.popitem(last=False)
 
 
 def agreed_config(

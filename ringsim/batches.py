@@ -10,11 +10,13 @@ NumPy only, so they are tested as tables and shared by every torch path.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from ringsim.config import PatternGroup
+from ringsim.plan import TaskBatch
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,3 +68,24 @@ def row_batches(
             rows = offsets[:, None, None] + starts[None, :, None] + steps[None, None, :]
             batches.append(RowBatch(tuple(h for h, _ in heads), rows))
     return batches
+
+
+@functools.lru_cache(maxsize=256)
+def task_row_batches(batch: TaskBatch, groups: tuple[PatternGroup, ...]) -> tuple[RowBatch, ...]:
+    """The kernel calls of a plan's batch of the rank's own tasks (:class:`ringsim.plan.TaskBatch`,
+    its pair's ``groups``): heads of groups with equal row counts share one call, each task
+    (a segment, or the part of it in the rank's shard) one entry of its batch. Row positions
+    are global; keys are the same rows (the rank's own block). Cached by batch identity."""
+    by_count: dict[int, list[tuple[int, int]]] = {}  # rows -> (head, group index)
+    for gi, (g, m) in enumerate(zip(groups, batch.q_counts)):
+        if m:
+            by_count.setdefault(m, []).extend((h, gi) for h in g.heads)
+    rate = groups[0].pattern.dilation_rate
+    out = []
+    for m, heads in sorted(by_count.items()):
+        starts = np.array(
+            [[task.q_rows[gi].start for task in batch.tasks] for _, gi in heads], dtype=np.int64
+        )  # (H, S)
+        rows = starts[:, :, None] + rate * np.arange(m, dtype=np.int64)  # (H, S, m)
+        out.append(RowBatch(tuple(h for h, _ in heads), rows))
+    return tuple(out)

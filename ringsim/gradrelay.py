@@ -93,7 +93,7 @@ class GradRelay:
     comm: Communicator
     plan: RankPlan
     parts: GradParts
-    trace: RankTrace
+    trace: RankTrace | None
     pending: Request | None = None
     pending_recvs: list[Transfer] = field(default_factory=list)
 
@@ -116,9 +116,10 @@ class GradRelay:
         nxt = self.plan.steps[index + 1] if index + 1 < len(self.plan.steps) else None
         sends = [(t, ONWARD) for t in (nxt.sends if nxt else ())]  # 2. on with the blocks
         recvs = list(nxt.recvs if nxt else ())
-        for t in (t for t in self.plan.returns if t.step == step.step):  # 3. home
+        for t in self.plan.returns_at(step.step):  # 3. home
             if t.send_rank == t.recv_rank:  # a block that never left: added in place
-                self.parts.add_home(self.parts.message(acc[t.subring.index], t), t)
+                if t.subring.index in acc:  # (a backend may have added it as it attended)
+                    self.parts.add_home(self.parts.message(acc[t.subring.index], t), t)
             elif t.send_rank == self.plan.rank:
                 sends.append((t, RETURN))
             else:
@@ -151,6 +152,8 @@ class GradRelay:
         return got
 
     def _record(self, step, action, t: Transfer, peer, payload, kind) -> None:
+        if self.trace is None:
+            return
         self.trace.add(
             Event(
                 step,

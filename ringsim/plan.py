@@ -141,14 +141,60 @@ class Task:
         return all(a is BlockAction.SKIP for a in self.actions)
 
 
+@dataclass(frozen=True, eq=False)
+class TaskBatch:
+    """Tasks of one pair at one step that a backend runs together: the same action and
+    the same numbers of query and key rows in every pattern group, and all of them on
+    the rank's own block or all on blocks received. Segments become the batch dimension
+    of one kernel call per pattern group (:func:`step_batches`).
+
+    Compared by identity (plans are cached, so a backend may key what it derives from a
+    batch by the batch itself).
+    """
+
+    pair: int
+    actions: tuple[BlockAction, ...]
+    own: bool  # every task attends the rank's own block (step 0)
+    tasks: tuple[Task, ...]
+
+    @property
+    def q_counts(self) -> tuple[int, ...]:
+        """Query rows of each pattern group in each task."""
+        return tuple(len(r) for r in self.tasks[0].q_rows)
+
+
+def step_batches(rank: int, tasks: tuple[Task, ...]) -> tuple[TaskBatch, ...]:
+    """The tasks of one step grouped into batches (skipped tasks are in none), in the order
+    of their first task: tasks of one pair with equal actions, equal row counts per pattern
+    group, and all or none on the rank's own block."""
+    batches: dict[tuple, list[Task]] = {}
+    for task in tasks:
+        if task.skipped:
+            continue
+        key = (
+            task.subring.pair,
+            task.actions,
+            task.source_rank == rank,
+            tuple(len(r) for r in task.q_rows),
+            tuple(len(r) for r in task.k_rows),
+        )
+        batches.setdefault(key, []).append(task)
+    return tuple(
+        TaskBatch(pair, actions, own, tuple(batch))
+        for (pair, actions, own, _, _), batch in batches.items()
+    )
+
+
 @dataclass(frozen=True)
 class RankStep:
-    """What one rank does at one step: post ``sends`` and ``recvs``, then run ``tasks``."""
+    """What one rank does at one step: post ``sends`` and ``recvs``, then run ``tasks``
+    (``batches``: the same tasks as a backend runs them, :func:`step_batches`)."""
 
     step: int
     sends: tuple[Transfer, ...]
     recvs: tuple[Transfer, ...]
     tasks: tuple[Task, ...]
+    batches: tuple[TaskBatch, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,6 +217,22 @@ class RankPlan:
     @property
     def shard(self) -> range:
         return shard_range(self.rank, self.seq_len, self.world_size)
+
+    def returns_at(self, step: int) -> tuple[Transfer, ...]:
+        """The return transfers of ``step`` (backward)."""
+        return self._returns_by_step.get(step, ())
+
+    @functools.cached_property
+    def _returns_by_step(self) -> dict[int, tuple[Transfer, ...]]:
+        by_step: dict[int, list[Transfer]] = {}
+        for t in self.returns:
+            by_step.setdefault(t.step, []).append(t)
+        return {step: tuple(ts) for step, ts in by_step.items()}
+
+    @functools.cached_property
+    def last_busy_step(self) -> int:
+        """The index of the last step with a task to run (-1: none)."""
+        return max((i for i, s in enumerate(self.steps) if s.batches), default=-1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -267,10 +329,12 @@ def _subring_schedule(
     return transfers, tasks, returns
 
 
+@functools.lru_cache(maxsize=64)
 def rank_plan(
     config: DilatedConfig, num_heads: int, seq_len: int, world_size: int, rank: int
 ) -> RankPlan:
-    """The schedule of one rank: its transfers and tasks, step by step."""
+    """The schedule of one rank: its transfers and tasks, step by step (cached: the torch
+    ring asks for it at every call)."""
     groups = pair_groups(config, num_heads)
     sends: dict[int, list[Transfer]] = {}
     recvs: dict[int, list[Transfer]] = {}
@@ -291,7 +355,13 @@ def rank_plan(
                 tasks.setdefault(task.step, []).append(task)
     num_steps = max(tasks, default=-1) + 1
     steps = tuple(
-        RankStep(t, tuple(sends.get(t, ())), tuple(recvs.get(t, ())), tuple(tasks.get(t, ())))
+        RankStep(
+            t,
+            tuple(sends.get(t, ())),
+            tuple(recvs.get(t, ())),
+            tuple(tasks.get(t, ())),
+            step_batches(rank, tuple(tasks.get(t, ()))),
+        )
         for t in range(num_steps)
     )
     return RankPlan(rank, world_size, seq_len, groups, steps, tuple(returns))

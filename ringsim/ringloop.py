@@ -1,13 +1,15 @@
 """The one ring loop every backend runs: the plan's steps, with overlap, traced.
 
-A backend plugs in its :class:`RingParts` (how to cut its own block, what a message carries,
-what a receive expects, how to attend and merge one block); the loop does the rest, the same
-way for NumPy and torch, the simulated cluster, MPI and torch.distributed:
+A backend plugs in its :class:`RingParts` (how to cut its own blocks, what a message carries,
+what a receive expects, how to attend and merge the blocks of one step); the loop does the
+rest, the same way for NumPy and torch, the simulated cluster, MPI and torch.distributed:
 
-1. step 0: each sub-ring's own block is cut from the rank's K/V shard;
+1. step 0: each sub-ring's own block is cut from the rank's K/V shard (a backend that
+   attends its own rows in place cuts only the blocks it sends);
 2. every step: wait for the blocks posted at the previous step; post the next step's
-   exchange at once, so it overlaps the compute; attend the rank's queries to each block
-   held and merge; drop the blocks (sends were copied or packed when posted).
+   exchange at once, so it overlaps the compute; hand the whole step to the backend, which
+   attends the rank's queries to every block held and merges; drop the blocks (a sent
+   block is the communicator's until the exchange completes).
 
 Every send, receive, compute, merge and skip is recorded in the rank's trace, with the bytes
 of arrays held (the memory meter).
@@ -25,10 +27,14 @@ from ringsim.trace import Event, RankTrace, TraceAction
 
 
 class RingParts(Protocol):
-    """A backend's pieces of the ring."""
+    """A backend's pieces of the ring. A backend is handed a whole step: the NumPy
+    reference runs it task by task (:class:`TaskParts`), the torch executor one batch of
+    tasks at a time (:attr:`ringsim.plan.RankStep.batches`)."""
 
-    def own_block(self, task: Task) -> Payload:
-        """This rank's K/V rows of ``task``'s sub-ring: ``(K_g0.., V_g0..)``."""
+    def own_blocks(self, step: RankStep) -> dict[int, Payload]:
+        """The blocks of the step's sub-rings that this rank cuts from its own shard, by
+        sub-ring index (a backend that attends its own rows in place need cut only those
+        it sends)."""
         ...
 
     def message(self, block: Payload, transfer: Transfer) -> Payload:
@@ -39,12 +45,40 @@ class RingParts(Protocol):
         """The receive of ``transfer``: shapes and dtype from the plan."""
         ...
 
-    def attend(self, block: Payload, task: Task) -> Payload | None:
-        """Attend the rank's queries to ``block`` and merge into the running state.
-
-        In the backward pass: the block backward, which adds to dq and returns the block's
-        share of dK/dV (:mod:`ringsim.gradrelay`)."""
+    def attend(self, step: RankStep, held: dict[int, Payload]) -> dict[int, Payload | None]:
+        """Attend the rank's queries to every block of ``step`` and merge into the running
+        state. Returns, in the backward pass, each held block's share of dK/dV (None for a
+        block held but not attended; :mod:`ringsim.gradrelay`); ``{}`` in the forward."""
         ...
+
+
+class TaskParts:
+    """``own_blocks`` and ``attend`` of :class:`RingParts` one task at a time, for a backend
+    that defines ``own_block(task)`` and ``attend_task(block, task)`` (and has ``plan``)."""
+
+    plan: RankPlan
+
+    def own_block(self, task: Task) -> Payload:
+        raise NotImplementedError
+
+    def attend_task(self, block: Payload, task: Task) -> Payload | None:
+        raise NotImplementedError
+
+    def own_blocks(self, step: RankStep) -> dict[int, Payload]:
+        return {
+            t.subring.index: self.own_block(t)
+            for t in step.tasks
+            if t.source_rank == self.plan.rank
+        }
+
+    def attend(self, step: RankStep, held: dict[int, Payload]) -> dict[int, Payload | None]:
+        shares: dict[int, Payload | None] = {}
+        for task in step.tasks:
+            if not task.skipped:
+                shares[task.subring.index] = self.attend_task(held[task.subring.index], task)
+            elif task.subring.index in held:  # a skipped block may still move on
+                shares[task.subring.index] = None
+        return shares
 
 
 def recv_nbytes(recv: Recv, itemsize: int) -> int:
@@ -58,25 +92,26 @@ def _post(
     held: dict[int, Payload],
     plan: RankPlan,
     parts: RingParts,
-    trace: RankTrace,
+    trace: RankTrace | None,
 ) -> Request:
     sends = []
     for t in step.sends:
         payload = parts.message(held[t.subring.index], t)
         sends.append(Send(t.recv_rank, t.subring.tag, payload))
-        trace.add(
-            Event(
-                step.step,
-                plan.rank,
-                TraceAction.SEND,
-                t.recv_rank,
-                payload_nbytes(payload),
-                t.subring.pair,
-                t.subring.index,
-                t.source_rank,
-                t.rows,
+        if trace is not None:
+            trace.add(
+                Event(
+                    step.step,
+                    plan.rank,
+                    TraceAction.SEND,
+                    t.recv_rank,
+                    payload_nbytes(payload),
+                    t.subring.pair,
+                    t.subring.index,
+                    t.source_rank,
+                    t.rows,
+                )
             )
-        )
     return comm.start(sends, [parts.expected(t) for t in step.recvs])
 
 
@@ -101,56 +136,54 @@ def run_ring(
     comm: Communicator,
     plan: RankPlan,
     parts: RingParts,
-    trace: RankTrace,
+    trace: RankTrace | None,
     itemsize: int,
     relay: GradRelay | None = None,
 ) -> None:
     """Execute ``plan`` on this rank; ``parts.attend`` accumulates the result.
 
     With a ``relay`` (the backward pass), the dK/dV shares ``parts.attend`` returns travel
-    with their blocks and back to their owners (:mod:`ringsim.gradrelay`).
+    with their blocks and back to their owners (:mod:`ringsim.gradrelay`). ``trace`` None
+    records nothing (the torch ring's default: no host work per task).
     """
+    hold = trace.hold if trace is not None else (lambda name, nbytes: None)
     held: dict[int, Payload] = {}  # sub-ring index -> the block this rank holds this step
     pending: Request | None = None
     for index, step in enumerate(plan.steps):
         if pending is not None:  # 2a. the blocks posted at the previous step
-            trace.hold("in flight", 0)
+            hold("in flight", 0)
             for t, payload in zip(step.recvs, pending.wait()):
                 held[t.subring.index] = payload
-                trace.add(
-                    Event(
-                        step.step,
-                        plan.rank,
-                        TraceAction.RECV,
-                        t.send_rank,
-                        payload_nbytes(payload),
-                        t.subring.pair,
-                        t.subring.index,
-                        t.source_rank,
-                        t.rows,
+                if trace is not None:
+                    trace.add(
+                        Event(
+                            step.step,
+                            plan.rank,
+                            TraceAction.RECV,
+                            t.send_rank,
+                            payload_nbytes(payload),
+                            t.subring.pair,
+                            t.subring.index,
+                            t.source_rank,
+                            t.rows,
+                        )
                     )
-                )
-        for task in step.tasks:  # 1. step 0: the rank's own rows of each sub-ring
-            if task.source_rank == plan.rank:
-                held[task.subring.index] = parts.own_block(task)
-        trace.hold("blocks held", sum(payload_nbytes(p) for p in held.values()))
+        held.update(parts.own_blocks(step))  # 1. step 0: the rank's own rows of each sub-ring
+        if trace is not None:
+            hold("blocks held", sum(payload_nbytes(p) for p in held.values()))
         pending = None
         if index + 1 < len(plan.steps):  # 2b. overlap: post the next exchange first
             nxt = plan.steps[index + 1]
             pending = _post(comm, nxt, held, plan, parts, trace)
-            trace.hold(
-                "in flight", sum(recv_nbytes(parts.expected(t), itemsize) for t in nxt.recvs)
-            )
-        shares = {}  # backward: the dK/dV share of each block held (None: not attended)
-        for task in step.tasks:  # 2c. attend and merge
-            if not task.skipped:
-                shares[task.subring.index] = parts.attend(held[task.subring.index], task)
-            elif task.subring.index in held:  # a skipped block may still move on
-                shares[task.subring.index] = None
-            _record_task(task, plan.rank, trace)
+            if trace is not None:
+                hold("in flight", sum(recv_nbytes(parts.expected(t), itemsize) for t in nxt.recvs))
+        shares = parts.attend(step, held)  # 2c. attend and merge, the whole step
+        if trace is not None:
+            for task in step.tasks:
+                _record_task(task, plan.rank, trace)
         if relay is not None:  # 2d. backward: dK/dV on and home
             relay.after_step(index, held, shares)
         held.clear()  # sent blocks were copied when posted; nothing else needs them
-        trace.hold("blocks held", 0)
+        hold("blocks held", 0)
     if relay is not None:
         relay.finish()

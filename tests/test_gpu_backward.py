@@ -1,9 +1,9 @@
 """Torch gradients on the CPU in float64 against the dense-mask gradient: one device, the
 simulated ring (global and per rank). Real gloo processes run forward and backward in
-``test_gpu_ring.py`` (``ringsim.gpu.distcheck``).
+``test_gpu_ring.py`` (``ringsim.gpu.harness.distcheck``).
 
 Needs torch (the ``torch`` extra, installed by the project's set-up); skipped otherwise.
-GPU kernels' backward is checked on a GPU by ``python -m ringsim.gpu.check``.
+GPU kernels' backward is checked on a GPU by ``python -m ringsim.gpu.harness.check``.
 """
 
 from __future__ import annotations

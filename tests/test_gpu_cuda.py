@@ -3,7 +3,7 @@
 
 Needs a CUDA device: every test here is skipped, with that reason, where
 ``torch.cuda.is_available()`` is False (and the module where torch is missing). The full
-device check is ``python -m ringsim.gpu.check``; this is its quick subset for pytest.
+device check is ``python -m ringsim.gpu.harness.check``; this is its quick subset for pytest.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from test_kernels_backward import (  # noqa: E402
 )
 
 from ringsim.gpu import dilated_attention  # noqa: E402
-from ringsim.gpu.check_support import (  # noqa: E402
+from ringsim.gpu.harness.check_support import (  # noqa: E402
     bounds,
     causal_mask,
     draw,
@@ -32,7 +32,7 @@ from ringsim.gpu.check_support import (  # noqa: E402
     plain_attention,
 )
 from ringsim.gpu.kernels import Kernel, attend, capability, math_attention  # noqa: E402
-from ringsim.gpu.kernels_backward import attend_backward, backward_kernel  # noqa: E402
+from ringsim.gpu.kernels import attend_backward, backward_kernel  # noqa: E402
 from ringsim.tolerance import low_precision_bound  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -185,7 +185,7 @@ def test_backward_of_one_query_one_key_blocks(kernel):
 def test_cuda_graph_forward_equals_eager_and_takes_new_inputs():
     """The graphed forward replays the eager one (same kernels, same order): equal results,
     fresh ones for new inputs, and clones that a later replay does not overwrite."""
-    from ringsim.gpu.graphs import clear_graphs
+    from ringsim.gpu.executor.graphs import clear_graphs
 
     args = ((256, 512, 1024), (1, 2, 4))
     shape = (1, 1024, 8, 64)
@@ -220,8 +220,8 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
 def test_fused_merge_equals_the_torch_merge(dtype, head_dim):
     """The Triton merge against ``lerp_merge_`` on strided views of float32 accumulators,
     with rows empty in the block, empty so far, empty in both, and a NaN row."""
-    from ringsim.gpu.merge import fused_merge_reason, lerp_merge_
-    from ringsim.gpu.merge_triton import fused_merge_
+    from ringsim.gpu.executor.merge import fused_merge_reason, lerp_merge_
+    from ringsim.gpu.executor.merge_triton import fused_merge_
 
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
     b, n, h, d = 2, 96, 6, head_dim
@@ -310,7 +310,7 @@ def test_batched_inputs_that_are_not_contiguous():
 def test_cuda_graph_captures_each_schedule(monkeypatch, schedule):
     """Side streams and gathers inside a capture: the replay equals eager on new inputs."""
     from ringsim.gpu import aligned
-    from ringsim.gpu.graphs import clear_graphs
+    from ringsim.gpu.executor.graphs import clear_graphs
 
     monkeypatch.setattr(aligned, "schedule", lambda *a: schedule)
     for seed in (61, 62):
@@ -326,7 +326,7 @@ def test_cuda_graph_captures_each_schedule(monkeypatch, schedule):
 def test_a_graph_the_caller_captures_takes_the_accumulating_path():
     """The mixing path's tables could not outlive a capture it does not own: under the
     caller's own torch.cuda.graph the forward accumulates instead, and replays correctly."""
-    from ringsim.gpu.merge import mix_reason
+    from ringsim.gpu.executor.merge import mix_reason
 
     q, k, v = draw((1, 2048, 8, 64), torch.bfloat16, 71, "cuda")
     side = torch.cuda.Stream()

@@ -1,7 +1,7 @@
 """The torch backend on the CPU in float64 against the dense-mask definition.
 
 Needs torch (the ``torch`` extra, installed by the project's set-up); skipped otherwise.
-GPU kernels are checked on a GPU by ``python -m ringsim.gpu.check``.
+GPU kernels are checked on a GPU by ``python -m ringsim.gpu.harness.check``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from ringsim.batches import row_batches  # noqa: E402
 from ringsim.cases import fixed_cases, random_case  # noqa: E402
 from ringsim.config import make_config  # noqa: E402
 from ringsim.gpu import Kernel, choose_kernel, dilated_attention  # noqa: E402
-from ringsim.gpu.dilated import check_differentiable  # noqa: E402
+from ringsim.gpu.executor import check_differentiable  # noqa: E402
 from ringsim.gpu.kernels import attend, math_attention  # noqa: E402
-from ringsim.gpu.merge import merge  # noqa: E402
+from ringsim.gpu.executor.merge import merge  # noqa: E402
 from ringsim.plan import pair_groups  # noqa: E402
 from ringsim.reference import dense_dilated_attention  # noqa: E402
 from ringsim.tolerance import max_abs_error, tolerance  # noqa: E402
@@ -178,12 +178,15 @@ def test_bad_input(args, error, match):
 @pytest.mark.parametrize("mode", ["longnet", "grouped"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_aligned_configurations_take_the_strided_path(mode, causal):
-    from ringsim.gpu.strided import is_strided
+    from ringsim.gpu.executor import ForwardExecutor
+    from ringsim.plan import rank_plan
 
     config = make_config((8, 16, 32), (1, 2, 4), is_causal=causal, mode=mode)
-    assert all(is_strided(g, 32) for g in config.pattern_groups(8))
     rng = np.random.default_rng(9)
     q, k, v = (rng.standard_normal((2, 32, 8, 4)) for _ in range(3))
+    tensors = [torch.from_numpy(x) for x in (q, k, v)]
+    executor = ForwardExecutor(*tensors, rank_plan(config, 8, 32, 1, 0), config, Kernel.MATH)
+    assert executor.aligned and not executor.mixing  # strided views, float64 accumulators
     out, lse = dilated_attention(
         *(torch.from_numpy(x) for x in (q, k, v)),
         (8, 16, 32),
@@ -199,20 +202,21 @@ def test_aligned_configurations_take_the_strided_path(mode, causal):
     assert max_abs_error(lse.numpy(), ref_lse) <= tolerance("float64")
 
 
-def test_heads_that_do_not_step_by_r_are_not_strided():
-    from ringsim.config import Pattern, PatternGroup
-    from ringsim.gpu.strided import heads_slice, is_strided
+def test_heads_slices_and_aligned_configurations():
+    from ringsim.gpu.executor.layout import heads_slice
 
     assert heads_slice((1, 3, 5), 2) == slice(1, 6, 2)
     assert heads_slice((1, 2, 5), 2) is None
-    assert not is_strided(PatternGroup(0, Pattern(8, 2, 0), (0, 3)), 32)
-    assert not is_strided(PatternGroup(0, Pattern(10, 2, 0), (0, 2)), 32)  # 10 does not divide 32
+    assert make_config((8, 16), (2, 4)).is_aligned(32)
+    assert not make_config((10, 16), (2, 4)).is_aligned(32)  # 10 does not divide 32
+    assert not make_config((8, 12), (2, 4)).is_aligned(24, 2)  # c = 12: 8 does not divide it
+    assert make_config((8, 16), (2, 4)).is_aligned(32, 4)  # c = 8: 16 is two shards
 
 
 @pytest.mark.parametrize("segments", [(8, 16, 32), (10, 16, 32)])  # covered, not covered
 def test_unfilled_accumulators_are_fully_written(monkeypatch, segments):
-    """With a first pair of r = 1 over every head the accumulators start unfilled: poison
-    them with NaN to show every element is written before it is read."""
+    """Every tensor made with ``torch.empty`` is poisoned with NaN: every element is
+    written before it is read."""
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
     rng = np.random.default_rng(4)

@@ -1,5 +1,6 @@
-"""The aligned forward's mixing kernel (:mod:`ringsim.gpu.mix_triton`) on the CPU, run by
-Triton's interpreter (``TRITON_INTERPRET=1``), against the dense-mask definition.
+"""The step executor's mixing kernel (:mod:`ringsim.gpu.executor.mix_triton`) on the CPU, run
+by Triton's interpreter (``TRITON_INTERPRET=1``), against the dense-mask definition: on one
+device (one step) and over the simulated ring (a running state carried from step to step).
 
 Needs torch and Triton (the ``torch`` and ``triton`` extras of the project's set-up);
 skipped otherwise, and on a machine with CUDA, where ``test_gpu_cuda.py`` checks the
@@ -19,10 +20,11 @@ torch = pytest.importorskip("torch")
 
 from ringsim.cases import fixed_cases, random_case  # noqa: E402
 from ringsim.config import make_config  # noqa: E402
-from ringsim.gpu import Kernel, aligned, dilated_attention  # noqa: E402
-from ringsim.gpu.merge import mix_reason  # noqa: E402
-from ringsim.gpu.strided import is_strided  # noqa: E402
-from ringsim.plan import pair_groups  # noqa: E402
+from ringsim.gpu import Kernel, dilated_attention, simulated_ring_dilated_attention  # noqa: E402
+from ringsim.gpu.executor import forward as executor  # noqa: E402
+from ringsim.gpu.executor.forward import Part  # noqa: E402
+from ringsim.gpu.executor.merge import mix_reason  # noqa: E402
+from ringsim.gpu.executor.schedule import Schedule  # noqa: E402
 from ringsim.reference import dense_dilated_attention  # noqa: E402
 from ringsim.tolerance import max_abs_error, tolerance  # noqa: E402
 
@@ -37,8 +39,8 @@ def interpreted(monkeypatch):
     """Triton's interpreter for this test: mix_reason lets CPU tensors mix. Returns the
     kernel module (imported under the interpreter the first time)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr("ringsim.gpu.merge.INTERPRET_ON_CPU", True)
-    return importlib.import_module("ringsim.gpu.mix_triton")
+    monkeypatch.setattr("ringsim.gpu.executor.merge.INTERPRET_ON_CPU", True)
+    return importlib.import_module("ringsim.gpu.executor.mix_triton")
 
 
 def aligned_cases():
@@ -48,9 +50,8 @@ def aligned_cases():
     chosen = []
     for case in pool:
         q, _, _ = case.inputs(seed=0)
-        n, h = q.shape[1], q.shape[2]
         config = make_config(case.segment_lengths, case.dilation_rates, **case.kwargs())
-        if all(is_strided(g, n) for groups in pair_groups(config, h) for g in groups):
+        if config.is_aligned(q.shape[1]):
             chosen.append(case)
     return chosen[:24]
 
@@ -83,13 +84,13 @@ def test_mix_is_used_only_where_it_can_run(interpreted, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "CUDA" in mix_reason(q)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # debugging some other kernel: not enough
-    monkeypatch.setattr("ringsim.gpu.merge.INTERPRET_ON_CPU", False)
+    monkeypatch.setattr("ringsim.gpu.executor.merge.INTERPRET_ON_CPU", False)
     assert "CUDA" in mix_reason(q)
 
 
 @pytest.mark.parametrize("schedule", ["strided", "gathered"])
 def test_mixed_forward_matches_definition(interpreted, monkeypatch, schedule):
-    monkeypatch.setattr(aligned, "schedule", lambda *a: schedule)
+    monkeypatch.setattr(executor, "schedule", lambda *a, **k: Schedule(schedule))
     calls = []
     mix = interpreted.mix_
     monkeypatch.setattr(interpreted, "mix_", lambda *a: calls.append(1) or mix(*a))
@@ -141,7 +142,7 @@ def test_plus_inf_lse_reads_as_an_empty_row(interpreted):
     """Flash kernels mark a row with no key by lse = +inf; the mix reads it as -inf."""
     out_block = torch.randn(1, 1, 4, 4)
     lse_block = torch.tensor([[[0.5, float("inf"), 0.5, float("inf")]]])
-    part = aligned.Part(0, 4, 1, (0,), (0,), out_block, lse_block)
+    part = Part(0, 4, 1, (0,), (0,), out_block, lse_block)
     out, lse = torch.empty(1, 4, 1, 4), torch.empty(1, 4, 1)
     interpreted.mix_([part], (4,), (1,), out, lse)
     assert torch.isneginf(lse[0, 1::2, 0]).all() and (out[0, 1::2] == 0).all()
@@ -165,8 +166,8 @@ def test_each_head_is_read_at_its_own_offset(interpreted, monkeypatch):
 
 
 def test_mix_refuses_parts_of_another_dtype(interpreted):
-    part = aligned.Part(0, 4, 1, (0,), (0,), torch.zeros(1, 1, 4, 4).double(), torch.zeros(1, 1, 4))
-    with pytest.raises(ValueError, match="float32 out"):
+    part = Part(0, 4, 1, (0,), (0,), torch.zeros(1, 1, 4, 4).double(), torch.zeros(1, 1, 4))
+    with pytest.raises(ValueError, match="parts must"):
         interpreted.mix_([part], (4,), (1,), torch.empty(1, 4, 1, 4), torch.empty(1, 4, 1))
 
 
@@ -192,7 +193,7 @@ MIX_MUTANTS = {
 
 def checks_pass(mix_module, monkeypatch) -> bool:
     """The parity of the first aligned cases and the +inf rule, with ``mix_module``."""
-    monkeypatch.setattr("ringsim.gpu.mix_triton.mix_", mix_module.mix_)
+    monkeypatch.setattr("ringsim.gpu.executor.mix_triton.mix_", mix_module.mix_)
     several = [c for c in aligned_cases() if len(c.segment_lengths) > 1]
     for i, case in enumerate(several[:6] + aligned_cases()[:4]):
         out, lse = run(case, seed=i)
@@ -203,7 +204,7 @@ def checks_pass(mix_module, monkeypatch) -> bool:
     q, k, v = (torch.randn(1, 16, 2, 4) for _ in range(3))
     out, lse = dilated_attention(q, k, v, (8, 16), (2, 4), return_lse=True)
     empty_ok = torch.isneginf(lse[0, 0, 1::2]).all() and (out[0, 1::2, 0] == 0).all()
-    part = aligned.Part(0, 4, 1, (0,), (0,), torch.ones(1, 1, 4, 4), torch.full((1, 1, 4), 9e9))
+    part = Part(0, 4, 1, (0,), (0,), torch.ones(1, 1, 4, 4), torch.full((1, 1, 4), 9e9))
     part.lse[0, 0, 1] = float("inf")
     out, lse = torch.empty(1, 4, 1, 4), torch.empty(1, 4, 1)
     mix_module.mix_([part], (4,), (1,), out, lse)
@@ -212,7 +213,7 @@ def checks_pass(mix_module, monkeypatch) -> bool:
 
 def load_mutant(source: str, name: str, tmp_path):
     """The kernel module with its relative imports made absolute, from ``source``."""
-    source = source.replace("from .", "from ringsim.gpu.")
+    source = source.replace("from .", "from ringsim.gpu.executor.")
     path = tmp_path / f"{name}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(name, path)

@@ -20,8 +20,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from ringsim.gpu.kernels import Kernel  # noqa: E402
-from ringsim.gpu.modules import RingDilatedAttention, RingDilatedAttentionHybrid  # noqa: E402
-from ringsim.gpu.multihead import (  # noqa: E402
+from ringsim.gpu.nn.modules import RingDilatedAttention, RingDilatedAttentionHybrid  # noqa: E402
+from ringsim.gpu.nn.multihead import (  # noqa: E402
     RingMultiheadDilatedAttention,
     RingMultiheadDilatedAttentionHybrid,
 )

@@ -101,7 +101,7 @@ def test_bad_input_raises_before_any_rank_starts():
 
 
 def test_torch_dist_communicator_needs_an_initialised_group():
-    from ringsim.gpu.comm import TorchDistCommunicator
+    from ringsim.gpu.ring.comm import TorchDistCommunicator
 
     with pytest.raises(RuntimeError, match="not initialised"):
         TorchDistCommunicator()
@@ -114,7 +114,7 @@ def test_gloo_ring_on_real_processes(world_size):
         [
             sys.executable,
             "-m",
-            "ringsim.gpu.distcheck",
+            "ringsim.gpu.harness.distcheck",
             "--world-size",
             str(world_size),
             "--cases",

@@ -1,7 +1,7 @@
 """The GPU check and benchmark scripts in ``--smoke`` mode (CPU, tiny sizes), and their helpers.
 
 Needs torch (the ``torch`` extra); skipped otherwise. The real runs need a CUDA device:
-``python -m ringsim.gpu.check`` and ``python -m ringsim.gpu.bench``.
+``python -m ringsim.gpu.harness.check`` and ``python -m ringsim.gpu.harness.bench``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ringsim.config import Pattern, make_config  # noqa: E402
-from ringsim.gpu.bench_baselines import _block_lists, useful_flops  # noqa: E402
-from ringsim.gpu.check_support import max_abs_err, naive_dilated  # noqa: E402
+from ringsim.gpu.harness.bench_baselines import _block_lists, useful_flops  # noqa: E402
+from ringsim.gpu.harness.check_support import max_abs_err, naive_dilated  # noqa: E402
 from ringsim.reference import dense_dilated_attention  # noqa: E402
 from ringsim.reference.dense import pattern_mask  # noqa: E402
 from ringsim.tolerance import max_abs_error  # noqa: E402
@@ -40,7 +40,7 @@ def run_smoke(module: str, out: Path) -> subprocess.CompletedProcess:
 
 
 def test_check_smoke_passes_and_writes_json(tmp_path):
-    result = run_smoke("ringsim.gpu.check", tmp_path)
+    result = run_smoke("ringsim.gpu.harness.check", tmp_path)
     report = json.loads((tmp_path / "check_smoke.json").read_text())
     assert {"device", "torch", "cuda", "date"} <= set(report)
     paths = {row["path"] for row in report["rows"]}
@@ -60,7 +60,7 @@ def test_check_smoke_passes_and_writes_json(tmp_path):
 
 
 def test_bench_smoke_writes_json_and_markdown(tmp_path):
-    run_smoke("ringsim.gpu.bench", tmp_path)
+    run_smoke("ringsim.gpu.harness.bench", tmp_path)
     report = json.loads((tmp_path / "bench_smoke.json").read_text())
     assert {"device", "torch", "cuda", "date"} <= set(report)
     rows = {(r["row"], r["causal"]): r for r in report["rows"]}
@@ -74,7 +74,7 @@ def test_bench_smoke_writes_json_and_markdown(tmp_path):
 
 
 def test_bench_backward_smoke_writes_tables(tmp_path):
-    run_smoke("ringsim.gpu.bench_backward", tmp_path)
+    run_smoke("ringsim.gpu.harness.bench_backward", tmp_path)
     report = json.loads((tmp_path / "bench_backward_smoke.json").read_text())
     assert {"device", "torch", "date"} <= set(report)
     rows = {(r[1], r[2]): r for r in report["time"]}
@@ -158,14 +158,14 @@ def test_naive_dilated_float64_is_the_definition(dense):
 
 def test_importing_the_scripts_does_not_initialise_cuda():
     code = (
-        "import torch, ringsim.gpu.check, ringsim.gpu.bench, ringsim.gpu.bench_backward; "
+        "import torch, ringsim.gpu.harness.check, ringsim.gpu.harness.bench, ringsim.gpu.harness.bench_backward; "
         "assert not torch.cuda.is_initialized()"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
 def test_check_records_an_exception_as_a_failing_row():
-    from ringsim.gpu.check_rows import emit
+    from ringsim.gpu.harness.check_rows import emit
 
     def explode():
         raise RuntimeError("kernel exploded\nmore detail")
@@ -178,7 +178,7 @@ def test_check_records_an_exception_as_a_failing_row():
 
 
 def test_lse_in_base_2_is_reported_loudly():
-    from ringsim.gpu.check_rows import lse_base_note
+    from ringsim.gpu.harness.check_rows import lse_base_note
 
     ref = torch.randn(3, 50, dtype=torch.float64) + 6
     assert "LSE BASE MISMATCH" in lse_base_note((ref / math.log(2)).float(), ref, 1e-3)

@@ -111,6 +111,11 @@ def choose_kernel(q: torch.Tensor, requested: Kernel | str | None = None) -> Ker
     return next(k for k in PREFERENCE if capability(k, q) is None)
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _no_empty_plus_inf(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(lse == math.inf, -math.inf, lse)
 
@@ -119,7 +124,7 @@ def math_attention(q, k, v, *, causal: bool, scale: float, allowed=None):
     """Softmax attention with plain ops; scores in float32 (float64 for float64 input).
 
     ``allowed (M, L)``, if given, is a general mask (True = attend) used instead of the
-    square causal one: the MASKED block action.
+    square causal one.
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = scale * torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))  # (B, H, M, L)

@@ -1,6 +1,6 @@
 """Forward time of :func:`ringsim.gpu.dilated_attention` on one GPU, against what it replaces.
 
-    python -m ringsim.gpu.bench [--smoke] [--lengths 32768,65536] [--out DIR] [--budget S]
+    python -m ringsim.gpu.harness.bench [--smoke] [--lengths 32768,65536] [--out DIR] [--budget S]
         [--no-flex] [--no-naive] [--no-dense] [--dense-max N] [--kernel K]
 
 Problem: b=1, h=16, d=128, bf16, segment_lengths (2048, 4096, 8192, 16384, 32768),
@@ -12,14 +12,14 @@ dilation_rates (1, 2, 4, 8, 16), longnet, causal and not, n = 32K .. 1M. Rows pe
 - pre-gathered: the same kernel calls on blocks gathered beforehand: ours / pre-gathered
   throughput is the share of time spent in the kernel (target >= 0.8);
 - dense: the same kernel on full ``n x n`` attention, up to ``--dense-max`` (262144);
-- naive and flex: see :mod:`ringsim.gpu.bench_baselines`; their output is compared with
+- naive and flex: see :mod:`ringsim.gpu.harness.bench_baselines`; their output is compared with
   ours (max abs difference) so that every row computes the same function;
 - ours graph: ours with ``cuda_graph=True``, the forward replayed as one CUDA graph
-  (:mod:`ringsim.gpu.graphs`), which removes the launch overhead; last, since a capture
+  (:mod:`ringsim.gpu.executor.graphs`), which removes the launch overhead; last, since a capture
   that runs out of memory may keep some of it.
 
 TFLOP/s count useful FLOPs: ``4 d`` per selected (query, key) pair, causal pairs exactly
-(:func:`~ringsim.gpu.bench_baselines.useful_flops`); the dense row counts its own ``n^2``.
+(:func:`~ringsim.gpu.harness.bench_baselines.useful_flops`); the dense row counts its own ``n^2``.
 Times are medians over CUDA events after a warm-up call (which also compiles FlexAttention);
 the number of repetitions follows ``--budget`` seconds per row, at least 3 (own loop rather
 than ``triton.testing.do_bench``, to bound the total time at 1M tokens). Only the
@@ -42,11 +42,11 @@ import torch
 
 from ringsim.config import make_config
 
+from ..executor import dilated_attention
+from ..executor.graphs import clear_graphs
+from ..kernels import Kernel, capability, choose_kernel
 from . import bench_baselines as baselines
 from .check_support import environment, format_table, markdown_table
-from .dilated import dilated_attention
-from .graphs import clear_graphs
-from .kernels import Kernel, capability, choose_kernel
 from .timing import free, measure, optional
 
 LENGTHS = (32768, 65536, 131072, 262144, 524288, 1048576)
@@ -172,7 +172,7 @@ def bench_length(n: int, args, problem: dict, device: torch.device, emit) -> Non
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     title = __doc__.partition("\n")[0]
-    parser = argparse.ArgumentParser("python -m ringsim.gpu.bench", description=title)
+    parser = argparse.ArgumentParser("python -m ringsim.gpu.harness.bench", description=title)
     parser.add_argument("--smoke", action="store_true", help="tiny, on the CPU: tests the script")
     parser.add_argument("--lengths", help="comma-separated n (default 32768,...,1048576)")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="output folder")
@@ -201,12 +201,14 @@ def problem_of(args) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if not args.smoke and not torch.cuda.is_available():
-        print("ringsim.gpu.bench: no CUDA device; run with --smoke on a CPU", file=sys.stderr)
+        print(
+            "ringsim.gpu.harness.bench: no CUDA device; run with --smoke on a CPU", file=sys.stderr
+        )
         return 2
     device = torch.device("cpu" if args.smoke else "cuda")
     problem = problem_of(args)
     env = environment(device)
-    print(f"ringsim.gpu.bench on {env['device']}, torch {env['torch']}, CUDA {env['cuda']}")
+    print(f"ringsim.gpu.harness.bench on {env['device']}, torch {env['torch']}, CUDA {env['cuda']}")
     print(f"problem: b=1 {problem} longnet", flush=True)
     results: list[Result] = []
 
@@ -234,7 +236,7 @@ def write(args, env: dict, problem: dict, results: list[Result], seconds: float)
     report = dict(env, problem=problem, seconds=round(seconds, 1), rows=rows, notes=NOTES)
     paths = [args.out / f"bench{suffix}.json", args.out / f"bench{suffix}.md"]
     paths[0].write_text(json.dumps(report, indent=1))
-    md = [f"# ringsim.gpu.bench{suffix}", "", f"{env['device']}, torch {env['torch']}, "
+    md = [f"# ringsim.gpu.harness.bench{suffix}", "", f"{env['device']}, torch {env['torch']}, "
           f"CUDA {env['cuda']}, {env['date']}; b=1 {problem}, longnet.", "",
           markdown_table(HEADER, [r.cells() for r in results]), "", *NOTES]  # fmt: skip
     paths[1].write_text("\n".join(md) + "\n")

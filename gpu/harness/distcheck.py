@@ -2,8 +2,8 @@
 
 Launch::
 
-    python -m ringsim.gpu.distcheck --world-size 3 --cases 10            # gloo, CPU
-    python -m ringsim.gpu.distcheck --world-size 8 --backend nccl --dtype bfloat16
+    python -m ringsim.gpu.harness.distcheck --world-size 3 --cases 10            # gloo, CPU
+    python -m ringsim.gpu.harness.distcheck --world-size 8 --backend nccl --dtype bfloat16
 
 It starts ``--world-size`` processes on this machine (a free local port, a timeout on every
 collective), each running :func:`ringsim.gpu.ring_dilated_attention` on its own shards of
@@ -38,7 +38,7 @@ DTYPES = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="ringsim.gpu.distcheck",
+        prog="ringsim.gpu.harness.distcheck",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

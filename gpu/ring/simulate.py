@@ -7,9 +7,9 @@ import torch
 from ringsim.config import validate
 from ringsim.trace import Trace
 
+from ..executor import check_differentiable, check_tensor
+from ..kernels import Kernel, choose_kernel
 from .autograd import SimulatedRingFunction
-from .dilated import check_differentiable, check_tensor
-from .kernels import Kernel, choose_kernel
 
 
 def simulated_ring_dilated_attention(

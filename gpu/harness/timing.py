@@ -1,7 +1,7 @@
 """Timing for the benchmarks: CUDA events, a warm-up call, peak memory, OOM as a result.
 
-Shared by :mod:`ringsim.gpu.bench` and :mod:`ringsim.gpu.bench_backward`. Times are medians
-over CUDA events after a warm-up call; the number of repetitions follows a budget in
+Shared by :mod:`ringsim.gpu.harness.bench` and :mod:`ringsim.gpu.harness.bench_backward`. Times
+are medians over CUDA events after a warm-up call; the number of repetitions follows a budget in
 seconds per row (own loop rather than ``triton.testing.do_bench``, to bound the total time
 at 1M tokens). On the CPU (``--smoke``) the host clock times the calls.
 """
@@ -73,7 +73,7 @@ def free(device: torch.device) -> None:
 
 def measure(result: Result, fn: Callable, device, budget_s: float, ours=None, keep=False):
     """Run ``fn`` once (compared with ``ours`` when both give an output), then time it,
-    filling in ``result`` (a :class:`ringsim.gpu.bench.Result`). Returns the output if
+    filling in ``result`` (a :class:`ringsim.gpu.harness.bench.Result`). Returns the output if
     ``keep``."""
     out, result.peak_gib = first_call(fn, device)
     if out is not None and ours is not None:

@@ -1,15 +1,15 @@
 """Forward + backward of :func:`ringsim.gpu.dilated_attention` on one GPU: time, memory,
 and the ring's memory per virtual rank.
 
-    python -m ringsim.gpu.bench_backward [--smoke] [--lengths 32768,...] [--max-n N]
+    python -m ringsim.gpu.harness.bench_backward [--smoke] [--lengths 32768,...] [--max-n N]
         [--ring-n N] [--out DIR] [--budget S]
 
-The problem of :mod:`ringsim.gpu.bench` (b=1, h=16, d=128, bf16, segment_lengths (2048 ..
+The problem of :mod:`ringsim.gpu.harness.bench` (b=1, h=16, d=128, bf16, segment_lengths (2048 ..
 32768), dilation_rates (1 .. 16), longnet, causal and not). Three tables:
 
 1. time, per (n, causal): ``ours`` is ``dilated_attention`` then ``out.backward(dout)``;
    ``pre-gathered`` the same kernel's forward and backward
-   (:func:`~ringsim.gpu.kernels_backward.attend_backward`) on blocks gathered beforehand,
+   (:func:`~ringsim.gpu.kernels.attend_backward`) on blocks gathered beforehand,
    the floor of our overhead; ``dense`` SDPA forward + backward on the whole sequence up to
    ``--dense-max``. TFLOP/s count useful FLOPs: forward + backward = 3.5x the forward's
    ``4 d`` per selected pair (two matmuls forward, five backward).
@@ -36,13 +36,12 @@ import torch
 
 from ringsim.config import make_config
 
+from ..executor import dilated_attention
+from ..kernels import attend, attend_backward, choose_kernel
+from ..ring.autograd import SimulatedRingFunction
 from . import bench_baselines as baselines
-from .autograd import SimulatedRingFunction
 from .bench import problem_of
 from .check_support import environment, format_table, markdown_table
-from .dilated import dilated_attention
-from .kernels import attend, choose_kernel
-from .kernels_backward import attend_backward
 from .timing import free, median_ms, sync
 
 TIME_HEADER = ["n", "mask", "row", "kernel", "ms", "TFLOP/s", "row/ours time", "status"]
@@ -163,7 +162,7 @@ def cell(x) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("python -m ringsim.gpu.bench_backward")
+    parser = argparse.ArgumentParser("python -m ringsim.gpu.harness.bench_backward")
     parser.add_argument("--smoke", action="store_true", help="tiny, on the CPU: tests the script")
     parser.add_argument("--lengths", help="comma-separated n (default 32768,...,1048576)")
     parser.add_argument("--max-n", type=int, default=8 * 2**20, help="memory table up to")
@@ -173,14 +172,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
-        print("ringsim.gpu.bench_backward: no CUDA device; use --smoke", file=sys.stderr)
+        print("ringsim.gpu.harness.bench_backward: no CUDA device; use --smoke", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.smoke else "cuda")
     problem = problem_of(args)
     if args.smoke:
         args.ring_n, args.max_n = 256, 0
     env = environment(device)
-    print(f"ringsim.gpu.bench_backward on {env['device']}, torch {env['torch']}", flush=True)
+    print(
+        f"ringsim.gpu.harness.bench_backward on {env['device']}, torch {env['torch']}", flush=True
+    )
     tables: dict[str, list[list]] = {"time": [], "memory": [], "ring": []}
 
     def emit(table: str, row: list) -> None:
@@ -203,8 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = round(time.perf_counter() - start, 1)
     report = dict(env, problem=problem, seconds=seconds, **tables)
     (args.out / f"bench_backward{suffix}.json").write_text(json.dumps(report, indent=1))
-    md = [f"# ringsim.gpu.bench_backward{suffix}", "", f"{env['device']}, torch {env['torch']}, "
-          f"CUDA {env['cuda']}, {env['date']}; b=1 {problem}, longnet.", ""]  # fmt: skip
+    md = [f"# ringsim.gpu.harness.bench_backward{suffix}", "",
+          f"{env['device']}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}; "
+          f"b=1 {problem}, longnet.", ""]  # fmt: skip
     for name, rows in tables.items():
         md += [
             f"## {name}",

@@ -2,7 +2,7 @@
 
 :func:`emit` runs one check and turns an exception into a failing row (never a fallback);
 :func:`reference_rows` and :func:`adapter_rows` are sections 1 and 2 of
-:mod:`ringsim.gpu.check`.
+:mod:`ringsim.gpu.harness.check`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from ringsim.reference import dense_dilated_attention
 from ringsim.tolerance import dtype_name, tolerance
 
+from ..kernels import Kernel, attend, math_attention
 from .check_support import (
     Row,
     bounds,
@@ -28,7 +29,6 @@ from .check_support import (
     naive_dilated,
     plain_attention,
 )
-from .kernels import Kernel, attend, math_attention
 
 if TYPE_CHECKING:
     from .check import Plan

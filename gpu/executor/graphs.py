@@ -27,8 +27,7 @@ import torch
 
 from ringsim.config import DilatedConfig
 
-from .kernels import Kernel
-from .strided import all_strided
+from ..kernels import Kernel
 
 CACHE_SIZE = 4
 
@@ -96,8 +95,7 @@ def graph_refusal(q: torch.Tensor, config: DilatedConfig, grad: bool) -> str | N
         return "needs a CUDA device"
     if grad:
         return "is forward only: run under torch.no_grad() or with inputs not requiring grad"
-    n, h = q.shape[1], q.shape[2]
-    if not all_strided(config, n, h):
+    if not config.is_aligned(q.shape[1]):
         return "needs an aligned configuration (w' divides n and r divides w' for every pair)"
     return None
 

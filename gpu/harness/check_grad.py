@@ -1,10 +1,10 @@
-"""The gradient section of ``python -m ringsim.gpu.check``: dq, dk, dv on the GPU against
+"""The gradient section of ``python -m ringsim.gpu.harness.check``: dq, dk, dv on the GPU against
 float64 (SPEC 9, the 3x rule for bf16/fp16).
 
 Each row backpropagates ``<dout, out>`` (dout unit-normal, seeded) through
 :func:`ringsim.gpu.dilated_attention` with one kernel, or through the simulated ring, and
 compares dq, dk, dv with the float64 reference: torch autograd of the plain formula of SPEC
-3-4 evaluated segment by segment (:func:`~ringsim.gpu.check_support.naive_dilated` with
+3-4 evaluated segment by segment (:func:`~ringsim.gpu.harness.check_support.naive_dilated` with
 ``dense=False``), independent of the package's backward. One row per configuration first
 holds the float64 math kernel's backward to that reference. The low-precision bound is 3x
 the error of the same autograd formula evaluated in the dtype under test, plus 1e-6.
@@ -19,9 +19,9 @@ import torch
 
 from ringsim.tolerance import dtype_name, tolerance
 
+from ..executor import dilated_attention
+from ..kernels import Kernel
 from .check_support import Row, bounds, draw, is_low_precision, max_abs_err, naive_dilated
-from .dilated import dilated_attention
-from .kernels import Kernel
 
 
 def gradients(run, x, dout) -> tuple[torch.Tensor, ...]:
@@ -38,7 +38,8 @@ def errors(got, want) -> tuple[float, float]:
 
 
 def grad_rows(plan, able: dict, rows: list[Row], ring, emit) -> None:
-    """Gradient rows for the plan's ``grad_checks`` (see :func:`ringsim.gpu.check_rows.emit`)."""
+    """Gradient rows for the plan's ``grad_checks`` (see
+    :func:`ringsim.gpu.harness.check_rows.emit`)."""
     for index, check in enumerate(c for c in plan.checks if c.grads):
         case = check.case
         args, kw = (case.segment_lengths, case.dilation_rates), case.kwargs()

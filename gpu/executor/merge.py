@@ -14,11 +14,6 @@ import os
 import torch
 
 
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def merge(
     out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +40,7 @@ def _weight_and_lse(lse: torch.Tensor, block_lse: torch.Tensor):
 
 
 def fused_merge_reason(out: torch.Tensor, block_out: torch.Tensor) -> str | None:
-    """Why :func:`merge_` cannot use the Triton kernel of :mod:`ringsim.gpu.merge_triton`
+    """Why :func:`merge_` cannot use the Triton kernel of :mod:`ringsim.gpu.executor.merge_triton`
     for these tensors (None: it can). Decided up front, never by catching an error."""
     if not out.is_cuda:
         return "the fused merge runs on CUDA only"
@@ -64,8 +59,8 @@ INTERPRET_ON_CPU = False
 
 
 def mix_reason(q: torch.Tensor) -> str | None:
-    """Why the aligned forward cannot mix its groups' results with the Triton kernel of
-    :mod:`ringsim.gpu.mix_triton` for inputs like ``q (b, n, h, d)`` (None: it can).
+    """Why the executor cannot mix its parts with the Triton kernel of
+    :mod:`ringsim.gpu.executor.mix_triton` for inputs like ``q (b, n, h, d)`` (None: it can).
 
     Besides device, dtype and head_dim: a CUDA graph captured by the caller (not by
     ``cuda_graph=True``) could not keep the kernel's tables, so it gets the accumulating
@@ -98,7 +93,7 @@ def merge_(
     """:func:`merge` in place, into ``out (..., M, D)`` and ``lse (..., M)`` (views allowed).
 
     On CUDA with float32 ``(B, H, M, D)`` accumulators, one Triton kernel does it all,
-    reading the block in its own dtype (:mod:`ringsim.gpu.merge_triton`); elsewhere
+    reading the block in its own dtype (:mod:`ringsim.gpu.executor.merge_triton`); elsewhere
     ``out -= s * (out - block_out)`` is ``out.lerp_(block_out, s)``, one pass over ``out``
     after a copy of the block in out's dtype.
     """

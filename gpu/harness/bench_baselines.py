@@ -1,4 +1,4 @@
-"""What :mod:`ringsim.gpu.bench` compares ours with, and how it counts FLOPs.
+"""What :mod:`ringsim.gpu.harness.bench` compares ours with, and how it counts FLOPs.
 
 Every builder does its set-up (gathers, transposes, block masks) outside the timed region
 and returns a closure that runs only what is timed; the closures of the comparison rows
@@ -33,7 +33,7 @@ from ringsim.batches import row_batches
 from ringsim.config import DilatedConfig
 from ringsim.plan import pair_groups
 
-from .kernels import Kernel, attend, compiled_flex
+from ..kernels import Kernel, attend, compiled_flex
 
 
 def useful_flops(config: DilatedConfig, b: int, n: int, h: int, d: int) -> int:

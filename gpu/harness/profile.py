@@ -1,6 +1,6 @@
 """Where one forward of ``ringsim.gpu.dilated_attention`` spends its GPU time.
 
-    python -m ringsim.gpu.profile --seq-len 1048576 [--causal]
+    python -m ringsim.gpu.harness.profile --seq-len 1048576 [--causal]
 
 Runs the benchmark's configuration (b=1, h=16, d=128, bf16, w=(2048..32768),
 r=(1..16)) once to warm up, then once under torch.profiler, and prints the CUDA kernels
@@ -21,7 +21,7 @@ RATES = (1, 2, 4, 8, 16)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ringsim.gpu.profile", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ringsim.gpu.harness.profile", description=__doc__)
     parser.add_argument("--seq-len", type=int, default=1 << 20)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--rows", type=int, default=25, help="kernels to list")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .kernels import Kernel
+from ..kernels import Kernel
 from .modules import (
     RingDilatedAttention,
     check_bool,

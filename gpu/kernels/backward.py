@@ -56,8 +56,7 @@ import os
 
 import torch
 
-from .kernels import Kernel, as_kernel, choose_kernel
-from .merge import accumulator_dtype
+from .forward import Kernel, accumulator_dtype, as_kernel, choose_kernel
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 aten = torch.ops.aten
@@ -92,7 +91,7 @@ def attend_backward(
             :func:`~ringsim.gpu.kernels.math_attention`; ignored when ``allowed`` is given.
         scale: the softmax scale.
         kernel: which backward runs; MATH is the explicit formula, FLEX has none.
-        allowed: ``(M, L)`` bool, True = attend (the ring's MASKED blocks); MATH only.
+        allowed: ``(M, L)`` bool, True = attend (a general mask); MATH only.
         dlse: ``(B, H, M)`` gradient of the loss w.r.t. lse; MATH only.
     Returns:
         ``dq (B, H, M, D)``, ``dk, dv (B, H, L, D)``: the fused kernels' own dtype (q's),

@@ -19,8 +19,8 @@ from torch import nn
 
 from ringsim.config import DilatedConfig, make_config, validate
 
-from .dilated import check_tensor, dilated_attention
-from .kernels import Kernel, choose_kernel
+from ..executor import check_tensor, dilated_attention
+from ..kernels import Kernel, choose_kernel
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -223,7 +223,7 @@ class RingDilatedAttention(nn.Module):
         if self.group is None:
             out = dilated_attention(*args, **kwargs, kernel=chosen)
         else:
-            from .ring import ring_dilated_attention
+            from ..ring import ring_dilated_attention
 
             group = None if isinstance(self.group, str) else self.group  # None: default
             out = ring_dilated_attention(*args, **kwargs, group=group, kernel=chosen)

@@ -1,12 +1,12 @@
 """Parity of the torch backend on a GPU in bf16, fp16 and fp32 against float64 (SPEC 9).
 
-    python -m ringsim.gpu.check [--quick] [--smoke] [--no-flex] [--out DIR]
+    python -m ringsim.gpu.harness.check [--quick] [--smoke] [--no-flex] [--out DIR]
 
 Sections, each row one check on fresh seeded unit-normal inputs (never zeros):
 
 1. reference: the float64 references themselves. The torch dense-mask formula in float64
-   (:func:`~ringsim.gpu.check_support.naive_dilated`) against the NumPy oracle; and, on every
-   configuration within dense reach, the float64 math path and the float64 segment-wise
+   (:func:`~ringsim.gpu.harness.check_support.naive_dilated`) against the NumPy oracle; and,
+   on every configuration within dense reach, the float64 math path and the float64 segment-wise
    formula against it: they stand in for the definition beyond dense reach.
 2. adapter: every kernel adapter's ``attend()`` (flash, cudnn, efficient, flex, math, ...)
    on random ``(B, H, M, D)`` blocks, causal and not, against the float64 math path; out and
@@ -14,7 +14,7 @@ Sections, each row one check on fresh seeded unit-normal inputs (never zeros):
 3. dilated / ring: :func:`ringsim.gpu.dilated_attention` with every kernel that can run, and
    the simulated ring (P = 2, 4, 8) on one device, on aligned and ragged configurations.
 4. gradients: dq, dk, dv of the same paths on some of those configurations
-   (:mod:`ringsim.gpu.check_grad`, SPEC 9's 3x rule).
+   (:mod:`ringsim.gpu.harness.check_grad`, SPEC 9's 3x rule).
 
 Reference: the dense-mask definition in float64 up to ``dense_max`` (8192) rows, beyond it
 the float64 math path (``kernel="math"`` on float64 inputs), on the inputs already rounded to
@@ -43,6 +43,8 @@ import torch
 from ringsim.cases import Case, fixed_cases, random_case
 from ringsim.tolerance import dtype_name, tolerance
 
+from ..executor import dilated_attention
+from ..kernels import Kernel, capability, choose_kernel
 from .check_grad import grad_rows
 from .check_rows import adapter_rows, emit, reference_rows
 from .check_support import (
@@ -59,8 +61,6 @@ from .check_support import (
     setup_device,
     summary,
 )
-from .dilated import dilated_attention
-from .kernels import Kernel, capability, choose_kernel
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Check:
     flex_dtypes: tuple[str, ...] = ()  # FlexAttention compiles per shape and dtype: few
     rings: tuple[int, ...] = ()  # simulated ring world sizes
     ring_kernels: bool = False  # ring with every kernel in the first dtype, not only auto
-    grads: bool = False  # also check dq, dk, dv (:mod:`ringsim.gpu.check_grad`)
+    grads: bool = False  # also check dq, dk, dv (:mod:`ringsim.gpu.harness.check_grad`)
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def ring_function(smoke: bool):
 
 def main(argv: Sequence[str] | None = None) -> int:
     title = __doc__.partition("\n")[0]
-    parser = argparse.ArgumentParser("python -m ringsim.gpu.check", description=title)
+    parser = argparse.ArgumentParser("python -m ringsim.gpu.harness.check", description=title)
     parser.add_argument("--quick", action="store_true", help="up to 8K, fewer compiles (~3 min)")
     parser.add_argument("--smoke", action="store_true", help="tiny, on the CPU: tests the script")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="JSON folder")
@@ -227,12 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     plan = make_plan(name)
     if plan.device == "cuda" and not torch.cuda.is_available():
-        print("ringsim.gpu.check: no CUDA device; run with --smoke on a CPU", file=sys.stderr)
+        print(
+            "ringsim.gpu.harness.check: no CUDA device; run with --smoke on a CPU", file=sys.stderr
+        )
         return 2
     settings = setup_device() if plan.device == "cuda" else {}
     env = environment(torch.device(plan.device))
     where = f"{env['device']}, torch {env['torch']}, CUDA {env['cuda']}"
-    print(f"ringsim.gpu.check ({name}) on {where} {settings}", flush=True)
+    print(f"ringsim.gpu.harness.check ({name}) on {where} {settings}", flush=True)
     start, rows, times = time.perf_counter(), [], {}
     able = runnable(plan, 64 if plan.device == "cuda" else 16)
     for dt in plan.dtypes if args.no_flex else ():

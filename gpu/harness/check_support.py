@@ -1,5 +1,5 @@
-"""Pieces shared by the device check (:mod:`ringsim.gpu.check`) and the benchmark
-(:mod:`ringsim.gpu.bench`): the plain formula in one dtype, the error measure, the
+"""Pieces shared by the device check (:mod:`ringsim.gpu.harness.check`) and the benchmark
+(:mod:`ringsim.gpu.harness.bench`): the plain formula in one dtype, the error measure, the
 environment record and the tables.
 
 :func:`naive_dilated` is SPEC 3-4 written plainly in torch with every operation in one

@@ -1,0 +1,313 @@
+"""The step executor, forward: one rank's batches of one step, and their results combined.
+
+One executor serves the single-device path (P = 1: one step, every block the rank's own)
+and every step of the ring (:mod:`ringsim.gpu.ring`). The plan hands it a step's
+:class:`~ringsim.plan.TaskBatch` es; it runs each batch with as few kernel calls as it can
+and combines the step's results into the running ``(out, lse)``.
+
+Note [Two layouts, two combiners]
+---------------------------------
+**Aligned** configurations (SPEC 5's aligned case, :meth:`~ringsim.config.DilatedConfig.is_aligned`:
+each local width ``W = min(w', c)`` divides c, r divides W and c) run every batch on strided
+views of the rank's q, k, v (:mod:`ringsim.gpu.executor.layout`): one kernel call per batch
+and pattern group (or one per batch on gathered rows, or the group calls side by side:
+:mod:`ringsim.gpu.executor.schedule`). A block received over the ring arrives in the
+gathered layout ``(b, m, H, d)`` (every head of the pair, K then V): one buffer per tensor,
+read by the kernels as it is.
+
+**Other** configurations (a ragged last segment, r not dividing w', segments crossing shard
+boundaries at odd places) gather the rows of each batch by index: one call per set of
+pattern groups with equal row counts over the rank's own rows
+(:class:`ringsim.batches.RowBatch`), one per task and group on blocks received.
+
+Results combine one of two ways:
+
+- **mix** (CUDA, or Triton's interpreter; fp16/bf16/fp32; aligned): every call's
+  ``(out, lse)`` is kept as the kernel returned it (a :class:`Part`), and at the end of the
+  step one Triton pass (:func:`~ringsim.gpu.executor.mix_triton.mix_`) mixes them with the
+  running state; the last busy step writes q's dtype, earlier ones a float32 running out;
+- **accumulate** (everywhere else): each result is merged into float32 accumulators
+  (float64 for float64 input) with the stable LSE merge, through strided views or by index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ringsim.batches import RowBatch, task_row_batches
+from ringsim.comm.base import Payload, Recv
+from ringsim.config import DilatedConfig, PatternGroup
+from ringsim.plan import BlockAction, RankPlan, Task, TaskBatch, Transfer
+
+from ..kernels import Kernel, accumulator_dtype, attend
+from .layout import (
+    batch_blocks,
+    batch_index,
+    gather_pair,
+    gathered_blocks,
+    group_blocks,
+    head_slices,
+    heads_index,
+    pair_heads,
+    range_index,
+    unblock,
+)
+from .merge import merge_, merge_into, mix_reason
+from .schedule import Schedule, SideStreams, schedule
+
+
+@dataclass
+class Part:
+    """One kernel call's result: ``out (b*S, H, m, d)`` and ``lse (b*S, H, m)``. Row i of
+    block ``bi*S + s``, head j, is local position ``s*width + i*rate + offsets[j]`` of head
+    ``heads[j]`` in pair ``pair``; ``group`` is the pattern group (None for a call over a
+    whole pair)."""
+
+    pair: int
+    width: int
+    rate: int
+    heads: tuple[int, ...]
+    offsets: tuple[int, ...]
+    out: torch.Tensor
+    lse: torch.Tensor
+    group: PatternGroup | None = None
+
+
+class Executor:
+    """What the forward and backward executors share: the rank's tensors, its plan, which
+    layout runs (Note [Two layouts, two combiners]) and the ring's messages in it.
+
+    Args:
+        q, k, v: the rank's ``(b, c, h, d)`` shards (the whole tensors at P = 1).
+        plan: the rank's :class:`~ringsim.plan.RankPlan`.
+        config, kernel: the configuration and the kernel that runs.
+    """
+
+    def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel) -> None:
+        self.q, self.k, self.v, self.plan, self.kernel = q, k, v, plan, kernel
+        self.b, self.c, self.h, self.d = q.shape
+        self.aligned = config.is_aligned(plan.seq_len, plan.world_size)
+        self.scale = config.scale(self.d)
+        self.widths = config.effective_segment_lengths(self.c)  # local widths W
+        self.rates = config.dilation_rates
+
+    def groups(self, pair: int) -> tuple[PatternGroup, ...]:
+        return self.plan.groups[pair]
+
+    # --- the ring's messages (RingParts.own_blocks, message, expected) ----------------------
+
+    def own_block(self, task: Task) -> Payload:
+        """The rank's own K/V block of ``task``'s sub-ring, to send: the gathered layout
+        ``(b, m, H, d)`` of K and of V (aligned), or each group's rows ``(b, H, m, d)``."""
+        groups = self.groups(task.subring.pair)
+        if self.aligned:
+            return (gather_pair(self.k, groups), gather_pair(self.v, groups))
+        start = self.plan.shard.start
+        keys = tuple(select(self.k, r, g.heads, start) for r, g in zip(task.k_rows, groups))
+        values = tuple(select(self.v, r, g.heads, start) for r, g in zip(task.k_rows, groups))
+        return keys + values
+
+    def message(self, block: Payload, transfer: Transfer) -> Payload:
+        """What ``transfer`` sends of a held block (or of its dK/dV): the block itself, or,
+        for a ragged ring, each group's rows with pruned groups as 0 rows."""
+        if self.aligned:
+            if not all(transfer.rows):  # no aligned plan prunes a group but not the others
+                raise ValueError(f"message: aligned transfer with pruned groups: {transfer}")
+            return block
+        return tuple(a if len(r) else a[:, :, :0] for a, r in zip(block, transfer.rows * 2))
+
+    def expected(self, transfer: Transfer) -> Recv:
+        """The receive of ``transfer`` (q's dtype; the backward relay changes the dtype)."""
+        groups = self.groups(transfer.subring.pair)
+        if self.aligned:
+            rows = len(transfer.rows[0])
+            shapes = ((self.b, rows, sum(len(g.heads) for g in groups), self.d),) * 2
+        else:
+            rows = zip(transfer.rows, groups)
+            shapes = tuple((self.b, len(g.heads), len(r), self.d) for r, g in rows) * 2
+        return Recv(transfer.send_rank, transfer.subring.tag, shapes, self.q.dtype)
+
+    # --- the blocks of one batch ------------------------------------------------------------
+
+    def layout_of(self, batch: TaskBatch) -> tuple[int, int, int]:
+        """``(width, segments, rows)`` of an aligned batch: local width W, ``c / W`` segments
+        of ``W / r`` rows each."""
+        width = self.widths[batch.pair]
+        return width, self.c // width, width // self.rates[batch.pair]
+
+    def causal(self, batch: TaskBatch) -> bool:
+        """Whether the batch's blocks are the causal diagonal. Groups of one task differ
+        only where a group has no row (SKIP) or a single row (FULL: its diagonal), which the
+        causal kernel runs alike; no plan of the contiguous layout makes a MASKED block."""
+        if BlockAction.MASKED in batch.actions:
+            raise ValueError(f"executor: no kernel call takes a MASKED block: {batch}")
+        return BlockAction.CAUSAL in batch.actions
+
+    def key_blocks(self, batch: TaskBatch, held: dict[int, Payload], g: int):
+        """K and V blocks ``(b*S, H, m, d)`` of group g of an aligned batch: views of the
+        rank's own k, v, or of the gathered block received."""
+        groups = self.groups(batch.pair)
+        if batch.own:
+            return tuple(group_blocks(x, groups[g], self.c) for x in (self.k, self.v))
+        block = held[batch.tasks[0].subring.index]
+        heads = head_slices(groups)[g]
+        return tuple(gathered_blocks(x, heads) for x in block)
+
+
+def select(x: torch.Tensor, rows: range, heads: tuple[int, ...], start: int) -> torch.Tensor:
+    """``x (b, c, h, *rest)`` -> the rows (global positions; ``start`` is the shard's) and
+    heads as ``(b, H, m, *rest)``, contiguous."""
+    picked = x[:, range_index(rows, start, x.device)][:, :, heads_index(heads, x.device)]
+    return picked.transpose(1, 2).contiguous()
+
+
+class ForwardExecutor(Executor):
+    """The forward of one rank (module docstring): :meth:`run` each step, then
+    :meth:`finish`."""
+
+    def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel) -> None:
+        super().__init__(q, k, v, plan, config, kernel)
+        self.mixing = self.aligned and mix_reason(q) is None
+        b, c, h, d = q.shape
+        if self.mixing:
+            self.out: torch.Tensor | None = None  # q's dtype, written by the last busy step
+            self.running: torch.Tensor | None = None  # float32, between steps
+            self.lse = torch.empty(b, c, h, dtype=torch.float32, device=q.device)
+        else:
+            acc = accumulator_dtype(q.dtype)
+            self.out = torch.zeros(b, c, h, d, dtype=acc, device=q.device)
+            self.lse = torch.full((b, c, h), -torch.inf, dtype=acc, device=q.device)
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of the running state: out (float32 between steps, q's dtype at the end) and
+        lse (the memory meter of the ring's trace)."""
+        b, c, h, d = self.q.shape
+        one_step = self.mixing and self.plan.last_busy_step == 0  # out in q's dtype only
+        size = self.q.element_size() if one_step else self.lse.element_size()
+        return b * c * h * d * size + self.lse.nbytes
+
+    def run(self, index: int, batches: tuple[TaskBatch, ...], held: dict[int, Payload]) -> None:
+        """Attend every batch of step ``index`` and combine the results."""
+        parts: list[Part] = []
+        for batch in batches:
+            if self.aligned:
+                parts += self._aligned(batch, held)
+            elif batch.own:
+                self._own_rows(batch)
+            else:
+                self._received(batch, held)
+        if self.mixing and parts:
+            self._mix(parts, final=index == self.plan.last_busy_step)
+        elif parts:
+            for part in parts:  # accumulate: merge into views of the accumulators
+                views = (
+                    group_blocks(x, part.group, self.c, view=True) for x in (self.out, self.lse)
+                )
+                merge_(*views, part.out, part.lse)
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """out ``(b, c, h, d)`` in q's dtype and lse ``(b, c, h)`` (rows, then heads),
+        float32 (float64 for float64 input)."""
+        if not self.mixing:
+            return self.out.to(self.q.dtype), self.lse
+        if self.out is None:  # no step had work (a rank with no query rows)
+            self.out = torch.zeros_like(self.q)
+            self.lse.fill_(-torch.inf)
+        return self.out, self.lse
+
+    def _aligned(self, batch: TaskBatch, held: dict[int, Payload]) -> list[Part]:
+        groups = self.groups(batch.pair)
+        width, segments, rows = self.layout_of(batch)
+        rate = self.rates[batch.pair]
+        common = dict(causal=self.causal(batch), scale=self.scale, kernel=self.kernel)
+        common["raw_lse"] = self.mixing
+        how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.mixing)
+        if how is Schedule.GATHERED:  # one call for the pair on gathered rows
+            q = gathered_blocks(gather_pair(self.q, groups))
+            if batch.own:
+                k, v = (gathered_blocks(gather_pair(x, groups)) for x in (self.k, self.v))
+            else:
+                k, v = (gathered_blocks(x) for x in held[batch.tasks[0].subring.index])
+            out, lse = attend(q, k, v, **common)
+            return [Part(batch.pair, width, rate, *pair_heads(groups), out, lse)]
+        sides = SideStreams(self.q.device) if how is Schedule.STREAMS else None
+        parts = []
+        for g, group in enumerate(groups):
+            q = group_blocks(self.q, group, self.c)
+            if sides is None:
+                out, lse = attend(q, *self.key_blocks(batch, held, g), **common)
+            else:
+                with sides.on(g):
+                    out, lse = attend(q, *self.key_blocks(batch, held, g), **common)
+                out.record_stream(sides.main)  # made on a side stream, read on main
+                lse.record_stream(sides.main)
+            offsets = (group.pattern.offset,) * len(group.heads)
+            parts.append(Part(batch.pair, width, rate, group.heads, offsets, out, lse, group))
+        if sides is not None:
+            sides.join()
+        return parts
+
+    def _mix(self, parts: list[Part], final: bool) -> None:
+        from .mix_triton import mix_
+
+        prev = self.running
+        if final:
+            out = torch.empty_like(self.q, memory_format=torch.contiguous_format)
+        else:
+            out = prev
+            if out is None:
+                out = torch.empty(self.q.shape, dtype=torch.float32, device=self.q.device)
+        mix_(parts, self.widths, self.rates, out, self.lse, prev)
+        if final:
+            self.out, self.running = out, None
+        else:
+            self.running = out
+
+    def _own_rows(self, batch: TaskBatch) -> None:
+        """A ragged batch on the rank's own rows: one gather and one call per row batch."""
+        causal = self.causal(batch)
+        start = self.plan.shard.start
+        for rows in task_row_batches(batch, self.groups(batch.pair)):
+            attend_rows(self.q, self.k, self.v, self.out, self.lse, rows, start, causal=causal,
+                        scale=self.scale, kernel=self.kernel)  # fmt: skip
+
+    def _received(self, batch: TaskBatch, held: dict[int, Payload]) -> None:
+        """A ragged batch on received blocks: one call per task and pattern group."""
+        groups, start = self.groups(batch.pair), self.plan.shard.start
+        causal = self.causal(batch)
+        for task in batch.tasks:
+            block = held[task.subring.index]
+            for g, group in enumerate(groups):
+                if batch.actions[g] is BlockAction.SKIP:
+                    continue
+                out, lse = attend(
+                    select(self.q, task.q_rows[g], group.heads, start),
+                    block[g],
+                    block[len(groups) + g],
+                    causal=causal,
+                    scale=self.scale,
+                    kernel=self.kernel,
+                )
+                rows = range_index(task.q_rows[g], start, self.q.device)[:, None]  # (m, 1)
+                heads = heads_index(group.heads, self.q.device)[None, :]  # (1, H)
+                block_out, block_lse = out.transpose(1, 2), lse.transpose(1, 2)
+                merge_into(self.out, self.lse, rows, heads, block_out, block_lse)
+
+
+def attend_rows(
+    q, k, v, out, lse, batch: RowBatch, offset: int, *, causal: bool, scale: float, kernel
+) -> None:
+    """Attend one row batch and merge it into ``out (b, n, h, d)``, ``lse (b, n, h)``;
+    ``offset`` is the global position of row 0 of q/k/v/out (a rank's shard start)."""
+    rows, heads = batch_index(batch, offset, q.device)
+    block_out, block_lse = attend(
+        *(batch_blocks(x, batch, rows, heads) for x in (q, k, v)),
+        causal=causal,
+        scale=scale,
+        kernel=kernel,
+    )
+    b = q.shape[0]
+    merge_into(out, lse, rows, heads, unblock(block_out, b), unblock(block_lse, b))

@@ -1,0 +1,179 @@
+"""Where a batch's rows are: strided views for aligned configurations, gathered copies
+otherwise.
+
+**Strided views.** When ``w'`` divides n and r divides ``w'``, the rows of offset o are every
+r-th position: viewing ``x (b, n, h, d)`` as ``(b, n/r, r, h, d)``, they are ``[:, :, o]``. A
+pattern group's heads (those with ``h mod r = o``, in one pair) step by r too, so they are a
+slice. The group's q, k, v are then views ``(b*S, H, m, d)`` (S segments of m rows) that the
+kernels read with the last dim contiguous: no gather, no scatter. On a ring rank the same
+holds for its shard of c rows, with the local width ``W = min(w', c)`` (SPEC 5's aligned
+case: ``W`` divides c, and c is a multiple of r).
+
+**The gathered layout.** A pair's selected rows of every head, copied by one
+``index_select`` into ``(b*S, m, H, d)`` (heads in pattern-group order, each at its own
+offset): the layout of one kernel call for a whole pair, and of the ring's K/V messages
+(:mod:`ringsim.gpu.executor.forward`). With r = 1 over every head it is the input itself.
+
+**Row batches** (ragged configurations): :class:`ringsim.batches.RowBatch` index tensors,
+one gather per input and a scatter of the result (:func:`batch_blocks`, :func:`unblock`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from ringsim.batches import RowBatch
+from ringsim.config import PatternGroup
+
+from .graphs import DeviceCache
+
+
+def heads_slice(heads: tuple[int, ...], step: int) -> slice | None:
+    """``heads`` as a slice with ``step``, or None if they are not such a progression."""
+    if heads != tuple(range(heads[0], heads[0] + step * len(heads), step)):
+        return None
+    return slice(heads[0], heads[0] + step * (len(heads) - 1) + 1, step)
+
+
+def group_view(x: torch.Tensor, group: PatternGroup, length: int) -> torch.Tensor:
+    """``x (b, L, h, *rest)`` -> the group's rows and heads as a view ``(b, S, m, H, *rest)``,
+    with the local width ``W = min(w, L)``."""
+    w, r = group.pattern.effective_length(length), group.pattern.dilation_rate
+    b, n, h, *rest = x.shape
+    selected = x.view(b, n // r, r, h, *rest)[
+        :, :, group.pattern.offset, heads_slice(group.heads, r)
+    ]
+    return selected.view(b, n // w, w // r, len(group.heads), *rest)
+
+
+def group_blocks(
+    x: torch.Tensor, group: PatternGroup, length: int, *, view: bool = False
+) -> torch.Tensor:
+    """``x (b, L, h, *rest)`` -> the group's blocks ``(b*S, H, m, *rest)``, segments of the
+    local width ``W = min(w, L)`` (a rank's shard: ``L = c``).
+
+    A view of x (one ``as_strided``) when b = 1 or x's batch stride is L times its row
+    stride, as in any contiguous tensor; otherwise a copy, which is fine for inputs.
+    ``view=True`` (the caller writes through the blocks) raises instead of copying.
+    """
+    w, r = group.pattern.effective_length(length), group.pattern.dilation_rate
+    b, n, _, *rest = x.shape
+    sb, sn, sh, *srest = x.stride()
+    segments, m, nh = n // w, w // r, len(group.heads)
+    if b == 1 or sb == n * sn:  # batch and segments merge into one stride
+        start = x.storage_offset() + group.pattern.offset * sn + group.heads[0] * sh
+        return x.as_strided((b * segments, nh, m, *rest), (w * sn, r * sh, r * sn, *srest), start)
+    if view:
+        raise ValueError("group_blocks: written blocks need b = 1 or a contiguous (b, n) layout")
+    selected = group_view(x, group, length)
+    return selected.reshape(b * segments, m, nh, *rest).transpose(1, 2)
+
+
+# --- the gathered layout --------------------------------------------------------------------
+
+#: Gather indices of recent pairs (built on the host once, copied once per stream).
+_ROWS = DeviceCache(32)
+
+
+def pair_heads(groups: tuple[PatternGroup, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The heads of a pair in the gathered layout's order and the offset of each."""
+    heads = tuple(h for g in groups for h in g.heads)
+    offsets = tuple(g.pattern.offset for g in groups for _ in g.heads)
+    return heads, offsets
+
+
+def head_slices(groups: tuple[PatternGroup, ...]) -> tuple[slice, ...]:
+    """Where each group's heads lie along the gathered layout's head axis."""
+    out, start = [], 0
+    for g in groups:
+        out.append(slice(start, start + len(g.heads)))
+        start += len(g.heads)
+    return tuple(out)
+
+
+def _pair_rows(b: int, n: int, h: int, w: int, r: int, offsets, heads) -> torch.Tensor:
+    """Rows of ``x.view(b * n * h, d)`` that an aligned pair gathers, block by block:
+    ``(b, S, m, H)`` flattened, for position ``s*w + i*r + offsets[j]`` of head ``heads[j]``
+    (int64, on the host)."""
+    positions = np.arange(0, n, w)[:, None, None] + np.arange(0, w, r)[None, :, None]
+    rows = (positions + np.asarray(offsets)) * h + np.asarray(heads)  # (S, m, H)
+    return torch.from_numpy((np.arange(b)[:, None, None, None] * (n * h) + rows).reshape(-1))
+
+
+def is_identity(groups: tuple[PatternGroup, ...], num_heads: int) -> bool:
+    """Whether the pair's gathered layout is the input itself (r = 1 over every head)."""
+    return groups[0].pattern.dilation_rate == 1 and pair_heads(groups)[0] == tuple(range(num_heads))
+
+
+def gather_pair(x: torch.Tensor, groups: tuple[PatternGroup, ...]) -> torch.Tensor:
+    """``x (b, L, h, d)`` -> the pair's rows in the gathered layout ``(b*S, m, H, d)``: x
+    itself (a view) for r = 1 over every head of a contiguous x, else one ``index_select``
+    into a new tensor."""
+    b, n, h, d = x.shape
+    w, r = groups[0].pattern.effective_length(n), groups[0].pattern.dilation_rate
+    if is_identity(groups, h) and x.is_contiguous():
+        return x.view(b * (n // w), w, h, d)
+    heads, offsets = pair_heads(groups)
+    build = functools.partial(_pair_rows, b, n, h, w, r, offsets, heads)
+    rows = _ROWS.get((b, n, h, w, r, offsets, heads), x.device, build)
+    flat = x.reshape(b * n * h, d)  # a view of the usual contiguous input; else a copy
+    return torch.index_select(flat, 0, rows).view(b * (n // w), w // r, len(heads), d)
+
+
+def gathered_blocks(x: torch.Tensor, heads: slice | None = None) -> torch.Tensor:
+    """A gathered ``(B, m, H, d)`` tensor (or its heads ``heads``) as kernel blocks
+    ``(B, H', m, d)``: a view."""
+    return (x if heads is None else x[:, :, heads]).transpose(1, 2)
+
+
+# --- row batches (ragged configurations) ----------------------------------------------------
+
+_INDEX = DeviceCache(64)
+
+
+def batch_index(batch: RowBatch, offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors of a row batch: rows ``(S*m, H)`` (minus ``offset``, the global position
+    of row 0), heads ``(1, H)``; ``x[:, rows, heads]`` is ``(b, S*m, H, ...)``. Cached on
+    the device by the batch (row batches of a cached plan are the same objects)."""
+    nh, segments, m = batch.shape
+
+    def rows_of() -> torch.Tensor:
+        rows = batch.rows.transpose(1, 2, 0).reshape(segments * m, nh) - offset
+        return torch.from_numpy(np.ascontiguousarray(rows))
+
+    rows = _INDEX.get(("rows", batch, offset), device, rows_of)  # by identity (eq=False)
+    heads = _INDEX.get(
+        ("heads", batch.heads), device, lambda: torch.tensor(batch.heads, dtype=torch.int64)
+    )
+    return rows, heads[None, :]
+
+
+def range_index(rows: range, offset: int, device) -> torch.Tensor:
+    """``rows - offset`` as an int64 index tensor on ``device`` (cached)."""
+    return _INDEX.get(
+        ("range", rows.start, rows.stop, rows.step, offset),
+        device,
+        lambda: torch.arange(rows.start - offset, rows.stop - offset, rows.step),
+    )
+
+
+def heads_index(heads: tuple[int, ...], device) -> torch.Tensor:
+    """``heads`` as an int64 index tensor on ``device`` (cached)."""
+    return _INDEX.get(("heads", heads), device, lambda: torch.tensor(heads, dtype=torch.int64))
+
+
+def batch_blocks(x: torch.Tensor, batch: RowBatch, rows, heads) -> torch.Tensor:
+    """``x (b, n, h, *rest)`` -> the batch's rows as blocks ``(b*S, H, m, *rest)``: one gather
+    (its transpose is a view, which the kernels take: last dim contiguous)."""
+    nh, segments, m = batch.shape
+    picked = x[:, rows, heads]  # (b, S*m, H, *rest)
+    return picked.reshape(x.shape[0] * segments, m, nh, *x.shape[3:]).transpose(1, 2)
+
+
+def unblock(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Blocks ``(b*S, H, m, *rest)`` -> ``(b, S*m, H, *rest)``, the inverse of batch_blocks."""
+    bs, nh, m, *rest = x.shape
+    return x.transpose(1, 2).reshape(b, bs // b * m, nh, *rest)

@@ -1,0 +1,198 @@
+"""The parts of one step mixed in one Triton kernel: the executor's only pass over memory.
+
+Merging each pattern group into float32 accumulators as it comes costs, at 1M tokens, a
+float32 copy of the first pair, a read-modify-write of the accumulators per later group and
+a final cast: about a quarter of the kernels' time. Instead the step executor
+(:mod:`ringsim.gpu.executor.forward`) keeps every kernel call's ``(out, lse)`` as the kernel
+returned it (a :class:`~ringsim.gpu.executor.forward.Part`) and, once all batches of a step
+have run, :func:`mix_` makes one pass that, for each row and head,
+
+1. reads the running ``(out, lse)`` of the ring's earlier steps, if any (``prev``: float32
+   out, the lse written in place), as one more term;
+2. reads the lse of every pair that selected the row (``-inf`` for the others; the raw
+   ``+inf`` that flash kernels give a row with no key is read as ``-inf``, as
+   :func:`~ringsim.gpu.kernels.attend` maps it),
+3. takes the largest, ``M``, and the weights ``e_i = exp(lse_i - M)``, ``Z = sum e_i``,
+4. writes ``out = sum e_i out_i / Z`` (q's dtype on the last step, float32 before) and
+   ``lse = M + log Z``, float32.
+
+That is the stable LSE merge of SPEC 5 done for all terms at once, in float32: a row no term
+selects gets ``(0, -inf)``, a NaN lse or output propagates. Each part is read once in its own
+dtype and the result written once. On one device (and on a ring rank whose blocks never
+leave it) there is one step: no running state at all.
+
+The parts are separate tensors, so the kernel reads them through a table: for each pair and
+head, where the group's out and lse start (as offsets from a base tensor of the parts'
+dtype and from ``lse``), the row offset of its pattern, and the strides that locate local
+position ``p`` in the group's blocks (block ``p // W``, row ``(p mod W) // r``; the local width
+``W = min(w', c)`` and ``r`` are compile-time constants of the kernel). The table is copied
+to the device once per layout (a steady loop sees the same addresses every call;
+:class:`ringsim.gpu.executor.graphs.DeviceCache`).
+
+Imported only where :func:`ringsim.gpu.executor.merge.mix_reason` allows (this module imports
+Triton). On CPU tensors the kernel runs only under Triton's interpreter
+(``TRITON_INTERPRET=1``), which the CPU tests use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from .graphs import DeviceCache
+
+if TYPE_CHECKING:
+    from .forward import Part
+
+#: Table entries per (pair, head): out and lse offsets, the row offset, 3 out strides, 3 lse
+#: strides.
+FIELDS = tl.constexpr(9)
+
+
+@triton.jit
+def _mix_kernel(
+    table, parts, out, prev, lse, seq_len, heads, dim, so0, so1, so2, sl0, sl1, sl2,
+    WIDTHS: tl.constexpr, RATES: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PREV: tl.constexpr,
+):  # fmt: skip
+    head = tl.program_id(0) % heads
+    p = tl.program_id(0) // heads * BLOCK_N + tl.arange(0, BLOCK_N)  # positions
+    batch = tl.program_id(1).to(tl.int64)
+    live = p < seq_len
+    cols = tl.arange(0, BLOCK_D)
+    col_live = cols < dim
+    out_at = batch * so0 + p.to(tl.int64) * so1 + head * so2
+    lse_at = lse + batch * sl0 + p.to(tl.int64) * sl1 + head * sl2
+    tile = live[:, None] & col_live[None, :]
+    # online: the largest lse so far (best), sum of exp(lse_i - best) (total) and the
+    # weighted sum (acc), rescaled when best grows; every pair's loads are independent
+    if HAS_PREV:  # the ring's running state is the first term
+        best = tl.load(lse_at, mask=live, other=float("-inf"))
+        seen = best != float("-inf")
+        total = tl.where(seen, 1.0, 0.0)
+        run = tl.load(prev + out_at[:, None] + cols[None, :], mask=tile, other=0.0)
+        acc = tl.where(seen[:, None], run, 0.0)
+    else:
+        best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        total = tl.zeros((BLOCK_N,), tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for i in tl.static_range(len(WIDTHS)):
+        # W and r are compile-time constants: dividing by them is cheap
+        entry = table + (i * heads + head) * FIELDS
+        picked = live & (p % RATES[i] == tl.load(entry + 2))
+        block = batch * (seq_len // WIDTHS[i]) + p // WIDTHS[i]
+        row = (p % WIDTHS[i]) // RATES[i]
+        at = tl.load(entry + 1) + block * tl.load(entry + 6) + tl.load(entry + 7)
+        pair_lse = tl.load(lse + at + row * tl.load(entry + 8), mask=picked, other=float("-inf"))
+        pair_lse = tl.where(pair_lse == float("inf"), float("-inf"), pair_lse)  # flash: empty
+        # part offsets are in units of VEC elements: the loads are VEC-aligned vectors
+        at = tl.load(entry) + block * tl.load(entry + 3) + tl.load(entry + 4)
+        at = (at + row * tl.load(entry + 5)) * VEC
+        mask = picked[:, None] & col_live[None, :]
+        part = tl.load(parts + at[:, None] + cols[None, :], mask=mask, other=0.0)
+        grown = tl.maximum(best, pair_lse, propagate_nan=tl.PropagateNan.ALL)
+        shift = tl.where(grown == float("-inf"), 0.0, grown)  # all empty so far: no shift
+        keep, weight = tl.exp(best - shift), tl.exp(pair_lse - shift)
+        total = total * keep + weight
+        acc = acc * keep[:, None] + weight[:, None] * part.to(tl.float32)
+        best = grown
+    empty = best == float("-inf")
+    total = tl.where(empty, 1.0, total)
+    result = tl.where(empty[:, None], 0.0, acc / total[:, None])
+    merged = tl.where(empty, float("-inf"), best + tl.log(total))
+    tl.store(out + out_at[:, None] + cols[None, :], result, mask=tile)
+    tl.store(lse_at, merged, mask=live)
+
+
+def _vec(parts: Sequence[Part], base: torch.Tensor) -> int:
+    """The widest vector (elements, at most 16 bytes) that divides every part's out offset
+    from ``base`` and every stride the kernel steps by."""
+    size, vec = base.element_size(), max(1, 16 // base.element_size())
+    for part in parts:
+        o = part.out
+        for x in ((o.data_ptr() - base.data_ptr()) // size, *o.stride()[:3]):
+            vec = math.gcd(vec, x)
+    return vec
+
+
+#: Tables of recent calls, by everything they encode: in a steady loop the caching allocator
+#: hands out the same addresses, so each table is built and copied once.
+_TABLES = DeviceCache(32)
+
+
+def _table(parts: Sequence[Part], pairs: int, base, lse, vec: int) -> torch.Tensor:
+    """The ``(pairs * heads, FIELDS)`` int64 table the kernel reads, on base's device:
+    offsets from ``base`` (in units of ``vec`` elements) and from ``lse``."""
+    heads, size = lse.shape[2], base.element_size()
+    layout = tuple(
+        (p.pair, p.heads, p.offsets, p.out.data_ptr(), p.out.stride(), p.lse.data_ptr(),
+         p.lse.stride())
+        for p in parts
+    )  # fmt: skip
+
+    def build() -> torch.Tensor:
+        # a head no group of the pair covers: offset -1 selects no position
+        rows = [[0, 0, -1, 0, 0, 0, 0, 0, 0] for _ in range(pairs * heads)]
+        for pair, group_heads, offsets, at, strides, lse_at, lse_strides in layout:
+            start = (at - base.data_ptr()) // size // vec
+            lse_start = (lse_at - lse.data_ptr()) // 4
+            sb, sh, sm = (x // vec for x in strides[:3])
+            lb, lh, lm = lse_strides
+            for j, (head, offset) in enumerate(zip(group_heads, offsets)):
+                rows[pair * heads + head] = [
+                    start, lse_start, offset, sb, j * sh, sm, lb, j * lh, lm
+                ]  # fmt: skip
+        return torch.tensor(rows, dtype=torch.int64)
+
+    key = (layout, base.data_ptr(), lse.data_ptr(), base.dtype, heads, pairs, vec)
+    return _TABLES.get(key, base.device, build)
+
+
+def mix_(
+    parts: Sequence[Part],
+    widths,
+    rates,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    prev: torch.Tensor | None = None,
+) -> None:
+    """Mix the parts (and the running state ``prev``, ``lse``) into ``out (b, c, h, d)`` and
+    ``lse (b, c, h)`` float32, overwriting both; pair i has the local width
+    ``W = widths[i]`` and ``r = rates[i]`` (compile-time constants of the kernel).
+
+    ``prev`` is the running float32 out of the ring's earlier steps, laid out like ``out``
+    (it may be ``out`` itself), with its lse in ``lse``; None: no earlier state (``lse`` is
+    only written). Every part's out must have one dtype and a contiguous last dim, its lse
+    float32, and its positions must be aligned (``W`` divides c, ``r`` divides ``W``): the
+    caller checks.
+    """
+    b, n, h, d = out.shape
+    if lse.dtype != torch.float32 or out.stride(-1) != 1:
+        raise ValueError("mix_: out needs a contiguous last dim and lse float32")
+    if prev is not None and (prev.dtype != torch.float32 or prev.stride() != out.stride()):
+        raise ValueError("mix_: prev must be float32, laid out like out")
+    if not parts:
+        raise ValueError("mix_: no parts to mix")
+    base = parts[0].out
+    if base.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"mix_: parts must be float16, bfloat16 or float32, not {base.dtype}")
+    for part in parts:
+        if part.out.dtype != base.dtype or part.lse.dtype != torch.float32:
+            raise ValueError(f"mix_: parts must have one out dtype ({base.dtype}), float32 lse")
+        if part.out.stride(-1) != 1:
+            raise ValueError("mix_: every part's out needs a contiguous last dim")
+    vec = _vec(parts, base)
+    table = _table(parts, len(widths), base, lse, vec)
+    block_d = triton.next_power_of_2(d)
+    block_n = max(1, min(64, 8192 // block_d))
+    grid = (triton.cdiv(n, block_n) * h, b)  # heads vary fastest: whole rows of out at once
+    _mix_kernel[grid](
+        table, base, out, out if prev is None else prev, lse, n, h, d, *out.stride()[:3],
+        *lse.stride(), WIDTHS=tuple(widths), RATES=tuple(rates), VEC=vec, BLOCK_N=block_n,
+        BLOCK_D=block_d, HAS_PREV=prev is not None,
+    )  # fmt: skip

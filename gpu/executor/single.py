@@ -1,0 +1,164 @@
+"""Dilated attention on one device, in torch (SPEC 2-4, 6): the step executor at P = 1.
+
+On one device the plan (:func:`ringsim.plan.rank_plan` with one rank) has a single step in
+which every block is the device's own: one batch per pair (two for a pair with a ragged
+last segment), whose segments become the batch dimension of its kernel calls. The forward
+and backward executors (:mod:`ringsim.gpu.executor.forward`, :mod:`.backward`) run those
+batches exactly as they run each step of the ring: strided views and one mixing pass for
+aligned configurations, gathered row batches and float32 accumulators otherwise. Rows are
+selected by global positions, so ragged segments, r > w and r not dividing w are exact (no
+mask is needed: every block is FULL or the square CAUSAL diagonal).
+
+:class:`DilatedFunction` is the autograd: the forward keeps ``(q, k, v, out, lse)``, the
+backward runs the kernels' own backward with the final out and lse (exact through the LSE
+mixing, SPEC 4) instead of differentiating the forward's merges.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringsim.config import DilatedConfig, validate
+from ringsim.plan import rank_plan
+
+from ..kernels import Kernel, choose_kernel
+from .backward import BackwardExecutor
+from .forward import ForwardExecutor
+
+
+def check_tensor(q) -> None:
+    """The torch backend takes floating-point torch tensors."""
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
+    if not q.is_floating_point():
+        raise TypeError(f"q: dtype must be floating point, got {q.dtype}")
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def check_differentiable(q, k, v, kernel: Kernel) -> None:
+    """Refuse, before any work, a backward pass the kernel cannot run: FlexAttention has no
+    backward that takes an external lse (:func:`~ringsim.gpu.kernels.attend_backward`)."""
+    if needs_grad(q, k, v) and kernel is Kernel.FLEX:
+        raise NotImplementedError(
+            "kernel: flex has no backward from an external lse; use flash, cudnn, efficient "
+            "or math to train, or run under torch.no_grad()"
+        )
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths,
+    dilation_rates,
+    *,
+    is_causal: bool = False,
+    mode: str = "longnet",
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    kernel: Kernel | str | None = None,
+    cuda_graph: bool = False,
+):
+    """Dilated attention on one device (SPEC 6).
+
+    Args:
+        q, k, v: ``(batch, seq_len, num_heads, head_dim)`` floating-point tensors, one dtype
+            and device.
+        segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
+            :func:`ringsim.reference.dilated_attention`.
+        return_lse: also return lse ``(batch, num_heads, seq_len)``, float32 (float64 for
+            float64 input), natural log, ``-inf`` on rows with no key.
+        kernel: a :class:`~ringsim.gpu.kernels.Kernel` to use; by default the fastest that
+            can run (:func:`~ringsim.gpu.kernels.choose_kernel`). Asking for one that cannot
+            run raises ``ValueError`` with the reason.
+        cuda_graph: replay the forward as a CUDA graph (:mod:`ringsim.gpu.executor.graphs`): one
+            launch instead of dozens, for a host too slow to issue them. Forward only,
+            CUDA, aligned configurations; otherwise ``ValueError`` says why.
+    Returns:
+        out ``(batch, seq_len, num_heads, head_dim)`` in q's dtype [, lse].
+    """
+    config = validate(
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        mode=mode,
+        softmax_scale=softmax_scale,
+    )
+    check_tensor(q)
+    chosen = choose_kernel(q, kernel)
+    if cuda_graph:
+        from .graphs import graph_refusal, graphed_forward
+
+        refusal = graph_refusal(q, config, needs_grad(q, k, v))
+        if refusal is not None:
+            raise ValueError(f"cuda_graph: the graphed forward {refusal}")
+        out, lse = graphed_forward(dilated_forward, q, k, v, config, chosen)
+        return (out, lse.transpose(1, 2)) if return_lse else out
+    check_differentiable(q, k, v, chosen)
+    out, lse = DilatedFunction.apply(q, k, v, config, chosen)
+    return (out, lse) if return_lse else out
+
+
+def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel):
+    """The forward on one device, no autograd: out ``(b, n, h, d)`` in q's dtype and the
+    lse ``(b, n, h)`` (rows, then heads), float32 or float64."""
+    _, n, h, _ = q.shape
+    plan = rank_plan(config, h, n, 1, 0)
+    executor = ForwardExecutor(q, k, v, plan, config, kernel)
+    executor.run(0, plan.steps[0].batches, {})
+    return executor.finish()
+
+
+def dilated_backward(q, k, v, out, lse, dout, dlse, config: DilatedConfig, kernel: Kernel):
+    """dq, dk, dv of dilated attention on one device, in q's dtype.
+
+    Args:
+        q, k, v, out, dout: ``(b, n, h, d)``; out is the forward's (final) output.
+        lse, dlse: ``(b, n, h)`` (rows, then heads), the forward's lse and its gradient
+            (None: lse unused).
+        config, kernel: as the forward ran.
+    """
+    _, n, h, _ = q.shape
+    plan = rank_plan(config, h, n, 1, 0)
+    executor = BackwardExecutor(q, k, v, out, lse, dout, dlse, plan, config, kernel)
+    executor.run(0, plan.steps[0].batches, {})
+    return executor.finish()
+
+
+def keep(ctx, q, k, v, out, lse):
+    """Save what every backward needs; returns out and lse in the public ``(b, h, n)``
+    layout (the ``(b, n, h)`` lse is what is kept)."""
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.set_materialize_grads(False)
+    return out, lse.transpose(1, 2)
+
+
+def restore(ctx, dout, dlse):
+    """``(q, k, v, out, lse, dout, dlse)`` as the backward functions take them: dout
+    contiguous (zeros when only lse was used), dlse ``(b, n, h)`` contiguous or None."""
+    q, k, v, out, lse = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dlse = None if dlse is None else dlse.transpose(1, 2).contiguous()
+    return q, k, v, out, lse, dout, dlse
+
+
+class DilatedFunction(torch.autograd.Function):
+    """Dilated attention on one device: ``apply(q, k, v, config, kernel) -> (out, lse)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, config: DilatedConfig, kernel: Kernel):
+        """:func:`dilated_forward`; keeps q, k, v, out and lse."""
+        ctx.config, ctx.kernel = config, kernel
+        return keep(ctx, q, k, v, *dilated_forward(q, k, v, config, kernel))
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        """:func:`dilated_backward`: dq, dk, dv."""
+        grads = dilated_backward(*restore(ctx, dout, dlse), ctx.config, ctx.kernel)
+        return (*grads, None, None)

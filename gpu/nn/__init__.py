@@ -1,0 +1,13 @@
+"""The nn modules (SPEC 8): :class:`RingDilatedAttention`, :class:`RingMultiheadDilatedAttention`
+and the seed's names for them. The top layer of the library: it imports the single-device
+path and the ring."""
+
+from .modules import RingDilatedAttention, RingDilatedAttentionHybrid
+from .multihead import RingMultiheadDilatedAttention, RingMultiheadDilatedAttentionHybrid
+
+__all__ = [
+    "RingDilatedAttention",
+    "RingDilatedAttentionHybrid",
+    "RingMultiheadDilatedAttention",
+    "RingMultiheadDilatedAttentionHybrid",
+]

@@ -1,0 +1,90 @@
+"""Autograd for the ring (the single device's is :class:`ringsim.gpu.executor.DilatedFunction`).
+
+- :class:`RingFunction`: one rank of the ring; its backward runs the ring again
+  (:func:`ringsim.gpu.ring.rank.ring_backward`), so every rank must call backward.
+- :class:`SimulatedRingFunction`: global tensors over the simulated cluster; its backward
+  runs every virtual rank's backward ring in the cluster's threads.
+
+Each returns ``out`` (q's dtype) and ``lse (b, h, n)``; the ``(b, n, h)`` lse is kept. A
+gradient reaching lse (``dlse``) needs the math kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringsim.simulate import run_traced
+
+from ..executor.single import keep, restore
+from .rank import ring_backward, ring_forward
+
+
+class RingFunction(torch.autograd.Function):
+    """One rank of the ring: ``apply(q, k, v, config, comm, kernel, trace, backward_trace)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, config, comm, kernel, trace, backward_trace):
+        """:func:`~ringsim.gpu.ring.rank.ring_forward` on this rank; keeps q, k, v, out and lse."""
+        ctx.config, ctx.comm, ctx.kernel, ctx.trace = config, comm, kernel, backward_trace
+        return keep(ctx, q, k, v, *ring_forward(q, k, v, config, comm, kernel, trace))
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        """:func:`~ringsim.gpu.ring.rank.ring_backward` on this rank: dq, dk, dv."""
+        grads = ring_backward(
+            *restore(ctx, dout, dlse), ctx.config, ctx.comm, ctx.kernel, ctx.trace
+        )
+        return (*grads, None, None, None, None, None)
+
+
+def _shards(x: torch.Tensor, world_size: int, dim: int = 1) -> list[torch.Tensor]:
+    """Contiguous copies of ``x``'s chunks along ``dim``, one per rank."""
+    return [s.contiguous() for s in x.chunk(world_size, dim)]
+
+
+class SimulatedRingFunction(torch.autograd.Function):
+    """Global tensors over ``world_size`` simulated ranks:
+    ``apply(q, k, v, config, world_size, kernel, timeout, traces) -> (out, lse)``;
+    ``traces`` (a list, or None) receives the forward's, then the backward's
+    :class:`ringsim.trace.Trace`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, config, world_size, kernel, timeout, traces):
+        """Every virtual rank's forward in the cluster's threads; keeps the global tensors."""
+        shards = list(zip(*(_shards(x, world_size) for x in (q, k, v))))
+
+        def run_rank(comm, trace):
+            return ring_forward(*shards[comm.rank], config, comm, kernel, trace)
+
+        results, trace = run_traced(world_size, run_rank, timeout=timeout)
+        if traces is not None:
+            traces.append(trace)
+        out = torch.cat([r[0] for r in results], dim=1)
+        lse = torch.cat([r[1] for r in results], dim=1)  # (b, n, h)
+        ctx.config, ctx.world_size, ctx.kernel = config, world_size, kernel
+        ctx.timeout, ctx.traces = timeout, traces
+        return keep(ctx, q, k, v, out, lse)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        """Every virtual rank's backward ring in the cluster's threads: dq, dk, dv."""
+        *tensors, dlse = restore(ctx, dout, dlse)
+        p = ctx.world_size
+        shards = list(zip(*(_shards(x, p) for x in tensors)))
+        dlse_shards = [None] * p if dlse is None else _shards(dlse, p)
+
+        def run_rank(comm, trace):
+            return ring_backward(
+                *shards[comm.rank],
+                dlse_shards[comm.rank],
+                ctx.config,
+                comm,
+                ctx.kernel,
+                trace,
+            )
+
+        results, trace = run_traced(p, run_rank, timeout=ctx.timeout)
+        if ctx.traces is not None:
+            ctx.traces.append(trace)
+        grads = (torch.cat([r[i] for r in results], dim=1) for i in range(3))
+        return (*grads, None, None, None, None, None)

@@ -1,0 +1,202 @@
+"""Ring dilated attention in torch: one rank's code over torch.distributed or any ringsim
+communicator (SPEC 5-6).
+
+It runs the same plan and the same loop as the NumPy reference
+(:func:`ringsim.ringloop.run_ring`), and hands each step to the step executor that also runs
+the single-device path (:mod:`ringsim.gpu.executor`): the step's batches, one kernel call per
+batch and pattern group on strided views of the shard and on blocks received in the
+gathered layout, and one mixing pass per step (Note [Two layouts, two combiners]). The
+exchange of step t+1 is posted before step t computes, so NCCL moves the next blocks on its
+own stream while the kernels run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ringsim.agree import agree, agreed_config
+from ringsim.comm.base import Communicator, Payload, Recv
+from ringsim.config import DilatedConfig
+from ringsim.gradrelay import GradRelay
+from ringsim.plan import RankStep, Transfer, rank_plan
+from ringsim.ringloop import run_ring
+from ringsim.trace import RankTrace
+
+from ..executor import (
+    BackwardExecutor,
+    ForwardExecutor,
+    check_differentiable,
+    check_tensor,
+)
+from ..executor.forward import Executor
+from ..kernels import Kernel, choose_kernel
+
+
+@dataclass
+class StepParts:
+    """The ring loop's parts (:class:`ringsim.ringloop.RingParts`) over a step executor: the
+    executor attends a whole step; the rank cuts only the own blocks it sends (it attends
+    its own rows in place)."""
+
+    executor: Executor
+
+    def own_blocks(self, step: RankStep) -> dict[int, Payload]:
+        plan = self.executor.plan
+        if step.step + 1 >= len(plan.steps):
+            return {}
+        sends = plan.steps[step.step + 1].sends
+        sent = {t.subring.index for t in sends if t.source_rank == plan.rank}
+        if not sent:
+            return {}
+        return {
+            t.subring.index: self.executor.own_block(t)
+            for t in step.tasks
+            if t.subring.index in sent and t.source_rank == plan.rank
+        }
+
+    def message(self, block: Payload, transfer: Transfer) -> Payload:
+        return self.executor.message(block, transfer)
+
+    def expected(self, transfer: Transfer) -> Recv:
+        return self.executor.expected(transfer)
+
+    def attend(self, step: RankStep, held: dict[int, Payload]) -> dict[int, Payload | None]:
+        return self.executor.run(step.step, step.batches, held) or {}
+
+
+def ring_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths,
+    dilation_rates,
+    *,
+    group=None,
+    comm: Communicator | None = None,
+    is_causal: bool = False,
+    mode: str = "longnet",
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    kernel: Kernel | str | None = None,
+    trace: RankTrace | None = None,
+    backward_trace: RankTrace | None = None,
+):
+    """This rank's part of ring dilated attention, on local shards (SPEC 5-6).
+
+    Differentiable: the backward runs the ring again, so every rank must call backward, as
+    with any torch.distributed collective. Over the simulated cluster on a GPU, one autograd
+    engine thread serves every virtual rank, so their backward passes cannot wait for each
+    other there: use :func:`~ringsim.gpu.simulated_ring_dilated_attention`, which runs the
+    backward ring itself.
+
+    Ranks agree on the configuration and shard shapes before the first ring of each new
+    configuration (one collective; a repeated configuration communicates nothing:
+    :func:`ringsim.agree.agree`).
+
+    Args:
+        q, k, v: this rank's shards ``(batch, seq_len / P, num_heads, head_dim)``; rank j
+            holds global positions ``[j*c, (j+1)*c)``.
+        group: the torch.distributed process group (default: the default group), used
+            when ``comm`` is None.
+        comm: any ringsim communicator instead (e.g. a simulated cluster's).
+        segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
+            :func:`ringsim.gpu.dilated_attention`, with global positions.
+        return_lse: also return this rank's lse ``(batch, num_heads, seq_len / P)``.
+        kernel: the attention kernel (default: the fastest that can run).
+        trace: a :class:`ringsim.trace.RankTrace` to record this rank's events in (None:
+            nothing is recorded, no host work per task).
+        backward_trace: another, for the events of the backward pass.
+    Returns:
+        this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` in q's dtype [, lse].
+    """
+    if comm is None:
+        from .comm import communicator
+
+        comm = communicator(group)
+    config, _ = agreed_config(
+        comm,
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        mode=mode,
+        softmax_scale=softmax_scale,
+        check_array=check_tensor,
+    )
+    chosen = choose_kernel(q, kernel)
+    check_differentiable(q, k, v, chosen)
+    from .autograd import RingFunction
+
+    out, lse = RingFunction.apply(q, k, v, config, comm, chosen, trace, backward_trace)
+    return (out, lse) if return_lse else out
+
+
+def _plan(config: DilatedConfig, q: torch.Tensor, comm: Communicator):
+    _, c, h, _ = q.shape
+    return rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank)
+
+
+def ring_forward(
+    q, k, v, config: DilatedConfig, comm: Communicator, kernel: Kernel, trace: RankTrace | None
+):
+    """This rank's forward, no autograd: out ``(b, c, h, d)`` in q's dtype and lse
+    ``(b, c, h)`` (rows, then heads), float32 or float64."""
+    executor = ForwardExecutor(q, k, v, _plan(config, q, comm), config, kernel)
+    if trace is not None:
+        trace.hold("q, k, v, out, lse", sum(x.nbytes for x in (q, k, v)) + executor.state_nbytes)
+    run_ring(comm, executor.plan, StepParts(executor), trace, q.element_size())
+    return executor.finish()
+
+
+def check_backward(comm: Communicator, kernel: Kernel, dlse: torch.Tensor | None) -> None:
+    """Every rank can run this backward, or all raise together (not some of them, which
+    would leave the others waiting): the lse's gradient needs the math kernel."""
+    error = None
+    if dlse is not None and kernel is not Kernel.MATH:
+        error = NotImplementedError(
+            f"dlse: a gradient through the returned lse needs kernel='math' (the {kernel.value} "
+            "kernel's backward has no lse input)"
+        )
+    agree(comm, f"backward kernel={kernel.value} dlse={dlse is not None}", error)
+
+
+def ring_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    config: DilatedConfig,
+    comm: Communicator,
+    kernel: Kernel,
+    trace: RankTrace | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's dq, dk, dv (in q's dtype) of :func:`ring_dilated_attention`.
+
+    The forward's schedule runs again: the same K/V blocks take the same path, each step
+    runs the block gradients of the step's batches (:mod:`ringsim.gpu.executor.backward`),
+    and each block's dK/dV share travels with it in float32 and back to its owner
+    (:mod:`ringsim.gradrelay`).
+
+    Args:
+        q, k, v, out, dout: this rank's ``(b, c, h, d)``; out as the forward returned it.
+        lse, dlse: ``(b, c, h)`` (rows, then heads): the forward's lse and its gradient
+            (None: lse unused).
+        config, comm, kernel: as the forward ran.
+        trace: where this rank's backward events go (None: nowhere).
+    """
+    check_backward(comm, kernel, dlse)
+    plan = _plan(config, q, comm)
+    executor = BackwardExecutor(q, k, v, out, lse, dout, dlse, plan, config, kernel)
+    if trace is not None:
+        trace.hold("q, k, v, out, lse, dout", sum(x.nbytes for x in (q, k, v, out, lse, dout)))
+        trace.hold("dq, dk, dv", 3 * executor.dq.nbytes)
+    relay = GradRelay(comm, plan, executor, trace)
+    run_ring(comm, plan, StepParts(executor), trace, q.element_size(), relay)
+    return executor.finish()
