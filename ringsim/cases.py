@@ -98,6 +98,27 @@ def fixed_cases(world_size: int) -> list[Case]:
     ]
 
 
+def device_cases(world_size: int) -> list[Case]:
+    """Cases sized for GPU kernels (head_dim 64, shards of 512 rows), causal and not: segments
+    inside a GPU, across GPUs, the whole sequence, both modes, and a ragged configuration
+    (the executor's general path). Small enough for the dense float64 reference."""
+    p = world_size
+    c = 512
+    n = c * p
+    configs = [
+        ((128, 256), (1, 2), "longnet"),  # inside a GPU
+        ((256, 2 * c, n), (1, 2, 4), "longnet"),  # across GPUs and the whole sequence
+        ((n,), (1,), "longnet"),  # plain ring attention
+        ((256, n), (2, 4), "grouped"),  # one pair per head group
+        ((300, c + 100), (1, 3), "longnet"),  # ragged: the general path
+    ]
+    return [
+        Case(1, n, 8, 64, w, r, causal, mode, p)
+        for w, r, mode in configs
+        for causal in (False, True)
+    ]
+
+
 def check_cases(world_size: int, count: int, seed: int, *, fixed: bool = True) -> list[Case]:
     """What every check runs for one world size: the :func:`fixed_cases` (unless
     ``fixed`` is False), then ``count`` random cases from ``seed``.

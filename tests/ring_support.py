@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ringsim.cases import Case, fixed_cases, random_case
-from ringsim.config import DilatedConfig, make_config
+from ringsim.config import make_config
+from ringsim.plan import closed_form_bytes as closed_form
 from ringsim.reference import ring_dilated_attention
 from ringsim.reference.parity import check_case
 
@@ -52,35 +53,6 @@ def run_ring(case: Case, q, k, v):
         return_trace=True,
         timeout=20.0,
     )
-
-
-def closed_form(
-    config: DilatedConfig,
-    num_heads: int,
-    batch: int,
-    head_dim: int,
-    n: int,
-    p: int,
-    rank: int,
-    itemsize: int = 8,
-) -> int:
-    """SPEC 5: the bytes ``rank`` sends on an aligned configuration (K and V)."""
-    c = n // p
-    total = 0
-    for w_eff, r, heads in zip(
-        config.effective_segment_lengths(n), config.dilation_rates, config.head_groups(num_heads)
-    ):
-        g = w_eff // c
-        if g <= 1:
-            continue
-        elems = batch * len(heads) * (c // r) * head_dim
-        if config.is_causal:
-            place = (rank * c % w_eff) // c
-            messages = place + 1 if place < g - 1 else 0
-        else:
-            messages = g - 1
-        total += 2 * messages * elems * itemsize
-    return total
 
 
 def ring_failures(cases: Sequence[Case], dtype=np.float64) -> list[str]:

@@ -23,6 +23,7 @@ from test_kernels_backward import (  # noqa: E402
 )
 
 from ringsim.gpu import dilated_attention  # noqa: E402
+from ringsim.gpu.executor.schedule import Schedule  # noqa: E402
 from ringsim.gpu.harness.check_support import (  # noqa: E402
     bounds,
     causal_mask,
@@ -31,8 +32,14 @@ from ringsim.gpu.harness.check_support import (  # noqa: E402
     naive_dilated,
     plain_attention,
 )
-from ringsim.gpu.kernels import Kernel, attend, capability, math_attention  # noqa: E402
-from ringsim.gpu.kernels import attend_backward, backward_kernel  # noqa: E402
+from ringsim.gpu.kernels import (  # noqa: E402  # noqa: E402
+    Kernel,
+    attend,
+    attend_backward,
+    backward_kernel,
+    capability,
+    math_attention,
+)
 from ringsim.tolerance import low_precision_bound  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -248,7 +255,7 @@ def test_fused_merge_equals_the_torch_merge(dtype, head_dim):
 
 
 # The aligned forward on CUDA: every pair's calls (strided, gathered or on side streams),
-# then one Triton mixing pass (gpu/aligned.py, gpu/mix_triton.py).
+# then one Triton mixing pass (gpu/executor/forward.py, gpu/executor/mix_triton.py).
 ALIGNED = ((256, 512, 1024, 2048), (1, 2, 4, 8))
 
 
@@ -256,10 +263,10 @@ ALIGNED = ((256, 512, 1024, 2048), (1, 2, 4, 8))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("causal", [False, True])
 def test_aligned_forward_matches_definition(monkeypatch, schedule, dtype, causal):
-    from ringsim.gpu import aligned
+    from ringsim.gpu.executor import forward
 
     calls = []
-    monkeypatch.setattr(aligned, "schedule", lambda *a: calls.append(1) or schedule)
+    monkeypatch.setattr(forward, "schedule", lambda *a, **k: calls.append(1) or Schedule(schedule))
     q, k, v = draw((2, 2048, 8, 64), dtype, 7 + causal, "cuda")
     ref = naive_dilated(q.double(), k.double(), v.double(), *ALIGNED, is_causal=causal)
     naive = naive_dilated(q, k, v, *ALIGNED, is_causal=causal)
@@ -271,12 +278,12 @@ def test_aligned_forward_matches_definition(monkeypatch, schedule, dtype, causal
 
 def test_aligned_forward_equals_the_accumulating_path(monkeypatch):
     """Same kernels, same float32 arithmetic up to the order of the merges."""
-    import ringsim.gpu.dilated as dilated
+    from ringsim.gpu.executor import forward
 
     q, k, v = draw((1, 4096, 16, 128), torch.bfloat16, 3, "cuda")
     args = ((512, 1024, 2048, 4096), (1, 2, 4, 8))
     mixed = dilated_attention(q, k, v, *args, is_causal=True, return_lse=True)
-    monkeypatch.setattr(dilated, "mix_reason", lambda q: "accumulate, for the comparison")
+    monkeypatch.setattr(forward, "mix_reason", lambda q: "accumulate, for the comparison")
     accumulated = dilated_attention(q, k, v, *args, is_causal=True, return_lse=True)
     assert max_abs_err(mixed[0], accumulated[0]) <= 2**-7  # one bf16 rounding of |out| < 2
     assert max_abs_err(mixed[1], accumulated[1]) <= 1e-5
@@ -284,17 +291,21 @@ def test_aligned_forward_equals_the_accumulating_path(monkeypatch):
 
 def test_schedule_follows_the_tiles_per_multiprocessor(monkeypatch):
     from ringsim.config import make_config
-    from ringsim.gpu import aligned
+    from ringsim.gpu.executor import schedule as sched
     from ringsim.plan import pair_groups
 
-    monkeypatch.setattr(aligned, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(sched, "_multiprocessors", lambda device: 132)
     config = make_config((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16))
     cuda = torch.device("cuda")
-    plans = {n: [aligned.schedule(g, 1, n, cuda) for g in pair_groups(config, 16)]
-             for n in (32768, 1048576)}  # fmt: skip
+
+    def plan(groups, n, device=cuda):
+        w, r = groups[0].pattern.effective_length(n), groups[0].pattern.dilation_rate
+        return sched.schedule(groups, 1, n // w, w // r, device).value
+
+    plans = {n: [plan(g, n) for g in pair_groups(config, 16)] for n in (32768, 1048576)}
     assert plans[32768] == ["strided", "streams", "streams", "gathered", "gathered"]
     assert plans[1048576] == ["strided", "strided", "strided", "strided", "streams"]
-    assert aligned.schedule(pair_groups(config, 16)[4], 1, 32768, torch.device("cpu")) == "strided"
+    assert plan(pair_groups(config, 16)[4], 32768, torch.device("cpu")) == "strided"
 
 
 def test_batched_inputs_that_are_not_contiguous():
@@ -309,10 +320,10 @@ def test_batched_inputs_that_are_not_contiguous():
 @pytest.mark.parametrize("schedule", ["gathered", "streams"])
 def test_cuda_graph_captures_each_schedule(monkeypatch, schedule):
     """Side streams and gathers inside a capture: the replay equals eager on new inputs."""
-    from ringsim.gpu import aligned
+    from ringsim.gpu.executor import forward
     from ringsim.gpu.executor.graphs import clear_graphs
 
-    monkeypatch.setattr(aligned, "schedule", lambda *a: schedule)
+    monkeypatch.setattr(forward, "schedule", lambda *a, **k: Schedule(schedule))
     for seed in (61, 62):
         q, k, v = draw((1, 2048, 8, 64), torch.bfloat16, seed, "cuda")
         eager = dilated_attention(q, k, v, *ALIGNED, is_causal=True, return_lse=True)
@@ -349,15 +360,54 @@ def test_a_graph_the_caller_captures_takes_the_accumulating_path():
 def test_backward_on_side_streams_equals_the_serial_backward(monkeypatch):
     """The groups of a small pair write disjoint heads of dq, dk, dv: side by side on the
     side streams they give the serial gradients (up to the kernels' own atomics)."""
-    from ringsim.gpu import dilated_backward
+    from ringsim.gpu.executor import backward
 
     q, k, v = draw((1, 2048, 8, 64), torch.bfloat16, 81, "cuda")
     dout = draw((1, 2048, 8, 64), torch.bfloat16, 82, "cuda")[0]
     grads = {}
     for plan in ("strided", "streams"):
-        monkeypatch.setattr(dilated_backward, "schedule", lambda *a, plan=plan: plan)
+        monkeypatch.setattr(backward, "schedule", lambda *a, plan=plan, **k: Schedule(plan))
         x = [t.clone().requires_grad_() for t in (q, k, v)]
         dilated_attention(*x, *ALIGNED, is_causal=True).backward(dout)
         grads[plan] = [t.grad for t in x]
     for serial, sides in zip(grads["strided"], grads["streams"]):
         assert max_abs_err(sides, serial) <= 2**-6
+
+
+# The ring's step executor on CUDA, over the simulated cluster on one GPU: blocks received in
+# the gathered layout, one mixing pass per step with the running state carried between steps.
+RING = ((256, 1024, 4096), (1, 2, 4))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_simulated_ring_on_cuda_matches_definition(world_size, causal):
+    from ringsim.gpu import simulated_ring_dilated_attention
+
+    q, k, v = draw((1, 4096, 8, 64), torch.bfloat16, 90 + world_size + causal, "cuda")
+    ref = naive_dilated(q.double(), k.double(), v.double(), *RING, is_causal=causal)
+    naive = naive_dilated(q, k, v, *RING, is_causal=causal)
+    bound = bounds(torch.bfloat16, max_abs_err(naive[0], ref[0]), max_abs_err(naive[1], ref[1]))
+    out, lse = simulated_ring_dilated_attention(
+        q, k, v, *RING, world_size=world_size, is_causal=causal, return_lse=True
+    )
+    err = max_abs_err(out, ref[0]), max_abs_err(lse, ref[1])
+    assert err[0] <= bound[0] and err[1] <= bound[1], f"{err} > {bound}"
+
+
+def test_simulated_ring_gradients_on_cuda_match_one_device():
+    """The ring backward's executor (float32 dK/dV shares in the gathered layout, sent on and
+    home) against the single device's, in bf16."""
+    from ringsim.gpu import simulated_ring_dilated_attention
+
+    q, k, v = draw((1, 4096, 8, 64), torch.bfloat16, 95, "cuda")
+    dout = draw((1, 4096, 8, 64), torch.bfloat16, 96, "cuda")[0]
+    grads = []
+    for world_size in (1, 4):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        simulated_ring_dilated_attention(*x, *RING, world_size=world_size, is_causal=True).backward(
+            dout
+        )
+        grads.append([t.grad.float() for t in x])
+    for one, ring in zip(*grads):
+        assert max_abs_err(ring, one) <= 2**-5 * max(1.0, one.abs().max().item())

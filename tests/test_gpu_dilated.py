@@ -16,8 +16,8 @@ from ringsim.cases import fixed_cases, random_case  # noqa: E402
 from ringsim.config import make_config  # noqa: E402
 from ringsim.gpu import Kernel, choose_kernel, dilated_attention  # noqa: E402
 from ringsim.gpu.executor import check_differentiable  # noqa: E402
-from ringsim.gpu.kernels import attend, math_attention  # noqa: E402
 from ringsim.gpu.executor.merge import merge  # noqa: E402
+from ringsim.gpu.kernels import attend, math_attention  # noqa: E402
 from ringsim.plan import pair_groups  # noqa: E402
 from ringsim.reference import dense_dilated_attention  # noqa: E402
 from ringsim.tolerance import max_abs_error, tolerance  # noqa: E402

@@ -158,7 +158,8 @@ def test_naive_dilated_float64_is_the_definition(dense):
 
 def test_importing_the_scripts_does_not_initialise_cuda():
     code = (
-        "import torch, ringsim.gpu.harness.check, ringsim.gpu.harness.bench, ringsim.gpu.harness.bench_backward; "
+        "import torch, ringsim.gpu.harness.check, ringsim.gpu.harness.bench, "
+        "ringsim.gpu.harness.bench_backward, ringsim.gpu.harness.bench_ring; "
         "assert not torch.cuda.is_initialized()"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

@@ -18,9 +18,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ringsim.gpu.harness.check_support import max_abs_err, plain_attention  # noqa: E402
-from ringsim.gpu.kernels import Kernel, attend  # noqa: E402
-from ringsim.gpu.kernels import attend_backward  # noqa: E402
-from ringsim.gpu.kernels import accumulator_dtype  # noqa: E402
+from ringsim.gpu.kernels import (  # noqa: E402
+    Kernel,
+    accumulator_dtype,
+    attend,
+    attend_backward,
+)
 from ringsim.tolerance import low_precision_bound, tolerance  # noqa: E402
 
 CPU_KERNELS = [Kernel.MATH, Kernel.FLASH_CPU]

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device session on the lent GPU machine: install, CUDA tests, NCCL parity, benchmarks.
+# Usage (from the repository root, on the GPU machine): bash scripts/gpu_session.sh STEPS...
+# STEPS: tests, check, distcheck, ring, ring-quick, bench, bench-backward. Logs and results go
+# under $OUT (the device tool's output folder) or ./gpu-out.
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || {
+  tail -20 "$OUT/install.log"; exit 1; }
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count(), "nccl", torch.cuda.nccl.version(), "cudnn", torch.backends.cudnn.version())'
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+status=0
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    tests) python3 -m pytest -q -x tests/test_gpu_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+    check) python3 -m ringsim.gpu.harness.check --out "$OUT" 2>&1 | tail -25 ;;
+    distcheck)
+      for dt in bfloat16 float16 float32; do
+        python3 -m ringsim.gpu.harness.distcheck --world-size "$NGPU" --backend nccl --dtype $dt \
+          2>&1 | tee "$OUT/distcheck_$dt.log" | tail -3
+      done ;;
+    ring-quick)
+      torchrun --nproc-per-node "$NGPU" -m ringsim.gpu.harness.bench_ring --out "$OUT" \
+        --lengths 262144 --budget 0.2 2>&1 | tail -40 ;;
+    ring)
+      torchrun --nproc-per-node "$NGPU" -m ringsim.gpu.harness.bench_ring --out "$OUT" \
+        2>&1 | tee "$OUT/bench_ring.log" | tail -45 ;;
+    bench) python3 -m ringsim.gpu.harness.bench --out "$OUT" 2>&1 | tail -30 ;;
+    bench-backward) python3 -m ringsim.gpu.harness.bench_backward --out "$OUT" 2>&1 | tail -30 ;;
+    *) echo "unknown step $step"; status=2 ;;
+  esac
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "step $step FAILED"; status=1; }
+done
+exit $status
