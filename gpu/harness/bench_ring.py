@@ -30,12 +30,11 @@ repetitions agreed by all ranks. Rank 0 prints the table and writes ``bench_ring
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +48,8 @@ from ..kernels import Kernel, choose_kernel
 from ..ring import communicator, ring_dilated_attention
 from ..ring.rank import StepParts
 from .bench_baselines import useful_flops
-from .check_support import environment, format_table, markdown_table
+from .check_support import environment, format_table
+from .ring_report import HEADER, Row, write
 from .ring_timing import (
     CommOnly,
     Loopback,
@@ -73,75 +73,6 @@ SMOKE = {
     "c": ((32, 64, None), (1, 2, 4), (256,)),
 }
 BACKWARD_FLOPS = 3.5  # forward + backward over forward, as in bench_backward
-
-
-@dataclass
-class Row:
-    problem: str
-    n: int
-    world_size: int
-    causal: bool
-    pass_: str
-    layout: str = "contiguous"
-    kernel: str = ""
-    ms: float | None = None
-    tflops_per_gpu: float | None = None
-    one_gpu_ms: float | None = None
-    efficiency: float | None = None
-    peak_gib: float | None = None
-    one_gpu_peak_gib: float | None = None
-    bytes_sent: int = 0
-    closed_form_bytes: int = 0
-    transfer_steps: int = 0
-    comm_ms: float | None = None
-    compute_ms: float | None = None
-    hidden: float | None = None
-    bandwidth_gbs: float | None = None
-    torch_cp_ms: float | None = None
-    torch_cp_tflops_per_gpu: float | None = None
-    status: str = "ok"
-
-    def cells(self) -> list[str]:
-        def f(x, spec):
-            return "-" if x is None else format(x, spec)
-
-        return [
-            self.problem,
-            str(self.n),
-            "causal" if self.causal else "full",
-            self.pass_,
-            f(self.ms, ".2f"),
-            f(self.tflops_per_gpu, ".0f"),
-            f(self.one_gpu_ms, ".2f"),
-            f(self.efficiency, ".2f"),
-            f(self.peak_gib, ".2f"),
-            f(self.hidden, ".2f"),
-            f"{self.bytes_sent / 2**20:.0f}/{self.closed_form_bytes / 2**20:.0f}",
-            f(self.torch_cp_tflops_per_gpu, ".0f"),
-            self.status,
-        ]
-
-    def json(self) -> dict:
-        out = asdict(self)
-        out["pass"] = out.pop("pass_")
-        return out
-
-
-HEADER = [
-    "problem",
-    "n",
-    "mask",
-    "pass",
-    "ms",
-    "TFLOP/s/GPU",
-    "1-GPU ms",
-    "eff.",
-    "peak GiB",
-    "hidden",
-    "MiB sent/closed",
-    "CP TFLOP/s/GPU",
-    "status",
-]
 
 
 @dataclass
@@ -195,8 +126,19 @@ def measure(row: Row, problem: Problem, comm, device, args, mesh) -> None:
     def ranked():
         return forward_backward(ring, ring_x, problem.shards[3]) if backward else ring(*ring_x)
 
+    def shard_alone():  # the memory target: the single-device path on n/P
+        x = problem.shards[:3]
+        return (
+            forward_backward(problem.one_gpu, x, problem.shards[3])
+            if backward
+            else problem.one_gpu(*x)
+        )
+
     row.one_gpu_peak_gib = peak_call(whole, device)
     row.one_gpu_ms = agreed_median(whole, device, args.budget)
+    row.shard_peak_gib = peak_call(shard_alone, device)
+    if row.shard_peak_gib is not None:
+        row.peak_target_gib = row.shard_peak_gib + 2 * row.block_bytes / 2**30
     row.peak_gib = peak_call(ranked, device)
     row.ms = agreed_median(ranked, device, args.budget)
     row.tflops_per_gpu = flops / p / row.ms / 1e9
@@ -209,7 +151,10 @@ def measure(row: Row, problem: Problem, comm, device, args, mesh) -> None:
         row.hidden = min(1.0, max(0.0, overlap))
         row.bandwidth_gbs = row.bytes_sent / row.comm_ms / 1e6
     if problem.name == "b" and mesh is not None:
-        row.torch_cp_ms = torch_cp(problem, device, args.budget, backward, mesh)
+        want = ring(*ring_x)
+        row.torch_cp_ms, row.torch_cp_max_diff = torch_cp(
+            problem, device, args.budget, backward, mesh, want
+        )
         row.torch_cp_tflops_per_gpu = flops / p / row.torch_cp_ms / 1e9
     elif problem.name == "b":
         why = "--no-cp" if args.no_cp else "needs CUDA and P > 1"
@@ -243,7 +188,7 @@ def bench(args, device: torch.device, emit) -> None:
                 w = tuple(n if s is None else s for s in segs)
                 config = make_config(w, rates, is_causal=causal)
                 problem = Problem(name, q, k, v, dout, shards, config, kernel)
-                sent, steps = sent_bytes(config, h, n, comm, q.element_size(), b, d)
+                sent, steps, block = sent_bytes(config, h, n, comm, q.element_size(), b, d)
                 form = closed_form_bytes(config, h, b, d, n, p, comm.rank, q.element_size())
                 for pass_ in args.passes:
                     row = Row(
@@ -256,6 +201,7 @@ def bench(args, device: torch.device, emit) -> None:
                         bytes_sent=sent,
                         closed_form_bytes=form,
                         transfer_steps=steps,
+                        block_bytes=block,
                     )
                     measure(row, problem, comm, device, args, mesh)
                     emit(row)
@@ -343,36 +289,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{format_table(HEADER, [r.cells() for r in rows])}")
         print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s; wrote {args.out}")
     return 0
-
-
-def write(args, env: dict, rows: list[Row]) -> None:
-    suffix = "_smoke" if args.smoke else ""
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = dict(env, rows=[r.json() for r in rows], notes=NOTES)
-    (args.out / f"bench_ring{suffix}.json").write_text(json.dumps(report, indent=1))
-    md = [
-        f"# ringsim.gpu.harness.bench_ring{suffix}",
-        "",
-        f"{env['device']} x{env['world_size']}, torch {env['torch']}, NCCL {env['nccl']}, "
-        f"{env['date']}; b=1, h={args.heads}, d={args.head_dim}, longnet.",
-        "",
-        markdown_table(HEADER, [r.cells() for r in rows]),
-        "",
-        *NOTES,
-    ]
-    (args.out / f"bench_ring{suffix}.md").write_text("\n".join(md) + "\n")
-
-
-NOTES = [
-    "- ms: the ring's median time per call, the slowest rank's; TFLOP/s/GPU: useful FLOPs "
-    "(4 d per selected query-key pair, causal exact; forward + backward 3.5x) / P / ms.",
-    "- 1-GPU ms: the single-device path on the whole problem; eff.: 1-GPU ms / (P x ms).",
-    "- peak GiB: max_memory_allocated during one ring call beyond what was allocated before.",
-    "- hidden: (T_comm + T_compute - T_ring) / T_comm, forward only, where the rank sends.",
-    "- MiB sent/closed: bytes this rank sends (from its plan) / SPEC 5's closed form.",
-    "- CP: torch.distributed.tensor.experimental.context_parallel around SDPA, same kernel, "
-    "load balancer off (contiguous layout), all-to-all rotation.",
-]
 
 
 if __name__ == "__main__":

@@ -120,17 +120,19 @@ def comm_device(comm) -> torch.device:
 
 
 def sent_bytes(config: DilatedConfig, h: int, n: int, comm, itemsize: int, b: int, d: int):
-    """Bytes this rank sends in the forward (from its plan) and its transfer steps."""
+    """From this rank's plan: the K/V bytes it sends in the forward, the steps with a
+    transfer (the most of any rank: they time together) and the largest K/V block it
+    receives at one step."""
     plan = rank_plan(config, h, n, comm.world_size, comm.rank)
-    total = 0
-    for step in plan.steps:
-        for t in step.sends:
-            groups = plan.groups[t.subring.pair]
-            total += (
-                2 * b * d * itemsize * sum(len(r) * len(g.heads) for r, g in zip(t.rows, groups))
-            )
+
+    def nbytes(t) -> int:
+        groups = plan.groups[t.subring.pair]
+        return 2 * b * d * itemsize * sum(len(r) * len(g.heads) for r, g in zip(t.rows, groups))
+
+    total = sum(nbytes(t) for step in plan.steps for t in step.sends)
+    block = max((sum(nbytes(t) for t in step.recvs) for step in plan.steps), default=0)
     steps = sum(1 for s in plan.steps if s.sends or s.recvs)
-    return total, int(reduce_max(steps, comm_device(comm)))  # every rank's: they time together
+    return total, int(reduce_max(steps, comm_device(comm))), block
 
 
 def ring_parts_ms(shards, config, comm, kernel, device, budget, parts_type, transport):
@@ -148,12 +150,13 @@ def ring_parts_ms(shards, config, comm, kernel, device, budget, parts_type, tran
     return agreed_median(run, device, budget)
 
 
-def torch_cp(problem, device, budget: float, backward: bool, mesh) -> float:
+def torch_cp(problem, device, budget: float, backward: bool, mesh, want: torch.Tensor):
     """PyTorch's context parallel on the same global q, k, v (its load balancer off: the
-    contiguous layout), the same SDPA kernel: median ms."""
+    contiguous layout), the same SDPA kernel: ``(median ms, max |out - want|)``, ``want``
+    this rank's shard of the output ``(b, c, h, d)`` (that it computed the same function)."""
+    import torch.nn.functional as F
     from torch.distributed.tensor.experimental import _attention as cp
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     backends = {
         Kernel.FLASH: SDPBackend.FLASH_ATTENTION,
@@ -171,13 +174,14 @@ def torch_cp(problem, device, budget: float, backward: bool, mesh) -> float:
     )
     with context, sdpa_kernel(backends[problem.kernel]):
 
-        def attention(*x):
-            return sdpa(*x, is_causal=causal)
+        def attention(*x):  # looked up here: context_parallel patches F's function
+            return F.scaled_dot_product_attention(*x, is_causal=causal)
 
         def run():
             if backward:
                 return forward_backward(attention, buffers, local_dout)
             return attention(*buffers)
 
-        run()
-        return agreed_median(run, device, budget)
+        out = attention(*buffers).transpose(1, 2)  # (b, c, h, d), this rank's rows
+        diff = reduce_max((out.float() - want.float()).abs().max().item(), device)
+        return agreed_median(run, device, budget), diff
