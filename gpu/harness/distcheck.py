@@ -84,6 +84,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
         rank=rank,
         world_size=args.world_size,
         timeout=datetime.timedelta(seconds=args.timeout),
+        device_id=device if device.type == "cuda" else None,
     )
     p, dtype = args.world_size, DTYPES[args.dtype]
     suite = args.suite or ("device" if args.backend == "nccl" else "small")
