@@ -230,6 +230,20 @@ class RankPlan:
         return {step: tuple(ts) for step, ts in by_step.items()}
 
     @functools.cached_property
+    def pair_last_steps(self) -> dict[int, int]:
+        """The last step at which this rank attends each pair (absent: never)."""
+        return {b.pair: i for i, step in enumerate(self.steps) for b in step.batches}
+
+    @functools.cached_property
+    def multi_step_pairs(self) -> frozenset[int]:
+        """The pairs this rank attends at more than one step (their blocks travel)."""
+        first: dict[int, int] = {}
+        for i, step in enumerate(self.steps):
+            for b in step.batches:
+                first.setdefault(b.pair, i)
+        return frozenset(p for p, last in self.pair_last_steps.items() if last != first[p])
+
+    @functools.cached_property
     def last_busy_step(self) -> int:
         """The index of the last step with a task to run (-1: none)."""
         return max((i for i, s in enumerate(self.steps) if s.batches), default=-1)

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 
 from ringsim.cases import fixed_cases, random_case  # noqa: E402
 from ringsim.config import make_config  # noqa: E402
-from ringsim.gpu import Kernel, dilated_attention  # noqa: E402
+from ringsim.gpu import Kernel, dilated_attention, simulated_ring_dilated_attention  # noqa: E402
 from ringsim.gpu.executor import forward as executor  # noqa: E402
 from ringsim.gpu.executor.forward import Part  # noqa: E402
 from ringsim.gpu.executor.merge import mix_reason  # noqa: E402
@@ -235,3 +235,58 @@ def test_kernel_mutant_is_killed(interpreted, monkeypatch, tmp_path, name):
     label = f"mix_mutant_{sorted(MIX_MUTANTS).index(name)}"
     mutant = load_mutant(source.replace(old, new), label, tmp_path)
     assert not checks_pass(mutant, monkeypatch), f"the suite does not kill: {name}"
+
+
+def aligned_ring_cases():
+    """Ring cases the mixing path takes: aligned for their world size, several with a pair
+    whose segments span shards (partials merged across steps)."""
+    from ring_support import ring_cases
+
+    chosen = []
+    for case in ring_cases([2, 3, 4], per_size=30, seed=23):
+        config = make_config(case.segment_lengths, case.dilation_rates, **case.kwargs())
+        if config.is_aligned(case.seq_len, case.world_size):
+            chosen.append(case)
+    return chosen[:16]
+
+
+def ring_failures(cases) -> list[str]:
+    failures = []
+    for i, case in enumerate(cases):
+        q, k, v = (torch.from_numpy(x).float() for x in case.inputs(seed=i))
+        out, lse = simulated_ring_dilated_attention(
+            q, k, v, case.segment_lengths, case.dilation_rates, world_size=case.world_size,
+            **case.kwargs(), return_lse=True,
+        )  # fmt: skip
+        ref_out, ref_lse = reference(case, seed=i)
+        err = max(max_abs_error(out.double().numpy(), ref_out), max_abs_error(lse.numpy(), ref_lse))
+        if err > tolerance("float32"):
+            failures.append(f"{case.describe()}: {err:.2e}")
+    return failures
+
+
+def test_ring_cases_span_shards():
+    cases = aligned_ring_cases()
+    spanning = [
+        c for c in cases if max(c.segment_lengths) > c.seq_len // c.world_size and c.is_causal
+    ]
+    assert len(cases) >= 8 and spanning, [c.describe() for c in cases]
+
+
+def test_mixed_ring_matches_definition(interpreted, monkeypatch):
+    calls = []
+    mix = interpreted.mix_
+    monkeypatch.setattr(interpreted, "mix_", lambda *a: calls.append(1) or mix(*a))
+    assert not ring_failures(aligned_ring_cases())
+    assert len(calls) >= sum(c.world_size for c in aligned_ring_cases())  # one per rank
+
+
+def test_partials_of_earlier_steps_count(interpreted, monkeypatch):
+    """The mutant that drops a pair's earlier steps (its partial overwritten, not merged)."""
+
+    def overwrite(out, lse, block_out, block_lse):
+        out.copy_(block_out)
+        lse.copy_(block_lse)
+
+    monkeypatch.setattr(executor, "merge_", overwrite)
+    assert ring_failures(aligned_ring_cases())

@@ -92,6 +92,43 @@ def test_ranks_that_disagree_fail_together():
         SimulatedCluster(3, timeout=5.0).run(rank_main)
 
 
+def test_a_remembering_communicator_agrees_once_per_configuration():
+    """With an ``agreed`` memory (the torch.distributed communicator has one) a repeated
+    configuration communicates nothing and a new one agrees again. The price: a rank that
+    changes its configuration while the others repeat theirs waits alone in the agreement,
+    and the run ends by the communicator's deadlock detection or timeout, not with the
+    "disagree" message (documented in ringsim.agree)."""
+    from collections import OrderedDict
+
+    q, k, v = (torch.randn(1, 24, 2, 4, dtype=torch.float64) for _ in range(3))
+    gathers = []
+
+    def rank_main(comm, segments_of=lambda rank, call: (24,)):
+        comm.agreed = OrderedDict()
+        gather = comm.allgather
+        comm.allgather = lambda obj: gathers.append(comm.rank) or gather(obj)
+        lo = comm.rank * 8
+        for call in range(3):
+            segs = segments_of(comm.rank, call)
+            ring_dilated_attention(
+                q[:, lo : lo + 8], k[:, lo : lo + 8], v[:, lo : lo + 8], segs, (2,), comm=comm
+            )
+
+    SimulatedCluster(3, timeout=5.0).run(rank_main)
+    assert sorted(gathers) == [0, 1, 2]  # the first call only
+    gathers.clear()
+    SimulatedCluster(3, timeout=5.0).run(
+        lambda comm: rank_main(comm, lambda rank, call: (24,) if call < 2 else (12,))
+    )
+    assert sorted(gathers) == [0, 0, 1, 1, 2, 2]  # a new configuration agrees again
+    with pytest.raises(CommError, match="rank 1 waits in allgather"):
+        SimulatedCluster(3, timeout=5.0).run(
+            lambda comm: rank_main(
+                comm, lambda rank, call: (12,) if call == 2 and rank == 1 else (24,)
+            )
+        )
+
+
 def test_bad_input_raises_before_any_rank_starts():
     x = torch.randn(1, 24, 2, 4)
     with pytest.raises(ValueError, match="world_size"):

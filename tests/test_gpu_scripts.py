@@ -184,3 +184,22 @@ def test_lse_in_base_2_is_reported_loudly():
     ref = torch.randn(3, 50, dtype=torch.float64) + 6
     assert "LSE BASE MISMATCH" in lse_base_note((ref / math.log(2)).float(), ref, 1e-3)
     assert lse_base_note(ref.float() + 0.5, ref, 1e-3) == ""
+
+
+def test_bench_ring_smoke_writes_every_problem(tmp_path):
+    """One CPU process (gloo): every problem, both passes, the bytes against the closed form."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ringsim.gpu.harness.bench_ring", "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "bench_ring_smoke.json").read_text())
+    rows = report["rows"]
+    assert {r["problem"] for r in rows} == {"a", "b", "c"}
+    assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(r["ms"] > 0 and r["one_gpu_ms"] > 0 for r in rows)
+    assert all(r["bytes_sent"] == r["closed_form_bytes"] for r in rows)
+    for key in ("device", "torch", "nccl", "date", "world_size"):
+        assert key in report

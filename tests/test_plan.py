@@ -141,3 +141,36 @@ def test_no_block_travels_past_its_last_user(case):
                     if len(rows):
                         later = used.get((t.subring.index, t.source_rank, g), [])
                         assert any(s >= t.step for s in later), (t, "nobody further uses it")
+
+
+def test_step_batches_group_tasks_by_pair_action_and_rows():
+    """P = 2, n = 16: pair 0 (w = 4) has two segments per shard, every one own and causal:
+    one batch; pair 1 (w = 16) spans both shards: at step 1 rank 1 attends rank 0's block
+    (FULL), rank 0 skips rank 1's (SKIP, in no batch)."""
+    config = make_config((4, 16), (1, 2), is_causal=True)
+    plans = ring_plan(config, 2, 16, 2)
+    step0 = plans[1].steps[0].batches
+    assert [(b.pair, b.own, len(b.tasks), b.actions) for b in step0] == [
+        (0, True, 2, (C,)),
+        (1, True, 1, (C, C)),
+    ]
+    assert [(b.pair, b.own, b.actions) for b in plans[1].steps[1].batches] == [(1, False, (F, F))]
+    assert plans[0].steps[1].batches == ()  # the block of rank 1 is skipped by rank 0
+    assert plans[0].last_busy_step == 0 and plans[1].last_busy_step == 1
+    assert plans[1].pair_last_steps == {0: 0, 1: 1} and plans[1].multi_step_pairs == {1}
+    assert plans[0].multi_step_pairs == frozenset()
+
+
+def test_ragged_tasks_with_other_row_counts_form_their_own_batch():
+    """w = 6 on n = 16, P = 1: two full segments (counts 3, 3 for r = 2) and a ragged tail
+    of 4 positions (counts 2, 2): two batches of one pair."""
+    plan = ring_plan(make_config((6,), (2,)), 2, 16, 1)[0]
+    batches = plan.steps[0].batches
+    assert [(len(b.tasks), b.q_counts) for b in batches] == [(2, (3, 3)), (1, (2, 2))]
+
+
+def test_rank_plan_is_cached():
+    from ringsim.plan import rank_plan
+
+    config = make_config((4, 16), (1, 2))
+    assert rank_plan(config, 2, 16, 2, 1) is rank_plan(config, 2, 16, 2, 1)

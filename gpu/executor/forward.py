@@ -32,7 +32,7 @@ Results combine one of two ways:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -173,8 +173,10 @@ class ForwardExecutor(Executor):
         b, c, h, d = q.shape
         if self.mixing:
             self.out: torch.Tensor | None = None  # q's dtype, written by the last busy step
-            self.running: torch.Tensor | None = None  # float32, between steps
             self.lse = torch.empty(b, c, h, dtype=torch.float32, device=q.device)
+            self.kept: list[Part] = []  # final parts of pairs done, until the mix
+            self.running: dict[int, list[Part]] = {}  # float32 partials of pairs not done
+            self.pair_last = plan.pair_last_steps
         else:
             acc = accumulator_dtype(q.dtype)
             self.out = torch.zeros(b, c, h, d, dtype=acc, device=q.device)
@@ -182,11 +184,10 @@ class ForwardExecutor(Executor):
 
     @property
     def state_nbytes(self) -> int:
-        """Bytes of the running state: out (float32 between steps, q's dtype at the end) and
-        lse (the memory meter of the ring's trace)."""
+        """Bytes of the result: out (float32 accumulators, or q's dtype when mixing) and lse
+        (the memory meter of the ring's trace)."""
         b, c, h, d = self.q.shape
-        one_step = self.mixing and self.plan.last_busy_step == 0  # out in q's dtype only
-        size = self.q.element_size() if one_step else self.lse.element_size()
+        size = self.q.element_size() if self.mixing else self.lse.element_size()
         return b * c * h * d * size + self.lse.nbytes
 
     def run(self, index: int, batches: tuple[TaskBatch, ...], held: dict[int, Payload]) -> None:
@@ -199,8 +200,10 @@ class ForwardExecutor(Executor):
                 self._own_rows(batch)
             else:
                 self._received(batch, held)
-        if self.mixing and parts:
-            self._mix(parts, final=index == self.plan.last_busy_step)
+        if self.mixing:
+            self._keep(index, parts)
+            if index == self.plan.last_busy_step:
+                self._mix()
         elif parts:
             for part in parts:  # accumulate: merge into views of the accumulators
                 views = (
@@ -223,7 +226,8 @@ class ForwardExecutor(Executor):
         width, segments, rows = self.layout_of(batch)
         rate = self.rates[batch.pair]
         common = dict(causal=self.causal(batch), scale=self.scale, kernel=self.kernel)
-        common["raw_lse"] = self.mixing
+        # a pair whose partials are merged across steps needs -inf for empty rows
+        common["raw_lse"] = self.mixing and batch.pair not in self.plan.multi_step_pairs
         how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.mixing)
         if how is Schedule.GATHERED:  # one call for the pair on gathered rows
             q = gathered_blocks(gather_pair(self.q, groups))
@@ -250,21 +254,34 @@ class ForwardExecutor(Executor):
             sides.join()
         return parts
 
-    def _mix(self, parts: list[Part], final: bool) -> None:
+    def _keep(self, index: int, parts: list[Part]) -> None:
+        """Note [Partials across steps]: a pair attended at several steps (its segments
+        span shards) merges each step's parts into its own float32 partials, in the parts'
+        layout (``c/r`` rows: a sixteenth of the output for r = 16), with the stable merge;
+        at its last step they are rounded to q's dtype, as every kernel's output is, and
+        kept with the other pairs' parts for the one mix of the last busy step."""
+        by_pair: dict[int, list[Part]] = {}
+        for part in parts:
+            by_pair.setdefault(part.pair, []).append(part)
+        for pair, mine in by_pair.items():
+            running = self.running.pop(pair, None)
+            if running is not None:  # same schedule, same shapes: part i onto partial i
+                for partial, part in zip(running, mine):
+                    merge_(partial.out, partial.lse, part.out, part.lse)
+                mine = running
+            if index < self.pair_last[pair]:
+                if running is None:
+                    mine = [replace(p, out=p.out.float()) for p in mine]
+                self.running[pair] = mine
+            else:
+                self.kept += [replace(p, out=p.out.to(self.q.dtype)) for p in mine]
+
+    def _mix(self) -> None:
         from .mix_triton import mix_
 
-        prev = self.running
-        if final:
-            out = torch.empty_like(self.q, memory_format=torch.contiguous_format)
-        else:
-            out = prev
-            if out is None:
-                out = torch.empty(self.q.shape, dtype=torch.float32, device=self.q.device)
-        mix_(parts, self.widths, self.rates, out, self.lse, prev)
-        if final:
-            self.out, self.running = out, None
-        else:
-            self.running = out
+        self.out = torch.empty_like(self.q, memory_format=torch.contiguous_format)
+        mix_(self.kept, self.widths, self.rates, self.out, self.lse)
+        self.kept = []
 
     def _own_rows(self, batch: TaskBatch) -> None:
         """A ragged batch on the rank's own rows: one gather and one call per row batch."""

@@ -7,24 +7,22 @@ a final cast: about a quarter of the kernels' time. Instead the step executor
 returned it (a :class:`~ringsim.gpu.executor.forward.Part`) and, once all batches of a step
 have run, :func:`mix_` makes one pass that, for each row and head,
 
-1. reads the running ``(out, lse)`` of the ring's earlier steps, if any (``prev``: float32
-   out, the lse written in place), as one more term;
-2. reads the lse of every pair that selected the row (``-inf`` for the others; the raw
+1. reads the lse of every pair that selected the row (``-inf`` for the others; the raw
    ``+inf`` that flash kernels give a row with no key is read as ``-inf``, as
    :func:`~ringsim.gpu.kernels.attend` maps it),
-3. takes the largest, ``M``, and the weights ``e_i = exp(lse_i - M)``, ``Z = sum e_i``,
-4. writes ``out = sum e_i out_i / Z`` (q's dtype on the last step, float32 before) and
-   ``lse = M + log Z``, float32.
+2. takes the largest, ``M``, and the weights ``e_i = exp(lse_i - M)``, ``Z = sum e_i``,
+3. writes ``out = sum e_i out_i / Z`` in q's dtype and ``lse = M + log Z``, float32.
 
-That is the stable LSE merge of SPEC 5 done for all terms at once, in float32: a row no term
+That is the stable LSE merge of SPEC 5 done for all pairs at once, in float32: a row no pair
 selects gets ``(0, -inf)``, a NaN lse or output propagates. Each part is read once in its own
-dtype and the result written once. On one device (and on a ring rank whose blocks never
-leave it) there is one step: no running state at all.
+dtype and the result written once, at the rank's last busy step: on a ring rank, a pair
+attended at several steps first merges its steps' parts into partials of its own
+(Note [Partials across steps] in :mod:`ringsim.gpu.executor.forward`).
 
 The parts are separate tensors, so the kernel reads them through a table: for each pair and
-head, where the group's out and lse start (as offsets from a base tensor of the parts'
-dtype and from ``lse``), the row offset of its pattern, and the strides that locate local
-position ``p`` in the group's blocks (block ``p // W``, row ``(p mod W) // r``; the local width
+head, where the group's out and lse start (as offsets from ``out`` and from ``lse``), the
+row offset of its pattern, and the strides that locate local position ``p`` in the group's
+blocks (block ``p // W``, row ``(p mod W) // r``; the local width
 ``W = min(w', c)`` and ``r`` are compile-time constants of the kernel). The table is copied
 to the device once per layout (a steady loop sees the same addresses every call;
 :class:`ringsim.gpu.executor.graphs.DeviceCache`).
@@ -36,7 +34,9 @@ Triton). On CPU tensors the kernel runs only under Triton's interpreter
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -56,9 +56,9 @@ FIELDS = tl.constexpr(9)
 
 @triton.jit
 def _mix_kernel(
-    table, parts, out, prev, lse, seq_len, heads, dim, so0, so1, so2, sl0, sl1, sl2,
+    table, out, lse, seq_len, heads, dim, so0, so1, so2, sl0, sl1, sl2,
     WIDTHS: tl.constexpr, RATES: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PREV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     head = tl.program_id(0) % heads
     p = tl.program_id(0) // heads * BLOCK_N + tl.arange(0, BLOCK_N)  # positions
@@ -71,16 +71,9 @@ def _mix_kernel(
     tile = live[:, None] & col_live[None, :]
     # online: the largest lse so far (best), sum of exp(lse_i - best) (total) and the
     # weighted sum (acc), rescaled when best grows; every pair's loads are independent
-    if HAS_PREV:  # the ring's running state is the first term
-        best = tl.load(lse_at, mask=live, other=float("-inf"))
-        seen = best != float("-inf")
-        total = tl.where(seen, 1.0, 0.0)
-        run = tl.load(prev + out_at[:, None] + cols[None, :], mask=tile, other=0.0)
-        acc = tl.where(seen[:, None], run, 0.0)
-    else:
-        best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        total = tl.zeros((BLOCK_N,), tl.float32)
-        acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for i in tl.static_range(len(WIDTHS)):
         # W and r are compile-time constants: dividing by them is cheap
         entry = table + (i * heads + head) * FIELDS
@@ -90,11 +83,11 @@ def _mix_kernel(
         at = tl.load(entry + 1) + block * tl.load(entry + 6) + tl.load(entry + 7)
         pair_lse = tl.load(lse + at + row * tl.load(entry + 8), mask=picked, other=float("-inf"))
         pair_lse = tl.where(pair_lse == float("inf"), float("-inf"), pair_lse)  # flash: empty
-        # part offsets are in units of VEC elements: the loads are VEC-aligned vectors
+        # out offsets are in units of VEC elements: the loads are VEC-aligned vectors
         at = tl.load(entry) + block * tl.load(entry + 3) + tl.load(entry + 4)
         at = (at + row * tl.load(entry + 5)) * VEC
         mask = picked[:, None] & col_live[None, :]
-        part = tl.load(parts + at[:, None] + cols[None, :], mask=mask, other=0.0)
+        part = tl.load(out + at[:, None] + cols[None, :], mask=mask, other=0.0)
         grown = tl.maximum(best, pair_lse, propagate_nan=tl.PropagateNan.ALL)
         shift = tl.where(grown == float("-inf"), 0.0, grown)  # all empty so far: no shift
         keep, weight = tl.exp(best - shift), tl.exp(pair_lse - shift)
@@ -153,46 +146,42 @@ def _table(parts: Sequence[Part], pairs: int, base, lse, vec: int) -> torch.Tens
     return _TABLES.get(key, base.device, build)
 
 
-def mix_(
-    parts: Sequence[Part],
-    widths,
-    rates,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    prev: torch.Tensor | None = None,
-) -> None:
-    """Mix the parts (and the running state ``prev``, ``lse``) into ``out (b, c, h, d)`` and
+def mix_(parts: Sequence[Part], widths, rates, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Mix the parts into ``out (b, c, h, d)`` (q's dtype, last dim contiguous) and
     ``lse (b, c, h)`` float32, overwriting both; pair i has the local width
     ``W = widths[i]`` and ``r = rates[i]`` (compile-time constants of the kernel).
 
-    ``prev`` is the running float32 out of the ring's earlier steps, laid out like ``out``
-    (it may be ``out`` itself), with its lse in ``lse``; None: no earlier state (``lse`` is
-    only written). Every part's out must have one dtype and a contiguous last dim, its lse
-    float32, and its positions must be aligned (``W`` divides c, ``r`` divides ``W``): the
-    caller checks.
+    Every part's out must have ``out``'s dtype and a contiguous last dim, its lse float32,
+    and its positions must be aligned (``W`` divides c, ``r`` divides ``W``): the caller
+    checks.
     """
     b, n, h, d = out.shape
     if lse.dtype != torch.float32 or out.stride(-1) != 1:
         raise ValueError("mix_: out needs a contiguous last dim and lse float32")
-    if prev is not None and (prev.dtype != torch.float32 or prev.stride() != out.stride()):
-        raise ValueError("mix_: prev must be float32, laid out like out")
     if not parts:
         raise ValueError("mix_: no parts to mix")
-    base = parts[0].out
-    if base.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"mix_: parts must be float16, bfloat16 or float32, not {base.dtype}")
     for part in parts:
-        if part.out.dtype != base.dtype or part.lse.dtype != torch.float32:
-            raise ValueError(f"mix_: parts must have one out dtype ({base.dtype}), float32 lse")
+        if part.out.dtype != out.dtype or part.lse.dtype != torch.float32:
+            raise ValueError(f"mix_: parts must have {out.dtype} out and float32 lse")
         if part.out.stride(-1) != 1:
             raise ValueError("mix_: every part's out needs a contiguous last dim")
-    vec = _vec(parts, base)
-    table = _table(parts, len(widths), base, lse, vec)
+    vec = _vec(parts, out)
+    table = _table(parts, len(widths), out, lse, vec)
     block_d = triton.next_power_of_2(d)
     block_n = max(1, min(64, 8192 // block_d))
     grid = (triton.cdiv(n, block_n) * h, b)  # heads vary fastest: whole rows of out at once
+    # Triton's interpreter (the CPU tests) patches its language module while it runs a
+    # kernel, so the simulated cluster's rank threads take turns there
+    with _INTERPRETED if not out.is_cuda else contextlib.nullcontext():
+        _launch(grid, table, out, lse, widths, rates, vec, block_n, block_d)
+
+
+_INTERPRETED = threading.Lock()
+
+
+def _launch(grid, table, out, lse, widths, rates, vec: int, block_n: int, block_d: int) -> None:
+    _, n, h, d = out.shape
     _mix_kernel[grid](
-        table, base, out, out if prev is None else prev, lse, n, h, d, *out.stride()[:3],
-        *lse.stride(), WIDTHS=tuple(widths), RATES=tuple(rates), VEC=vec, BLOCK_N=block_n,
-        BLOCK_D=block_d, HAS_PREV=prev is not None,
+        table, out, lse, n, h, d, *out.stride()[:3], *lse.stride(),
+        WIDTHS=tuple(widths), RATES=tuple(rates), VEC=vec, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
