@@ -24,6 +24,17 @@ settings.register_profile("thorough", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Plans are cached (``rank_plan``): a test that patches a plan function (the mutants)
+    must neither reuse nor leave behind plans made with other code."""
+    from ringsim.plan import rank_plan
+
+    rank_plan.cache_clear()
+    yield
+    rank_plan.cache_clear()
+
+
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A generator seeded from the test's id: random inputs, the same on every run."""

@@ -1,5 +1,5 @@
 """The ring over torch.distributed on GPUs: time, scaling, bytes, overlap and memory, against
-one GPU running the whole problem and PyTorch's own context parallel, in one run.
+one GPU running the whole problem and PyTorch's own context parallel, in one run::
 
     torchrun --nproc-per-node 2 -m ringsim.gpu.harness.bench_ring [--problems a,b,c]
         [--passes fwd,fwd+bwd] [--lengths N,...] [--budget S] [--kernel K] [--no-cp] [--out DIR]

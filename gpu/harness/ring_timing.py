@@ -121,8 +121,8 @@ def comm_device(comm) -> torch.device:
 
 def sent_bytes(config: DilatedConfig, h: int, n: int, comm, itemsize: int, b: int, d: int):
     """From this rank's plan: the K/V bytes it sends in the forward, the steps with a
-    transfer (the most of any rank: they time together) and the largest K/V block it
-    receives at one step."""
+    transfer (the most of any rank: they time together) and the largest K/V block any rank
+    receives at one step (the peak memory is the most of any rank's too)."""
     plan = rank_plan(config, h, n, comm.world_size, comm.rank)
 
     def nbytes(t) -> int:
@@ -132,7 +132,8 @@ def sent_bytes(config: DilatedConfig, h: int, n: int, comm, itemsize: int, b: in
     total = sum(nbytes(t) for step in plan.steps for t in step.sends)
     block = max((sum(nbytes(t) for t in step.recvs) for step in plan.steps), default=0)
     steps = sum(1 for s in plan.steps if s.sends or s.recvs)
-    return total, int(reduce_max(steps, comm_device(comm))), block
+    device = comm_device(comm)
+    return total, int(reduce_max(steps, device)), int(reduce_max(block, device))
 
 
 def ring_parts_ms(shards, config, comm, kernel, device, budget, parts_type, transport):
