@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ringsim.config import DilatedConfig
+
 
 class TraceAction(str, Enum):
     SEND = "send"
@@ -177,3 +179,36 @@ def _cells(events: list[Event]) -> tuple[str, str, str]:
         if e.action in (TraceAction.COMPUTE, TraceAction.SKIP)
     ]
     return sent, got, " ".join(done) or "-"
+
+
+def closed_form_bytes(
+    config: DilatedConfig,
+    num_heads: int,
+    batch: int,
+    head_dim: int,
+    seq_len: int,
+    world_size: int,
+    rank: int,
+    itemsize: int = 8,
+) -> int:
+    """SPEC 5's closed form: the K/V bytes ``rank`` sends in the forward of an aligned
+    configuration, computed from the formula alone (no plan), to check the plan and the
+    trace against."""
+    c = seq_len // world_size
+    total = 0
+    for w_eff, r, heads in zip(
+        config.effective_segment_lengths(seq_len),
+        config.dilation_rates,
+        config.head_groups(num_heads),
+    ):
+        g = w_eff // c
+        if g <= 1:
+            continue
+        elems = batch * len(heads) * (c // r) * head_dim
+        if config.is_causal:
+            place = (rank * c % w_eff) // c
+            messages = place + 1 if place < g - 1 else 0
+        else:
+            messages = g - 1
+        total += 2 * messages * elems * itemsize
+    return total

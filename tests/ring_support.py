@@ -12,9 +12,9 @@ import numpy as np
 
 from ringsim.cases import Case, fixed_cases, random_case
 from ringsim.config import make_config
-from ringsim.plan import closed_form_bytes as closed_form
 from ringsim.reference import ring_dilated_attention
 from ringsim.reference.parity import check_case
+from ringsim.trace import closed_form_bytes as closed_form
 
 WORLD_SIZES = (1, 2, 3, 4, 5, 8)
 

@@ -16,7 +16,7 @@ from ringsim.plan import (
     shard_range,
     subring_ranks,
 )
-from ringsim.plan import closed_form_bytes as closed_form
+from ringsim.trace import closed_form_bytes as closed_form
 
 F, C, M, S = BlockAction.FULL, BlockAction.CAUSAL, BlockAction.MASKED, BlockAction.SKIP
 

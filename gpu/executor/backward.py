@@ -30,7 +30,7 @@ from ringsim.gradrelay import HomeAdds
 from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
 
 from ..kernels import Kernel, accumulator_dtype, attend_backward
-from .forward import Executor, select
+from .forward import Executor
 from .layout import (
     batch_blocks,
     batch_index,
@@ -39,6 +39,7 @@ from .layout import (
     head_slices,
     heads_index,
     range_index,
+    select,
     unblock,
 )
 from .schedule import Schedule, SideStreams, schedule

@@ -52,6 +52,7 @@ from .layout import (
     heads_index,
     pair_heads,
     range_index,
+    select,
     unblock,
 )
 from .merge import merge_, merge_into, mix_reason
@@ -154,13 +155,6 @@ class Executor:
         block = held[batch.tasks[0].subring.index]
         heads = head_slices(groups)[g]
         return tuple(gathered_blocks(x, heads) for x in block)
-
-
-def select(x: torch.Tensor, rows: range, heads: tuple[int, ...], start: int) -> torch.Tensor:
-    """``x (b, c, h, *rest)`` -> the rows (global positions; ``start`` is the shard's) and
-    heads as ``(b, H, m, *rest)``, contiguous."""
-    picked = x[:, range_index(rows, start, x.device)][:, :, heads_index(heads, x.device)]
-    return picked.transpose(1, 2).contiguous()
 
 
 class ForwardExecutor(Executor):

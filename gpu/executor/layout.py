@@ -177,3 +177,10 @@ def unblock(x: torch.Tensor, b: int) -> torch.Tensor:
     """Blocks ``(b*S, H, m, *rest)`` -> ``(b, S*m, H, *rest)``, the inverse of batch_blocks."""
     bs, nh, m, *rest = x.shape
     return x.transpose(1, 2).reshape(b, bs // b * m, nh, *rest)
+
+
+def select(x: torch.Tensor, rows: range, heads: tuple[int, ...], start: int) -> torch.Tensor:
+    """``x (b, c, h, *rest)`` -> the rows (global positions; ``start`` is the shard's) and
+    heads as ``(b, H, m, *rest)``, contiguous."""
+    picked = x[:, range_index(rows, start, x.device)][:, :, heads_index(heads, x.device)]
+    return picked.transpose(1, 2).contiguous()

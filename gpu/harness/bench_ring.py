@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ringsim.config import DilatedConfig, make_config
-from ringsim.plan import closed_form_bytes
+from ringsim.trace import closed_form_bytes
 
 from ..executor import dilated_attention
 from ..kernels import Kernel, choose_kernel

@@ -1,0 +1,157 @@
+"""What one rank does at one step of the ring: the vocabulary of the plan.
+
+Pure values and functions of global positions (no communication, no arrays): the action a
+block needs (:class:`BlockAction`), the ranks that share a segment (:class:`SubRing`), one
+message (:class:`Transfer`), one block attended (:class:`Task`) and the tasks a backend runs
+together (:class:`TaskBatch`, :func:`step_batches`). :mod:`ringsim.plan` builds them into
+each rank's schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class BlockAction(Enum):
+    """What one block of keys needs against one rank's queries."""
+
+    FULL = "full"  # every query attends every key
+    CAUSAL = "causal"  # the diagonal block: same rows, lower triangle
+    MASKED = "masked"  # keys and queries interleave some other way: mask by positions
+    SKIP = "skip"  # no query attends any key (or one side is empty)
+
+
+def block_action(q_rows: range, k_rows: range, is_causal: bool) -> BlockAction:
+    """The action for queries at ``q_rows`` against keys at ``k_rows`` (global positions)."""
+    if len(q_rows) == 0 or len(k_rows) == 0:
+        return BlockAction.SKIP
+    if not is_causal or k_rows[-1] <= q_rows[0]:
+        return BlockAction.FULL
+    if k_rows[0] > q_rows[-1]:
+        return BlockAction.SKIP
+    return BlockAction.CAUSAL if q_rows == k_rows else BlockAction.MASKED
+
+
+def shard_range(rank: int, seq_len: int, world_size: int) -> range:
+    """The global positions rank holds: ``[rank*c, (rank+1)*c)`` (layout "contiguous")."""
+    c = seq_len // world_size
+    return range(rank * c, (rank + 1) * c)
+
+
+def subring_ranks(start: int, stop: int, seq_len: int, world_size: int) -> tuple[int, ...]:
+    """The consecutive ranks whose shards meet the segment ``[start, stop)``."""
+    c = seq_len // world_size
+    return tuple(range(start // c, (stop - 1) // c + 1))
+
+
+@dataclass(frozen=True)
+class SubRing:
+    """The ranks that share one segment of one pair; ``index`` is unique in the plan."""
+
+    index: int
+    pair: int
+    segment: int
+    start: int
+    stop: int
+    ranks: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def tag(self) -> int:
+        """The message tag of this sub-ring's K/V transfers (MPI guarantees tags < 32768)."""
+        return self.index % 16384
+
+    @property
+    def grad_tag(self) -> int:
+        """The message tag of this sub-ring's dK/dV transfers (backward)."""
+        return 16384 + self.index % 16384
+
+    def place(self, rank: int) -> int:
+        return self.ranks.index(rank)
+
+    def rank_at(self, place: int) -> int:
+        return self.ranks[place % self.size]
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One message: ``send_rank`` passes ``source_rank``'s block to ``recv_rank`` at ``step``.
+
+    ``rows[g]`` are the global positions of pattern group g's K/V rows in the message
+    (an empty range where the group is pruned).
+    """
+
+    step: int
+    subring: SubRing
+    source_rank: int
+    send_rank: int
+    recv_rank: int
+    rows: tuple[range, ...]
+
+
+@dataclass(frozen=True)
+class Task:
+    """At ``step``, ``rank`` attends its queries to ``source_rank``'s block of ``subring``.
+
+    Per pattern group g: the query rows ``q_rows[g]``, key rows ``k_rows[g]`` and the action.
+    """
+
+    step: int
+    rank: int
+    subring: SubRing
+    source_rank: int
+    q_rows: tuple[range, ...]
+    k_rows: tuple[range, ...]
+    actions: tuple[BlockAction, ...]
+
+    @property
+    def skipped(self) -> bool:
+        return all(a is BlockAction.SKIP for a in self.actions)
+
+
+@dataclass(frozen=True, eq=False)
+class TaskBatch:
+    """Tasks of one pair at one step that a backend runs together: the same action and
+    the same numbers of query and key rows in every pattern group, and all of them on
+    the rank's own block or all on blocks received. Segments become the batch dimension
+    of one kernel call per pattern group (:func:`step_batches`).
+
+    Compared by identity (plans are cached, so a backend may key what it derives from a
+    batch by the batch itself).
+    """
+
+    pair: int
+    actions: tuple[BlockAction, ...]
+    own: bool  # every task attends the rank's own block (step 0)
+    tasks: tuple[Task, ...]
+
+    @property
+    def q_counts(self) -> tuple[int, ...]:
+        """Query rows of each pattern group in each task."""
+        return tuple(len(r) for r in self.tasks[0].q_rows)
+
+
+def step_batches(rank: int, tasks: tuple[Task, ...]) -> tuple[TaskBatch, ...]:
+    """The tasks of one step grouped into batches (skipped tasks are in none), in the order
+    of their first task: tasks of one pair with equal actions, equal row counts per pattern
+    group, and all or none on the rank's own block."""
+    batches: dict[tuple, list[Task]] = {}
+    for task in tasks:
+        if task.skipped:
+            continue
+        key = (
+            task.subring.pair,
+            task.actions,
+            task.source_rank == rank,
+            tuple(len(r) for r in task.q_rows),
+            tuple(len(r) for r in task.k_rows),
+        )
+        batches.setdefault(key, []).append(task)
+    return tuple(
+        TaskBatch(pair, actions, own, tuple(batch))
+        for (pair, actions, own, _, _), batch in batches.items()
+    )
