@@ -170,7 +170,6 @@ class ForwardExecutor(Executor):
             self.lse = torch.empty(b, c, h, dtype=torch.float32, device=q.device)
             self.kept: list[Part] = []  # final parts of pairs done, until the mix
             self.running: dict[int, list[Part]] = {}  # float32 partials of pairs not done
-            self.pair_last = plan.pair_last_steps
         else:
             acc = accumulator_dtype(q.dtype)
             self.out = torch.zeros(b, c, h, d, dtype=acc, device=q.device)
@@ -263,7 +262,7 @@ class ForwardExecutor(Executor):
                 for partial, part in zip(running, mine):
                     merge_(partial.out, partial.lse, part.out, part.lse)
                 mine = running
-            if index < self.pair_last[pair]:
+            if index < self.plan.pair_last_steps[pair]:
                 if running is None:
                     mine = [replace(p, out=p.out.float()) for p in mine]
                 self.running[pair] = mine
