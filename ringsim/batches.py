@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ringsim.config import PatternGroup
-from ringsim.plan import TaskBatch
+from ringsim.tasks import TaskBatch
 
 
 @dataclass(frozen=True, eq=False)

@@ -141,7 +141,7 @@ class BackwardExecutor(HomeAdds, Executor):
         groups, start = self.groups(batch.pair), self.plan.shard.start
         for task in batch.tasks:
             block = held[task.subring.index]
-            share = [torch.zeros(a.shape, dtype=self.grad_dtype, device=a.device) for a in block]
+            share = list(self.zeros(block))
             for g, group in enumerate(groups):
                 if batch.actions[g] is BlockAction.SKIP:
                     continue
