@@ -86,7 +86,9 @@ def test_flex_adapter_lse_is_natural_log(causal):
     check_adapter(Kernel.FLEX, torch.bfloat16, causal, seed=17 + causal)
 
 
-@pytest.mark.parametrize("kernel", [None, Kernel.FLASH, Kernel.EFFICIENT, Kernel.MATH])
+@pytest.mark.parametrize(
+    "kernel", [None, Kernel.CUDNN, Kernel.FLASH, Kernel.EFFICIENT, Kernel.MATH]
+)
 @pytest.mark.parametrize(
     ("n", "segs", "rates", "causal", "mode"),
     [
@@ -178,7 +180,7 @@ def test_backward_of_one_query_one_key_blocks(kernel):
     """Blocks of one row (a dilation rate at least the segment length): cuDNN's backward
     refuses s_q = s_kv = 1, so ``backward_kernel`` runs math there; all agree with float64."""
     skip_unless_runs(kernel, torch.bfloat16, 64)
-    assert backward_kernel(Kernel.CUDNN, *(torch.empty(4, 2, 1, 64),) * 2) is Kernel.MATH
+    assert backward_kernel(Kernel.CUDNN, *(torch.empty(4, 2, 1, 64),) * 2, True) is Kernel.MATH
     q, k, v, dout = (
         draw_rows((4, 2, 1, 64), torch.bfloat16, 47 + i, "cuda", "bhmd") for i in range(4)
     )

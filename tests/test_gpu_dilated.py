@@ -147,6 +147,41 @@ def test_kernel_choice_is_a_capability_check():
         choose_kernel(q.half(), Kernel.FLASH_CPU)
 
 
+def test_preference_and_substitutions_are_rules_of_shapes():
+    """Note [The kernel choice]: the order per architecture and each documented substitution,
+    decided from shapes alone (the CUDA tests run the kernels themselves)."""
+    from ringsim.gpu.kernels import (
+        HOPPER_PREFERENCE,
+        MAX_BLOCKS,
+        MAX_EXTENT,
+        PREFERENCE,
+        backward_kernel,
+        block_kernel,
+        blocks_per_call,
+        preference,
+        unaligned,
+    )
+
+    assert HOPPER_PREFERENCE[0] is Kernel.CUDNN and PREFERENCE[0] is Kernel.FLASH
+    assert preference(torch.device("cpu")) == PREFERENCE
+    assert block_kernel(Kernel.CUDNN, 1) is Kernel.MATH
+    assert block_kernel(Kernel.CUDNN, 2) is Kernel.CUDNN
+    assert block_kernel(Kernel.FLASH, 1) is Kernel.FLASH
+    q, k = torch.empty(2, 1, 64, 8), torch.empty(2, 1, 192, 8)
+    # cuDNN's backward on a non-causal s_kv % 128 == 64 block: flash, or efficient without it
+    assert backward_kernel(Kernel.CUDNN, q, k, False) is Kernel.EFFICIENT  # no flash on a CPU
+    assert backward_kernel(Kernel.CUDNN, q, k, True) is Kernel.CUDNN
+    assert backward_kernel(Kernel.CUDNN, q, torch.empty(2, 1, 128, 8), False) is Kernel.CUDNN
+    assert backward_kernel(Kernel.FLASH, q, k, False) is Kernel.FLASH
+    # calls split where a tensor would span more than 2^31 elements, or past the grid
+    big = torch.empty(0, device="meta").as_strided((1024, 4, 2048, 128), (1 << 22, 128, 2048, 1))
+    per = blocks_per_call(big)
+    assert (per - 1) * (1 << 22) + 3 * 128 + 2047 * 2048 + 127 <= MAX_EXTENT
+    assert per * (1 << 22) + 3 * 128 + 2047 * 2048 + 127 > MAX_EXTENT
+    assert blocks_per_call(torch.empty(10**6, 1, 1, 8, device="meta")) == MAX_BLOCKS
+    assert unaligned(torch.empty(9)[1:]) is not None and unaligned(torch.empty(8)) is None
+
+
 def test_flash_cpu_adapter_matches_math():
     q, k, v = (torch.randn(3, 2, 17, 8, dtype=torch.float64) for _ in range(3))
     for causal in (False, True):

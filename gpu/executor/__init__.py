@@ -18,6 +18,7 @@ from .single import (
     dilated_backward,
     dilated_forward,
     needs_grad,
+    prepare,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "dilated_backward",
     "dilated_forward",
     "needs_grad",
+    "prepare",
 ]

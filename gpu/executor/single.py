@@ -21,7 +21,7 @@ import torch
 from ringsim.config import DilatedConfig, validate
 from ringsim.plan import rank_plan
 
-from ..kernels import Kernel, choose_kernel
+from ..kernels import Kernel, choose_kernel, realigned
 from .backward import BackwardExecutor
 from .forward import ForwardExecutor
 
@@ -32,6 +32,15 @@ def check_tensor(q) -> None:
         raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
     if not q.is_floating_point():
         raise TypeError(f"q: dtype must be floating point, got {q.dtype}")
+
+
+def prepare(q, k, v, requested: Kernel | str | None):
+    """Every entry point's inputs, before any work: q checked (:func:`check_tensor`), q, k, v
+    :func:`~ringsim.gpu.kernels.realigned`, and the kernel chosen for them. Returns
+    ``(q, k, v, kernel)``."""
+    check_tensor(q)
+    q, k, v = (realigned(x) for x in (q, k, v))
+    return q, k, v, choose_kernel(q, requested, k, v)
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -90,8 +99,7 @@ def dilated_attention(
         mode=mode,
         softmax_scale=softmax_scale,
     )
-    check_tensor(q)
-    chosen = choose_kernel(q, kernel)
+    q, k, v, chosen = prepare(q, k, v, kernel)
     if cuda_graph:
         from .graphs import graph_refusal, graphed_forward
 

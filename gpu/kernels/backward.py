@@ -41,9 +41,14 @@ Per-kernel details (checked against PyTorch's aten sources; each op is called wi
   (the backward checks that lse's head and batch strides are multiples of 8). out must be
   laid out ``(B, M, H, D)`` in memory: the kernel assumes out's row stride is ``H * D``.
 - cuDNN refuses a block of one query and one key ("s_q = s_kv = 1 is not supported", cuDNN
-  9.19, torch 2.11, H100); such blocks (a dilation rate at least the segment length) run the
-  math backward instead (:func:`backward_kernel`): one product per head, a documented
-  substitution, not a caught error.
+  9.19, torch 2.11, H100) and PyTorch never gives it one key; blocks of one key (a dilation
+  rate at least the segment length) run the math backward instead (:func:`backward_kernel`,
+  as the forward does): one product per head, a documented substitution, not a caught error.
+- a call runs as several calls where it has more than
+  :data:`~ringsim.gpu.kernels.choice.MAX_BLOCKS` blocks or where a tensor spans more than
+  :data:`~ringsim.gpu.kernels.choice.MAX_EXTENT` elements (:func:`blocks_per_call`).
+- cuDNN's backward of a non-causal block of ``L % 128 == 64`` keys runs flash's backward
+  (:func:`backward_kernel`).
 - flash_cpu: takes any strides; lse in float64 for float64 inputs, else float32.
 - flex: FlexAttention's backward recomputes its own lse, so it cannot take the final one.
 """
@@ -56,7 +61,15 @@ import os
 
 import torch
 
-from .forward import Kernel, accumulator_dtype, as_kernel, choose_kernel
+from .choice import (
+    Kernel,
+    accumulator_dtype,
+    as_kernel,
+    block_kernel,
+    blocks_per_call,
+    capability,
+    choose_kernel,
+)
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 aten = torch.ops.aten
@@ -117,29 +130,57 @@ def attend_backward(
             raise NotImplementedError(
                 f"dlse: kernel {kernel.value} cannot add a gradient w.r.t. lse; use kernel='math'"
             )
-        choose_kernel(q, kernel)  # ValueError with the reason if it cannot run on q
+        choose_kernel(q, kernel, k, v)  # ValueError with the reason if it cannot run
         if causal and q.shape[-2] != k.shape[-2]:  # flash aligns a non-square mask bottom-right
             raise ValueError(f"causal: needs a square block, got M={q.shape[-2]}, L={k.shape[-2]}")
         for name, x in (("q", q), ("k", k), ("v", v)):
             if x.stride(-1) != 1 and x.shape[-1] > 1:  # a size-1 dim has any stride
                 raise ValueError(f"{name}: the last dim must be contiguous for {kernel.value}")
-    acc = accumulator_dtype(q.dtype)
     # Note [Backward with the final out and lse]: a row with no key gets P = exp(s - inf) = 0
     lse = torch.where(torch.isneginf(lse), math.inf, lse)
-    kernel = backward_kernel(kernel, q, k)
-    if kernel is Kernel.MATH:
+    if allowed is not None:
         return _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse)
-    out, dout = out.to(q.dtype), dout.to(q.dtype)
-    return _FUSED[kernel](q, k, v, out, lse.to(acc), dout, causal, scale)
+    return block_backward(q, k, v, out, lse, dout, causal=causal, scale=scale, kernel=kernel,
+                          dlse=dlse)  # fmt: skip
 
 
-def backward_kernel(kernel: Kernel, q: torch.Tensor, k: torch.Tensor) -> Kernel:
+def block_backward(q, k, v, out, lse, dout, *, causal: bool, scale: float, kernel: Kernel,
+                   dlse: torch.Tensor | None = None) -> Grads:  # fmt: skip
+    """:func:`attend_backward` without its checks, for a caller that made them once (the step
+    executor, which runs dozens of blocks of one checked configuration): the same arguments,
+    except that ``lse`` must already read ``+inf`` (not ``-inf``) on rows with no key, and
+    there is no ``allowed``."""
+    if dlse is not None and kernel is not Kernel.MATH:
+        raise NotImplementedError(
+            f"dlse: kernel {kernel.value} cannot add a gradient w.r.t. lse; use kernel='math'"
+        )
+    kernel = backward_kernel(kernel, q, k, causal)
+    if kernel is Kernel.MATH:
+        return _math(q, k, v, out, lse, dout, causal, scale, None, dlse)
+    acc = accumulator_dtype(q.dtype)
+    out, dout, lse = out.to(q.dtype), dout.to(q.dtype), lse.to(acc)
+    per_call = blocks_per_call(q, k, v, out, dout)
+    if q.shape[0] <= per_call:
+        return _FUSED[kernel](q, k, v, out, lse, dout, causal, scale)
+    chunks = zip(*(x.split(per_call) for x in (q, k, v, out, lse, dout)))
+    grads = [_FUSED[kernel](*chunk, causal, scale) for chunk in chunks]
+    return tuple(torch.cat(xs) for xs in zip(*grads))
+
+
+def backward_kernel(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, causal: bool) -> Kernel:
     """The kernel whose backward runs for ``kernel``'s blocks ``q (B, H, M, D)``,
-    ``k (B, H, L, D)``: ``kernel`` itself, except MATH for cuDNN on a 1 x 1 block, which
-    cuDNN's backward refuses (module docstring)."""
-    if kernel is Kernel.CUDNN and q.shape[-2] == 1 and k.shape[-2] == 1:
-        return Kernel.MATH
-    return kernel
+    ``k (B, H, L, D)``: the one the forward ran
+    (:func:`~ringsim.gpu.kernels.choice.block_kernel`: MATH for cuDNN on one-key blocks),
+    except FlashAttention-2 (or, where flash cannot run, the efficient kernel) for cuDNN on
+    a non-causal block of ``L % 128 == 64`` keys: cuDNN 9.19's Hopper backward leaves the
+    last key tile's padding unmasked there, and a row whose lse is below -88.7 gets a NaN
+    dq (pytorch/pytorch#196678, reproduced without a bias by
+    ``tests/test_gpu_kernels_cuda.py`` on an H200). The backward of the final out and lse
+    is the same function whichever fused kernel runs it."""
+    chosen = block_kernel(kernel, k.shape[-2])
+    if chosen is Kernel.CUDNN and not causal and k.shape[-2] % 128 == 64:
+        return Kernel.FLASH if capability(Kernel.FLASH, q, k) is None else Kernel.EFFICIENT
+    return chosen
 
 
 def _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse) -> Grads:
@@ -226,7 +267,10 @@ def _cudnn_ragged(q, k, v, out) -> bool:
 
 
 def _layout_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``x`` with its dims in memory in the order of ``ref``'s strides (a copy only if needed)."""
+    """``x`` with its dims in memory in the order of ``ref``'s strides (a copy only if needed:
+    not when x has ref's strides already, as the executor's views of out and q do)."""
+    if x.stride() == ref.stride():
+        return x
     order = sorted(range(ref.dim()), key=lambda i: -ref.stride(i))  # outermost first
     inverse = [order.index(i) for i in range(ref.dim())]
     return x.permute(order).contiguous().permute(inverse)

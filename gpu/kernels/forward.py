@@ -6,9 +6,12 @@ float32 (float64 for float64 inputs on the math path), ``-inf`` on a row with no
 ``causal`` means the square diagonal block: row i attends keys 0..i (the plan only ever asks
 for that or for no mask at all, SPEC 5).
 
-Which kernel runs is decided by :func:`choose_kernel`, a capability check on device, dtype
-and head_dim: never by catching a kernel's exception (PITFALLS 11). Callers record the
-kernel that ran.
+Which kernel runs is decided by :func:`~ringsim.gpu.kernels.choose_kernel`, a capability
+check on device, dtype, head_dim and alignment (Note [The kernel choice] in
+:mod:`ringsim.gpu.kernels.choice`): never by catching a kernel's exception (PITFALLS 11).
+Callers record the kernel that ran. Two substitutions are made here, each documented there:
+a one-key block asked of cuDNN runs the math kernel, and a call of more than
+:data:`~ringsim.gpu.kernels.choice.MAX_BLOCKS` blocks runs as several calls.
 
 Kernel quirks normalised here:
 
@@ -26,94 +29,10 @@ from __future__ import annotations
 
 import functools
 import math
-from enum import Enum
 
 import torch
 
-
-class Kernel(str, Enum):
-    """The attention kernels ringsim can call."""
-
-    FLASH = "flash"  # CUDA, fp16/bf16, head_dim % 8 == 0 and <= 256
-    CUDNN = "cudnn"  # CUDA (sm80+), fp16/bf16, head_dim % 8 == 0 and <= 128
-    EFFICIENT = "efficient"  # CUDA, fp16/bf16/fp32
-    FLEX = "flex"  # FlexAttention, compiled; CUDA, fp16/bf16/fp32
-    FLASH_CPU = "flash_cpu"  # PyTorch's CPU flash kernel; float32/float64/bf16
-    MATH = "math"  # plain torch ops: any device, any float dtype; the reference path
-
-
-HALF = (torch.float16, torch.bfloat16)
-
-
-def capability(kernel: Kernel, q: torch.Tensor) -> str | None:
-    """Why ``kernel`` cannot run on tensors like ``q`` ``(B, H, M, D)``; None if it can."""
-    cuda, d = q.is_cuda, q.shape[-1]
-    if kernel is Kernel.MATH:
-        return None if q.is_floating_point() else f"dtype {q.dtype} is not floating point"
-    if kernel is Kernel.FLASH_CPU:
-        if cuda:
-            return "flash_cpu runs on the CPU only"
-        if q.dtype not in (torch.float32, torch.float64, torch.bfloat16):
-            return f"flash_cpu does not take {q.dtype}"
-        return None
-    if not cuda:
-        return f"{kernel.value} needs a CUDA device"
-    major, _ = torch.cuda.get_device_capability(q.device)
-    if kernel is Kernel.FLASH:
-        if q.dtype not in HALF:
-            return f"flash takes fp16/bf16, not {q.dtype}"
-        if d % 8 or d > 256:
-            return f"flash needs head_dim % 8 == 0 and <= 256, got {d}"
-        return None if major >= 8 else "flash needs sm80 or newer"
-    if kernel is Kernel.CUDNN:
-        if q.dtype not in HALF:
-            return f"cudnn takes fp16/bf16, not {q.dtype}"
-        if d % 8 or d > 128:
-            return f"cudnn needs head_dim % 8 == 0 and <= 128, got {d}"
-        if not torch.backends.cudnn.is_available():
-            return "cudnn is not available in this torch build"
-        return None if major >= 9 else "cudnn attention is used on sm90 or newer only"
-    if kernel is Kernel.EFFICIENT:
-        if q.dtype not in (*HALF, torch.float32):
-            return f"efficient takes fp16/bf16/fp32, not {q.dtype}"
-        return None if d % 8 == 0 else f"efficient needs head_dim % 8 == 0, got {d}"
-    if kernel is Kernel.FLEX:
-        if q.dtype not in (*HALF, torch.float32):
-            return f"flex takes fp16/bf16/fp32, not {q.dtype}"
-        if d < 16 or d & (d - 1):
-            return f"flex needs a power-of-2 head_dim >= 16, got {d}"
-        return None
-    raise ValueError(f"kernel: unknown kernel {kernel!r}")
-
-
-#: Preference order when no kernel is asked for.
-PREFERENCE = (Kernel.FLASH, Kernel.CUDNN, Kernel.EFFICIENT, Kernel.MATH)
-
-
-def as_kernel(requested: Kernel | str) -> Kernel:
-    """``requested`` as a :class:`Kernel`; ``ValueError`` naming the choices otherwise."""
-    try:
-        return Kernel(requested)
-    except ValueError:
-        names = ", ".join(k.value for k in Kernel)
-        raise ValueError(f"kernel: must be one of {names}, got {requested!r}") from None
-
-
-def choose_kernel(q: torch.Tensor, requested: Kernel | str | None = None) -> Kernel:
-    """The kernel for tensors like ``q``: ``requested`` if it can run (else ``ValueError``
-    with the reason), otherwise the first of :data:`PREFERENCE` that can."""
-    if requested is not None:
-        kernel = as_kernel(requested)
-        reason = capability(kernel, q)
-        if reason is not None:
-            raise ValueError(f"kernel: {kernel.value} cannot run here: {reason}")
-        return kernel
-    return next(k for k in PREFERENCE if capability(k, q) is None)
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .choice import MAX_BLOCKS, Kernel, block_kernel
 
 
 def _no_empty_plus_inf(lse: torch.Tensor) -> torch.Tensor:
@@ -144,8 +63,15 @@ def attend(q, k, v, *, causal: bool, scale: float, kernel: Kernel, raw_lse: bool
     """Run ``kernel`` on ``(B, H, M, D)`` blocks; returns ``(out, lse)`` as described above.
 
     ``raw_lse``: leave a ``+inf`` lse as the kernel returned it (one launch less), for a
-    caller that reads ``+inf`` as an empty row itself (:mod:`ringsim.gpu.mix_triton`).
+    caller that reads ``+inf`` as an empty row itself (:mod:`ringsim.gpu.executor.mix_triton`).
     """
+    kernel = block_kernel(kernel, k.shape[-2])
+    if q.shape[0] > MAX_BLOCKS and kernel is not Kernel.MATH and q.is_cuda:
+        parts = [
+            attend(*chunk, causal=causal, scale=scale, kernel=kernel, raw_lse=raw_lse)
+            for chunk in zip(*(x.split(MAX_BLOCKS) for x in (q, k, v)))
+        ]
+        return tuple(torch.cat(xs) for xs in zip(*parts))
     aten = torch.ops.aten
     if kernel is Kernel.MATH:
         return math_attention(q, k, v, causal=causal, scale=scale)

@@ -19,8 +19,8 @@ from torch import nn
 
 from ringsim.config import DilatedConfig, make_config, validate
 
-from ..executor import check_tensor, dilated_attention
-from ..kernels import Kernel, choose_kernel
+from ..executor import check_tensor, dilated_attention, prepare
+from ..kernels import Kernel
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -215,11 +215,10 @@ class RingDilatedAttention(nn.Module):
                 f"(dropout={self.dropout}); use dropout=0, or call .eval() for inference"
             )
         c = self.config
-        args = (q, k, v, c.segment_lengths, c.dilation_rates)
         kwargs = {"is_causal": is_causal, "mode": c.mode.value, "softmax_scale": c.softmax_scale}
-        validate(*args, **kwargs)  # bad input fails here, before a kernel is chosen
-        check_tensor(q)
-        chosen = choose_kernel(q, self.kernel)
+        validate(q, k, v, c.segment_lengths, c.dilation_rates, **kwargs)  # before the kernel
+        q, k, v, chosen = prepare(q, k, v, self.kernel)
+        args = (q, k, v, c.segment_lengths, c.dilation_rates)
         if self.group is None:
             out = dilated_attention(*args, **kwargs, kernel=chosen)
         else:

@@ -29,9 +29,10 @@ from ..executor import (
     ForwardExecutor,
     check_differentiable,
     check_tensor,
+    prepare,
 )
 from ..executor.forward import Executor
-from ..kernels import Kernel, choose_kernel
+from ..kernels import Kernel
 
 
 @dataclass
@@ -127,7 +128,7 @@ def ring_dilated_attention(
         softmax_scale=softmax_scale,
         check_array=check_tensor,
     )
-    chosen = choose_kernel(q, kernel)
+    q, k, v, chosen = prepare(q, k, v, kernel)
     check_differentiable(q, k, v, chosen)
     from .autograd import RingFunction
 

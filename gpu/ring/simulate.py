@@ -7,8 +7,8 @@ import torch
 from ringsim.config import validate
 from ringsim.trace import Trace
 
-from ..executor import check_differentiable, check_tensor
-from ..kernels import Kernel, choose_kernel
+from ..executor import check_differentiable, prepare
+from ..kernels import Kernel
 from .autograd import SimulatedRingFunction
 
 
@@ -55,8 +55,7 @@ def simulated_ring_dilated_attention(
         softmax_scale=softmax_scale,
         world_size=world_size,
     )
-    check_tensor(q)
-    chosen = choose_kernel(q, kernel)
+    q, k, v, chosen = prepare(q, k, v, kernel)
     check_differentiable(q, k, v, chosen)
     traces: list[Trace] = []
     out, lse = SimulatedRingFunction.apply(
