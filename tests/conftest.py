@@ -39,3 +39,15 @@ def fresh_plans():
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A generator seeded from the test's id: random inputs, the same on every run."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Triton's interpreter for this test: the executor's mixing and summing kernels run on
+    CPU tensors (``mix_reason`` lets them). Returns the kernel module, imported under the
+    interpreter the first time (a process that compiled it for CUDA cannot interpret it)."""
+    import importlib
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr("ringsim.gpu.executor.merge.INTERPRET_ON_CPU", True)
+    return importlib.import_module("ringsim.gpu.executor.mix_triton")

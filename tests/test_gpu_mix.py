@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +33,6 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton"),
     pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA: test_gpu_cuda.py checks it"),
 ]
-
-
-@pytest.fixture
-def interpreted(monkeypatch):
-    """Triton's interpreter for this test: mix_reason lets CPU tensors mix. Returns the
-    kernel module (imported under the interpreter the first time)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr("ringsim.gpu.executor.merge.INTERPRET_ON_CPU", True)
-    return importlib.import_module("ringsim.gpu.executor.mix_triton")
 
 
 def aligned_cases():
@@ -167,7 +159,7 @@ def test_each_head_is_read_at_its_own_offset(interpreted, monkeypatch):
 
 def test_mix_refuses_parts_of_another_dtype(interpreted):
     part = Part(0, 4, 1, (0,), (0,), torch.zeros(1, 1, 4, 4).double(), torch.zeros(1, 1, 4))
-    with pytest.raises(ValueError, match="parts must"):
+    with pytest.raises(ValueError, match="parts need"):
         interpreted.mix_([part], (4,), (1,), torch.empty(1, 4, 1, 4), torch.empty(1, 4, 1))
 
 
@@ -180,15 +172,19 @@ def test_kernel_choice_does_not_change_the_mix(interpreted):
 
 
 #: Defects re-introduced into the kernel's source: each must fail :func:`checks_pass`.
-MIX_MUTANTS = {
-    "acc not rescaled when the max grows": ("acc = acc * keep[:, None] + ", "acc = acc + "),
-    "total not rescaled when the max grows": ("total = total * keep + weight", "total += weight"),
-    "+inf lse read as a real score": ('pair_lse == float("inf")', "pair_lse != pair_lse"),
-    "every row taken, selected or not": ("p % RATES[i] == tl.load(entry + 2)", "p >= 0"),
-    "every position reads the first row": ("row = (p % WIDTHS[i]) // RATES[i]", "row = p % 1"),
-    "no guard while every lse is -inf": ('tl.where(grown == float("-inf"), 0.0, grown)', "grown"),
-    "heads no group covers read at offset 0": ("[[0, 0, -1, 0,", "[[0, 0, 0, 0,"),
-}
+MIX_MUTANTS = {  # name: (function, old, new)
+    "acc not rescaled when the max grows": (
+        "_mix_kernel", "acc = acc * keep[:, None] + ", "acc = acc + "),
+    "total not rescaled when the max grows": (
+        "_mix_kernel", "total = total * keep + weight", "total += weight"),
+    "+inf lse read as a real score": (
+        "_mix_kernel", 'pair_lse == float("inf")', "pair_lse != pair_lse"),
+    "every row taken, selected or not": ("_locate", "p % RATE == tl.load(entry + 2)", "p >= 0"),
+    "every position reads the first row": ("_locate", "row = (p % WIDTH) // RATE", "row = p % 1"),
+    "no guard while every lse is -inf": (
+        "_mix_kernel", 'tl.where(grown == float("-inf"), 0.0, grown)', "grown"),
+    "heads no group covers read at offset 0": ("_table", "[[0, 0, -1, 0,", "[[0, 0, 0, 0,"),
+}  # fmt: skip
 
 
 def checks_pass(mix_module, monkeypatch) -> bool:
@@ -227,13 +223,23 @@ def test_unmutated_copy_passes(interpreted, monkeypatch, tmp_path):
     assert checks_pass(load_mutant(source, "mix_copy", tmp_path), monkeypatch)
 
 
+def mutate(source: str, function: str, old: str, new: str) -> str:
+    """``source`` with ``old`` replaced by ``new`` inside ``function`` only, where it must occur
+    once (the mixing and summing kernels share lines)."""
+    start = source.index(f"def {function}(")
+    following = re.search(r"\n(@|def |class )", source[start + 1 :])
+    end = len(source) if following is None else start + 1 + following.start()
+    body = source[start:end]
+    assert body.count(old) == 1, f"mutant {old!r} no longer applies to {function}"
+    return source[:start] + body.replace(old, new) + source[end:]
+
+
 @pytest.mark.parametrize("name", MIX_MUTANTS)
 def test_kernel_mutant_is_killed(interpreted, monkeypatch, tmp_path, name):
-    old, new = MIX_MUTANTS[name]
-    source = Path(interpreted.__file__).read_text()
-    assert source.count(old) == 1, f"mutant {name!r} no longer applies"
+    function, old, new = MIX_MUTANTS[name]
+    source = mutate(Path(interpreted.__file__).read_text(), function, old, new)
     label = f"mix_mutant_{sorted(MIX_MUTANTS).index(name)}"
-    mutant = load_mutant(source.replace(old, new), label, tmp_path)
+    mutant = load_mutant(source, label, tmp_path)
     assert not checks_pass(mutant, monkeypatch), f"the suite does not kill: {name}"
 
 

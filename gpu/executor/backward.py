@@ -15,34 +15,71 @@ forward used (Note [Two layouts, two combiners] in :mod:`ringsim.gpu.executor.fo
 
 On CUDA the groups of a pair too small to fill the GPU run side by side
 (:class:`ringsim.gpu.executor.schedule.SideStreams`; they write disjoint heads).
+
+Note [Direct gradients]
+-----------------------
+On one device (P = 1: one step, every block the rank's own) an aligned configuration whose
+parts the Triton kernels can combine (:func:`~ringsim.gpu.executor.merge.mix_reason`) needs no
+float32 totals: every block gradient the kernels return is kept as a part, and one pass per
+gradient (:func:`~ringsim.gpu.executor.mix_triton.sum_`) adds, for each position and head, the
+parts that cover it in float32 and writes the sum once in q's dtype. Measured at 1M tokens on
+an H200, the totals' fill, per-group adds and final casts were a third of the backward's time.
+The parts of every head would hold 3 x sum(1/r_i) times q's bytes (5.8x for r = 1..16), so
+the heads are taken in chunks (:func:`head_chunks`: the parts of one chunk stay within
+q's bytes, or :data:`PARTS_BUDGET`, whichever is larger); heads are independent, so a chunk's
+sums are final.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import replace
 
 import torch
 
 from ringsim.comm.base import Payload
-from ringsim.config import DilatedConfig
+from ringsim.config import DilatedConfig, PatternGroup
 from ringsim.gradrelay import HomeAdds
 from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
 
-from ..kernels import Kernel, accumulator_dtype, attend_backward
-from .forward import Executor
+from ..kernels import Kernel, accumulator_dtype, block_backward
+from .forward import Executor, Part
 from .layout import (
     batch_blocks,
     batch_index,
+    gather_pair,
     gathered_blocks,
     group_blocks,
     head_slices,
     heads_index,
+    pair_heads,
     range_index,
     select,
     unblock,
 )
+from .merge import mix_reason
 from .schedule import Schedule, SideStreams, schedule
+
+#: The bytes a head chunk's parts may hold at least (Note [Direct gradients]): below it,
+#: short sequences keep their heads in one chunk, and their calls large.
+PARTS_BUDGET = 1 << 30
+
+
+def head_chunks(num_heads: int, parts_bytes: int, budget: int) -> tuple[range, ...]:
+    """The heads in equal contiguous chunks, as few as keep ``parts_bytes`` (the parts of every
+    head) per chunk within ``budget``: halved while the count of heads allows."""
+    chunks = 1
+    while parts_bytes > budget * chunks and num_heads % (2 * chunks) == 0:
+        chunks *= 2
+    size = num_heads // chunks
+    return tuple(range(i, i + size) for i in range(0, num_heads, size))
+
+
+def chunk_groups(groups: tuple[PatternGroup, ...], heads: range) -> tuple[PatternGroup, ...]:
+    """The pattern groups restricted to ``heads`` (groups with none of them dropped)."""
+    chosen = (replace(g, heads=tuple(h for h in g.heads if h in heads)) for g in groups)
+    return tuple(g for g in chosen if g.heads)
 
 
 class BackwardExecutor(HomeAdds, Executor):
@@ -59,17 +96,27 @@ class BackwardExecutor(HomeAdds, Executor):
     def __init__(self, q, k, v, out, lse, dout, dlse, plan: RankPlan, config: DilatedConfig,
                  kernel: Kernel) -> None:  # fmt: skip
         super().__init__(q, k, v, plan, config, kernel)
-        self.out, self.lse, self.dout, self.dlse = out, lse, dout, dlse
+        self.out, self.dout, self.dlse = out, dout, dlse
+        # the kernels read +inf on rows with no key (Note [Backward with the final out and lse])
+        self.lse = torch.where(torch.isneginf(lse), torch.inf, lse)
         self.grad_dtype = accumulator_dtype(q.dtype)
-        self.dq, self.dk, self.dv = (
-            torch.zeros(q.shape, dtype=self.grad_dtype, device=q.device) for _ in range(3)
-        )
+        # Note [Direct gradients]: one device, aligned, parts the Triton kernels can sum
+        self.direct = plan.world_size == 1 and self.aligned and mix_reason(q) is None
+        if self.direct:  # written in q's dtype by run()
+            self.dq = self.dk = self.dv = None
+        else:
+            self.dq, self.dk, self.dv = (
+                torch.zeros(q.shape, dtype=self.grad_dtype, device=q.device) for _ in range(3)
+            )
 
     def run(self, index: int, batches: tuple[TaskBatch, ...], held: dict[int, Payload]):
         """The block gradients of step ``index``: the dK/dV share of every held block
         (None: a block held but not attended here, or the rank's own block, whose dK/dV
         this rank has added already)."""
         shares: dict[int, Payload | None] = dict.fromkeys(held)
+        if self.direct:
+            self._direct(batches)
+            return shares
         for batch in batches:
             if self.aligned:
                 self._aligned(batch, held, shares)
@@ -79,15 +126,76 @@ class BackwardExecutor(HomeAdds, Executor):
                 self._received(batch, held, shares)
         return shares
 
+    @property
+    def grads_nbytes(self) -> int:
+        """Bytes of dq, dk, dv as this executor holds them: float32 totals, or q's dtype when
+        direct (the memory meter of the ring's trace)."""
+        size = self.q.element_size() if self.direct else self.grad_dtype.itemsize
+        return 3 * self.q.numel() * size
+
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv in q's dtype (each float32 total freed as it is cast: a lower peak)."""
         totals = [self.dq, self.dk, self.dv]
         self.dq = self.dk = self.dv = None
         return tuple(totals.pop(0).to(self.q.dtype) for _ in range(3))
 
+    def _direct(self, batches: tuple[TaskBatch, ...]) -> None:
+        """Note [Direct gradients]: every batch's block gradients as parts, head chunk by head
+        chunk, each gradient summed once into q's dtype."""
+        from .mix_triton import sum_
+
+        grads = [torch.empty_like(self.q, memory_format=torch.contiguous_format) for _ in "qkv"]
+        self.dq, self.dk, self.dv = grads
+        parts_bytes = 3 * sum(self.q.nbytes // r for r in self.rates)
+        for heads in head_chunks(self.h, parts_bytes, max(self.q.nbytes, PARTS_BUDGET)):
+            parts: tuple[list[Part], ...] = ([], [], [])
+            for batch in batches:
+                self._direct_batch(batch, chunk_groups(self.groups(batch.pair), heads), heads,
+                                   parts)  # fmt: skip
+            for total, mine in zip(grads, parts):
+                sum_(mine, self.widths, self.rates, total[:, :, heads.start : heads.stop])
+
+    def _direct_batch(self, batch: TaskBatch, groups, heads: range, parts) -> None:
+        """The block gradients of one own batch's ``groups`` (one head chunk), as parts: one
+        call per group (side by side where small), or one call on the gathered rows of every
+        group where the groups' calls are too small to fill the GPU (the forward's
+        :class:`~ringsim.gpu.executor.schedule.Schedule`)."""
+        if not groups:  # grouped mode: none of the chunk's heads has this pair
+            return
+        width, segments, rows = self.layout_of(batch)
+        rate = self.rates[batch.pair]
+        how = schedule(groups, self.b, segments, rows, self.q.device)
+        if how is Schedule.GATHERED:
+            x = [gathered_blocks(gather_pair(t, groups)) for t in (self.q, self.k, self.v)]
+            out, dout = (gathered_blocks(gather_pair(t, groups)) for t in (self.out, self.dout))
+            lse = gathered_blocks(gather_pair(self.lse[..., None], groups))[..., 0]
+            grads = block_backward(*x, out, lse.contiguous(), dout, causal=self.causal(batch),
+                                   scale=self.scale, kernel=self.kernel)  # fmt: skip
+            pair, offsets = pair_heads(groups)
+            local = tuple(h - heads.start for h in pair)
+            for mine, grad in zip(parts, grads):
+                mine.append(Part(batch.pair, width, rate, local, offsets, grad.to(self.q.dtype),
+                                 None))  # fmt: skip
+            return
+        sides = SideStreams(self.q.device) if how is Schedule.STREAMS else None
+        for g, group in enumerate(groups):
+            blocks = functools.partial(group_blocks, group=group, length=self.c)
+            with sides.on(g) if sides else contextlib.nullcontext():
+                grads = self._grads(batch, blocks, blocks(self.k), blocks(self.v))
+                grads = [x.to(self.q.dtype) for x in grads]  # math's (one-key blocks): float32
+            local = tuple(h - heads.start for h in group.heads)
+            offsets = (group.pattern.offset,) * len(local)
+            for mine, grad in zip(parts, grads):
+                if sides:  # made on a side stream, read on main
+                    grad.record_stream(sides.main)
+                mine.append(Part(batch.pair, width, rate, local, offsets, grad, None, group))
+        if sides:
+            sides.join()
+
     def _grads(self, batch: TaskBatch, blocks, k, v):
-        """``attend_backward`` of the query blocks ``blocks(x)`` against ``k, v``."""
-        return attend_backward(
+        """The block backward (:func:`~ringsim.gpu.kernels.block_backward`: the entry point
+        checked the inputs once) of the query blocks ``blocks(x)`` against ``k, v``."""
+        return block_backward(
             blocks(self.q),
             k,
             v,

@@ -27,6 +27,10 @@ blocks (block ``p // W``, row ``(p mod W) // r``; the local width
 to the device once per layout (a steady loop sees the same addresses every call;
 :class:`ringsim.gpu.executor.graphs.DeviceCache`).
 
+The backward's twin, :func:`sum_`, reads block gradients through the same table and writes,
+for each position and head, the plain sum of the parts that cover it (Note [Direct gradients]
+in :mod:`ringsim.gpu.executor.backward`).
+
 Imported only where :func:`ringsim.gpu.executor.merge.mix_reason` allows (this module imports
 Triton). On CPU tensors the kernel runs only under Triton's interpreter
 (``TRITON_INTERPRET=1``), which the CPU tests use.
@@ -55,17 +59,36 @@ FIELDS = tl.constexpr(9)
 
 
 @triton.jit
+def _program(heads, seq_len, dim, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's head, its ``BLOCK_N`` positions, batch entry and columns (heads vary
+    fastest along axis 0: whole rows of out at once), and which of them are live."""
+    head = tl.program_id(0) % heads
+    p = tl.program_id(0) // heads * BLOCK_N + tl.arange(0, BLOCK_N)  # positions
+    cols = tl.arange(0, BLOCK_D)
+    return head, p, tl.program_id(1).to(tl.int64), p < seq_len, cols, cols < dim
+
+
+@triton.jit
+def _locate(entry, p, batch, live, seq_len, WIDTH: tl.constexpr, RATE: tl.constexpr,
+            VEC: tl.constexpr):  # fmt: skip
+    """Where one pair's part (its table ``entry``) holds positions ``p`` of one head: which
+    positions it selects, their block and row, and the offset of each row's out in elements
+    (W and r are compile-time constants: dividing by them is cheap)."""
+    picked = live & (p % RATE == tl.load(entry + 2))
+    block = batch * (seq_len // WIDTH) + p // WIDTH
+    row = (p % WIDTH) // RATE
+    at = tl.load(entry) + block * tl.load(entry + 3) + tl.load(entry + 4)
+    # out offsets are in units of VEC elements: the loads are VEC-aligned vectors
+    return picked, block, row, (at + row * tl.load(entry + 5)) * VEC
+
+
+@triton.jit
 def _mix_kernel(
     table, out, lse, seq_len, heads, dim, so0, so1, so2, sl0, sl1, sl2,
     WIDTHS: tl.constexpr, RATES: tl.constexpr, VEC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    head = tl.program_id(0) % heads
-    p = tl.program_id(0) // heads * BLOCK_N + tl.arange(0, BLOCK_N)  # positions
-    batch = tl.program_id(1).to(tl.int64)
-    live = p < seq_len
-    cols = tl.arange(0, BLOCK_D)
-    col_live = cols < dim
+    head, p, batch, live, cols, col_live = _program(heads, seq_len, dim, BLOCK_N, BLOCK_D)
     out_at = batch * so0 + p.to(tl.int64) * so1 + head * so2
     lse_at = lse + batch * sl0 + p.to(tl.int64) * sl1 + head * sl2
     tile = live[:, None] & col_live[None, :]
@@ -75,17 +98,13 @@ def _mix_kernel(
     total = tl.zeros((BLOCK_N,), tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for i in tl.static_range(len(WIDTHS)):
-        # W and r are compile-time constants: dividing by them is cheap
         entry = table + (i * heads + head) * FIELDS
-        picked = live & (p % RATES[i] == tl.load(entry + 2))
-        block = batch * (seq_len // WIDTHS[i]) + p // WIDTHS[i]
-        row = (p % WIDTHS[i]) // RATES[i]
-        at = tl.load(entry + 1) + block * tl.load(entry + 6) + tl.load(entry + 7)
-        pair_lse = tl.load(lse + at + row * tl.load(entry + 8), mask=picked, other=float("-inf"))
+        picked, block, row, at = _locate(entry, p, batch, live, seq_len, WIDTHS[i], RATES[i],
+                                         VEC)  # fmt: skip
+        lse_row = tl.load(entry + 1) + block * tl.load(entry + 6) + tl.load(entry + 7)
+        pair_lse = tl.load(lse + lse_row + row * tl.load(entry + 8), mask=picked,
+                           other=float("-inf"))  # fmt: skip
         pair_lse = tl.where(pair_lse == float("inf"), float("-inf"), pair_lse)  # flash: empty
-        # out offsets are in units of VEC elements: the loads are VEC-aligned vectors
-        at = tl.load(entry) + block * tl.load(entry + 3) + tl.load(entry + 4)
-        at = (at + row * tl.load(entry + 5)) * VEC
         mask = picked[:, None] & col_live[None, :]
         part = tl.load(out + at[:, None] + cols[None, :], mask=mask, other=0.0)
         grown = tl.maximum(best, pair_lse, propagate_nan=tl.PropagateNan.ALL)
@@ -100,6 +119,25 @@ def _mix_kernel(
     merged = tl.where(empty, float("-inf"), best + tl.log(total))
     tl.store(out + out_at[:, None] + cols[None, :], result, mask=tile)
     tl.store(lse_at, merged, mask=live)
+
+
+@triton.jit
+def _sum_kernel(
+    table, out, seq_len, heads, dim, so0, so1, so2,
+    WIDTHS: tl.constexpr, RATES: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``out`` = the sum of the parts that cover each position and head (0 where none does),
+    in float32, written once in out's dtype: the backward's dq, dk, dv (:func:`sum_`)."""
+    head, p, batch, live, cols, col_live = _program(heads, seq_len, dim, BLOCK_N, BLOCK_D)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for i in tl.static_range(len(WIDTHS)):
+        entry = table + (i * heads + head) * FIELDS
+        picked, _, _, at = _locate(entry, p, batch, live, seq_len, WIDTHS[i], RATES[i], VEC)
+        mask = picked[:, None] & col_live[None, :]
+        acc += tl.load(out + at[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out_at = batch * so0 + p.to(tl.int64) * so1 + head * so2
+    tl.store(out + out_at[:, None] + cols[None, :], acc, mask=live[:, None] & col_live[None, :])
 
 
 def _vec(parts: Sequence[Part], base: torch.Tensor) -> int:
@@ -119,12 +157,14 @@ _TABLES = DeviceCache(32)
 
 
 def _table(parts: Sequence[Part], pairs: int, base, lse, vec: int) -> torch.Tensor:
-    """The ``(pairs * heads, FIELDS)`` int64 table the kernel reads, on base's device:
-    offsets from ``base`` (in units of ``vec`` elements) and from ``lse``."""
-    heads, size = lse.shape[2], base.element_size()
+    """The ``(pairs * heads, FIELDS)`` int64 table the kernels read, on base's device:
+    offsets from ``base`` (in units of ``vec`` elements) and from ``lse`` (None: the sum
+    reads no lse; those fields are 0)."""
+    heads, size = base.shape[2], base.element_size()
+    no_lse = (0, (0, 0, 0))
     layout = tuple(
-        (p.pair, p.heads, p.offsets, p.out.data_ptr(), p.out.stride(), p.lse.data_ptr(),
-         p.lse.stride())
+        (p.pair, p.heads, p.offsets, p.out.data_ptr(), p.out.stride(),
+         *(no_lse if lse is None else (p.lse.data_ptr(), p.lse.stride())))
         for p in parts
     )  # fmt: skip
 
@@ -133,7 +173,7 @@ def _table(parts: Sequence[Part], pairs: int, base, lse, vec: int) -> torch.Tens
         rows = [[0, 0, -1, 0, 0, 0, 0, 0, 0] for _ in range(pairs * heads)]
         for pair, group_heads, offsets, at, strides, lse_at, lse_strides in layout:
             start = (at - base.data_ptr()) // size // vec
-            lse_start = (lse_at - lse.data_ptr()) // 4
+            lse_start = 0 if lse is None else (lse_at - lse.data_ptr()) // 4
             sb, sh, sm = (x // vec for x in strides[:3])
             lb, lh, lm = lse_strides
             for j, (head, offset) in enumerate(zip(group_heads, offsets)):
@@ -142,7 +182,8 @@ def _table(parts: Sequence[Part], pairs: int, base, lse, vec: int) -> torch.Tens
                 ]  # fmt: skip
         return torch.tensor(rows, dtype=torch.int64)
 
-    key = (layout, base.data_ptr(), lse.data_ptr(), base.dtype, heads, pairs, vec)
+    lse_ptr = None if lse is None else lse.data_ptr()
+    key = (layout, base.data_ptr(), lse_ptr, base.dtype, heads, pairs, vec)
     return _TABLES.get(key, base.device, build)
 
 
@@ -155,33 +196,54 @@ def mix_(parts: Sequence[Part], widths, rates, out: torch.Tensor, lse: torch.Ten
     and its positions must be aligned (``W`` divides c, ``r`` divides ``W``): the caller
     checks.
     """
-    b, n, h, d = out.shape
     if lse.dtype != torch.float32 or out.stride(-1) != 1:
         raise ValueError("mix_: out needs a contiguous last dim and lse float32")
-    if not parts:
-        raise ValueError("mix_: no parts to mix")
-    for part in parts:
-        if part.out.dtype != out.dtype or part.lse.dtype != torch.float32:
-            raise ValueError(f"mix_: parts must have {out.dtype} out and float32 lse")
-        if part.out.stride(-1) != 1:
-            raise ValueError("mix_: every part's out needs a contiguous last dim")
-    vec = _vec(parts, out)
-    table = _table(parts, len(widths), out, lse, vec)
-    block_d = triton.next_power_of_2(d)
-    block_n = max(1, min(64, 8192 // block_d))
-    grid = (triton.cdiv(n, block_n) * h, b)  # heads vary fastest: whole rows of out at once
-    # Triton's interpreter (the CPU tests) patches its language module while it runs a
-    # kernel, so the simulated cluster's rank threads take turns there
-    with _INTERPRETED if not out.is_cuda else contextlib.nullcontext():
-        _launch(grid, table, out, lse, widths, rates, vec, block_n, block_d)
+    _check_parts(parts, out, lse_dtype=torch.float32)
+    _run(_mix_kernel, parts, widths, rates, out, lse)
 
+
+def sum_(parts: Sequence[Part], widths, rates, out: torch.Tensor) -> None:
+    """Write into ``out (b, c, h, d)`` the sum of the parts that cover each position and head
+    (0 where none does), added in float32 and written once in out's dtype: the parts are one
+    gradient's block shares (dq, dk or dv), laid out as :func:`mix_` reads them (their
+    ``lse`` is not read). ``out`` may be a view of some heads of a larger tensor (a head
+    chunk); the parts' heads then count from the view's first head."""
+    if out.stride(-1) != 1:
+        raise ValueError("sum_: out needs a contiguous last dim")
+    _check_parts(parts, out, lse_dtype=None)
+    _run(_sum_kernel, parts, widths, rates, out, None)
+
+
+def _check_parts(parts: Sequence[Part], out: torch.Tensor, lse_dtype) -> None:
+    if not parts:
+        raise ValueError("mix_/sum_: no parts")
+    for part in parts:
+        if part.out.dtype != out.dtype or part.out.stride(-1) != 1:
+            raise ValueError(f"mix_/sum_: parts need {out.dtype} out with a contiguous last dim")
+        if lse_dtype is not None and part.lse.dtype != lse_dtype:
+            raise ValueError(f"mix_: parts need {lse_dtype} lse")
+
+
+#: Positions per program and warps per program of both kernels.
+BLOCK_ROWS, WARPS = 64, 4
 
 _INTERPRETED = threading.Lock()
 
 
-def _launch(grid, table, out, lse, widths, rates, vec: int, block_n: int, block_d: int) -> None:
-    _, n, h, d = out.shape
-    _mix_kernel[grid](
-        table, out, lse, n, h, d, *out.stride()[:3], *lse.stride(),
-        WIDTHS=tuple(widths), RATES=tuple(rates), VEC=vec, BLOCK_N=block_n, BLOCK_D=block_d,
-    )  # fmt: skip
+def _run(kernel, parts, widths, rates, out: torch.Tensor, lse: torch.Tensor | None) -> None:
+    b, n, h, d = out.shape
+    vec = _vec(parts, out)
+    table = _table(parts, len(widths), out, lse, vec)
+    block_d = triton.next_power_of_2(d)
+    block_n = max(1, min(BLOCK_ROWS, 8192 // block_d))
+    grid = (triton.cdiv(n, block_n) * h, b)  # heads vary fastest: whole rows of out at once
+    lse_args = () if lse is None else (lse,)
+    strides = (*out.stride()[:3], *(() if lse is None else lse.stride()))
+    # Triton's interpreter (the CPU tests) patches its language module while it runs a
+    # kernel, so the simulated cluster's rank threads take turns there
+    with _INTERPRETED if not out.is_cuda else contextlib.nullcontext():
+        kernel[grid](
+            table, out, *lse_args, n, h, d, *strides,
+            WIDTHS=tuple(widths), RATES=tuple(rates), VEC=vec, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=WARPS,
+        )  # fmt: skip

@@ -197,7 +197,7 @@ def ring_backward(
     executor = BackwardExecutor(q, k, v, out, lse, dout, dlse, plan, config, kernel)
     if trace is not None:
         trace.hold("q, k, v, out, lse, dout", sum(x.nbytes for x in (q, k, v, out, lse, dout)))
-        trace.hold("dq, dk, dv", 3 * executor.dq.nbytes)
+        trace.hold("dq, dk, dv", executor.grads_nbytes)
     relay = GradRelay(comm, plan, executor, trace)
     run_ring(comm, plan, StepParts(executor), trace, q.element_size(), relay)
     return executor.finish()

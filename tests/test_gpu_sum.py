@@ -1,0 +1,114 @@
+"""The backward's direct gradients on one device (Note [Direct gradients] in
+:mod:`ringsim.gpu.executor.backward`): block gradients kept as parts, summed by the Triton kernel
+:func:`~ringsim.gpu.executor.mix_triton.sum_` head chunk by head chunk, run here by Triton's
+interpreter on the CPU and compared with the dense-mask gradient.
+
+Needs torch and Triton; skipped otherwise, and on a machine with CUDA (``test_gpu_cuda.py``
+checks the compiled kernel there).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from grad_oracle import dense_gradients  # noqa: E402
+from test_gpu_mix import aligned_cases, load_mutant, mutate  # noqa: E402
+
+from ringsim.config import Pattern, PatternGroup  # noqa: E402
+from ringsim.gpu import dilated_attention  # noqa: E402
+from ringsim.gpu.executor import backward  # noqa: E402
+from ringsim.gpu.executor.backward import chunk_groups, head_chunks  # noqa: E402
+from ringsim.gpu.executor.forward import Part  # noqa: E402
+from ringsim.gpu.executor.schedule import Schedule  # noqa: E402
+from ringsim.tolerance import max_abs_error, tolerance  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA: test_gpu_cuda.py checks it"),
+]
+
+
+def test_head_chunks_are_as_few_as_the_budget_allows():
+    assert head_chunks(16, 100, 100) == (range(16),)
+    assert head_chunks(16, 101, 100) == (range(0, 8), range(8, 16))
+    assert head_chunks(16, 580, 100) == tuple(range(i, i + 2) for i in range(0, 16, 2))
+    assert head_chunks(16, 10**9, 1) == tuple(range(i, i + 1) for i in range(16))
+    assert head_chunks(6, 10**9, 1) == (range(0, 3), range(3, 6))  # halved while h allows
+
+
+def test_chunk_groups_keep_each_groups_heads_in_the_chunk():
+    groups = tuple(PatternGroup(0, Pattern(8, 4, o), (o, o + 4, o + 8, o + 12)) for o in range(4))
+    chunk = chunk_groups(groups, range(4, 8))
+    assert [g.heads for g in chunk] == [(4,), (5,), (6,), (7,)]
+    assert [g.pattern.offset for g in chunk] == [0, 1, 2, 3]
+    assert chunk_groups(groups, range(0, 16)) == groups
+
+
+def gradient_failures(cases, monkeypatch, sum_module=None) -> list[str]:
+    """float32 gradients of ``cases`` on one device against the dense-mask gradient, with the
+    heads in as many chunks as they allow (a zero budget) and ``sum_module``'s kernel."""
+    monkeypatch.setattr(backward, "PARTS_BUDGET", 0)
+    if sum_module is not None:
+        monkeypatch.setattr("ringsim.gpu.executor.mix_triton.sum_", sum_module.sum_)
+    failures = []
+    for i, case in enumerate(cases):
+        q, k, v = (torch.from_numpy(x).float().requires_grad_() for x in case.inputs(seed=i))
+        dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(i))
+        out = dilated_attention(q, k, v, case.segment_lengths, case.dilation_rates,
+                                **case.kwargs())  # fmt: skip
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        want = dense_gradients(case, *(x.detach().double().numpy() for x in (q, k, v, dout)))
+        errors = [max_abs_error(g.double().numpy(), w) for g, w in zip(grads, want)]
+        if max(errors) > 10 * tolerance("float32"):
+            failures.append(f"{case.describe()}: {errors}")
+    return failures
+
+
+@pytest.mark.parametrize("schedule", ["strided", "gathered"])
+def test_direct_gradients_match_definition(interpreted, monkeypatch, schedule):
+    monkeypatch.setattr(backward, "schedule", lambda *a, **k: Schedule(schedule))
+    calls = []
+    sum_ = interpreted.sum_
+    monkeypatch.setattr(interpreted, "sum_", lambda *a: calls.append(a[-1].shape[2]) or sum_(*a))
+    cases = aligned_cases()
+    assert not gradient_failures(cases, monkeypatch)
+    assert len(calls) >= 3 * len(cases) and 1 in calls  # three sums per chunk; 1-head chunks
+    assert {c.mode for c in cases} == {"longnet", "grouped"}
+
+
+def test_sum_covers_unselected_positions_with_zero(interpreted):
+    """Positions no part covers get 0 (not what was in out), in out's dtype."""
+    part = Part(0, 4, 2, (0,), (1,), torch.ones(1, 1, 2, 4), None)
+    out = torch.full((1, 4, 1, 4), 7.0)
+    interpreted.sum_([part], (4,), (2,), out)
+    assert (out[0, 1::2] == 1).all() and (out[0, 0::2] == 0).all()
+
+
+def test_sum_refuses_parts_of_another_dtype(interpreted):
+    part = Part(0, 4, 1, (0,), (0,), torch.ones(1, 1, 4, 4, dtype=torch.float64), None)
+    with pytest.raises(ValueError, match="parts need"):
+        interpreted.sum_([part], (4,), (1,), torch.empty(1, 4, 1, 4))
+
+
+#: Defects re-introduced into the sum kernel's source: each must fail the gradient check.
+SUM_MUTANTS = {  # name: (function, old, new)
+    "parts overwrite instead of adding": (
+        "_sum_kernel", "acc += tl.load(out + at[:, None]", "acc = tl.load(out + at[:, None]"),
+    "every position reads the first row": ("_locate", "row = (p % WIDTH) // RATE", "row = p % 1"),
+    "every row taken, selected or not": ("_locate", "p % RATE == tl.load(entry + 2)", "p >= 0"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SUM_MUTANTS)
+def test_sum_mutant_is_killed(interpreted, monkeypatch, tmp_path, name):
+    function, old, new = SUM_MUTANTS[name]
+    source = mutate(Path(interpreted.__file__).read_text(), function, old, new)
+    mutant = load_mutant(source, f"sum_mutant_{sorted(SUM_MUTANTS).index(name)}", tmp_path)
+    cases = [c for c in aligned_cases() if len(c.segment_lengths) > 1][:4]
+    assert gradient_failures(cases, monkeypatch, mutant), f"the suite does not kill: {name}"
