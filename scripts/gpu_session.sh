@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session on the lent GPU machine: install, CUDA tests, NCCL parity, benchmarks.
 # Usage (from the repository root, on the GPU machine): bash scripts/gpu_session.sh STEPS...
-# STEPS: tests, check, distcheck, ring, ring-quick, bench, bench-backward. Logs and results go
+# STEPS: tests, check, distcheck, ring, ring-quick, bench, bench-backward, profile. Logs and results go
 # under $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -15,7 +15,8 @@ status=0
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    tests) python3 -m pytest -q -x tests/test_gpu_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+    tests) python3 -m pytest -q -rf --tb=line tests/test_gpu_cuda.py tests/test_gpu_kernels_cuda.py 2>&1 \
+      | tee "$OUT/tests.log" | tail -15 ;;
     check) python3 -m ringsim.gpu.harness.check --out "$OUT" 2>&1 | tail -25 ;;
     distcheck)
       for dt in bfloat16 float16 float32; do
@@ -28,8 +29,16 @@ for step in "$@"; do
     ring)
       torchrun --nproc-per-node "$NGPU" -m ringsim.gpu.harness.bench_ring --out "$OUT" \
         2>&1 | tee "$OUT/bench_ring.log" | tail -45 ;;
-    bench) python3 -m ringsim.gpu.harness.bench --out "$OUT" 2>&1 | tail -30 ;;
-    bench-backward) python3 -m ringsim.gpu.harness.bench_backward --out "$OUT" 2>&1 | tail -30 ;;
+    bench) python3 -m ringsim.gpu.harness.bench --no-flex --out "$OUT" 2>&1 | tee "$OUT/bench.log" \
+      | tail -30 ;;
+    bench-backward) python3 -m ringsim.gpu.harness.bench_backward --out "$OUT" 2>&1 \
+      | tee "$OUT/bench_backward.log" | tail -30 ;;
+    profile)
+      for args in "" "--causal" "--backward" "--causal --backward"; do
+        name=profile$(echo "$args" | tr -d ' -')
+        python3 -m ringsim.gpu.harness.profile --seq-len 1048576 $args --rows 5 \
+          --json "$OUT/$name.json" 2>&1 | grep -A12 "ms of CUDA time"
+      done ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "step $step FAILED"; status=1; }

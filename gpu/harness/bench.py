@@ -12,6 +12,12 @@ dilation_rates (1, 2, 4, 8, 16), longnet, causal and not, n = 32K .. 1M. Rows pe
 - pre-gathered: the same kernel calls on blocks gathered beforehand: ours / pre-gathered
   throughput is the share of time spent in the kernel (target >= 0.8);
 - dense: the same kernel on full ``n x n`` attention, up to ``--dense-max`` (262144);
+- dense cudnn: the anchor, cuDNN's fused attention on the whole sequence (where cuDNN runs),
+  at every n: up to ``--dense-max`` on every head; past it on fewer heads, so that its work
+  equals the work at ``--dense-max`` (``h' = h (dense_max / n)^2``, at least 1; a dense call
+  at 1M tokens takes 15 s): its throughput per head is flat once the grid fills the GPU
+  (``n / 128`` row tiles per head), and the row's status says how many heads ran.
+  ``vs_dense`` on ours is ours' useful TFLOP/s over this row's;
 - naive and flex: see :mod:`ringsim.gpu.harness.bench_baselines`; their output is compared with
   ours (max abs difference) so that every row computes the same function;
 - ours graph: ours with ``cuda_graph=True``, the forward replayed as one CUDA graph
@@ -69,6 +75,7 @@ class Result:
     peak_gib: float | None = None
     diff: float | None = None  # max |out - ours|
     ratio: float | None = None  # time of this row / time of ours; on ours: pre / ours
+    vs_dense: float | None = None  # on ours: its TFLOP/s / dense cudnn's
 
     @property
     def tflops(self) -> float | None:
@@ -86,13 +93,15 @@ class Result:
             fmt(self.ms, ".2f"),
             fmt(self.tflops, ".1f"),
             fmt(self.ratio, ".2f"),
+            fmt(self.vs_dense, ".2f"),
             fmt(self.peak_gib, ".2f"),
             fmt(self.diff, ".1e"),
             self.status,
         ]
 
 
-HEADER = ["n", "mask", "row", "kernel", "ms", "TFLOP/s", "ratio", "peak GiB", "max Δ", "status"]
+HEADER = ["n", "mask", "row", "kernel", "ms", "TFLOP/s", "ratio", "vs dense", "peak GiB", "max Δ",
+          "status"]  # fmt: skip
 
 
 def comparisons(args, kernel: Kernel, flex_why: str | None) -> list[tuple[str, str, object, str]]:
@@ -101,7 +110,8 @@ def comparisons(args, kernel: Kernel, flex_why: str | None) -> list[tuple[str, s
     flex_skip = "--no-flex" if args.no_flex else "" if compiled or args.smoke else flex_why
     return [
         ("dense", kernel.value, lambda q, k, v, c: baselines.dense(q, k, v, c, kernel),
-         "--no-dense" if args.no_dense else ""),
+         "--no-dense" if args.no_dense else "the dense cudnn row" if kernel is Kernel.CUDNN
+         else ""),
         ("naive", kernel.value, lambda q, k, v, c: baselines.naive(q, k, v, c, kernel),
          "--no-naive" if args.no_naive else ""),
         ("flex" if compiled else "flex-eager", "flex",
@@ -136,8 +146,12 @@ def bench_length(n: int, args, problem: dict, device: torch.device, emit) -> Non
         free(device)
         ours.ratio = pre.ms / ours.ms
         ours.status = f"ours/pre {ours.ratio:.2f} (target >= 0.8)"
+        anchor = dense_cudnn(q, k, v, config, args, device)
+        if anchor.tflops is not None:
+            ours.vs_dense = ours.tflops / anchor.tflops
         emit(ours)
         emit(pre)
+        emit(anchor)
         for name, kname, builder, why in rows:
             result = Result(n, causal, name, kname)
             if name == "dense" and not why and n > args.dense_max:
@@ -168,6 +182,24 @@ def bench_length(n: int, args, problem: dict, device: torch.device, emit) -> Non
         emit(graphed)
         del ours_out
         free(device)
+
+
+def dense_cudnn(q, k, v, config, args, device) -> Result:
+    """The ``dense cudnn`` row (module docstring): cuDNN on the whole sequence, every head up
+    to ``--dense-max``, fewer past it."""
+    b, n, h, d = q.shape
+    result = Result(n, config.is_causal, "dense cudnn", Kernel.CUDNN.value)
+    why = capability(Kernel.CUDNN, q)
+    if why is not None:
+        result.status = f"skipped: {why}"
+        return result
+    heads = h if n <= args.dense_max else max(1, h * args.dense_max**2 // n**2)
+    result.flops = baselines.dense_flops(b, n, heads, d, config.is_causal)
+    sub = (x[:, :, :heads] for x in (q, k, v))
+    optional(result, lambda: baselines.dense(*sub, config, Kernel.CUDNN), device, args.budget, None)
+    if result.ms is not None and heads < h:
+        result.status = f"ok: {heads} of {h} heads (n > --dense-max {args.dense_max})"
+    return result
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -248,6 +280,9 @@ NOTES = [
     "time; the dense row counts its own n^2 pairs.",
     "- ratio: on ours and ours graph, pre-gathered time / their time (kernel share, target "
     ">= 0.8); on other rows, their time / ours time (above 1: ours is faster).",
+    "- vs dense: on ours, its useful TFLOP/s over the dense cudnn row's (same n and mask); "
+    "targets >= 0.9 full, >= 0.85 causal at 128K..1M. Past --dense-max the dense cudnn row runs "
+    "fewer heads (its throughput per head is flat once the GPU is full; its status says how many).",
     "- peak GiB: max_memory_allocated during one call (after a reset) minus what was allocated "
     "before it: the inputs, ours' output kept for comparison and data prepared outside the "
     "timed region (pre-gathered blocks, transposes, block masks) are not counted.",

@@ -10,9 +10,11 @@ The problem of :mod:`ringsim.gpu.harness.bench` (b=1, h=16, d=128, bf16, segment
 1. time, per (n, causal): ``ours`` is ``dilated_attention`` then ``out.backward(dout)``;
    ``pre-gathered`` the same kernel's forward and backward
    (:func:`~ringsim.gpu.kernels.attend_backward`) on blocks gathered beforehand,
-   the floor of our overhead; ``dense`` SDPA forward + backward on the whole sequence up to
-   ``--dense-max``. TFLOP/s count useful FLOPs: forward + backward = 3.5x the forward's
-   ``4 d`` per selected pair (two matmuls forward, five backward).
+   the floor of our overhead; ``dense cudnn`` (the anchor) cuDNN's fused forward + backward on
+   the whole sequence, every head up to ``--dense-max``, fewer past it (work equal to that at
+   ``--dense-max``; the status says how many heads), and ``vs dense`` on ours: its useful
+   TFLOP/s over the anchor's (target >= 0.8). TFLOP/s count useful FLOPs: forward + backward
+   = 3.5x the forward's ``4 d`` per selected pair (two matmuls forward, five backward).
 2. memory: the peak memory of ours forward + backward (``max_memory_allocated`` after a
    reset, inputs and dout included) at growing n, doubling past the last length until the
    card runs out or ``--max-n``: GiB and KiB per token.
@@ -37,14 +39,15 @@ import torch
 from ringsim.config import make_config
 
 from ..executor import dilated_attention
-from ..kernels import attend, attend_backward, choose_kernel
+from ..kernels import Kernel, attend, attend_backward, capability, choose_kernel
 from ..ring.autograd import SimulatedRingFunction
 from . import bench_baselines as baselines
 from .bench import problem_of
 from .check_support import environment, format_table, markdown_table
 from .timing import free, median_ms, sync
 
-TIME_HEADER = ["n", "mask", "row", "kernel", "ms", "TFLOP/s", "row/ours time", "status"]
+TIME_HEADER = ["n", "mask", "row", "kernel", "ms", "TFLOP/s", "row/ours time", "vs dense",
+               "status"]  # fmt: skip
 MEMORY_HEADER = ["n", "mask", "peak GiB", "KiB/token", "status"]
 RING_HEADER = ["n", "P", "forward MiB/rank", "backward MiB/rank", "backward x P / P=1"]
 
@@ -70,7 +73,8 @@ def time_rows(n, problem, args, device, emit) -> None:
         for _ in "qkvd"
     ]
     q, k, v = (t.requires_grad_() for t in x[:3])
-    dout, kernel = x[3], choose_kernel(x[0])
+    dout, kernel = x[3], choose_kernel(x[0], args.kernel)
+    plain = (q.detach(), k.detach(), v.detach(), dout)
     for causal in (False, True):
         config = make_config(segs, rates, is_causal=causal)
         flops = 3.5 * baselines.useful_flops(config, b, n, h, d)
@@ -80,32 +84,58 @@ def time_rows(n, problem, args, device, emit) -> None:
             torch.autograd.grad(out, (q, k, v), dout)
 
         ms, _ = median_ms(ours, device, args.budget)
-        emit("time", [n, causal, "ours", kernel.value, ms, flops / ms / 1e9, 1.0, "ok"])
-        try:  # a comparison row: running out of memory is recorded, not raised
-            with torch.no_grad():
-                pre = pregathered_fwd_bwd(q.detach(), k.detach(), v.detach(), dout, config, kernel)
-            pre_ms, _ = median_ms(pre, device, args.budget)
-            emit("time", [n, causal, "pre-gathered", kernel.value, pre_ms, flops / pre_ms / 1e9,
-                          pre_ms / ms, f"ours/pre {pre_ms / ms:.2f}"])  # fmt: skip
-        except torch.cuda.OutOfMemoryError:
-            emit("time", [n, causal, "pre-gathered", kernel.value, None, None, None, "OOM"])
-        pre = None
+        rows = [
+            ["pre-gathered", kernel.value, *pregathered_row(plain, config, kernel, args, device)],
+            ["dense cudnn", Kernel.CUDNN.value, *dense_row(plain, config, args, device)],
+        ]
+        dense_tflops = rows[1][3]
+        vs_dense = None if dense_tflops is None else flops / ms / 1e9 / dense_tflops
+        emit("time", [n, causal, "ours", kernel.value, ms, flops / ms / 1e9, 1.0, vs_dense, "ok"])
+        for row in rows:
+            ratio = None if row[2] is None else row[2] / ms
+            emit("time", [n, causal, *row[:4], ratio, None, row[4]])
+
+
+def pregathered_row(plain, config, kernel, args, device) -> tuple:
+    """``(ms, TFLOP/s, status)`` of the pre-gathered forward + backward (OOM recorded)."""
+    q, k, v, dout = plain
+    flops = 3.5 * baselines.useful_flops(config, *q.shape)
+    try:  # a comparison row: running out of memory is recorded, not raised
+        with torch.no_grad():
+            ms, _ = median_ms(pregathered_fwd_bwd(q, k, v, dout, config, kernel), device,
+                              args.budget)  # fmt: skip
+        return ms, flops / ms / 1e9, "ok"
+    except torch.cuda.OutOfMemoryError:
+        return None, None, "OOM"
+    finally:
         free(device)
-        if n <= args.dense_max:
-            dense_flops = 3.5 * baselines.dense_flops(b, n, h, d, causal)
 
-            def dense(causal=causal):
-                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-                out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-                torch.autograd.grad(out, (q, k, v), dout.transpose(1, 2))
 
-            try:
-                dms, _ = median_ms(dense, device, args.budget)
-                emit("time", [n, causal, "dense sdpa", "auto", dms, dense_flops / dms / 1e9,
-                              dms / ms, "ok"])  # fmt: skip
-            except torch.cuda.OutOfMemoryError:
-                emit("time", [n, causal, "dense sdpa", "auto", None, None, None, "OOM"])
-            free(device)
+def dense_row(plain, config, args, device) -> tuple:
+    """``(ms, TFLOP/s, status)`` of the ``dense cudnn`` anchor: cuDNN's fused forward and
+    backward on the whole sequence, every head up to ``--dense-max``, fewer past it (as in
+    :mod:`ringsim.gpu.harness.bench`)."""
+    b, n, h, d = plain[0].shape
+    why = capability(Kernel.CUDNN, plain[0])
+    if why is not None:
+        return None, None, f"skipped: {why}"
+    heads = h if n <= args.dense_max else max(1, h * args.dense_max**2 // n**2)
+    qt, kt, vt, dt = (x[:, :, :heads].transpose(1, 2).contiguous() for x in plain)
+    scale, causal = config.scale(d), config.is_causal
+
+    def run() -> None:
+        out, lse = attend(qt, kt, vt, causal=causal, scale=scale, kernel=Kernel.CUDNN)
+        attend_backward(qt, kt, vt, out, lse, dt, causal=causal, scale=scale, kernel=Kernel.CUDNN)
+
+    flops = 3.5 * baselines.dense_flops(b, n, heads, d, causal)
+    try:
+        ms, _ = median_ms(run, device, args.budget)
+    except torch.cuda.OutOfMemoryError:
+        return None, None, "OOM"
+    finally:
+        free(device)
+    status = "ok" if heads == h else f"ok: {heads} of {h} heads (n > --dense-max)"
+    return ms, flops / ms / 1e9, status
 
 
 def peak_fwd_bwd(n, problem, device, causal) -> float:
@@ -169,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ring-n", type=int, default=65536, help="length of the ring table")
     parser.add_argument("--dense-max", type=int, default=131072, help="longest dense row")
     parser.add_argument("--budget", type=float, help="seconds of timing per row (0.5; smoke 0)")
+    parser.add_argument("--kernel", choices=[k.value for k in Kernel], help="default: auto")
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
