@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from mutants import Mutant
 
+import ringsim.comm.traced
 import ringsim.plan
 import ringsim.reference.ring
 import ringsim.reference.simulate
-import ringsim.simulate
 from ringsim.comm import simulated
 from ringsim.config import selected_range
 from ringsim.plan import SubRing
@@ -94,7 +94,7 @@ def world_of_one(mp: pytest.MonkeyPatch) -> None:
     """PITFALLS 15: a simulated ring that quietly runs world size 1."""
     cluster = simulated.SimulatedCluster
     mp.setattr(
-        ringsim.simulate,
+        ringsim.comm.traced,
         "SimulatedCluster",
         lambda world_size, timeout: cluster(1, timeout=timeout),
     )

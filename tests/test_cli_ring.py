@@ -16,7 +16,7 @@ import pytest
 
 from ringsim.cases import Case
 from ringsim.cli import main
-from ringsim.progress import Progress
+from ringsim.cli.progress import Progress
 from ringsim.trace import TraceAction
 
 DEFAULT_CASE = Case(1, 24, 4, 8, (8, 24), (1, 3), False, "longnet", 4)  # demo's defaults
@@ -55,7 +55,7 @@ def test_demo_causal_shows_skipped_blocks(capsys: pytest.CaptureFixture[str]) ->
 def test_demo_reports_fail_with_exit_1(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ringsim.cli_commands as commands
+    import ringsim.cli.commands as commands
 
     real = commands.run_case
 
@@ -87,7 +87,7 @@ def test_verify_without_mpi_passes_every_path(capsys: pytest.CaptureFixture[str]
 def test_verify_fails_with_exit_1_when_a_path_is_wrong(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ringsim.cli_verify as verify
+    import ringsim.cli.verify as verify
 
     real = verify.run_simulated
 
@@ -141,7 +141,7 @@ def test_verify_draws_a_bar_when_forced(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_trace_prints_every_step_and_event(capsys: pytest.CaptureFixture[str]) -> None:
-    from ringsim.cli_commands import run_case
+    from ringsim.cli.commands import run_case
 
     code, out, err = run_cli(capsys, "trace", "--world-size", "3", "--causal")
     assert code == 0, out + err

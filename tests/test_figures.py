@@ -47,7 +47,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_importing_figures_does_not_import_matplotlib() -> None:
     code = (
-        "import sys, ringsim, ringsim.figures, ringsim.figures_trace, ringsim.cli_plot; "
+        "import sys, ringsim, ringsim.figures, ringsim.figures.trace, ringsim.cli.plot; "
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

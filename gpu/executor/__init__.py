@@ -9,7 +9,8 @@ and nothing else of the package.
 """
 
 from .backward import BackwardExecutor
-from .forward import ForwardExecutor, Part
+from .forward import ForwardExecutor
+from .part import Part
 from .single import (
     DilatedFunction,
     check_differentiable,

@@ -44,7 +44,7 @@ from ringsim.gradrelay import HomeAdds
 from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
 
 from ..kernels import Kernel, accumulator_dtype, block_backward
-from .forward import Executor, Part
+from .forward import Executor
 from .layout import (
     batch_blocks,
     batch_index,
@@ -59,6 +59,7 @@ from .layout import (
     unblock,
 )
 from .merge import mix_reason
+from .part import Part
 from .schedule import Schedule, SideStreams, schedule
 
 #: The bytes a head chunk's parts may hold at least (Note [Direct gradients]): below it,

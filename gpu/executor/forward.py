@@ -32,7 +32,8 @@ Results combine one of two ways:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import replace
 
 import torch
 
@@ -56,24 +57,8 @@ from .layout import (
     unblock,
 )
 from .merge import merge_, merge_into, mix_reason
+from .part import Part
 from .schedule import Schedule, SideStreams, schedule
-
-
-@dataclass
-class Part:
-    """One kernel call's result: ``out (b*S, H, m, d)`` and ``lse (b*S, H, m)``. Row i of
-    block ``bi*S + s``, head j, is local position ``s*width + i*rate + offsets[j]`` of head
-    ``heads[j]`` in pair ``pair``; ``group`` is the pattern group (None for a call over a
-    whole pair)."""
-
-    pair: int
-    width: int
-    rate: int
-    heads: tuple[int, ...]
-    offsets: tuple[int, ...]
-    out: torch.Tensor
-    lse: torch.Tensor
-    group: PatternGroup | None = None
 
 
 class Executor:
@@ -218,9 +203,10 @@ class ForwardExecutor(Executor):
         groups = self.groups(batch.pair)
         width, segments, rows = self.layout_of(batch)
         rate = self.rates[batch.pair]
-        common = dict(causal=self.causal(batch), scale=self.scale, kernel=self.kernel)
         # a pair whose partials are merged across steps needs -inf for empty rows
-        common["raw_lse"] = self.mixing and batch.pair not in self.plan.multi_step_pairs
+        raw_lse = self.mixing and batch.pair not in self.plan.multi_step_pairs
+        call = functools.partial(attend, causal=self.causal(batch), scale=self.scale,
+                                 kernel=self.kernel, raw_lse=raw_lse)  # fmt: skip
         how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.mixing)
         if how is Schedule.GATHERED:  # one call for the pair on gathered rows
             q = gathered_blocks(gather_pair(self.q, groups))
@@ -228,17 +214,17 @@ class ForwardExecutor(Executor):
                 k, v = (gathered_blocks(gather_pair(x, groups)) for x in (self.k, self.v))
             else:
                 k, v = (gathered_blocks(x) for x in held[batch.tasks[0].subring.index])
-            out, lse = attend(q, k, v, **common)
+            out, lse = call(q, k, v)
             return [Part(batch.pair, width, rate, *pair_heads(groups), out, lse)]
         sides = SideStreams(self.q.device) if how is Schedule.STREAMS else None
         parts = []
         for g, group in enumerate(groups):
             q = group_blocks(self.q, group, self.c)
             if sides is None:
-                out, lse = attend(q, *self.key_blocks(batch, held, g), **common)
+                out, lse = call(q, *self.key_blocks(batch, held, g))
             else:
                 with sides.on(g):
-                    out, lse = attend(q, *self.key_blocks(batch, held, g), **common)
+                    out, lse = call(q, *self.key_blocks(batch, held, g))
                 out.record_stream(sides.main)  # made on a side stream, read on main
                 lse.record_stream(sides.main)
             offsets = (group.pattern.offset,) * len(group.heads)

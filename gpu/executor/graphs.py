@@ -28,6 +28,7 @@ import torch
 from ringsim.config import DilatedConfig
 
 from ..kernels import Kernel
+from .cache import keeping
 
 CACHE_SIZE = 4
 
@@ -42,51 +43,6 @@ class _Graph:
 
 
 _CACHE: OrderedDict[tuple, _Graph] = OrderedDict()
-_KEEP: list[list] = []  # the keep-list of the capture in progress, if any
-
-
-def capturing() -> bool:
-    """Whether ``cuda_graph=True`` is capturing a forward right now."""
-    return bool(_KEEP)
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``host`` copied to ``device`` the way a capture can replay: from pinned memory,
-    without blocking, the pinned buffer kept as long as the graph being captured (a replay
-    copies from it again). On the CPU, ``host`` itself."""
-    if device.type != "cuda":
-        return host
-    host = host.pin_memory()
-    if capturing():
-        _KEEP[-1].append(host)
-    return host.to(device, non_blocking=True)
-
-
-class DeviceCache:
-    """Small device tensors built on the host (index tables), kept by key for the next calls.
-
-    Entries are per CUDA stream: a tensor is only read, and freed on eviction, on the stream
-    that copied it. While a graph is being captured the cache is not used: the tensor is
-    built and copied inside the capture, which then owns it.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-
-    def get(self, key: tuple, device: torch.device, build) -> torch.Tensor:
-        """The tensor for ``key`` on ``device``; ``build()`` makes it on the host if new."""
-        if capturing():
-            return to_device(build(), device)
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        key = (key, device, stream)
-        value = self.entries.pop(key, None)
-        if value is None:
-            value = to_device(build(), device)
-        self.entries[key] = value
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-        return value
 
 
 def graph_refusal(q: torch.Tensor, config: DilatedConfig, grad: bool) -> str | None:
@@ -108,13 +64,9 @@ def _capture(forward, q, k, v, config: DilatedConfig, kernel: Kernel) -> _Graph:
         for _ in range(3):  # warm-up outside the capture (allocator, kernel selection)
             forward(*inputs, config, kernel)
     torch.cuda.current_stream(q.device).wait_stream(side)
-    graph, kept = torch.cuda.CUDAGraph(), []
-    _KEEP.append(kept)
-    try:
-        with torch.cuda.graph(graph):
-            out, lse = forward(*inputs, config, kernel)
-    finally:
-        _KEEP.pop()
+    graph = torch.cuda.CUDAGraph()
+    with keeping() as kept, torch.cuda.graph(graph):
+        out, lse = forward(*inputs, config, kernel)
     return _Graph(graph, inputs, out, lse, kept)  # type: ignore[arg-type]
 
 

@@ -28,7 +28,7 @@ import torch
 from ringsim.batches import RowBatch
 from ringsim.config import PatternGroup
 
-from .graphs import DeviceCache
+from .cache import DeviceCache
 
 
 def heads_slice(heads: tuple[int, ...], step: int) -> slice | None:

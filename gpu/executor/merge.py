@@ -75,7 +75,7 @@ def mix_reason(q: torch.Tensor) -> str | None:
     if not _has_triton():
         return "Triton is not installed"
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
-        from .graphs import capturing
+        from .cache import capturing
 
         if not capturing():
             return "a CUDA graph captured outside cuda_graph=True cannot keep its tables"

@@ -25,7 +25,7 @@ row offset of its pattern, and the strides that locate local position ``p`` in t
 blocks (block ``p // W``, row ``(p mod W) // r``; the local width
 ``W = min(w', c)`` and ``r`` are compile-time constants of the kernel). The table is copied
 to the device once per layout (a steady loop sees the same addresses every call;
-:class:`ringsim.gpu.executor.graphs.DeviceCache`).
+:class:`ringsim.gpu.executor.cache.DeviceCache`).
 
 The backward's twin, :func:`sum_`, reads block gradients through the same table and writes,
 for each position and head, the plain sum of the parts that cover it (Note [Direct gradients]
@@ -48,10 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .graphs import DeviceCache
+from .cache import DeviceCache
 
 if TYPE_CHECKING:
-    from .forward import Part
+    from .part import Part
 
 #: Table entries per (pair, head): out and lse offsets, the row offset, 3 out strides, 3 lse
 #: strides.

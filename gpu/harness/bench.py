@@ -46,13 +46,14 @@ from pathlib import Path
 
 import torch
 
+from ringsim.cli.tables import markdown_table, text_table
 from ringsim.config import make_config
 
 from ..executor import dilated_attention
 from ..executor.graphs import clear_graphs
 from ..kernels import Kernel, capability, choose_kernel
 from . import bench_baselines as baselines
-from .check_support import environment, format_table, markdown_table
+from .check_support import environment
 from .timing import free, measure, optional
 
 LENGTHS = (32768, 65536, 131072, 262144, 524288, 1048576)
@@ -254,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_length(n, args, problem, device, emit)
         free(device)
         paths = write(args, env, problem, results, time.perf_counter() - start)  # after each n
-    print(f"\n{format_table(HEADER, [r.cells() for r in results])}\n\n" + "\n".join(NOTES))
+    print(f"\n{text_table(HEADER, [r.cells() for r in results])}\n\n" + "\n".join(NOTES))
     print(f"\nwrote {' and '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s")
     return 0
 

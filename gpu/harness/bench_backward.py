@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ringsim.cli.tables import markdown_table, text_table
 from ringsim.config import make_config
 
 from ..executor import dilated_attention
@@ -43,7 +44,7 @@ from ..kernels import Kernel, attend, attend_backward, capability, choose_kernel
 from ..ring.autograd import SimulatedRingFunction
 from . import bench_baselines as baselines
 from .bench import problem_of
-from .check_support import environment, format_table, markdown_table
+from .check_support import environment
 from .timing import free, median_ms, sync
 
 TIME_HEADER = ["n", "mask", "row", "kernel", "ms", "TFLOP/s", "row/ours time", "vs dense",
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         memory_rows(problem, args, device, emit)
     ring_rows(problem, args, device, emit)
     headers = {"time": TIME_HEADER, "memory": MEMORY_HEADER, "ring": RING_HEADER}
-    text = [f"{name}:\n{format_table(headers[name], [[cell(c) for c in r] for r in rows])}"
+    text = [f"{name}:\n{text_table(headers[name], [[cell(c) for c in r] for r in rows])}"
             for name, rows in tables.items()]  # fmt: skip
     print("\n\n".join(text))
     suffix = "_smoke" if args.smoke else ""

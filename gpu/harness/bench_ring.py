@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ringsim.cli.tables import text_table
 from ringsim.config import DilatedConfig, make_config
 from ringsim.trace import closed_form_bytes
 
@@ -48,7 +49,7 @@ from ..kernels import Kernel, choose_kernel
 from ..ring import communicator, ring_dilated_attention
 from ..ring.rank import StepParts
 from .bench_baselines import useful_flops
-from .check_support import environment, format_table
+from .check_support import environment
 from .ring_report import HEADER, Row, write
 from .ring_timing import (
     CommOnly,
@@ -296,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         dist.destroy_process_group()
     if rank == 0:
-        print(f"\n{format_table(HEADER, [r.cells() for r in rows])}")
+        print(f"\n{text_table(HEADER, [r.cells() for r in rows])}")
         print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s; wrote {args.out}")
     return 0
 

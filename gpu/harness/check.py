@@ -34,13 +34,14 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ringsim.cases import Case, fixed_cases, random_case
+from ringsim.cli.tables import text_table
 from ringsim.tolerance import dtype_name, tolerance
 
 from ..executor import dilated_attention
@@ -49,42 +50,19 @@ from .check_grad import grad_rows
 from .check_rows import adapter_rows, emit, reference_rows
 from .check_support import (
     ROW_HEADER,
+    Check,
     MaskCache,
+    Plan,
     Row,
     bounds,
     draw,
     environment,
-    format_table,
     is_low_precision,
     max_abs_err,
     naive_dilated,
     setup_device,
     summary,
 )
-
-
-@dataclass(frozen=True)
-class Check:
-    """A configuration and what runs on it besides every single-device kernel."""
-
-    name: str
-    case: Case
-    flex_dtypes: tuple[str, ...] = ()  # FlexAttention compiles per shape and dtype: few
-    rings: tuple[int, ...] = ()  # simulated ring world sizes
-    ring_kernels: bool = False  # ring with every kernel in the first dtype, not only auto
-    grads: bool = False  # also check dq, dk, dv (:mod:`ringsim.gpu.harness.check_grad`)
-
-
-@dataclass(frozen=True)
-class Plan:
-    name: str
-    device: str
-    dtypes: tuple[torch.dtype, ...]
-    adapter_shapes: tuple[tuple[int, int, int, int], ...]
-    checks: tuple[Check, ...]
-    oracle_cases: tuple[Case, ...]
-    dense_max: int
-    flex_dtypes: tuple[str, ...] = ()  # adapter checks of FlexAttention (a compile each)
 
 
 def _case(n, segs, rates, causal=False, mode="longnet", b=1, h=8, d=64, scale=None) -> Case:
@@ -254,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         times[section] = round(time.perf_counter() - t0, 1)
         print(f"== {section}: {times[section]} s", flush=True)
     failed = [r for r in rows if not r.passed]
-    print("\n" + format_table(ROW_HEADER, [r.cells() for r in rows]))
+    print("\n" + text_table(ROW_HEADER, [r.cells() for r in rows]))
     print("\nconfigs: " + "; ".join(f"{c.name}: {c.case.describe()}" for c in plan.checks))
     rows_json = [r.record() for r in rows]
     report = dict(env, plan=name, settings=settings, seconds=times, not_run=skipped, rows=rows_json)

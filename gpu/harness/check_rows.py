@@ -31,7 +31,7 @@ from .check_support import (
 )
 
 if TYPE_CHECKING:
-    from .check import Plan
+    from .check_support import Plan
 
 
 def emit(

@@ -23,12 +23,39 @@ from pathlib import Path
 
 import torch
 
+from ringsim.cases import Case
 from ringsim.config import Pattern, segment_bounds, selected_in_segment, validate
 from ringsim.reference.dense import pattern_mask
 from ringsim.tolerance import low_precision_bound, tolerance
 
 #: A cache of dense masks, ``(pattern, n, is_causal) -> (n, n)`` bool on the device.
 MaskCache = dict[tuple[Pattern, int, bool], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Check:
+    """A configuration and what runs on it besides every single-device kernel."""
+
+    name: str
+    case: Case
+    flex_dtypes: tuple[str, ...] = ()  # FlexAttention compiles per shape and dtype: few
+    rings: tuple[int, ...] = ()  # simulated ring world sizes
+    ring_kernels: bool = False  # ring with every kernel in the first dtype, not only auto
+    grads: bool = False  # also check dq, dk, dv (:mod:`ringsim.gpu.harness.check_grad`)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run of the device check covers (``smoke``, ``quick`` or ``full``)."""
+
+    name: str
+    device: str
+    dtypes: tuple[torch.dtype, ...]
+    adapter_shapes: tuple[tuple[int, int, int, int], ...]
+    checks: tuple[Check, ...]
+    oracle_cases: tuple[Case, ...]
+    dense_max: int
+    flex_dtypes: tuple[str, ...] = ()  # adapter checks of FlexAttention (a compile each)
 
 
 def plain_attention(
@@ -221,19 +248,6 @@ class Row:
 
 
 ROW_HEADER = ["path", "kernel", "dtype", "P", "n", "config", "err out", "err lse", "bound", ""]
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """A plain fixed-width table."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 def environment(device: torch.device) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from .check_support import markdown_table
+from ringsim.cli.tables import markdown_table
 
 
 @dataclass

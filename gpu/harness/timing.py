@@ -12,14 +12,21 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from .check_support import max_abs_err
 
-if TYPE_CHECKING:
-    from .bench import Result
+
+class Timed(Protocol):
+    """A table row that :func:`measure` fills in (:class:`ringsim.gpu.harness.bench.Result`)."""
+
+    status: str
+    ms: float | None
+    reps: int
+    peak_gib: float | None
+    diff: float | None
 
 
 def sync(device: torch.device) -> None:
@@ -71,9 +78,9 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(result: Result, fn: Callable, device, budget_s: float, ours=None, keep=False):
+def measure(result: Timed, fn: Callable, device, budget_s: float, ours=None, keep=False):
     """Run ``fn`` once (compared with ``ours`` when both give an output), then time it,
-    filling in ``result`` (a :class:`ringsim.gpu.harness.bench.Result`). Returns the output if
+    filling in ``result``. Returns the output if
     ``keep``."""
     out, result.peak_gib = first_call(fn, device)
     if out is not None and ours is not None:
@@ -84,7 +91,7 @@ def measure(result: Result, fn: Callable, device, budget_s: float, ours=None, ke
     return out
 
 
-def optional(result: Result, build: Callable, device, budget_s: float, ours) -> None:
+def optional(result: Timed, build: Callable, device, budget_s: float, ours) -> None:
     """A comparison row: running out of device memory is recorded as OOM, not raised."""
     try:
         measure(result, build(), device, budget_s, ours)

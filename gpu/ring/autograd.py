@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ringsim.simulate import run_traced
+from ringsim.comm.traced import run_traced
 
 from ..executor.single import keep, restore
 from .rank import ring_backward, ring_forward

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ringsim.agree import agree, agreed_config
+from ringsim.agree import agree
 from ringsim.comm.base import Communicator, Payload, Recv
 from ringsim.config import DilatedConfig
 from ringsim.gradrelay import GradRelay
@@ -24,13 +24,7 @@ from ringsim.plan import RankStep, Transfer, rank_plan
 from ringsim.ringloop import run_ring
 from ringsim.trace import RankTrace
 
-from ..executor import (
-    BackwardExecutor,
-    ForwardExecutor,
-    check_differentiable,
-    check_tensor,
-    prepare,
-)
+from ..executor import BackwardExecutor, ForwardExecutor
 from ..executor.forward import Executor
 from ..kernels import Kernel
 
@@ -65,75 +59,6 @@ class StepParts:
 
     def attend(self, step: RankStep, held: dict[int, Payload]) -> dict[int, Payload | None]:
         return self.executor.run(step.step, step.batches, held) or {}
-
-
-def ring_dilated_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segment_lengths,
-    dilation_rates,
-    *,
-    group=None,
-    comm: Communicator | None = None,
-    is_causal: bool = False,
-    mode: str = "longnet",
-    softmax_scale: float | None = None,
-    return_lse: bool = False,
-    kernel: Kernel | str | None = None,
-    trace: RankTrace | None = None,
-    backward_trace: RankTrace | None = None,
-):
-    """This rank's part of ring dilated attention, on local shards (SPEC 5-6).
-
-    Differentiable: the backward runs the ring again, so every rank must call backward, as
-    with any torch.distributed collective. Over the simulated cluster on a GPU, one autograd
-    engine thread serves every virtual rank, so their backward passes cannot wait for each
-    other there: use :func:`~ringsim.gpu.simulated_ring_dilated_attention`, which runs the
-    backward ring itself.
-
-    Ranks agree on the configuration and shard shapes before the first ring of each new
-    configuration (one collective; a repeated configuration communicates nothing:
-    :func:`ringsim.agree.agree`).
-
-    Args:
-        q, k, v: this rank's shards ``(batch, seq_len / P, num_heads, head_dim)``; rank j
-            holds global positions ``[j*c, (j+1)*c)``.
-        group: the torch.distributed process group (default: the default group), used
-            when ``comm`` is None.
-        comm: any ringsim communicator instead (e.g. a simulated cluster's).
-        segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
-            :func:`ringsim.gpu.dilated_attention`, with global positions.
-        return_lse: also return this rank's lse ``(batch, num_heads, seq_len / P)``.
-        kernel: the attention kernel (default: the fastest that can run).
-        trace: a :class:`ringsim.trace.RankTrace` to record this rank's events in (None:
-            nothing is recorded, no host work per task).
-        backward_trace: another, for the events of the backward pass.
-    Returns:
-        this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` in q's dtype [, lse].
-    """
-    if comm is None:
-        from .comm import communicator
-
-        comm = communicator(group)
-    config, _ = agreed_config(
-        comm,
-        q,
-        k,
-        v,
-        segment_lengths,
-        dilation_rates,
-        is_causal=is_causal,
-        mode=mode,
-        softmax_scale=softmax_scale,
-        check_array=check_tensor,
-    )
-    q, k, v, chosen = prepare(q, k, v, kernel)
-    check_differentiable(q, k, v, chosen)
-    from .autograd import RingFunction
-
-    out, lse = RingFunction.apply(q, k, v, config, comm, chosen, trace, backward_trace)
-    return (out, lse) if return_lse else out
 
 
 def _plan(config: DilatedConfig, q: torch.Tensor, comm: Communicator):

@@ -1,4 +1,6 @@
-"""Running one per-rank ring function on every rank of the simulated cluster, traced.
+"""Running one per-rank ring function on every rank of the simulated cluster, traced: what
+the NumPy and the torch simulated rings (``ringsim.reference.simulate``,
+``ringsim.gpu.ring.simulate``) run.
 
 Shared by the NumPy and the torch backends: each gives its per-rank function (which reads
 only its own shards) and gathers the results its own way.
@@ -9,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from ringsim.comm.base import Communicator
-from ringsim.comm.faults import Fault
-from ringsim.comm.simulated import SimulatedCluster
 from ringsim.trace import RankTrace, Trace
+
+from .base import Communicator
+from .faults import Fault
+from .simulated import SimulatedCluster
 
 T = TypeVar("T")
 

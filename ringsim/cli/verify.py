@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ringsim.cases import Case, check_cases, fixed_cases
-from ringsim.cli_commands import format_table
-from ringsim.progress import Progress
 from ringsim.tolerance import tolerance
+
+from .progress import Progress
+from .tables import format_table
 
 MPI_CHECK = "ringsim.checks.parity"
 
@@ -78,18 +79,9 @@ def run_reference(case: Case, q, k, v):
 
 
 def run_simulated(case: Case, q, k, v):
-    from ringsim.reference import ring_dilated_attention
+    from ringsim.reference.simulate import run_case
 
-    return ring_dilated_attention(
-        q,
-        k,
-        v,
-        case.segment_lengths,
-        case.dilation_rates,
-        world_size=case.world_size,
-        **case.kwargs(),
-        return_lse=True,
-    )
+    return run_case(case, q, k, v)[:2]
 
 
 def check_path(

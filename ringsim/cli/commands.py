@@ -18,23 +18,7 @@ from ringsim.config import make_config
 from ringsim.plan import SubRing, rank_subrings, shard_range
 from ringsim.trace import Event, Trace, TraceAction
 
-
-def format_table(
-    headers: Sequence[str],
-    rows: Sequence[Sequence[object]],
-    left: Sequence[int] = (),
-    indent: str = "  ",
-) -> list[str]:
-    """Lines of an aligned text table; columns right-aligned except those in ``left``."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = []
-    for row in cells:
-        parts = [
-            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
-        ]
-        lines.append((indent + "  ".join(parts)).rstrip())
-    return lines
+from .tables import format_table
 
 
 def positions_text(rows: range) -> str:
@@ -66,21 +50,10 @@ def all_subrings(case: Case) -> dict[int, SubRing]:
 
 def run_case(case: Case, seed: int, dtype: str):
     """Inputs of ``case`` from ``seed``, and the simulated ring's out, lse and trace."""
-    from ringsim.reference import ring_dilated_attention
+    from ringsim.reference.simulate import run_case as simulate
 
     q, k, v = case.inputs(seed, np.dtype(dtype))
-    out, lse, trace = ring_dilated_attention(
-        q,
-        k,
-        v,
-        case.segment_lengths,
-        case.dilation_rates,
-        world_size=case.world_size,
-        **case.kwargs(),
-        return_lse=True,
-        return_trace=True,
-    )
-    return (q, k, v), out, lse, trace
+    return (q, k, v), *simulate(case, q, k, v)
 
 
 def _heading(text: str) -> None:

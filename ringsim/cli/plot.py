@@ -19,6 +19,8 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .args import add_config_arguments, config_case, parse_world_sizes
+
 if TYPE_CHECKING:
     from ringsim.cases import Case
 
@@ -41,7 +43,6 @@ def _figure_name(text: str) -> str:
 
 def add_plot_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``plot`` command to the ``ringsim`` parser's subparsers; returns its parser."""
-    from ringsim.cli import _world_sizes, add_config_arguments
 
     plot = subparsers.add_parser(
         "plot",
@@ -75,7 +76,7 @@ def add_plot_parser(subparsers) -> argparse.ArgumentParser:
     output.add_argument("--dpi", type=int, default=150, help="png resolution (default: 150)")
     output.add_argument(
         "--world-sizes",
-        type=_world_sizes,
+        type=parse_world_sizes,
         default=None,
         metavar="P1,P2,...",
         help="world sizes of the scaling figure (default: those of 1..8 dividing --seq-len)",
@@ -86,7 +87,6 @@ def add_plot_parser(subparsers) -> argparse.ArgumentParser:
 
 def _prepare(args: argparse.Namespace) -> Case:
     """The configuration (as ``ringsim demo`` checks it), and the scaling world sizes."""
-    from ringsim.cli import config_case
 
     case = config_case(args)
     if args.world_sizes is None:
@@ -103,7 +103,7 @@ def _prepare(args: argparse.Namespace) -> Case:
 
 def scaling_data(case: Case, world_sizes, seed: int, dtype: str) -> tuple[list[int], list[int]]:
     """For each world size: the largest peak bytes of any rank, and the most bytes sent."""
-    from ringsim.cli_commands import run_case
+    from .commands import run_case
 
     peaks, sent = [], []
     for p in world_sizes:
@@ -115,7 +115,8 @@ def scaling_data(case: Case, world_sizes, seed: int, dtype: str) -> tuple[list[i
 
 def _run_plot(args: argparse.Namespace, case: Case) -> int:
     from ringsim import figures
-    from ringsim.cli_commands import run_case
+
+    from .commands import run_case
 
     names = list(dict.fromkeys(args.figures)) or list(FIGURES)
     trace = None

@@ -7,9 +7,10 @@ Examples::
     ringsim verify --world-sizes 1,2,3,4  # every path against the definition
     ringsim trace --world-size 3 --step   # one configuration, step by step
 
-This module only parses and validates arguments; the commands live in
-:mod:`ringsim.cli_commands` (demo, trace) and :mod:`ringsim.cli_verify` (verify), imported
-when they run so that ``--help`` stays fast. Bad input (a ``ValueError``/``TypeError`` from
+This module only builds the parser (the options every command shares are in
+:mod:`ringsim.cli.args`); the commands live in :mod:`ringsim.cli.commands` (demo, trace),
+:mod:`ringsim.cli.verify` (verify) and :mod:`ringsim.cli.plot` (plot), imported when they run
+so that ``--help`` stays fast. Bad input (a ``ValueError``/``TypeError`` from
 validation, before anything runs) exits with code 2 and one line naming the option.
 """
 
@@ -23,162 +24,31 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ringsim.cases import Case
 
-# validation messages start with the library's argument name; the CLI adds its option's
-OPTION_NAMES = {
-    "batch": "--batch",
-    "seq_len": "--seq-len",
-    "head_dim": "--head-dim",
-    "segment_lengths and dilation_rates": "--segment-lengths and --dilation-rates",
-    "segment_lengths": "--segment-lengths",
-    "dilation_rates": "--dilation-rates",
-    "world_size": "--world-size",
-    "num_heads": "--num-heads",
-    "mode": "--mode",
-    "softmax_scale": "--softmax-scale",
-}
-
-
-DEMO_WORLD_SIZE = 4  # demo and trace: this, or the largest world size below it dividing n
-VERIFY_WORLD_SIZES = (1, 2, 3, 4, 8)
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _world_sizes(text: str) -> tuple[int, ...]:
-    sizes = _ints(text)
-    if any(p < 1 for p in sizes):
-        raise argparse.ArgumentTypeError(f"every world size must be >= 1, got {text!r}")
-    return sizes
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that describe one configuration and its ring (demo, trace)."""
-    group = parser.add_argument_group("configuration")
-    group.add_argument("--batch", type=int, default=1, help="batch size (default: %(default)s)")
-    group.add_argument(
-        "--seq-len", type=int, default=24, help="sequence length n (default: %(default)s)"
-    )
-    group.add_argument(
-        "--num-heads", type=int, default=4, help="attention heads (default: %(default)s)"
-    )
-    group.add_argument(
-        "--head-dim", type=int, default=8, help="dims per head (default: %(default)s)"
-    )
-    group.add_argument(
-        "--segment-lengths",
-        type=_ints,
-        default=(8, 24),
-        metavar="W1,W2,...",
-        help="segment length w_i of each pair (default: 8,24)",
-    )
-    group.add_argument(
-        "--dilation-rates",
-        type=_ints,
-        default=(1, 3),
-        metavar="R1,R2,...",
-        help="dilation rate r_i of each pair (default: 1,3)",
-    )
-    group.add_argument(
-        "--mode",
-        choices=("longnet", "grouped"),
-        default="longnet",
-        help="longnet: every head uses every pair; grouped: head group i "
-        "uses pair i (default: %(default)s)",
-    )
-    group.add_argument("--causal", action="store_true", help="causal masking (key <= query)")
-    group.add_argument(
-        "--softmax-scale", type=float, default=None, help="softmax scale (default 1/sqrt(head_dim))"
-    )
-    group.add_argument(
-        "--dtype",
-        choices=("float64", "float32"),
-        default="float64",
-        help="dtype of q, k, v (default: %(default)s)",
-    )
-    group.add_argument(
-        "--seed", type=int, default=0, help="seed of the random q, k, v (default: %(default)s)"
-    )
-    group.add_argument(
-        "--world-size",
-        type=int,
-        default=None,
-        metavar="P",
-        help=f"ranks of the simulated ring; must divide --seq-len (default: "
-        f"{DEMO_WORLD_SIZE}, or the largest world size below it that divides --seq-len)",
-    )
-
-
-def config_case(args: argparse.Namespace) -> Case:
-    """Validate the configuration options (SPEC 7) and return them as a ``Case``."""
-    from ringsim.cases import Case
-    from ringsim.config import check_world_size, make_config
-
-    for name in ("batch", "seq_len", "num_heads", "head_dim"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name}: must be >= 1, got {getattr(args, name)}")
-    world_size = args.world_size
-    if world_size is None:  # a default that fits any --seq-len
-        world_size = max(p for p in range(1, DEMO_WORLD_SIZE + 1) if args.seq_len % p == 0)
-    config = make_config(
-        args.segment_lengths,
-        args.dilation_rates,
-        is_causal=args.causal,
-        mode=args.mode,
-        softmax_scale=args.softmax_scale,
-    )
-    config.head_groups(args.num_heads)  # grouped mode: at least one head per pair
-    check_world_size(args.seq_len, world_size)
-    return Case(
-        args.batch,
-        args.seq_len,
-        args.num_heads,
-        args.head_dim,
-        config.segment_lengths,
-        config.dilation_rates,
-        config.is_causal,
-        config.mode.value,
-        world_size,
-        config.softmax_scale,
-    )
-
-
-def cli_message(error: Exception) -> str:
-    """``'world_size: ...'`` -> ``'world_size (--world-size): ...'``."""
-    name, sep, rest = str(error).partition(": ")
-    if sep and name in OPTION_NAMES:
-        return f"{name} ({OPTION_NAMES[name]}): {rest}"
-    return str(error)
+from .args import (
+    VERIFY_WORLD_SIZES,
+    add_config_arguments,
+    cli_message,
+    config_case,
+    parse_count,
+    parse_world_sizes,
+)
+from .plot import add_plot_parser
 
 
 def _run_demo(args: argparse.Namespace, case: Case) -> int:
-    from ringsim.cli_commands import run_demo
+    from .commands import run_demo
 
     return run_demo(args, case)
 
 
 def _run_trace(args: argparse.Namespace, case: Case) -> int:
-    from ringsim.cli_commands import run_trace
+    from .commands import run_trace
 
     return run_trace(args, case)
 
 
 def _run_verify(args: argparse.Namespace, case: None) -> int:
-    from ringsim.cli_verify import run_verify
+    from .verify import run_verify
 
     return run_verify(args)
 
@@ -224,14 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument(
         "--world-sizes",
-        type=_world_sizes,
+        type=parse_world_sizes,
         default=VERIFY_WORLD_SIZES,
         metavar="P1,P2,...",
         help=f"world sizes of the ring paths (default: {','.join(map(str, VERIFY_WORLD_SIZES))})",
     )
     verify.add_argument(
         "--cases",
-        type=_count,
+        type=parse_count,
         default=20,
         metavar="N",
         help="random cases per path, plus 6 hand-picked ones (default: %(default)s)",
@@ -277,8 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--step", action="store_true", help="pause after each step (only when stdin is a terminal)"
     )
     trace.set_defaults(prepare=config_case, func=_run_trace)
-    from ringsim.cli_plot import add_plot_parser
-
     add_plot_parser(sub)
     return parser
 

@@ -1,14 +1,12 @@
-"""The space-time diagram of a trace: ranks by steps, blocks as boxes, messages as arrows.
-
-Public through :func:`ringsim.figures.trace_figure`; matplotlib is imported inside.
-"""
+"""The space-time diagram of a trace: ranks by steps, blocks as boxes, messages as arrows."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ringsim.figures import COLOURS, new_figure
 from ringsim.trace import Trace, TraceAction
+
+from .canvas import COLOURS, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -22,8 +20,15 @@ def block_kind(detail: str) -> str:
     return "full" if "full" in actions else "skip"
 
 
-def draw_trace(trace: Trace, *, title: str | None = None) -> Figure:
-    """The space-time diagram of :func:`ringsim.figures.trace_figure` (see there)."""
+def trace_figure(trace: Trace, *, title: str | None = None) -> Figure:
+    """Ranks (rows) by steps (columns): the blocks each rank holds, and the messages.
+
+    In each cell, one box per block the rank holds at that step: ``B2 p1`` is rank 2's
+    K/V block of pair 1, coloured by what the rank's queries need from it (every key,
+    causal/masked, or nothing: skipped, grey). An arrow is one message: it leaves the box
+    of the block a rank sends during step t-1 and points at the box of the same block on
+    the receiving rank at step t, labelled with its payload bytes.
+    """
     from matplotlib.patches import Patch, Rectangle
 
     steps, world = max(trace.num_steps, 1), trace.world_size

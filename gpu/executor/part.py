@@ -1,0 +1,28 @@
+"""One kernel call's result as the Triton passes read it
+(:mod:`ringsim.gpu.executor.mix_triton`): a forward call's ``(out, lse)``, or one block
+gradient of the backward (its ``out``; no lse)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ringsim.config import PatternGroup
+
+
+@dataclass
+class Part:
+    """One kernel call's result: ``out (b*S, H, m, d)`` and ``lse (b*S, H, m)``. Row i of
+    block ``bi*S + s``, head j, is local position ``s*width + i*rate + offsets[j]`` of head
+    ``heads[j]`` in pair ``pair``; ``group`` is the pattern group (None for a call over a
+    whole pair)."""
+
+    pair: int
+    width: int
+    rate: int
+    heads: tuple[int, ...]
+    offsets: tuple[int, ...]
+    out: torch.Tensor
+    lse: torch.Tensor | None  # None: a block gradient (the sum reads no lse)
+    group: PatternGroup | None = None

@@ -1,0 +1,85 @@
+"""The torch ring's entry point on one rank: ``ring_dilated_attention`` over
+torch.distributed or any ringsim communicator (SPEC 5-6). It validates, agrees on the
+configuration with the other ranks, chooses the kernel and hands the shards to
+:class:`~ringsim.gpu.ring.autograd.RingFunction`, whose forward and backward run the ring
+(:mod:`ringsim.gpu.ring.rank`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringsim.agree import agreed_config
+from ringsim.comm.base import Communicator
+from ringsim.trace import RankTrace
+
+from ..executor import check_differentiable, check_tensor, prepare
+from ..kernels import Kernel
+from .autograd import RingFunction
+
+
+def ring_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths,
+    dilation_rates,
+    *,
+    group=None,
+    comm: Communicator | None = None,
+    is_causal: bool = False,
+    mode: str = "longnet",
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    kernel: Kernel | str | None = None,
+    trace: RankTrace | None = None,
+    backward_trace: RankTrace | None = None,
+):
+    """This rank's part of ring dilated attention, on local shards (SPEC 5-6).
+
+    Differentiable: the backward runs the ring again, so every rank must call backward, as
+    with any torch.distributed collective. Over the simulated cluster on a GPU, one autograd
+    engine thread serves every virtual rank, so their backward passes cannot wait for each
+    other there: use :func:`~ringsim.gpu.simulated_ring_dilated_attention`, which runs the
+    backward ring itself.
+
+    Ranks agree on the configuration and shard shapes before the first ring of each new
+    configuration (one collective; a repeated configuration communicates nothing:
+    :func:`ringsim.agree.agree`).
+
+    Args:
+        q, k, v: this rank's shards ``(batch, seq_len / P, num_heads, head_dim)``; rank j
+            holds global positions ``[j*c, (j+1)*c)``.
+        group: the torch.distributed process group (default: the default group), used
+            when ``comm`` is None.
+        comm: any ringsim communicator instead (e.g. a simulated cluster's).
+        segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
+            :func:`ringsim.gpu.dilated_attention`, with global positions.
+        return_lse: also return this rank's lse ``(batch, num_heads, seq_len / P)``.
+        kernel: the attention kernel (default: the fastest that can run).
+        trace: a :class:`ringsim.trace.RankTrace` to record this rank's events in (None:
+            nothing is recorded, no host work per task).
+        backward_trace: another, for the events of the backward pass.
+    Returns:
+        this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` in q's dtype [, lse].
+    """
+    if comm is None:
+        from .comm import communicator
+
+        comm = communicator(group)
+    config, _ = agreed_config(
+        comm,
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        mode=mode,
+        softmax_scale=softmax_scale,
+        check_array=check_tensor,
+    )
+    q, k, v, chosen = prepare(q, k, v, kernel)
+    check_differentiable(q, k, v, chosen)
+    out, lse = RingFunction.apply(q, k, v, config, comm, chosen, trace, backward_trace)
+    return (out, lse) if return_lse else out
