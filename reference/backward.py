@@ -159,6 +159,17 @@ def check_backward_inputs(
             raise ValueError(f"{name}: shape must be {shape}, got {np.shape(x)}")
 
 
+def validate_backward(q, k, v, out, lse, dout, dlse, segment_lengths, dilation_rates,
+                      **kwargs) -> DilatedConfig:  # fmt: skip
+    """The checks every backward entry point makes before any work: the forward's (SPEC 7,
+    ``kwargs`` as :func:`ringsim.config.validate` takes them), q floating point, and out,
+    lse, dout, dlse shaped for q (:func:`check_backward_inputs`). Returns the configuration."""
+    config = validate(q, k, v, segment_lengths, dilation_rates, **kwargs)
+    check_float(q)
+    check_backward_inputs(q, out, lse, dout, dlse)
+    return config
+
+
 def _group_backward(
     grads: Grads,
     q: np.ndarray,
@@ -230,12 +241,10 @@ def dilated_attention_backward(
         ValueError, TypeError: as the forward (SPEC 7); ValueError naming out, lse, dout or
         dlse when its shape is wrong.
     """
-    config = validate(
-        q, k, v, segment_lengths, dilation_rates,
+    config = validate_backward(
+        q, k, v, out, lse, dout, dlse, segment_lengths, dilation_rates,
         is_causal=is_causal, mode=mode, softmax_scale=softmax_scale,
     )  # fmt: skip
-    check_float(q)
-    check_backward_inputs(q, out, lse, dout, dlse)
     grads = tuple(np.zeros_like(q) for _ in range(3))
     with np.errstate(invalid="ignore", over="ignore"):  # NaN inputs propagate (SPEC 7)
         for group in config.pattern_groups(q.shape[2]):
@@ -263,12 +272,10 @@ def dilated_attention_backward_chain(
 
     It recomputes every pattern's own ``(o_i, lse_i)``, which the fused form does not need.
     """
-    config = validate(
-        q, k, v, segment_lengths, dilation_rates,
+    config = validate_backward(
+        q, k, v, out, lse, dout, dlse, segment_lengths, dilation_rates,
         is_causal=is_causal, mode=mode, softmax_scale=softmax_scale,
     )  # fmt: skip
-    check_float(q)
-    check_backward_inputs(q, out, lse, dout, dlse)
     b, n, h, d = q.shape
     groups = config.pattern_groups(h)
     grads = tuple(np.zeros_like(q) for _ in range(3))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _rows(x: np.ndarray) -> np.ndarray:
+def per_row(x: np.ndarray) -> np.ndarray:
     """``(..., h, n)`` -> ``(..., n, h, 1)`` so a per-row value scales out's rows."""
     return np.swapaxes(x, -1, -2)[..., None]
 
@@ -46,7 +46,7 @@ def merge_naive(
     """The textbook formula. For teaching and comparison only: it overflows (PITFALLS 8)."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         new_lse = np.log(np.exp(lse) + np.exp(block_lse))
-        new_out = (_rows(np.exp(lse)) * out + _rows(np.exp(block_lse)) * block_out) / _rows(
+        new_out = (per_row(np.exp(lse)) * out + per_row(np.exp(block_lse)) * block_out) / per_row(
             np.exp(new_lse)
         )
     return new_out, new_lse
@@ -72,5 +72,5 @@ def merge_stable(
             lse,
             np.where(lse == -inf, block_lse, lse - logsigmoid(lse - block_lse)),
         )
-    new_out = out - _rows(weight).astype(out.dtype) * (out - block_out)
+    new_out = out - per_row(weight).astype(out.dtype) * (out - block_out)
     return new_out, new_lse.astype(lse.dtype)

@@ -8,7 +8,7 @@ the max errors of dq, dk and dv against the float64 reference backward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -91,6 +91,47 @@ def check_case(case: Case, out, lse, q, k, v) -> ParityReport:
         tol=tolerance(q.dtype),
         case=case.describe(),
     )
+
+
+def function_failures(dilated_fn, cases, dtype=np.float64) -> list[str]:
+    """Check a dilated-attention function against the definition on every case; [] is a pass.
+
+    ``dilated_fn(q, k, v, segment_lengths, dilation_rates, is_causal=, mode=, softmax_scale=,
+    return_lse=True)`` (the signature of :func:`~ringsim.reference.dilated_attention`) runs on
+    each case's own unit-normal inputs in ``dtype`` and must return out ``(b, n, h, d)`` and
+    lse ``(b, h, n)`` in that dtype, within SPEC 9's tolerance of the definition evaluated on
+    the same (rounded) inputs. One line per problem: an exception it raised, a wrong shape
+    or dtype, or the failed :class:`ParityReport`.
+    """
+    dtype = np.dtype(dtype)  # tolerance() wants a dtype (or its name), not the scalar type
+    failures: list[str] = []
+    for case in cases:
+        q, k, v = case.inputs(dtype=dtype)
+        try:
+            out, lse = dilated_fn(
+                q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs(),
+                return_lse=True,
+            )  # fmt: skip
+        except Exception as err:  # a crash is a failure too; report it with the case
+            failures.append(f"{case.describe()}: raised {type(err).__name__}: {err}")
+            continue
+        b, n, h, _ = q.shape
+        problems = [
+            f"{case.describe()}: {name} {what} {got} != {want}"
+            for name, x, shape in (("out", out, q.shape), ("lse", lse, (b, h, n)))
+            for what, got, want in (
+                ("shape", np.shape(x), shape),
+                ("dtype", np.asarray(x).dtype, dtype),
+            )
+            if got != want
+        ]
+        if problems:
+            failures += problems
+            continue
+        report = check_case(replace(case, world_size=1), out, lse, q, k, v)
+        if not report.ok:
+            failures.append(report.line())
+    return failures
 
 
 @dataclass(frozen=True)

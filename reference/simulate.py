@@ -12,11 +12,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ringsim.cases import Case
 from ringsim.comm.faults import Fault
+from ringsim.comm.traced import run_traced
 from ringsim.config import validate
-from ringsim.simulate import run_traced
 
-from .backward import check_backward_inputs
+from .backward import validate_backward
 from .dilated import check_float
 from .ring import ring_dilated_attention_shard
 from .ring_backward import ring_dilated_attention_shard_backward
@@ -26,6 +27,16 @@ def shard(x: np.ndarray, world_size: int, axis: int = 1) -> list[np.ndarray]:
     """Contiguous copies of ``x``'s seq_len axis (1, or -1 for an lse ``(b, h, n)``), one
     per rank: ``(b, n/P, h, d)`` (or ``(b, h, n/P)``) each."""
     return [np.ascontiguousarray(s) for s in np.split(x, world_size, axis=axis)]
+
+
+def run_case(case: Case, q, k, v, *, timeout: float = 60.0):
+    """``case``'s configuration on its ``world_size`` simulated ranks, on global q, k, v:
+    out, lse and the :class:`ringsim.trace.Trace` (what the CLI, ``ringsim verify`` and the
+    ring tests run)."""
+    return ring_dilated_attention(
+        q, k, v, case.segment_lengths, case.dilation_rates, world_size=case.world_size,
+        **case.kwargs(), return_lse=True, return_trace=True, timeout=timeout,
+    )  # fmt: skip
 
 
 def ring_dilated_attention(
@@ -129,19 +140,10 @@ def ring_dilated_attention_backward(
     Returns:
         the gathered global ``(dq, dk, dv)`` [, trace].
     """
-    config = validate(
-        q,
-        k,
-        v,
-        segment_lengths,
-        dilation_rates,
-        is_causal=is_causal,
-        mode=mode,
-        softmax_scale=softmax_scale,
-        world_size=world_size,
-    )
-    check_float(q)
-    check_backward_inputs(q, out, lse, dout, dlse)
+    config = validate_backward(
+        q, k, v, out, lse, dout, dlse, segment_lengths, dilation_rates,
+        is_causal=is_causal, mode=mode, softmax_scale=softmax_scale, world_size=world_size,
+    )  # fmt: skip
     per_rank = [shard(x, world_size) for x in (q, k, v, out)]
     per_rank.append(shard(lse, world_size, axis=-1))
     per_rank.append(shard(dout, world_size))

@@ -12,6 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def unit_normal(rng: np.random.Generator, shape, dtype=np.float64, count: int = 3):
+    """``count`` unit-normal arrays of ``shape`` (q, k, v by default), drawn in float64 from
+    ``rng`` and cast to ``dtype``: every check's inputs come from here."""
+    return tuple(rng.standard_normal(shape).astype(dtype) for _ in range(count))
+
+
 @dataclass(frozen=True)
 class Case:
     """One configuration of dilated attention, with the world size to run it on."""
@@ -39,14 +45,14 @@ class Case:
 
     def inputs(self, seed: int | None = None, dtype=np.float64) -> tuple[np.ndarray, ...]:
         """Unit-normal q, k, v of this case's shape, from ``seed`` (default ``self.seed``)."""
-        rng = np.random.default_rng(self.seed if seed is None else seed)
-        return tuple(rng.standard_normal(self.shape).astype(dtype) for _ in range(3))
+        return unit_normal(np.random.default_rng(self.seed if seed is None else seed), self.shape,
+                           dtype)  # fmt: skip
 
     def upstream(self, seed: int | None = None, dtype=np.float64) -> np.ndarray:
         """A unit-normal gradient of the loss with respect to out, ``(b, n, h, d)``, for the
         inputs of ``inputs(seed)`` (its own stream: seed + 10000)."""
         rng = np.random.default_rng((self.seed if seed is None else seed) + 10_000)
-        return rng.standard_normal(self.shape).astype(dtype)
+        return unit_normal(rng, self.shape, dtype, count=1)[0]
 
     def describe(self) -> str:
         causal = "causal" if self.is_causal else "full"

@@ -2,9 +2,6 @@
 
 Profiles: ``ci`` (default: derandomized, 60 examples, no deadline) and ``thorough``
 (``HYPOTHESIS_PROFILE=thorough pytest ...``: 1000 random examples).
-
-``random_qkv`` lives in ``parity.py`` (an ordinary module, so test files and helpers can
-import it; conftest modules cannot be imported reliably) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -15,9 +12,6 @@ import zlib
 import numpy as np
 import pytest
 from hypothesis import settings
-from parity import random_qkv
-
-__all__ = ["random_qkv"]
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60, database=None)
 settings.register_profile("thorough", deadline=None, max_examples=1000)
@@ -51,3 +45,14 @@ def interpreted(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr("ringsim.gpu.executor.merge.INTERPRET_ON_CPU", True)
     return importlib.import_module("ringsim.gpu.executor.mix_triton")
+
+
+@pytest.fixture
+def no_tf32():
+    """Full float32 matrix products for the test (the fp32 bounds assume them), restored after."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

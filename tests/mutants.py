@@ -26,7 +26,7 @@ from ringsim.config import Pattern, PatternGroup, segment_bounds, selected_in_se
 from ringsim.reference.backward import mix_backward
 from ringsim.reference.block import block_attention
 from ringsim.reference.dilated import empty_result
-from ringsim.reference.merge import merge_naive
+from ringsim.reference.merge import merge_naive, per_row
 from ringsim.reference.select import select_rows
 
 DILATED = "ringsim.reference.dilated"
@@ -39,11 +39,6 @@ class Mutant:
     pitfall: int
     description: str
     apply: Callable[[pytest.MonkeyPatch], None]
-
-
-def _rows(x: np.ndarray) -> np.ndarray:
-    """``(..., h, n)`` -> ``(..., n, h, 1)``, to scale out's rows by a per-row value."""
-    return np.swapaxes(x, -1, -2)[..., None]
 
 
 # --- PITFALLS 2: segments ignored ----------------------------------------------------------
@@ -158,7 +153,7 @@ def merge_max_subtraction(
         m = np.maximum(lse, block_lse)
         weight, block_weight = np.exp(lse - m), np.exp(block_lse - m)
         total = weight + block_weight
-        new_out = (_rows(weight) * out + _rows(block_weight) * block_out) / _rows(total)
+        new_out = (per_row(weight) * out + per_row(block_weight) * block_out) / per_row(total)
         return new_out.astype(out.dtype), (m + np.log(total)).astype(lse.dtype)
 
 
@@ -174,7 +169,7 @@ def merge_unnormalised(
         m = np.maximum(lse, block_lse)
         m = np.where(m == -np.inf, 0.0, m)
         weight, block_weight = np.exp(lse - m), np.exp(block_lse - m)
-        new_out = _rows(weight) * out + _rows(block_weight) * block_out  # no "/ sum"
+        new_out = per_row(weight) * out + per_row(block_weight) * block_out  # no "/ sum"
         return new_out.astype(out.dtype), (m + np.log(weight + block_weight)).astype(lse.dtype)
 
 

@@ -12,8 +12,8 @@ import numpy as np
 
 from ringsim.cases import Case, fixed_cases, random_case
 from ringsim.config import make_config
-from ringsim.reference import ring_dilated_attention
 from ringsim.reference.parity import check_case
+from ringsim.reference.simulate import run_case
 from ringsim.trace import closed_form_bytes as closed_form
 
 WORLD_SIZES = (1, 2, 3, 4, 5, 8)
@@ -41,18 +41,7 @@ def ring_cases(
 
 def run_ring(case: Case, q, k, v):
     """``case`` on the simulated cluster: global out, lse and the trace."""
-    return ring_dilated_attention(
-        q,
-        k,
-        v,
-        case.segment_lengths,
-        case.dilation_rates,
-        world_size=case.world_size,
-        **case.kwargs(),
-        return_lse=True,
-        return_trace=True,
-        timeout=20.0,
-    )
+    return run_case(case, q, k, v, timeout=20.0)
 
 
 def ring_failures(cases: Sequence[Case], dtype=np.float64) -> list[str]:

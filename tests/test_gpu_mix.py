@@ -22,8 +22,8 @@ torch = pytest.importorskip("torch")
 from ringsim.cases import fixed_cases, random_case  # noqa: E402
 from ringsim.config import make_config  # noqa: E402
 from ringsim.gpu import Kernel, dilated_attention, simulated_ring_dilated_attention  # noqa: E402
+from ringsim.gpu.executor import Part  # noqa: E402
 from ringsim.gpu.executor import forward as executor  # noqa: E402
-from ringsim.gpu.executor.forward import Part  # noqa: E402
 from ringsim.gpu.executor.merge import mix_reason  # noqa: E402
 from ringsim.gpu.executor.schedule import Schedule  # noqa: E402
 from ringsim.reference import dense_dilated_attention  # noqa: E402

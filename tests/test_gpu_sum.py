@@ -22,9 +22,8 @@ from test_gpu_mix import aligned_cases, load_mutant, mutate  # noqa: E402
 
 from ringsim.config import Pattern, PatternGroup  # noqa: E402
 from ringsim.gpu import dilated_attention  # noqa: E402
-from ringsim.gpu.executor import backward  # noqa: E402
+from ringsim.gpu.executor import Part, backward  # noqa: E402
 from ringsim.gpu.executor.backward import chunk_groups, head_chunks  # noqa: E402
-from ringsim.gpu.executor.forward import Part  # noqa: E402
 from ringsim.gpu.executor.schedule import Schedule  # noqa: E402
 from ringsim.tolerance import max_abs_error, tolerance  # noqa: E402
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mutants import BACKWARD_MUTANTS, MUTANTS
-from parity import PARITY_CASES, case_inputs, parity_failures
+from parity import PARITY_CASES
 
 import ringsim.reference
 from ringsim.cases import Case
 from ringsim.config import make_config
 from ringsim.reference import dense_dilated_attention
 from ringsim.reference.dense import masked_attention, pattern_mask
+from ringsim.reference.parity import function_failures
 
 
 def _case(label: str) -> Case:
@@ -22,18 +23,18 @@ def _case(label: str) -> Case:
 
 def _args(case: Case) -> tuple:
     """q, k, v ``(b, n, h, d)`` of the case, then its segment lengths and dilation rates."""
-    return (*case_inputs(case), case.segment_lengths, case.dilation_rates)
+    return (*case.inputs(), case.segment_lengths, case.dilation_rates)
 
 
 def test_baseline_passes() -> None:
-    failures = parity_failures(ringsim.reference.dilated_attention, PARITY_CASES)
+    failures = function_failures(ringsim.reference.dilated_attention, PARITY_CASES)
     assert failures == [], "\n".join(failures)
 
 
 @pytest.mark.parametrize("name", sorted(MUTANTS))
 def test_mutant_is_killed(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     MUTANTS[name].apply(monkeypatch)
-    failures = parity_failures(ringsim.reference.dilated_attention, PARITY_CASES)
+    failures = function_failures(ringsim.reference.dilated_attention, PARITY_CASES)
     assert failures, f"mutant {name!r} ({MUTANTS[name].description}) survived every case"
 
 
@@ -52,15 +53,15 @@ def test_naive_merge_killed_by_overflow_alone(monkeypatch: pytest.MonkeyPatch) -
     case = _case("high dynamic range")
     _, lse = dense_dilated_attention(*_args(case), **case.kwargs())
     assert np.isfinite(lse).all() and lse.max() > 709  # exp(lse) overflows float64
-    assert parity_failures(ringsim.reference.dilated_attention, [case]) == []
+    assert function_failures(ringsim.reference.dilated_attention, [case]) == []
     MUTANTS["naive_merge"].apply(monkeypatch)
-    assert parity_failures(ringsim.reference.dilated_attention, [case])
+    assert function_failures(ringsim.reference.dilated_attention, [case])
 
 
 def test_high_dynamic_range_case_has_large_lse_gaps() -> None:
     """Some row's patterns differ in lse by more than 1e3 (so exp of the gap underflows)."""
     case = _case("high dynamic range")
-    q, k, v = case_inputs(case)
+    q, k, v = case.inputs()
     config = make_config(case.segment_lengths, case.dilation_rates, **case.kwargs())
     largest_gap = 0.0
     with np.errstate(invalid="ignore"):

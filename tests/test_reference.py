@@ -12,12 +12,13 @@ import math
 import numpy as np
 import pytest
 from hypothesis import given
-from parity import PARITY_CASES, parity_failures, random_qkv
+from parity import PARITY_CASES
 from strategies import configs
 
-from ringsim.cases import Case
+from ringsim.cases import Case, unit_normal
 from ringsim.config import Pattern, make_config, selected_in_segment
 from ringsim.reference import dense_dilated_attention, dilated_attention, pattern_mask
+from ringsim.reference.parity import function_failures
 from ringsim.tolerance import max_abs_error
 
 TOL64 = 1e-10  # SPEC 9, float64
@@ -43,14 +44,14 @@ def plain_attention(
 
 @given(configs())
 def test_random_configs_float64(case: Case) -> None:
-    failures = parity_failures(dilated_attention, [case], np.float64)
+    failures = function_failures(dilated_attention, [case], np.float64)
     assert failures == [], "\n".join(failures)
 
 
 @given(configs())
 def test_random_configs_float32(case: Case) -> None:
     """float32 inputs, compared with the float64 definition on the same inputs cast up."""
-    failures = parity_failures(dilated_attention, [case], np.float32)
+    failures = function_failures(dilated_attention, [case], np.float32)
     assert failures == [], "\n".join(failures)
 
 
@@ -59,7 +60,7 @@ def test_random_configs_float32(case: Case) -> None:
 
 @pytest.mark.parametrize("case", PARITY_CASES, ids=lambda c: c.label)
 def test_parity_case(case: Case) -> None:
-    failures = parity_failures(dilated_attention, [case])
+    failures = function_failures(dilated_attention, [case])
     assert failures == [], "\n".join(failures)
 
 
@@ -71,7 +72,7 @@ def test_parity_case(case: Case) -> None:
 def test_one_full_pattern_is_plain_attention(
     rng: np.random.Generator, is_causal: bool, extra: int
 ) -> None:
-    q, k, v = random_qkv(rng, (2, 13, 3, 4))
+    q, k, v = unit_normal(rng, (2, 13, 3, 4))
     out, lse = dilated_attention(q, k, v, [13 + extra], [1], is_causal=is_causal, return_lse=True)
     expected_out, expected_lse = plain_attention(q, k, v, is_causal=is_causal)
     assert max_abs_error(out, expected_out) <= TOL64
@@ -82,7 +83,7 @@ def test_one_full_pattern_is_plain_attention(
 def test_rows_with_no_key(rng: np.random.Generator, is_causal: bool) -> None:
     """w = 4, r = 6 > w, n = 10: segments [0,4) [4,8) [8,10); head h has offset h mod 6, so
     heads 4 and 5 select nothing (offset >= w) and head 3 nothing in the short last segment."""
-    q, k, v = random_qkv(rng, (2, 10, 6, 3))
+    q, k, v = unit_normal(rng, (2, 10, 6, 3))
     out, lse = dilated_attention(q, k, v, [4], [6], is_causal=is_causal, return_lse=True)
     selected = {0: {0, 4, 8}, 1: {1, 5, 9}, 2: {2, 6}, 3: {3, 7}, 4: set(), 5: set()}
     for head, rows in selected.items():
@@ -101,7 +102,7 @@ def test_rows_with_no_key(rng: np.random.Generator, is_causal: bool) -> None:
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_key_chosen_twice_counts_twice(rng: np.random.Generator, is_causal: bool) -> None:
     """Two identical patterns (w, 1), (w, 1): lse = plain lse + log 2, out = plain out."""
-    q, k, v = random_qkv(rng, (1, 11, 2, 5))
+    q, k, v = unit_normal(rng, (1, 11, 2, 5))
     out, lse = dilated_attention(q, k, v, [11, 11], [1, 1], is_causal=is_causal, return_lse=True)
     expected_out, expected_lse = plain_attention(q, k, v, is_causal=is_causal)
     assert max_abs_error(out, expected_out) <= TOL64
@@ -216,7 +217,7 @@ def test_selection_matches_mask(is_causal: bool) -> None:
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_nan_in_query_stays_in_its_row(rng: np.random.Generator, is_causal: bool) -> None:
-    q, k, v = random_qkv(rng, (2, 12, 3, 4))
+    q, k, v = unit_normal(rng, (2, 12, 3, 4))
     args = ([4, 12], [1, 2])
     clean_out, clean_lse = dilated_attention(q, k, v, *args, is_causal=is_causal, return_lse=True)
     q[1, 5, 2, 0] = np.nan
@@ -233,7 +234,7 @@ def test_nan_in_key_reaches_only_rows_that_attend_it(
     """A NaN key at (position 6, head 1) poisons exactly the queries some pattern of head 1
     lets attend to position 6; every other row is unchanged."""
     segment_lengths, rates, n = [4, 12], [1, 3], 12
-    q, k, v = random_qkv(rng, (1, n, 2, 4))
+    q, k, v = unit_normal(rng, (1, n, 2, 4))
     clean_out, clean_lse = dilated_attention(
         q, k, v, segment_lengths, rates, is_causal=is_causal, return_lse=True
     )
@@ -255,7 +256,7 @@ def test_nan_in_key_reaches_only_rows_that_attend_it(
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_output_dtype_follows_input(rng: np.random.Generator, dtype) -> None:
-    q, k, v = random_qkv(rng, (1, 9, 2, 4), dtype)
+    q, k, v = unit_normal(rng, (1, 9, 2, 4), dtype)
     out, lse = dilated_attention(q, k, v, [4, 9], [1, 2], is_causal=True, return_lse=True)
     assert out.dtype == dtype and lse.dtype == dtype
     assert out.shape == (1, 9, 2, 4) and lse.shape == (1, 2, 9)
@@ -267,7 +268,7 @@ def test_output_dtype_follows_input(rng: np.random.Generator, dtype) -> None:
 
 def test_softmax_scale_is_used(rng: np.random.Generator) -> None:
     """An explicit scale replaces 1/sqrt(d): scale s on q equals scale s*c on q/c."""
-    q, k, v = random_qkv(rng, (1, 10, 2, 4))
+    q, k, v = unit_normal(rng, (1, 10, 2, 4))
     a = dilated_attention(q, k, v, [5], [2], softmax_scale=0.7, return_lse=True)
     b = dilated_attention(q / 4, k, v, [5], [2], softmax_scale=2.8, return_lse=True)
     default = dilated_attention(q, k, v, [5], [2], return_lse=True)

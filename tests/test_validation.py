@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from parity import random_qkv
 
+from ringsim.cases import unit_normal
 from ringsim.config import check_world_size, make_config, validate
 from ringsim.reference import dense_dilated_attention, dilated_attention
 
@@ -23,7 +23,7 @@ ENTRY_POINTS = {
 
 def _call(entry: str, rng: np.random.Generator, **changes: Any) -> Any:
     """Call an entry point on good arguments with ``changes`` applied."""
-    q, k, v = random_qkv(rng, SHAPE)
+    q, k, v = unit_normal(rng, SHAPE)
     arguments: dict[str, Any] = {
         "q": q,
         "k": k,
@@ -150,7 +150,7 @@ def test_good_input_passes(rng: np.random.Generator, entry: str) -> None:
     [(np.float16, r"^q: dtype must be float32 or float64"), (np.int64, r"^q: dtype must be")],
 )
 def test_reference_dtypes(rng: np.random.Generator, dtype, match: str) -> None:
-    q, k, v = (x.astype(dtype) for x in random_qkv(rng, SHAPE))
+    q, k, v = (x.astype(dtype) for x in unit_normal(rng, SHAPE))
     with pytest.raises(TypeError, match=match):
         dilated_attention(q, k, v, [4], [1])
 
@@ -186,7 +186,7 @@ def test_check_world_size_accepts(seq_len: int, world_size: int) -> None:
 
 
 def test_validate_checks_world_size(rng: np.random.Generator) -> None:
-    q, k, v = random_qkv(rng, SHAPE)
+    q, k, v = unit_normal(rng, SHAPE)
     with pytest.raises(ValueError, match=r"^world_size: seq_len must be divisible"):
         validate(q, k, v, [4], [1], world_size=3)
     assert validate(q, k, v, [4], [1], world_size=4).segment_lengths == (4,)

@@ -20,7 +20,7 @@ from torch import nn
 from ringsim.config import DilatedConfig, make_config, validate
 
 from ..executor import check_tensor, dilated_attention, prepare
-from ..kernels import Kernel
+from ..kernels import Kernel, as_kernel
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -48,14 +48,8 @@ def check_dropout(dropout: Any) -> float:
 
 
 def check_kernel(kernel: Kernel | str | None) -> Kernel | None:
-    """A :class:`Kernel` name or None; whether it can run is checked on the inputs."""
-    if kernel is None:
-        return None
-    try:
-        return Kernel(kernel)
-    except ValueError:
-        names = ", ".join(k.value for k in Kernel)
-        raise ValueError(f"kernel: must be None or one of {names}, got {kernel!r}") from None
+    """A :class:`Kernel` name or None (the fastest that can run, chosen on the inputs)."""
+    return None if kernel is None else as_kernel(kernel)
 
 
 def check_group(group: Any) -> ProcessGroup | str | None:
@@ -146,6 +140,13 @@ def check_memory_pool(enable_memory_pool: Any) -> None:
 def flash_kernel(use_flash_attention: Any) -> Kernel | None:
     """The seed's flag: True = the fastest kernel that can run, False = the math kernel."""
     return None if check_bool("use_flash_attention", use_flash_attention) else Kernel.MATH
+
+
+def seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group) -> dict:
+    """The seed's ring and kernel arguments, checked, as the ``kernel`` and ``group`` of
+    this package's modules (each seed alias passes them to its base class)."""
+    check_memory_pool(enable_memory_pool)
+    return dict(kernel=flash_kernel(use_flash_attention), group=ring_group(ring_size, group))
 
 
 # --- the module ----------------------------------------------------------------------------
@@ -266,16 +267,11 @@ class RingDilatedAttentionHybrid(RingDilatedAttention):
         softmax_scale: float | None = None,
         group: ProcessGroup | str | None = None,
     ):
-        check_memory_pool(enable_memory_pool)
         super().__init__(
-            segment_lengths,
-            dilation_rates,
-            dropout=dropout,
-            mode=mode,
+            segment_lengths, dilation_rates, dropout=dropout, mode=mode,
             softmax_scale=softmax_scale,
-            kernel=flash_kernel(use_flash_attention),
-            group=ring_group(ring_size, group),
-        )
+            **seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group),
+        )  # fmt: skip
         self.input_device = check_device(device)
         self.input_dtype = check_dtype(dtype)
         self.ring_size = ring_size

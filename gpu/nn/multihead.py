@@ -21,9 +21,7 @@ from .modules import (
     check_bool,
     check_device,
     check_dtype,
-    check_memory_pool,
-    flash_kernel,
-    ring_group,
+    seed_arguments,
 )
 
 if TYPE_CHECKING:
@@ -248,7 +246,6 @@ class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
         softmax_scale: float | None = None,
         group: ProcessGroup | str | None = None,
     ):
-        check_memory_pool(enable_memory_pool)
         super().__init__(
             embed_dim,
             num_heads,
@@ -261,9 +258,8 @@ class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
             batch_first=batch_first,
             mode=mode,
             softmax_scale=softmax_scale,
-            kernel=flash_kernel(use_flash_attention),
-            group=ring_group(ring_size, group),
             device=device,
             dtype=dtype,
+            **seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group),
         )
         self.ring_size = ring_size
