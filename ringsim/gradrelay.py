@@ -28,13 +28,20 @@ shares of every rank but the owner.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Protocol
 
 from ringsim.comm.base import Communicator, Payload, Recv, Request, Send, payload_nbytes
 from ringsim.plan import RankPlan, Transfer
 from ringsim.trace import Event, RankTrace, TraceAction
 
-ONWARD, RETURN = "dk,dv", "dk,dv return"
+
+class GradMessage(str, Enum):
+    """What a gradient message carries, as the trace's ``detail`` names it: a block's dK/dV
+    share going on with the block, or coming home to its owner."""
+
+    ONWARD = "dk,dv"
+    RETURN = "dk,dv return"
 
 
 class GradParts(Protocol):
@@ -114,14 +121,15 @@ class GradRelay:
             else:
                 acc[t.subring.index] = self.parts.add(acc[t.subring.index], payload)
         nxt = self.plan.steps[index + 1] if index + 1 < len(self.plan.steps) else None
-        sends = [(t, ONWARD) for t in (nxt.sends if nxt else ())]  # 2. on with the blocks
+        # 2. on with the blocks
+        sends = [(t, GradMessage.ONWARD) for t in (nxt.sends if nxt else ())]
         recvs = list(nxt.recvs if nxt else ())
         for t in self.plan.returns_at(step.step):  # 3. home
             if t.send_rank == t.recv_rank:  # a block that never left: added in place
                 if t.subring.index in acc:  # (a backend may have added it as it attended)
                     self.parts.add_home(self.parts.message(acc[t.subring.index], t), t)
             elif t.send_rank == self.plan.rank:
-                sends.append((t, RETURN))
+                sends.append((t, GradMessage.RETURN))
             else:
                 recvs.append(t)
         self._post(step.step + 1, [(t, kind, acc[t.subring.index]) for t, kind in sends], recvs)
@@ -147,7 +155,7 @@ class GradRelay:
         got = list(zip(self.pending_recvs, self.pending.wait()))
         self.pending, self.pending_recvs = None, []
         for t, payload in got:
-            kind = RETURN if t.recv_rank == t.source_rank else ONWARD
+            kind = GradMessage.RETURN if t.recv_rank == t.source_rank else GradMessage.ONWARD
             self._record(step, TraceAction.RECV, t, t.send_rank, payload, kind)
         return got
 
@@ -165,6 +173,6 @@ class GradRelay:
                 t.subring.index,
                 t.source_rank,
                 t.rows,
-                kind,
+                kind.value,
             )
         )

@@ -28,9 +28,9 @@ class Event:
 
     ``peer`` is the other rank of a send/recv (None otherwise); ``nbytes`` the payload bytes
     moved; ``pair`` and ``subring`` name the pattern pair and segment sub-ring; ``source_rank``
-    is whose K/V block the event concerns; ``rows`` are the global K/V positions per pattern
-    group (sends, receives) or the number of query rows attended (computes); ``detail`` is the
-    block actions, per pattern group.
+    is whose K/V block the event concerns; ``rows`` are global positions per pattern group:
+    the K/V rows moved (sends, receives) or the query rows attended (computes); ``detail`` is
+    the block actions, per pattern group (the gradient relay's messages: what travels).
     """
 
     step: int
@@ -61,9 +61,6 @@ class RankTrace:
         """Count ``nbytes`` of arrays as held under ``name`` (replacing what it held)."""
         self.held[name] = nbytes
         self.peak_bytes = max(self.peak_bytes, sum(self.held.values()))
-
-    def release(self, name: str) -> None:
-        self.held.pop(name, None)
 
 
 @dataclass(frozen=True)

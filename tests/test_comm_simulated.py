@@ -1,4 +1,5 @@
-"""The simulated cluster: exchanges, copies, errors, deadlock, timeout and injected faults."""
+"""The simulated cluster: exchanges, copies, errors, deadlock and timeout (injected faults:
+``test_comm_faults.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from comm_support import assert_same, random_payloads, recv_for
 
 from ringsim.comm import (
     ClusterAborted,
@@ -15,10 +17,7 @@ from ringsim.comm import (
     CommTimeout,
     Communicator,
     DeadlockError,
-    Fault,
-    FaultKind,
     Payload,
-    RankCrashed,
     RankFailed,
     Recv,
     Send,
@@ -26,33 +25,6 @@ from ringsim.comm import (
 )
 
 WORLD_SIZES = (1, 2, 3, 4, 8)
-
-
-def random_payloads(seed: int, world_size: int, steps: int, dtype=np.float64) -> list:
-    """``payloads[rank][step]``: two random arrays of random shapes (one may be empty)."""
-    rng = np.random.default_rng(seed)
-    return [
-        [
-            (
-                rng.standard_normal((int(rng.integers(0, 5)), 3)).astype(dtype),
-                rng.standard_normal((2, int(rng.integers(1, 6)))).astype(dtype),
-            )
-            for _ in range(steps)
-        ]
-        for _ in range(world_size)
-    ]
-
-
-def recv_for(source: int, tag: int, like: Payload) -> Recv:
-    return Recv(source, tag, tuple(a.shape for a in like), like[0].dtype)
-
-
-def assert_same(got: Payload, want: Payload) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert g.shape == w.shape and g.dtype == w.dtype
-        np.testing.assert_array_equal(g, w)
-        assert not np.shares_memory(g, w)  # received arrays are never the sender's memory
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -271,82 +243,6 @@ def test_undelivered_message_is_an_error() -> None:
 
     with pytest.raises(CommError, match=r"\(\(0, 1, 5\), 1\)"):
         SimulatedCluster(2, timeout=10).run(fn)
-
-
-def ring_once(payloads: list, steps: int):
-    """Each rank sends ``payloads[rank][step]`` to rank+1 and receives from rank-1."""
-
-    def fn(comm: Communicator) -> list[Payload]:
-        rank, p = comm.rank, comm.world_size
-        got = []
-        for step in range(steps):
-            source = (rank - 1) % p
-            sends = [Send((rank + 1) % p, step, payloads[rank][step])]
-            got += comm.exchange(sends, [recv_for(source, step, payloads[source][step])])
-        return got
-
-    return fn
-
-
-@pytest.mark.parametrize("message", [0, 1])
-def test_fault_drop_ends_fast_naming_the_receiver(message: int) -> None:
-    payloads = random_payloads(10, 3, 2)
-    began = time.monotonic()
-    with pytest.raises(RankFailed) as info:
-        SimulatedCluster(3, timeout=2).run(
-            ring_once(payloads, 2), faults=[Fault(FaultKind.DROP, rank=1, message=message)]
-        )
-    assert time.monotonic() - began < 4
-    error = info.value.error
-    assert isinstance(error, (DeadlockError, CommTimeout))
-    assert f"rank 2 waits for recv from rank 1 tag {message}" in str(error)
-
-
-def test_fault_crash_names_the_rank() -> None:
-    payloads = random_payloads(11, 4, 2)
-    with pytest.raises(RankFailed) as info:
-        SimulatedCluster(4, timeout=5).run(
-            ring_once(payloads, 2), faults=[Fault(FaultKind.CRASH, rank=3, message=1)]
-        )
-    assert info.value.rank == 3 and isinstance(info.value.error, RankCrashed)
-    assert "injected crash on rank 3 at message 1" in str(info.value)
-
-
-def test_fault_corrupt_delivers_wrong_values() -> None:
-    payloads = random_payloads(12, 3, 2)
-    results = SimulatedCluster(3, timeout=5).run(
-        ring_once(payloads, 2), faults=[Fault(FaultKind.CORRUPT, rank=0, message=1)]
-    )
-    for rank, got in enumerate(results):
-        source = (rank - 1) % 3
-        for step in range(2):
-            if (source, step) == (0, 1):
-                for g, w in zip(got[step], payloads[0][1], strict=True):
-                    assert np.all(np.isfinite(g))
-                    np.testing.assert_array_equal(g, w + 1.0)
-            else:
-                assert_same(got[step], payloads[source][step])
-
-
-def test_fault_delay_keeps_results_correct() -> None:
-    payloads = random_payloads(13, 3, 2)
-    delay = 0.3
-    began = time.monotonic()
-    results = SimulatedCluster(3, timeout=5).run(
-        ring_once(payloads, 2), faults=[Fault(FaultKind.DELAY, rank=2, delay=delay)]
-    )
-    assert time.monotonic() - began >= delay
-    for rank, got in enumerate(results):
-        source = (rank - 1) % 3
-        for step in range(2):
-            assert_same(got[step], payloads[source][step])
-
-
-def test_fault_validation() -> None:
-    with pytest.raises(ValueError, match="message must be >= 0"):
-        Fault(FaultKind.DROP, rank=0, message=-1)
-    with pytest.raises(ValueError, match="world_size"):
-        SimulatedCluster(2).run(lambda comm: None, faults=[Fault(FaultKind.DROP, rank=2)])
 
 
 def test_importing_ringsim_comm_does_not_import_mpi4py() -> None:
