@@ -17,7 +17,7 @@ from grad_oracle import dense_gradients  # noqa: E402
 from ring_support import WORLD_SIZES, ring_cases  # noqa: E402
 
 from ringsim.cases import Case, fixed_cases, random_case  # noqa: E402
-from ringsim.comm import SimulatedCluster  # noqa: E402
+from ringsim.comm import RankFailed, SimulatedCluster  # noqa: E402
 from ringsim.gpu import (  # noqa: E402
     dilated_attention,
     ring_dilated_attention,
@@ -134,3 +134,29 @@ def test_lse_gradient_needs_math_kernel():
     out, lse = dilated_attention(q, k, v, (8, 16), (1, 2), return_lse=True, kernel="flash_cpu")
     out.sum().backward()  # lse returned but unused: fine
     assert torch.isfinite(q.grad).all()
+
+
+def test_double_backward_is_refused_by_every_function():
+    """The backward is the kernels' own, not differentiable torch ops: a graph of it
+    (create_graph=True, as gradgradcheck builds) raises instead of giving wrong second
+    derivatives, on one device, the simulated ring and each rank of the per-rank ring."""
+    q, k, v = (torch.randn(1, 8, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    args = ((4, 8), (1, 2))
+    functions = [
+        lambda q, k, v: dilated_attention(q, k, v, *args),
+        lambda q, k, v: simulated_ring_dilated_attention(q, k, v, *args, world_size=2),
+    ]
+    for fn in functions:
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.gradgradcheck(fn, (q, k, v))
+        first = torch.autograd.grad(fn(q, k, v).sum(), (q, k, v))  # first order: fine
+        assert all(torch.isfinite(g).all() for g in first)
+
+    def run_rank(comm):
+        shards = [x.detach()[:, comm.rank * 4 : (comm.rank + 1) * 4].requires_grad_()
+                  for x in (q, k, v)]  # fmt: skip
+        out = ring_dilated_attention(*shards, *args, comm=comm)
+        torch.autograd.grad(out.sum(), shards, create_graph=True)
+
+    with pytest.raises(RankFailed, match="double backward"):
+        SimulatedCluster(2, timeout=20.0).run(run_rank)

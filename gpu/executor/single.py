@@ -139,6 +139,19 @@ def dilated_backward(q, k, v, out, lse, dout, dlse, config: DilatedConfig, kerne
     return executor.finish()
 
 
+def refuse_double_backward() -> None:
+    """Every custom Function's backward starts here: its gradient is computed by the kernels,
+    not by differentiable torch ops, so a graph of it (``create_graph=True``, as
+    ``gradgradcheck`` and second-order methods build) would give wrong second derivatives.
+    Refused with the reason instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "double backward: dilated attention's backward is not differentiable "
+            "(create_graph=True); take second derivatives of ringsim.reference's NumPy "
+            "functions by finite differences, or call backward without create_graph"
+        )
+
+
 def keep(ctx, q, k, v, out, lse):
     """Save what every backward needs; returns out and lse in the public ``(b, h, n)``
     layout (the ``(b, n, h)`` lse is what is kept)."""
@@ -167,6 +180,7 @@ class DilatedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        refuse_double_backward()
         """:func:`dilated_backward`: dq, dk, dv."""
         grads = dilated_backward(*restore(ctx, dout, dlse), ctx.config, ctx.kernel)
         return (*grads, None, None)

@@ -15,7 +15,7 @@ import torch
 
 from ringsim.comm.traced import run_traced
 
-from ..executor.single import keep, restore
+from ..executor.single import keep, refuse_double_backward, restore
 from .rank import ring_backward, ring_forward
 
 
@@ -30,6 +30,7 @@ class RingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        refuse_double_backward()
         """:func:`~ringsim.gpu.ring.rank.ring_backward` on this rank: dq, dk, dv."""
         grads = ring_backward(
             *restore(ctx, dout, dlse), ctx.config, ctx.comm, ctx.kernel, ctx.trace
@@ -67,6 +68,7 @@ class SimulatedRingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        refuse_double_backward()
         """Every virtual rank's backward ring in the cluster's threads: dq, dk, dv."""
         *tensors, dlse = restore(ctx, dout, dlse)
         p = ctx.world_size
