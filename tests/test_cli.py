@@ -59,3 +59,28 @@ def test_unparsable_argument_is_a_usage_error(capsys: pytest.CaptureFixture[str]
         main(["demo", "--segment-lengths", "8,x"])
     assert exit_info.value.code == 2
     assert "--segment-lengths" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["demo", "--seed", "-1"], "--seed"),
+        (["trace", "--seed", "-1"], "--seed"),
+        (["verify", "--seed", "-1"], "--seed"),
+        (["plot", "--seed", "-1"], "--seed"),
+        (["verify", "--mpi-timeout", "nan"], "--mpi-timeout"),
+        (["verify", "--mpi-timeout", "0"], "--mpi-timeout"),
+        (["verify", "--mpi-timeout", "-1"], "--mpi-timeout"),
+        (["verify", "--mpi-timeout", "inf"], "--mpi-timeout"),
+    ],
+)
+def test_bad_option_values_are_one_usage_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], option: str
+) -> None:
+    """Seeds are >= 0 and timeouts positive and finite: a usage error naming the option
+    (exit 2, no traceback), before anything runs."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}:" in err and "Traceback" not in err, err

@@ -45,6 +45,17 @@ def parse_count(text: str) -> int:
     return value
 
 
+def parse_seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):  # NaN fails the comparison too
+        raise argparse.ArgumentTypeError(f"must be a positive finite number of seconds, got {text}")
+    return value
+
+
 def parse_world_sizes(text: str) -> tuple[int, ...]:
     sizes = parse_ints(text)
     if any(p < 1 for p in sizes):
@@ -97,7 +108,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="dtype of q, k, v (default: %(default)s)",
     )
     group.add_argument(
-        "--seed", type=int, default=0, help="seed of the random q, k, v (default: %(default)s)"
+        "--seed",
+        type=parse_count,
+        default=0,
+        metavar="SEED",
+        help="seed of the random q, k, v, >= 0 (default: %(default)s)",
     )
     group.add_argument(
         "--world-size",

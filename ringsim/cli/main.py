@@ -30,6 +30,7 @@ from .args import (
     cli_message,
     config_case,
     parse_count,
+    parse_seconds,
     parse_world_sizes,
 )
 from .plot import add_plot_parser
@@ -107,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="random cases per path, plus 6 hand-picked ones (default: %(default)s)",
     )
     verify.add_argument(
-        "--seed", type=int, default=0, help="seed of the cases and inputs (default: %(default)s)"
+        "--seed",
+        type=parse_count,
+        default=0,
+        metavar="SEED",
+        help="seed of the cases and inputs, >= 0 (default: %(default)s)",
     )
     verify.add_argument(
         "--dtype",
@@ -118,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--no-mpi", action="store_true", help="leave out the mpiexec paths")
     verify.add_argument(
         "--mpi-timeout",
-        type=float,
+        type=parse_seconds,
         default=300.0,
         metavar="SECONDS",
         help="time limit of one mpiexec run (default: %(default)s)",
