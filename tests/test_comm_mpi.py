@@ -70,6 +70,7 @@ def test_drop_ends_in_timeout_naming_the_receiver() -> None:
     assert timeouts, done.stderr
     chain = {("2", "1"), ("0", "2"), ("1", "0")}  # each rank waits for the one before it
     assert all((receiver, sender) in chain for receiver, sender, _ in timeouts), timeouts
+    assert "Traceback" not in done.stderr and "FAIL comm world_size=3 rank " in done.stderr
 
 
 @pytest.mark.mpi
@@ -80,6 +81,28 @@ def test_crash_ends_the_job_with_the_message() -> None:
     assert elapsed < 30
     assert "PASS" not in done.stdout
     assert "RankCrashed: injected crash on rank 2 at message 0" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr  # one line from the rank, then all stop
+
+
+def test_abort_never_returns_to_the_check(monkeypatch, capsys) -> None:
+    """MPICH's MPI_Abort can return: the check must still end there, not print a verdict."""
+    from ringsim.checks import abort
+
+    class Returning:
+        def Abort(self, code):  # mpi4py's name
+            return None
+
+    class Ended(Exception):
+        pass
+
+    def exit_(code):
+        raise Ended(code)
+
+    monkeypatch.setattr(abort, "ABORT_GRACE_S", 0.0)
+    monkeypatch.setattr(abort.os, "_exit", exit_)
+    with pytest.raises(Ended):
+        abort.abort_all(Returning(), "FAIL parity rank 1: CommTimeout: ...")
+    assert capsys.readouterr().err == "FAIL parity rank 1: CommTimeout: ...\n"
 
 
 @pytest.mark.mpi

@@ -7,7 +7,8 @@ then a message shorter and one longer than its receive expects must each raise C
 Rank 0 prints ``PASS comm world_size=P ...`` or ``FAIL comm ...`` naming the ranks that saw
 wrong data; on failure every rank exits non-zero. A fault (``--fault``) is injected with
 :class:`ringsim.comm.FaultyCommunicator`: drop ends in CommTimeout on the receiving rank,
-crash in RankCrashed on the faulty rank (both abort every rank under ``-m mpi4py``),
+crash in RankCrashed on the faulty rank (both end every rank with one ``FAIL`` line from the
+rank that saw it),
 corrupt in FAIL, delay in PASS.
 """
 
@@ -31,6 +32,8 @@ from ringsim.comm import (
     Send,
     payload_nbytes,
 )
+
+from .abort import abort_all
 
 DTYPES = (np.float64, np.float32)  # one per round, in turn
 
@@ -109,7 +112,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         comm = FaultyCommunicator(mpi, [injected])
         fault = f"{args.fault}@rank{args.fault_rank}:message{args.fault_message}"
 
-    problems, sent = ring_rounds(comm, args.rounds, args.seed)
+    try:
+        problems, sent = ring_rounds(comm, args.rounds, args.seed)
+    except CommError as err:  # drop (CommTimeout), crash (RankCrashed): one line, all stop
+        abort_all(mpi.mpi_comm, f"FAIL comm world_size={mpi.world_size} rank {mpi.rank} "
+                           f"fault={fault}: {type(err).__name__}: {err}")  # fmt: skip
     problems += size_probes(mpi, args.seed)  # unwrapped: faults count only the rounds' sends
     reports = mpi.allgather((problems, sent))
     failed = [p for ps, _ in reports for p in ps]  # type: ignore[misc]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import numpy as np
 
@@ -35,8 +34,9 @@ from ringsim.reference import ring_dilated_attention_shard, ring_dilated_attenti
 from ringsim.reference.parity import check_case, check_gradients
 from ringsim.trace import RankTrace, Trace
 
+from .abort import abort_all
+
 #: Seconds a failing rank waits between printing its line and aborting every rank.
-ABORT_GRACE_S = 0.5
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -117,16 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                         json.dump(Trace.from_ranks(traces).to_json(), f)
     except (CommError, ValueError, TypeError) as err:
         # one clear line from the rank that saw it, then every rank stops
-        print(
-            f"FAIL parity world_size={comm.world_size} rank {comm.rank}: "
-            f"{type(err).__name__}: {err}",
-            file=sys.stderr,
-            flush=True,
-        )
-        # Abort tears down every process at once; mpiexec's forwarding of the line just
-        # written can lose that race on a loaded machine (seen in CI: empty stderr)
-        time.sleep(ABORT_GRACE_S)
-        world.Abort(1)
+        abort_all(world, f"FAIL parity world_size={comm.world_size} rank {comm.rank}: "
+                         f"{type(err).__name__}: {err}")  # fmt: skip
     failed = world.bcast(len(lines) if comm.rank == 0 else None, root=0)
     if comm.rank == 0:
         for line in lines:

@@ -168,6 +168,11 @@ class MPICommunicator:
     def world_size(self) -> int:
         return int(self._comm.Get_size())
 
+    @property
+    def mpi_comm(self):
+        """The mpi4py communicator underneath (what ``Abort`` is called on)."""
+        return self._comm
+
     def start(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> MPIRequest:
         from mpi4py import MPI
 
