@@ -144,9 +144,10 @@ def mix_backward(
 def check_backward_inputs(
     q: np.ndarray, out: np.ndarray, lse: np.ndarray, dout: np.ndarray, dlse: np.ndarray | None
 ) -> None:
-    """out and dout are shaped like q ``(b, n, h, d)``; lse and dlse are ``(b, h, n)``.
+    """out and dout are arrays shaped like q ``(b, n, h, d)``, lse and dlse ``(b, h, n)``, all
+    of q's dtype (dlse may be None).
 
-    Call after q has been validated; raises ValueError naming the argument.
+    Call after q has been validated; raises TypeError or ValueError naming the argument.
     """
     b, n, h, _ = q.shape
     for name, x, shape in (
@@ -155,8 +156,14 @@ def check_backward_inputs(
         ("lse", lse, (b, h, n)),
         ("dlse", dlse, (b, h, n)),
     ):
-        if x is not None and np.shape(x) != shape:
+        if x is None and name == "dlse":
+            continue
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{name}: expected a NumPy array, got {type(x).__name__}")
+        if np.shape(x) != shape:
             raise ValueError(f"{name}: shape must be {shape}, got {np.shape(x)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype must be q's ({q.dtype}), got {x.dtype}")
 
 
 def validate_backward(q, k, v, out, lse, dout, dlse, segment_lengths, dilation_rates,

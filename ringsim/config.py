@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -172,8 +173,16 @@ def selected_in_segment(pattern: Pattern, seg_start: int, lo: int, hi: int) -> n
 
 
 def _check_int_tuple(name: str, values: Any) -> tuple[int, ...]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise TypeError(f"{name}: expected a sequence of positive ints, got {values!r}")
+    """An ordered sequence of positive ints: a list, tuple or range, or a 1-d integer array (not
+    a set or dict, whose order is not the user's, nor a 0-d array or a string)."""
+    ordered = isinstance(values, Sequence) and not isinstance(values, (str, bytes))
+    if isinstance(values, np.ndarray) and values.ndim != 1:
+        raise TypeError(f"{name}: expected a 1-d sequence of positive ints, got a "
+                        f"{values.ndim}-d array")  # fmt: skip
+    if not (ordered or isinstance(values, np.ndarray)):
+        raise TypeError(
+            f"{name}: expected a sequence (list or tuple) of positive ints, got {values!r}"
+        )
     out = []
     for x in values:
         if isinstance(x, bool) or not isinstance(x, numbers.Integral):

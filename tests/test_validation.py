@@ -107,6 +107,9 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ),
     ("str lengths", {"segment_lengths": "48"}, TypeError, r"^segment_lengths: expected a sequence"),
     ("int rates", {"dilation_rates": 2}, TypeError, r"^dilation_rates: expected a sequence"),
+    ("set lengths", {"segment_lengths": {4, 8}}, TypeError, r"^segment_lengths: expected a seq"),
+    ("dict rates", {"dilation_rates": {1: 1, 2: 2}}, TypeError, r"^dilation_rates: expected a seq"),
+    ("0-d lengths", {"segment_lengths": np.array(8)}, TypeError, r"^segment_lengths: expected a 1"),
     ("unknown mode", {"mode": "dense"}, ValueError, r"^mode: must be one of 'longnet', 'grouped'"),
     ("mode not a str", {"mode": 1}, TypeError, r"^mode: expected a str"),
     (
@@ -190,3 +193,43 @@ def test_validate_checks_world_size(rng: np.random.Generator) -> None:
     with pytest.raises(ValueError, match=r"^world_size: seq_len must be divisible"):
         validate(q, k, v, [4], [1], world_size=3)
     assert validate(q, k, v, [4], [1], world_size=4).segment_lengths == (4,)
+
+
+def test_integer_arrays_and_numpy_ints_are_accepted(rng: np.random.Generator) -> None:
+    """A 1-d integer array of lengths, and a NumPy integer world size, are ints as users
+    write them: every entry point takes them (the simulated cluster included)."""
+    from ringsim.reference import ring_dilated_attention
+
+    q, k, v = unit_normal(rng, SHAPE)
+    out = ring_dilated_attention(q, k, v, np.array([4, 8]), np.array([1, 2]),
+                                 world_size=np.int64(2))  # fmt: skip
+    assert out.shape == SHAPE
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error", "match"),
+    [
+        ("dout", None, TypeError, r"^dout: expected a NumPy array, got NoneType"),
+        ("out", "list", TypeError, r"^out: expected a NumPy array, got list"),
+        ("dout", "int64", TypeError, r"^dout: dtype must be q's \(float64\), got int64"),
+        ("dout", "float32", TypeError, r"^dout: dtype must be q's \(float64\), got float32"),
+        ("lse", "float32", TypeError, r"^lse: dtype must be q's"),
+    ],
+)
+def test_backward_inputs_are_checked(rng, name, value, error, match) -> None:
+    from ringsim.reference import dilated_attention, dilated_attention_backward
+
+    q, k, v = unit_normal(rng, SHAPE)
+    out, lse = dilated_attention(q, k, v, (4, 8), (1, 2), return_lse=True)
+    args = {"out": out, "lse": lse, "dout": np.ones_like(out)}
+    args[name] = {None: None, "list": out.tolist(), "int64": args[name].astype(np.int64),
+                  "float32": args[name].astype(np.float32)}[value]  # fmt: skip
+    with pytest.raises(error, match=match):
+        dilated_attention_backward(q, k, v, args["out"], args["lse"], args["dout"], (4, 8), (1, 2))
+
+
+def test_faults_must_be_faults() -> None:
+    from ringsim.comm import SimulatedCluster
+
+    with pytest.raises(TypeError, match=r"^faults: expected a sequence of ringsim.comm.Fault"):
+        SimulatedCluster(2).run(lambda comm: None, faults="drop")

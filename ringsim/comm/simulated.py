@@ -13,6 +13,7 @@ blocked rank with one message saying who waits for what.
 
 from __future__ import annotations
 
+import numbers
 import pickle
 import threading
 import time
@@ -268,11 +269,13 @@ class SimulatedCluster:
     """
 
     def __init__(self, world_size: int, *, timeout: float = 30.0) -> None:
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):
+            raise TypeError(f"world_size: expected an int, got {world_size!r}")
+        if world_size < 1:
+            raise ValueError(f"world_size: must be >= 1, got {world_size!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        self.world_size = world_size
+        self.world_size = int(world_size)  # a NumPy integer too, as validate() accepts
         self.timeout = timeout
 
     def run(self, fn: Callable[[Communicator], T], faults: Sequence[Fault] = ()) -> list[T]:
@@ -282,6 +285,8 @@ class SimulatedCluster:
         including the :class:`DeadlockError` or :class:`CommTimeout` raised in its waits, and
         :class:`CommError` if every rank returned but messages were left undelivered.
         """
+        if isinstance(faults, (str, bytes)) or not all(isinstance(f, Fault) for f in faults):
+            raise TypeError(f"faults: expected a sequence of ringsim.comm.Fault, got {faults!r}")
         world = _World(self.world_size, self.timeout)
         comms: list[Communicator] = []
         for rank in range(self.world_size):
