@@ -150,14 +150,23 @@ def _block_rows(
     return rows
 
 
+#: One rank's part of a sub-ring's schedule: the transfers it sends, those it receives, its
+#: tasks and the return transfers it sends or receives, each in the schedule's order.
+RankPart = tuple[tuple[Transfer, ...], tuple[Transfer, ...], tuple[Task, ...], tuple[Transfer, ...]]
+_NOTHING: RankPart = ((), (), (), ())
+
+
+@functools.lru_cache(maxsize=4096)
 def _subring_schedule(
     subring: SubRing,
     groups: tuple[PatternGroup, ...],
     is_causal: bool,
     seq_len: int,
     world_size: int,
-) -> tuple[list[Transfer], list[Task]]:
-    """Every transfer, task and return transfer of one sub-ring, for all its ranks."""
+) -> dict[int, RankPart]:
+    """Every transfer, task and return transfer of one sub-ring, by rank: built once for all
+    the sub-ring's ranks (cached), so that P ranks of a sub-ring spanning all of them cost
+    O(P^2) together, not O(P^3)."""
     g = subring.size
     rows = _block_rows(subring, groups, seq_len, world_size)
     transfers, tasks, returns = [], [], []
@@ -206,7 +215,20 @@ def _subring_schedule(
             if any(back):
                 owner, holder = subring.rank_at(source), subring.rank_at(source + h)
                 returns.append(Transfer(h, subring, owner, holder, owner, back))
-    return transfers, tasks, returns
+    parts: dict[int, tuple[list, list, list, list]] = {}
+
+    def part(rank: int) -> tuple[list, list, list, list]:
+        return parts.setdefault(rank, ([], [], [], []))
+
+    for t in transfers:
+        part(t.send_rank)[0].append(t)
+        part(t.recv_rank)[1].append(t)
+    for task in tasks:
+        part(task.rank)[2].append(task)
+    for t in returns:
+        for rank in dict.fromkeys((t.send_rank, t.recv_rank)):  # once if it never left
+            part(rank)[3].append(t)
+    return {rank: tuple(tuple(x) for x in lists) for rank, lists in parts.items()}
 
 
 @functools.lru_cache(maxsize=64)
@@ -221,18 +243,17 @@ def rank_plan(
     tasks: dict[int, list[Task]] = {}
     returns: list[Transfer] = []
     for subring in rank_subrings(config, seq_len, world_size, rank):
-        transfers, sub_tasks, sub_returns = _subring_schedule(
+        schedule = _subring_schedule(
             subring, groups[subring.pair], config.is_causal, seq_len, world_size
         )
-        returns.extend(t for t in sub_returns if rank in (t.send_rank, t.recv_rank))
-        for t in transfers:
-            if t.send_rank == rank:
-                sends.setdefault(t.step, []).append(t)
-            if t.recv_rank == rank:
-                recvs.setdefault(t.step, []).append(t)
-        for task in sub_tasks:
-            if task.rank == rank:
-                tasks.setdefault(task.step, []).append(task)
+        my_sends, my_recvs, my_tasks, my_returns = schedule.get(rank, _NOTHING)
+        returns.extend(my_returns)
+        for t in my_sends:
+            sends.setdefault(t.step, []).append(t)
+        for t in my_recvs:
+            recvs.setdefault(t.step, []).append(t)
+        for task in my_tasks:
+            tasks.setdefault(task.step, []).append(task)
     num_steps = max(tasks, default=-1) + 1
     steps = tuple(
         RankStep(
@@ -245,6 +266,13 @@ def rank_plan(
         for t in range(num_steps)
     )
     return RankPlan(rank, world_size, seq_len, groups, steps, tuple(returns))
+
+
+def clear_plan_caches() -> None:
+    """Forget every cached plan (for code that changes what the plan's functions return, such
+    as the mutant tests)."""
+    rank_plan.cache_clear()
+    _subring_schedule.cache_clear()
 
 
 def ring_plan(

@@ -22,11 +22,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def fresh_plans():
     """Plans are cached (``rank_plan``): a test that patches a plan function (the mutants)
     must neither reuse nor leave behind plans made with other code."""
-    from ringsim.plan import rank_plan
+    from ringsim.plan import clear_plan_caches
 
-    rank_plan.cache_clear()
+    clear_plan_caches()
     yield
-    rank_plan.cache_clear()
+    clear_plan_caches()
 
 
 @pytest.fixture

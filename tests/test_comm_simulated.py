@@ -252,3 +252,21 @@ def test_importing_ringsim_comm_does_not_import_mpi4py() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_ranks_run_until_they_block_while_a_cluster_runs() -> None:
+    """The switch interval is raised during a run (ranks are not preempted while they hold
+    the cluster's lock: ringsim.comm.switching) and restored after, also after a failure."""
+    from ringsim.comm.switching import SWITCH_INTERVAL_S
+
+    before = sys.getswitchinterval()
+    seen = SimulatedCluster(3).run(lambda comm: sys.getswitchinterval())
+    assert seen == pytest.approx([max(before, SWITCH_INTERVAL_S)] * 3)
+    assert sys.getswitchinterval() == before
+
+    def fail(comm: Communicator) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RankFailed):
+        SimulatedCluster(2).run(fail)
+    assert sys.getswitchinterval() == before

@@ -38,6 +38,7 @@ from .base import (
     same_dtype,
 )
 from .faults import Fault, FaultyCommunicator
+from .switching import ranks_run_until_they_block
 
 T = TypeVar("T")
 
@@ -74,11 +75,18 @@ class _Gather:
 
 @dataclass
 class _World:
-    """State shared by the ranks of one run; every field is guarded by ``cond``."""
+    """State shared by the ranks of one run; every field is guarded by ``cond``'s lock.
+
+    Each rank sleeps on its own condition (``wakers[rank]``, on the same lock), and a message
+    wakes its receiver only: the cost of a message does not grow with the number of ranks.
+    Events every rank must see (a failure, a deadlock, a rank done, a complete allgather)
+    wake them all.
+    """
 
     world_size: int
     timeout: float
     cond: threading.Condition = field(default_factory=threading.Condition)
+    wakers: list[threading.Condition] = field(default_factory=list)
     mailboxes: dict[tuple[int, int, int], deque[Payload]] = field(default_factory=dict)
     posted: dict[tuple[int, int, int], deque[_Slot]] = field(default_factory=dict)
     gathers: dict[int, _Gather] = field(default_factory=dict)
@@ -89,6 +97,11 @@ class _World:
 
     def __post_init__(self) -> None:
         self.states = [_State.RUNNING] * self.world_size
+        self.wakers = [threading.Condition(self.cond) for _ in range(self.world_size)]
+
+    def wake_all(self) -> None:
+        for waker in self.wakers:
+            waker.notify_all()
 
     # Called with cond held.
     def post_send(self, source: int, send: Send) -> None:
@@ -98,7 +111,7 @@ class _World:
             queue.popleft().payload = payload
         else:
             self.mailboxes.setdefault((source, send.dest, send.tag), deque()).append(payload)
-        self.cond.notify_all()
+        self.wakers[send.dest].notify_all()
 
     def post_recv(self, dest: int, recv: Recv) -> _Slot:
         slot = _Slot(recv.source, recv.tag)
@@ -132,15 +145,17 @@ class _World:
                     raise CommTimeout(
                         f"rank {rank} timed out after {self.timeout:g} s: {describe()}"
                     )
-                self.cond.wait(remaining)
+                self.wakers[rank].wait(remaining)
         finally:
             del self.waiting[rank]
 
     def detect_deadlock(self) -> bool:
         """Set ``deadlock`` (and wake everyone) if no live rank can ever move again."""
-        live = [r for r, s in enumerate(self.states) if s is _State.RUNNING]
-        if self.deadlock is not None or self.failures or not live:
+        if self.deadlock is not None or self.failures:
             return self.deadlock is not None
+        live = [r for r, s in enumerate(self.states) if s is _State.RUNNING]
+        if not live or len(self.waiting) < len(live):  # a live rank is still running
+            return False
         if not all(r in self.waiting and not self.waiting[r][0]() for r in live):
             return False
         lines = [f"deadlock: all {len(live)} live ranks are blocked"]
@@ -152,7 +167,7 @@ class _World:
         if stray:
             lines.append(f"  undelivered (source, dest, tag): {stray}")
         self.deadlock = "\n".join(lines)
-        self.cond.notify_all()
+        self.wake_all()
         return True
 
     def end(self, rank: int, error: BaseException | None) -> None:
@@ -163,7 +178,7 @@ class _World:
             else:
                 self.states[rank] = _State.FAILED
                 self.failures.append((rank, error))
-            self.cond.notify_all()
+            self.wake_all()
 
 
 class _SimulatedRequest:
@@ -249,7 +264,8 @@ class SimulatedCommunicator:
         with world.cond:
             gather = world.gathers.setdefault(key, _Gather([None] * self.world_size))
             gather.objects[self._rank] = data
-            world.cond.notify_all()
+            if gather.complete():
+                world.wake_all()
 
             def describe() -> str:
                 absent = [r for r, o in enumerate(gather.objects) if o is None]
@@ -306,10 +322,11 @@ class SimulatedCluster:
             threading.Thread(target=main, args=(rank,), name=f"ringsim-rank-{rank}")
             for rank in range(self.world_size)
         ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()  # every wait is bounded by the timeout, so this ends
+        with ranks_run_until_they_block():
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()  # every wait is bounded by the timeout, so this ends
         if world.failures:
             failed = _rank_failed(world.failures)
             raise failed from failed.error
