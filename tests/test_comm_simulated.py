@@ -270,3 +270,23 @@ def test_ranks_run_until_they_block_while_a_cluster_runs() -> None:
     with pytest.raises(RankFailed):
         SimulatedCluster(2).run(fail)
     assert sys.getswitchinterval() == before
+
+
+def test_a_wait_times_out_only_when_the_whole_cluster_stalls() -> None:
+    """Rank 0 waits 1.2 s for rank 2, longer than the 0.5 s timeout, while ranks 1 and 2 keep
+    exchanging messages every 0.1 s: the cluster is making progress, so rank 0 does not time
+    out (a long run of many ranks must not time out on its own); a stall still does."""
+    payload = random_payloads(20, 1, 1)[0][0]
+
+    def fn(comm: Communicator) -> int:
+        if comm.rank == 0:
+            return len(comm.exchange([], [recv_for(2, 99, payload)]))
+        peer = 3 - comm.rank  # ranks 1 and 2 talk to each other
+        for step in range(12):
+            time.sleep(0.1)
+            comm.exchange([Send(peer, step, payload)], [recv_for(peer, step, payload)])
+        if comm.rank == 2:
+            comm.exchange([Send(0, 99, payload)], [])
+        return 0
+
+    assert SimulatedCluster(3, timeout=0.5).run(fn) == [1, 0, 0]

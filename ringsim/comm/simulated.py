@@ -94,6 +94,9 @@ class _World:
     waiting: dict[int, tuple[Callable[[], bool], Callable[[], str]]] = field(default_factory=dict)
     failures: list[tuple[int, BaseException]] = field(default_factory=list)
     deadlock: str | None = None
+    #: When a rank last sent (or ended): a wait times out only once the whole cluster has
+    #: made no progress for ``timeout`` seconds, so a long run never times out on its own.
+    last_progress: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.states = [_State.RUNNING] * self.world_size
@@ -111,6 +114,7 @@ class _World:
             queue.popleft().payload = payload
         else:
             self.mailboxes.setdefault((source, send.dest, send.tag), deque()).append(payload)
+        self.last_progress = time.monotonic()
         self.wakers[send.dest].notify_all()
 
     def post_recv(self, dest: int, recv: Recv) -> _Slot:
@@ -123,8 +127,9 @@ class _World:
         return slot
 
     def block(self, rank: int, ready: Callable[[], bool], describe: Callable[[], str]) -> None:
-        """Wait until ``ready()``; raise on deadlock, another rank's failure, or timeout."""
-        deadline = time.monotonic() + self.timeout
+        """Wait until ``ready()``; raise on deadlock, another rank's failure, or timeout: no
+        rank sent anything for ``timeout`` seconds while this one waited."""
+        started = time.monotonic()
         self.waiting[rank] = (ready, describe)
         try:
             while True:
@@ -140,7 +145,7 @@ class _World:
                     )
                 if self.detect_deadlock():
                     continue
-                remaining = deadline - time.monotonic()
+                remaining = max(started, self.last_progress) + self.timeout - time.monotonic()
                 if remaining <= 0:
                     raise CommTimeout(
                         f"rank {rank} timed out after {self.timeout:g} s: {describe()}"
@@ -264,6 +269,7 @@ class SimulatedCommunicator:
         with world.cond:
             gather = world.gathers.setdefault(key, _Gather([None] * self.world_size))
             gather.objects[self._rank] = data
+            world.last_progress = time.monotonic()
             if gather.complete():
                 world.wake_all()
 
@@ -281,7 +287,9 @@ class SimulatedCommunicator:
 class SimulatedCluster:
     """``world_size`` ranks as threads of this process; ``run`` runs one function on each.
 
-    ``timeout`` bounds every wait and allgather, in seconds.
+    ``timeout``, in seconds, bounds every wait and allgather: a waiting rank gives up with
+    :class:`CommTimeout` once no rank has sent anything (or joined an allgather) for that long,
+    so a stalled cluster ends while a long run of many ranks does not time out on its own.
     """
 
     def __init__(self, world_size: int, *, timeout: float = 30.0) -> None:
