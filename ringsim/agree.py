@@ -57,6 +57,13 @@ def agree(comm: Communicator, description: str, error: Exception | None) -> None
             known.popitem(last=False)
 
 
+def _device_type(x: Any) -> str:
+    """``'cpu'`` for a NumPy array, the device type (``'cuda'``, ``'cpu'``...) of a tensor:
+    ranks on different kinds of device cannot exchange blocks, so they disagree."""
+    device = getattr(x, "device", "cpu")
+    return str(getattr(device, "type", device))
+
+
 def agreed_config(
     comm: Communicator,
     q: Any,
@@ -90,7 +97,7 @@ def agreed_config(
         description = (
             f"w={config.segment_lengths} r={config.dilation_rates} "
             f"{config.mode.value} causal={config.is_causal} "
-            f"scale={config.softmax_scale} shard={shape} {q.dtype}"
+            f"scale={config.softmax_scale} shard={shape} {q.dtype} on {_device_type(q)}"
         )
     except (TypeError, ValueError) as err:
         error = err

@@ -160,3 +160,23 @@ def test_double_backward_is_refused_by_every_function():
 
     with pytest.raises(RankFailed, match="double backward"):
         SimulatedCluster(2, timeout=20.0).run(run_rank)
+
+
+def test_devices_are_checked_before_any_work():
+    """k or v on another device than q: a clear error naming it (it returned a meta tensor or
+    crashed inside the merge); ranks on different kinds of device disagree together, in the
+    agreement step, before any block is sent."""
+    q = torch.randn(1, 8, 2, 4, device="meta")
+    k = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match=r"^k: must be on q's device \(meta\), got cpu"):
+        dilated_attention(q, k, k, (8,), (1,))
+    with pytest.raises(ValueError, match=r"^v: must be on q's device"):
+        dilated_attention(k, k, q, (8,), (1,))
+
+    def run_rank(comm):
+        device = "cpu" if comm.rank == 0 else "meta"
+        x = torch.randn(1, 4, 2, 4, device=device)
+        return ring_dilated_attention(x, x, x, (8,), (1,), comm=comm)
+
+    with pytest.raises(RankFailed, match="disagree"):
+        SimulatedCluster(2, timeout=20.0).run(run_rank)

@@ -26,19 +26,26 @@ from .backward import BackwardExecutor
 from .forward import ForwardExecutor
 
 
-def check_tensor(q) -> None:
-    """The torch backend takes floating-point torch tensors."""
+def check_tensor(q, k=None, v=None) -> None:
+    """The torch backend takes floating-point torch tensors, k and v on q's device."""
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
     if not q.is_floating_point():
         raise TypeError(f"q: dtype must be floating point, got {q.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: must be on q's device ({q.device}), got {x.device}")
 
 
 def prepare(q, k, v, requested: Kernel | str | None):
     """Every entry point's inputs, before any work: q checked (:func:`check_tensor`), q, k, v
     :func:`~ringsim.gpu.kernels.realigned`, and the kernel chosen for them. Returns
     ``(q, k, v, kernel)``."""
-    check_tensor(q)
+    check_tensor(q, k, v)
     q, k, v = (realigned(x) for x in (q, k, v))
     return q, k, v, choose_kernel(q, requested, k, v)
 

@@ -77,7 +77,7 @@ def ring_dilated_attention(
         is_causal=is_causal,
         mode=mode,
         softmax_scale=softmax_scale,
-        check_array=check_tensor,
+        check_array=lambda x: check_tensor(x, k, v),  # devices too, before any message
     )
     q, k, v, chosen = prepare(q, k, v, kernel)
     check_differentiable(q, k, v, chosen)
