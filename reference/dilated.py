@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ringsim.config import PatternGroup, segment_bounds, selected_in_segment, validate
+from ringsim.config import (
+    PatternGroup,
+    check_flags,
+    segment_bounds,
+    selected_in_segment,
+    validate,
+)
 
 from .block import block_attention
 from .merge import merge_stable
@@ -91,6 +97,7 @@ def dilated_attention(
         out ``(batch, seq_len, num_heads, head_dim)`` in q's dtype, and lse if asked (-inf on
         rows with no key, whose out is 0).
     """
+    check_flags(return_lse=return_lse)
     config = validate(
         q,
         k,

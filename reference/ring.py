@@ -22,7 +22,7 @@ import numpy as np
 
 from ringsim.agree import agreed_config
 from ringsim.comm.base import Communicator, Payload, Recv
-from ringsim.config import positions
+from ringsim.config import check_flags, positions
 from ringsim.plan import BlockAction, RankPlan, Task, Transfer, rank_plan
 from ringsim.ringloop import TaskParts, run_ring
 from ringsim.trace import RankTrace
@@ -124,7 +124,7 @@ def ring_dilated_attention_shard(
         is_causal=is_causal,
         mode=mode,
         softmax_scale=softmax_scale,
-        check_array=check_float,
+        check_array=lambda x: (check_float(x), check_flags(return_lse=return_lse)),
     )
     plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank)
     out, lse = empty_result(b, c, h, d, q.dtype)

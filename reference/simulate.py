@@ -15,7 +15,7 @@ import numpy as np
 from ringsim.cases import Case
 from ringsim.comm.faults import Fault
 from ringsim.comm.traced import run_traced
-from ringsim.config import validate
+from ringsim.config import check_flags, validate
 
 from .backward import validate_backward
 from .dilated import check_float
@@ -74,6 +74,7 @@ def ring_dilated_attention(
         :class:`ringsim.comm.CommError` when a rank fails, a message never comes, or the
         ring deadlocks.
     """
+    check_flags(return_lse=return_lse, return_trace=return_trace)
     config = validate(
         q,
         k,
@@ -140,6 +141,7 @@ def ring_dilated_attention_backward(
     Returns:
         the gathered global ``(dq, dk, dv)`` [, trace].
     """
+    check_flags(return_trace=return_trace)
     config = validate_backward(
         q, k, v, out, lse, dout, dlse, segment_lengths, dilation_rates,
         is_causal=is_causal, mode=mode, softmax_scale=softmax_scale, world_size=world_size,

@@ -265,6 +265,14 @@ def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def check_flags(**flags: Any) -> None:
+    """Each keyword (``return_lse=...``, ``return_trace=...``) is a bool: a string such as
+    ``'yes'`` would otherwise be read as True."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name}: expected a bool, got {value!r}")
+
+
 def check_world_size(seq_len: int, world_size: Any) -> int:
     """``world_size`` is a positive int dividing ``seq_len`` (SPEC 5, 7)."""
     if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):

@@ -233,3 +233,26 @@ def test_faults_must_be_faults() -> None:
 
     with pytest.raises(TypeError, match=r"^faults: expected a sequence of ringsim.comm.Fault"):
         SimulatedCluster(2).run(lambda comm: None, faults="drop")
+
+
+def test_flags_must_be_bools(rng: np.random.Generator) -> None:
+    """``return_lse='yes'`` (or ``return_trace``) was read as True: every entry point of the
+    reference refuses it naming the flag; the per-rank ring refuses it on every rank, in the
+    agreement, so no rank waits for the others."""
+    from ringsim.comm import RankFailed, SimulatedCluster
+    from ringsim.reference import ring_dilated_attention, ring_dilated_attention_shard
+
+    q, k, v = unit_normal(rng, SHAPE)
+    args = (q, k, v, (4, 8), (1, 2))
+    with pytest.raises(TypeError, match=r"^return_lse: expected a bool, got 'yes'"):
+        dilated_attention(*args, return_lse="yes")
+    with pytest.raises(TypeError, match=r"^return_trace: expected a bool"):
+        ring_dilated_attention(*args, world_size=2, return_trace=1)
+    shard = tuple(x[:, :4] for x in (q, k, v))
+
+    def run_rank(comm):
+        flag = "yes" if comm.rank == 1 else False
+        return ring_dilated_attention_shard(*shard, (4, 8), (1, 2), comm=comm, return_lse=flag)
+
+    with pytest.raises(RankFailed, match="return_lse: expected a bool"):
+        SimulatedCluster(2, timeout=20.0).run(run_rank)

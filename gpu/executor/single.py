@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ringsim.config import DilatedConfig, validate
+from ringsim.config import DilatedConfig, check_flags, validate
 from ringsim.plan import rank_plan
 
 from ..kernels import Kernel, choose_kernel, realigned
@@ -96,6 +96,7 @@ def dilated_attention(
     Returns:
         out ``(batch, seq_len, num_heads, head_dim)`` in q's dtype [, lse].
     """
+    check_flags(return_lse=return_lse)
     config = validate(
         q,
         k,

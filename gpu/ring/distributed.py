@@ -11,6 +11,7 @@ import torch
 
 from ringsim.agree import agreed_config
 from ringsim.comm.base import Communicator
+from ringsim.config import check_flags
 from ringsim.trace import RankTrace
 
 from ..executor import check_differentiable, check_tensor, prepare
@@ -77,7 +78,8 @@ def ring_dilated_attention(
         is_causal=is_causal,
         mode=mode,
         softmax_scale=softmax_scale,
-        check_array=lambda x: check_tensor(x, k, v),  # devices too, before any message
+        # devices and flags too: every rank's verdict before any message
+        check_array=lambda x: (check_tensor(x, k, v), check_flags(return_lse=return_lse)),
     )
     q, k, v, chosen = prepare(q, k, v, kernel)
     check_differentiable(q, k, v, chosen)

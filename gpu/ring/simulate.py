@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ringsim.config import validate
+from ringsim.config import check_flags, validate
 from ringsim.trace import Trace
 
 from ..executor import check_differentiable, prepare
@@ -44,6 +44,7 @@ def simulated_ring_dilated_attention(
     Returns:
         global out ``(batch, seq_len, num_heads, head_dim)`` [, lse][, trace].
     """
+    check_flags(return_lse=return_lse, return_trace=return_trace)
     config = validate(
         q,
         k,
