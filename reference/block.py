@@ -17,6 +17,26 @@ def masked_scores(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     return np.where(allowed, scores, -np.inf)
 
 
+def weighted_values(weights: np.ndarray, v: np.ndarray, spec: str) -> np.ndarray:
+    """``np.einsum(spec, weights, v)`` (``spec`` sums over the keys) in which a key of weight
+    0 contributes nothing even where its value is not finite (SPEC 7: only the rows that
+    attend to a non-finite input are NaN; 0 x NaN would spread a masked key's NaN to every
+    row of the block). A row that gives weight to a non-finite value is NaN.
+
+    ``spec`` is ``"W,V->O"`` with the value's last index the head dim, absent from W.
+    """
+    finite = np.isfinite(v)
+    if finite.all():
+        return np.einsum(spec, weights, v)
+    out = np.einsum(spec, weights, np.where(finite, v, 0.0))
+    w_idx, rest = spec.split(",")
+    v_idx, o_idx = rest.split("->")
+    bad_value = (~finite).any(axis=-1).astype(out.dtype)  # per key (and batch, head)
+    touched = np.einsum(f"{w_idx},{v_idx[:-1]}->{o_idx[:-1]}", (weights != 0).astype(out.dtype),
+                        bad_value)  # fmt: skip
+    return np.where(touched[..., None] > 0, np.nan, out)
+
+
 def block_attention(
     q: np.ndarray,
     k: np.ndarray,
@@ -52,7 +72,7 @@ def block_attention(
         denom = probs.sum(axis=-1)  # (b, h, m)
         lse = row_max[..., 0] + np.log(denom)
         # 3. normalise; an empty row has denom 0 and gets 0 (NaN rows stay NaN).
-        out = np.einsum("bhml,blhd->bmhd", probs, v)
+        out = weighted_values(probs, v, "bhml,blhd->bmhd")
         rows = np.swapaxes(denom, -1, -2)[..., None]  # (b, m, h, 1)
         out = np.where(rows == 0, 0.0, out / rows)
     return out.astype(q.dtype), lse.astype(q.dtype)

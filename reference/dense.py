@@ -13,6 +13,8 @@ import numpy as np
 
 from ringsim.config import Pattern, validate
 
+from .block import weighted_values
+
 
 def pattern_mask(pattern: Pattern, seq_len: int, *, is_causal: bool = False) -> np.ndarray:
     """Boolean ``(n, n)`` mask of one pattern: ``mask[x, y]`` is True when x may attend y.
@@ -45,7 +47,7 @@ def masked_attention(
     masked = np.where(mask, scores, -np.inf)
     lse = np.logaddexp.reduce(masked, axis=-1)  # -inf for a row with no key
     probs = np.where(mask, np.exp(masked - lse[..., None]), 0.0)
-    return np.einsum("bxy,byd->bxd", probs, v), lse
+    return weighted_values(probs, v, "bxy,byd->bxd"), lse  # a masked NaN stays out
 
 
 def dense_dilated_attention(
