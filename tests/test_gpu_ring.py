@@ -168,3 +168,21 @@ def test_gloo_ring_on_real_processes(world_size):
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"PASS distcheck backend=gloo world_size={world_size}" in result.stdout
     assert "max_grad_error=" in result.stdout
+
+
+def test_distcheck_ends_a_dead_worker_in_one_line(monkeypatch, capsys):
+    """A worker killed, stopped or failing ends the check with one FAIL line and exit 1,
+    not a ProcessExitedException traceback."""
+    from ringsim.gpu.harness import distcheck
+
+    def spawn(*args, **kwargs):
+        raise distcheck.mp.ProcessExitedException(
+            "process 1 terminated with signal SIGKILL", error_index=1, error_pid=1,
+            exit_code=-9, signal_name="SIGKILL",
+        )  # fmt: skip
+
+    monkeypatch.setattr(distcheck.mp, "spawn", spawn)
+    assert distcheck.main(["--world-size", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("FAIL distcheck world_size=2: process 1 terminated with signal")
+    assert "Traceback" not in err
