@@ -194,7 +194,7 @@ def dense_cudnn(q, k, v, config, args, device) -> Result:
     if why is not None:
         result.status = f"skipped: {why}"
         return result
-    heads = h if n <= args.dense_max else max(1, h * args.dense_max**2 // n**2)
+    heads = baselines.dense_heads(n, h, args.dense_max)
     result.flops = baselines.dense_flops(b, n, heads, d, config.is_causal)
     sub = (x[:, :, :heads] for x in (q, k, v))
     optional(result, lambda: baselines.dense(*sub, config, Kernel.CUDNN), device, args.budget, None)

@@ -120,7 +120,7 @@ def dense_row(plain, config, args, device) -> tuple:
     why = capability(Kernel.CUDNN, plain[0])
     if why is not None:
         return None, None, f"skipped: {why}"
-    heads = h if n <= args.dense_max else max(1, h * args.dense_max**2 // n**2)
+    heads = baselines.dense_heads(n, h, args.dense_max)
     qt, kt, vt, dt = (x[:, :, :heads].transpose(1, 2).contiguous() for x in plain)
     scale, causal = config.scale(d), config.is_causal
 

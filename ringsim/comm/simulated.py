@@ -158,9 +158,10 @@ class _World:
         """Set ``deadlock`` (and wake everyone) if no live rank can ever move again."""
         if self.deadlock is not None or self.failures:
             return self.deadlock is not None
-        live = [r for r, s in enumerate(self.states) if s is _State.RUNNING]
-        if not live or len(self.waiting) < len(live):  # a live rank is still running
+        running = self.states.count(_State.RUNNING)
+        if not running or len(self.waiting) < running:  # a live rank is still running
             return False
+        live = [r for r, s in enumerate(self.states) if s is _State.RUNNING]
         if not all(r in self.waiting and not self.waiting[r][0]() for r in live):
             return False
         lines = [f"deadlock: all {len(live)} live ranks are blocked"]
