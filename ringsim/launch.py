@@ -8,10 +8,12 @@ without a flag; MPICH needs neither.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -84,3 +86,50 @@ def mpi_available() -> str | None:
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
         return f"{mpiexec} does not run: {error}"
     return None
+
+
+def descendants(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """Every living process below ``pid`` (children, their children, ...), from ``/proc``.
+
+    An ``mpiexec`` job's ranks each run in a session of their own, below a proxy: killing
+    the launcher's process group does not reach them. Without ``/proc``, none.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in proc.glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children.get(child, [])
+    return sorted(found)
+
+
+def kill_processes(pids: Sequence[int]) -> None:
+    """SIGKILL each of ``pids``; one that already ended is skipped."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_job(command: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` (an ``mpiexec`` line) and capture its text output.
+
+    Past ``timeout`` seconds the launcher and every process below it are killed, then
+    ``subprocess.TimeoutExpired`` is raised: a hung job leaves no rank behind.
+    """
+    with subprocess.Popen(
+        list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as job:
+        try:
+            stdout, stderr = job.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_processes([*descendants(job.pid), job.pid])
+            job.communicate()
+            raise
+    return subprocess.CompletedProcess(list(command), job.returncode, stdout, stderr)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +18,7 @@ import pytest
 from ringsim import launch
 from ringsim.comm import Recv
 from ringsim.comm.mpi import pack, unpack
-from ringsim.launch import mpi_available, mpiexec_command
+from ringsim.launch import mpi_available, mpiexec_command, run_job
 
 MPI_MISSING = mpi_available()
 needs_mpi = pytest.mark.skipif(MPI_MISSING is not None, reason=f"needs mpiexec: {MPI_MISSING}")
@@ -26,20 +26,14 @@ LIMIT_S = 60  # any single launch; a hang fails the test instead of stalling the
 
 
 def launch_check(nprocs: int, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    """Run ``ringsim.checks.comm``; a job still running after LIMIT_S is killed, and fails."""
+    """Run ``ringsim.checks.comm``; a job still running after LIMIT_S is killed (every rank
+    with it), and fails."""
     command = mpiexec_command(nprocs, "ringsim.checks.comm", args)
     began = time.monotonic()
-    # Own session, so a hung job's ranks can be killed with mpiexec (they share its group).
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=LIMIT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"{command} still running after {LIMIT_S} s:\n{stdout}\n{stderr}")
-    done = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    try:
+        done = run_job(command, LIMIT_S)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"{command} still running after {LIMIT_S} s:\n{hung.stdout}\n{hung.stderr}")
     return done, time.monotonic() - began
 
 
@@ -171,3 +165,34 @@ def test_mpiexec_command_without_mpiexec(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(launch, "find_mpiexec", lambda: None)
     with pytest.raises(RuntimeError, match="no mpiexec"):
         mpiexec_command(2, "m")
+
+
+def test_mapped_segments_reads_named_mpich_files_only(tmp_path) -> None:
+    from ringsim.checks.abort import mapped_segments
+
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f00-7f01 rw-s 00000000 00:1a 12 /dev/shm/mpich_shm_86808393_0\n"
+        "7f01-7f02 rw-s 00000000 00:1a 13 /dev/shm/mpich_shm_0badf00d_0 (deleted)\n"
+        "7f02-7f03 rw-s 00000000 00:1a 12 /dev/shm/mpich_shm_86808393_0\n"
+        "7f03-7f04 r-xp 00000000 08:01 99 /usr/lib/libmpi.so.12\n"
+        "7f04-7f05 rw-p 00000000 00:00 0\n"
+    )
+    assert [str(p) for p in mapped_segments(maps)] == ["/dev/shm/mpich_shm_86808393_0"]
+    assert mapped_segments(tmp_path / "absent") == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc (Linux)")
+def test_run_job_kills_every_process_below_a_hung_launcher() -> None:
+    """A rank runs in a session of its own below a proxy: the launcher's death alone
+    would leave it running."""
+    script = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', " \
+             "'import os, time; os.setsid(); print(os.getpid(), flush=True); time.sleep(60)']" \
+             ").wait()"  # fmt: skip
+    with pytest.raises(subprocess.TimeoutExpired) as hung:
+        run_job([sys.executable, "-c", script], timeout=2.0)
+    grandchild = int(hung.value.stdout.split()[0])
+    time.sleep(0.2)
+    stat = Path(f"/proc/{grandchild}/stat")
+    if stat.exists():  # killed but not yet reaped by its new parent: a zombie
+        assert stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"

@@ -7,14 +7,23 @@ extra); skipped with the reason where they are absent.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from ring_support import run_ring
 
 from ringsim.cases import fixed_cases
-from ringsim.launch import mpi_available, mpiexec_command
+from ringsim.launch import (
+    descendants,
+    kill_processes,
+    mpi_available,
+    mpiexec_command,
+    run_job,
+)
 from ringsim.trace import Trace
 
 pytestmark = [
@@ -24,8 +33,7 @@ pytestmark = [
 
 
 def parity(nprocs: int, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    command = mpiexec_command(nprocs, "ringsim.checks.parity", args)
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    return run_job(mpiexec_command(nprocs, "ringsim.checks.parity", args), timeout)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
@@ -76,3 +84,64 @@ def test_mpi_corrupted_message_names_rank_and_rows():
     assert result.returncode != 0
     assert "FAIL parity world_size=4" in result.stdout
     assert "rows" in result.stderr and "rank" in result.stderr, result.stderr
+
+
+def rank_processes(launcher: int) -> list[int]:
+    """The pids of an mpiexec job's ranks (the Python processes below the launcher)."""
+    ranks = []
+    for pid in descendants(launcher):
+        try:
+            if b"ringsim.checks.parity" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                ranks.append(pid)
+        except OSError:  # ended meanwhile
+            pass
+    return ranks
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("stopped", [0, 2])
+def test_a_stopped_rank_ends_the_check_within_its_timeout(tmp_path, stopped):
+    """A rank frozen from outside (SIGSTOP) in the middle of a run: every other rank gives
+    up within --timeout wherever it waits (a message or a collective), one FAIL line, no
+    PASS, and the job ends. Blocking collectives once held the live ranks forever."""
+    trace = tmp_path / "trace.json"  # written by rank 0 after the first case: all ranks run
+    args = ["--cases", "400", "--timeout", "3", "--trace-out", str(trace)]
+    command = mpiexec_command(4, "ringsim.checks.parity", args)
+    ranks: list[int] = []
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as job:
+        try:
+            started = time.monotonic()
+            while not trace.exists():
+                assert job.poll() is None, job.communicate()
+                assert time.monotonic() - started < 60, "the first case never finished"
+                time.sleep(0.02)
+            ranks = rank_processes(job.pid)
+            assert len(ranks) == 4, ranks
+            os.kill(ranks[stopped], signal.SIGSTOP)
+            frozen = time.monotonic()
+            stdout, stderr = job.communicate(timeout=30)
+            elapsed = time.monotonic() - frozen
+        finally:
+            kill_processes([*ranks, job.pid])  # a hung job leaves nothing behind
+    assert job.returncode != 0
+    assert "PASS" not in stdout, stdout
+    assert elapsed < 3 + 10, elapsed
+    assert "CommTimeout" in stderr and "FAIL parity world_size=4 rank" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
+def mpich_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("mpich_shm_*")}
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")
+@pytest.mark.parametrize("fault", ["crash", "drop"])
+def test_an_aborted_check_leaves_no_shared_memory(fault):
+    """MPICH removes its /dev/shm segment in MPI_Finalize, which an aborted job never
+    reaches; every aborted check used to leave 2-4 MB there."""
+    before = mpich_segments()
+    result = parity(3, "--cases", "1", "--no-fixed", "--fault", fault, "--timeout", "2")
+    assert result.returncode != 0 and "FAIL parity" in result.stderr, result.stderr
+    assert mpich_segments() - before == set()

@@ -114,11 +114,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         problems, sent = ring_rounds(comm, args.rounds, args.seed)
+        problems += size_probes(mpi, args.seed)  # unwrapped: faults count only the rounds'
+        reports = mpi.allgather((problems, sent))
     except CommError as err:  # drop (CommTimeout), crash (RankCrashed): one line, all stop
         abort_all(mpi.mpi_comm, f"FAIL comm world_size={mpi.world_size} rank {mpi.rank} "
                            f"fault={fault}: {type(err).__name__}: {err}")  # fmt: skip
-    problems += size_probes(mpi, args.seed)  # unwrapped: faults count only the rounds' sends
-    reports = mpi.allgather((problems, sent))
     failed = [p for ps, _ in reports for p in ps]  # type: ignore[misc]
     if mpi.rank == 0:
         total = sum(s for _, s in reports)  # type: ignore[misc]

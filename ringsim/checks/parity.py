@@ -36,8 +36,6 @@ from ringsim.trace import RankTrace, Trace
 
 from .abort import abort_all
 
-#: Seconds a failing rank waits between printing its line and aborting every rank.
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -99,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, case in enumerate(cases):
             disagree = args.disagree_rank == comm.rank
             out, lse, grads, trace = run_case(comm, case, args.seed + i, dtype, disagree)
-            gathered = world.gather((out, lse, grads, trace), root=0)
+            # bounded by --timeout, like every wait: a stopped rank cannot hold the others
+            gathered = comm.allgather((out, lse, grads, trace))
             if comm.rank == 0:
                 outs, lses, rank_grads, traces = zip(*gathered)
                 inputs = case.inputs(args.seed + i, dtype)
@@ -115,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                 if i == 0 and args.trace_out:
                     with open(args.trace_out, "w") as f:
                         json.dump(Trace.from_ranks(traces).to_json(), f)
+        failed = comm.allgather(len(lines))[0]  # rank 0's count, to every rank
     except (CommError, ValueError, TypeError) as err:
         # one clear line from the rank that saw it, then every rank stops
         abort_all(world, f"FAIL parity world_size={comm.world_size} rank {comm.rank}: "
                          f"{type(err).__name__}: {err}")  # fmt: skip
-    failed = world.bcast(len(lines) if comm.rank == 0 else None, root=0)
     if comm.rank == 0:
         for line in lines:
             print(line, file=sys.stderr)

@@ -124,7 +124,7 @@ def check_mpi(world_size: int, count: int, seed: int, dtype: str, timeout: float
 
     The line gives one ``max_error`` over out and lse together: it fills the out column.
     """
-    from ringsim.launch import mpiexec_command
+    from ringsim.launch import mpiexec_command, run_job
 
     row = Row(
         f"mpiexec ring P={world_size}",
@@ -136,7 +136,7 @@ def check_mpi(world_size: int, count: int, seed: int, dtype: str, timeout: float
     args = ["--cases", str(count), "--seed", str(seed), "--dtype", dtype]
     command = mpiexec_command(world_size, MPI_CHECK, args)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        done = run_job(command, timeout)
     except subprocess.TimeoutExpired:
         row.result = "FAIL"
         row.failures.append(f"timed out after {timeout:g}s: {' '.join(command)}")

@@ -11,6 +11,7 @@ mpi4py is imported when a communicator is created, never when this module is imp
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -198,13 +199,29 @@ class MPICommunicator:
     def allgather(self, obj: object) -> list[object]:
         """Every rank's ``obj`` by rank (pickled); bounded by ``timeout``.
 
-        A non-blocking barrier first, polled like ``wait``: once every rank has arrived the
-        blocking pickle-based ``allgather`` cannot hang.
+        Two non-blocking collectives, each polled like ``wait``: the pickled sizes
+        (``Iallgather``), then the bytes (``Iallgatherv``). No blocking call is left in
+        which a rank stopped or killed from outside could hold the others forever.
         """
-        barrier = self._comm.Ibarrier()
+        from mpi4py import MPI
+
+        data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+        sizes = np.empty(self.world_size, dtype=np.int64)
+        mine = np.array([data.size], dtype=np.int64)
+        self._bounded(self._comm.Iallgather([mine, MPI.INT64_T], [sizes, MPI.INT64_T]))
+        counts = [int(s) for s in sizes]
+        starts = [0, *np.cumsum(counts[:-1]).tolist()]
+        gathered = np.empty(sum(counts), dtype=np.uint8)
+        self._bounded(
+            self._comm.Iallgatherv([data, MPI.BYTE], [gathered, (counts, starts), MPI.BYTE])
+        )
+        return [pickle.loads(gathered[s : s + c]) for s, c in zip(starts, counts, strict=True)]
+
+    def _bounded(self, request: MPI.Request) -> None:
+        """Poll a collective's ``request`` until done; ``CommTimeout`` after ``timeout``."""
         deadline = time.monotonic() + self.timeout
         poll = _MIN_POLL_S
-        while not barrier.Test():
+        while not request.Test():
             if time.monotonic() > deadline:
                 raise CommTimeout(
                     f"rank {self.rank} timed out after {self.timeout:g} s in allgather "
@@ -212,4 +229,3 @@ class MPICommunicator:
                 )
             time.sleep(poll)
             poll = min(2 * poll, _MAX_POLL_S)
-        return list(self._comm.allgather(obj))
