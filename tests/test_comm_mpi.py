@@ -107,6 +107,7 @@ def test_corrupt_is_reported_as_fail_naming_the_rank() -> None:
     assert done.stdout.startswith("FAIL comm world_size=4 "), done.stdout
     assert "rank 2 round 2 array 1 from rank 1 differs" in done.stdout
     assert "from rank 0" not in done.stdout  # only the corrupted message is flagged
+    assert "Abort" not in done.stderr  # a verdict ends every rank together (MPI_Finalize)
 
 
 @pytest.mark.mpi

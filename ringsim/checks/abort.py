@@ -1,5 +1,6 @@
-"""Ending an ``mpiexec`` check from the rank that saw the failure: one line, then every rank
-stops, and never a verdict after it, nor a shared-memory segment left behind."""
+"""Ending an ``mpiexec`` check: from the rank that saw a failure, one line, then every rank
+stops, and never a verdict after it; after a verdict, every rank together. Neither leaves a
+shared-memory segment behind."""
 
 from __future__ import annotations
 
@@ -60,3 +61,18 @@ def abort_all(world, line: str) -> NoReturn:
         world.Abort(1)
     finally:
         os._exit(1)
+
+
+def finish(code: int) -> NoReturn:
+    """End a check whose ranks all know the verdict, with exit status ``code``.
+
+    ``MPI_Finalize`` first, which removes MPICH's shared-memory file: under
+    ``python -m mpi4py`` a non-zero ``sys.exit`` alone turns into an ``MPI_Abort`` at exit,
+    and every failed (but healthy) check left its 2-4 MB in ``/dev/shm``. Then a normal
+    exit: ``os._exit`` right after ``MPI_Finalize`` made mpiexec kill ranks (signal 9) in
+    6 of 16 runs at P = 4.
+    """
+    from mpi4py import MPI
+
+    MPI.Finalize()
+    sys.exit(code)

@@ -15,8 +15,8 @@ corrupt in FAIL, delay in PASS.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from ringsim.comm import (
     payload_nbytes,
 )
 
-from .abort import abort_all
+from .abort import abort_all, finish
 
 DTYPES = (np.float64, np.float32)  # one per round, in turn
 
@@ -89,7 +89,7 @@ def size_probes(comm: Communicator, seed: int) -> list[str]:
     return problems
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="ringsim.checks.comm", description=__doc__)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -129,8 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"bytes={total} fault={fault}{detail}",
             flush=True,
         )
-    if failed:
-        sys.exit(1)  # non-zero on every rank (under -m mpi4py, aborts the job)
+    finish(1 if failed else 0)  # the same status on every rank
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import NoReturn
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from ringsim.reference import ring_dilated_attention_shard, ring_dilated_attenti
 from ringsim.reference.parity import check_case, check_gradients
 from ringsim.trace import RankTrace, Trace
 
-from .abort import abort_all
+from .abort import abort_all, finish
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,7 +82,7 @@ def run_case(comm, case: Case, seed: int, dtype, disagree: bool):
     return out, lse, grads, trace
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
     from mpi4py import MPI
 
     args = parse_args(argv)
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             f"dtype={dtype}",
             flush=True,
         )
-    return 1 if failed else 0
+    finish(1 if failed else 0)  # the same status on every rank
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
