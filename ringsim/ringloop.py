@@ -93,6 +93,7 @@ def _post(
     plan: RankPlan,
     parts: RingParts,
     trace: RankTrace | None,
+    recvs: list[Recv],
 ) -> Request:
     sends = []
     for t in step.sends:
@@ -112,7 +113,7 @@ def _post(
                     t.rows,
                 )
             )
-    return comm.start(sends, [parts.expected(t) for t in step.recvs])
+    return comm.start(sends, recvs)
 
 
 def _record_task(task: Task, rank: int, trace: RankTrace) -> None:
@@ -174,9 +175,9 @@ def run_ring(
         pending = None
         if index + 1 < len(plan.steps):  # 2b. overlap: post the next exchange first
             nxt = plan.steps[index + 1]
-            pending = _post(comm, nxt, held, plan, parts, trace)
-            if trace is not None:
-                hold("in flight", sum(recv_nbytes(parts.expected(t), itemsize) for t in nxt.recvs))
+            recvs = [parts.expected(t) for t in nxt.recvs]
+            pending = _post(comm, nxt, held, plan, parts, trace, recvs)
+            hold("in flight", sum(recv_nbytes(r, itemsize) for r in recvs))
         shares = parts.attend(step, held)  # 2c. attend and merge, the whole step
         if trace is not None:
             for task in step.tasks:

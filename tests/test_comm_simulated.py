@@ -254,24 +254,6 @@ def test_importing_ringsim_comm_does_not_import_mpi4py() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_ranks_run_until_they_block_while_a_cluster_runs() -> None:
-    """The switch interval is raised during a run (ranks are not preempted while they hold
-    the cluster's lock: ringsim.comm.switching) and restored after, also after a failure."""
-    from ringsim.comm.switching import SWITCH_INTERVAL_S
-
-    before = sys.getswitchinterval()
-    seen = SimulatedCluster(3).run(lambda comm: sys.getswitchinterval())
-    assert seen == pytest.approx([max(before, SWITCH_INTERVAL_S)] * 3)
-    assert sys.getswitchinterval() == before
-
-    def fail(comm: Communicator) -> None:
-        raise RuntimeError("boom")
-
-    with pytest.raises(RankFailed):
-        SimulatedCluster(2).run(fail)
-    assert sys.getswitchinterval() == before
-
-
 def test_a_wait_times_out_only_when_the_whole_cluster_stalls() -> None:
     """Rank 0 waits 1.2 s for rank 2, longer than the 0.5 s timeout, while ranks 1 and 2 keep
     exchanging messages every 0.1 s: the cluster is making progress, so rank 0 does not time

@@ -27,7 +27,6 @@ BASE = (
     "ringsim.comm.faults",
     "ringsim.comm.mpi",
     "ringsim.comm.simulated",
-    "ringsim.comm.switching",
     "ringsim.comm.traced",
     "ringsim.config",
     "ringsim.gradrelay",

@@ -153,32 +153,49 @@ def check_batch(
     (MPI packs a payload into one buffer), receive shapes of non-negative ints.
     """
     for index, send in enumerate(sends):
-        where = f"rank {rank}: sends[{index}] (dest {send.dest}, tag {send.tag})"
-        _check_peer(where, "dest", send.dest, world_size)
-        _check_tag(where, send.tag)
+        _check_peer(rank, "sends", index, send, "dest", send.dest, world_size)
         if not isinstance(send.payload, tuple) or not all(is_array(a) for a in send.payload):
-            raise TypeError(f"{where}: payload must be a tuple of numpy arrays or tensors")
-        dtypes = {dtype_text(a.dtype) for a in send.payload}
+            raise TypeError(
+                f"{_where(rank, 'sends', index, send)}: payload must be a tuple of numpy "
+                "arrays or tensors"
+            )
+        dtypes = {a.dtype for a in send.payload}
         if len(dtypes) > 1:
-            raise TypeError(f"{where}: payload arrays must share one dtype, got {dtypes}")
+            raise TypeError(
+                f"{_where(rank, 'sends', index, send)}: payload arrays must share one dtype, "
+                f"got {({dtype_text(d) for d in dtypes})}"
+            )
     for index, recv in enumerate(recvs):
-        where = f"rank {rank}: recvs[{index}] (source {recv.source}, tag {recv.tag})"
-        _check_peer(where, "source", recv.source, world_size)
-        _check_tag(where, recv.tag)
-        if not all(
-            isinstance(s, tuple) and all(isinstance(d, Integral) and d >= 0 for d in s)
-            for s in recv.shapes
-        ):
-            raise TypeError(f"{where}: shapes must be tuples of non-negative ints")
-        if not same_dtype(recv.dtype, recv.dtype):
-            raise TypeError(f"{where}: dtype must be a NumPy or torch dtype, got {recv.dtype!r}")
+        _check_peer(rank, "recvs", index, recv, "source", recv.source, world_size)
+        if not all(isinstance(s, tuple) and all(map(_is_size, s)) for s in recv.shapes):
+            raise TypeError(
+                f"{_where(rank, 'recvs', index, recv)}: shapes must be tuples of non-negative "
+                "ints"
+            )
+        if not isinstance(recv.dtype, np.dtype) and not same_dtype(recv.dtype, recv.dtype):
+            raise TypeError(
+                f"{_where(rank, 'recvs', index, recv)}: dtype must be a NumPy or torch dtype, "
+                f"got {recv.dtype!r}"
+            )
 
 
-def _check_peer(where: str, name: str, peer: int, world_size: int) -> None:
-    if not isinstance(peer, Integral) or not 0 <= peer < world_size:
+def _is_size(d: object) -> bool:
+    """A non-negative int (``type(d) is int`` first: the ABC check costs more per message)."""
+    return (type(d) is int or isinstance(d, Integral)) and d >= 0  # type: ignore[operator]
+
+
+def _where(rank: int, kind: str, index: int, message: Send | Recv) -> str:
+    """``'rank 0: sends[1] (dest 2, tag 3)'``: built only for an error message."""
+    peer = ("dest", message.dest) if isinstance(message, Send) else ("source", message.source)
+    return f"rank {rank}: {kind}[{index}] ({peer[0]} {peer[1]}, tag {message.tag})"
+
+
+def _check_peer(
+    rank: int, kind: str, index: int, message: Send | Recv, name: str, peer: int, world_size: int
+) -> None:
+    """The peer a rank in ``[0, world_size)``, the tag a non-negative int."""
+    if not (type(peer) is int or isinstance(peer, Integral)) or not 0 <= peer < world_size:
+        where = _where(rank, kind, index, message)
         raise ValueError(f"{where}: {name} must be a rank in [0, {world_size})")
-
-
-def _check_tag(where: str, tag: int) -> None:
-    if not isinstance(tag, Integral) or tag < 0:
-        raise ValueError(f"{where}: tag must be a non-negative int")
+    if not _is_size(message.tag):
+        raise ValueError(f"{_where(rank, kind, index, message)}: tag must be a non-negative int")
