@@ -52,7 +52,7 @@ from ringsim.config import (
     validate,
 )
 
-from .block import masked_scores
+from .block import scaled_scores
 from .dilated import check_float, empty_result, pattern_attention
 from .select import select_rows
 
@@ -88,9 +88,8 @@ def block_attention_backward(
     Returns:
         dq ``(b, m, h, d)``, dk and dv ``(b, l, h, d)``, in q's dtype.
     """
-    scores = scale * np.einsum("bmhd,blhd->bhml", q, k)  # (b, h, m, l)
     allowed = k_positions[None, :] <= q_positions[:, None] if is_causal else None
-    scores = masked_scores(scores, allowed)
+    scores = scaled_scores("bmhd,blhd->bhml", q, k, scale, allowed)  # (b, h, m, l)
     # 1. the probabilities from the given lse; a row with lse = -inf has no allowed key (or
     #    no key in any pattern) and gets P = 0, not exp(-inf - -inf) = NaN.
     empty = (lse == -np.inf)[..., None]  # (b, h, m, 1)

@@ -17,6 +17,31 @@ def masked_scores(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     return np.where(allowed, scores, -np.inf)
 
 
+def scaled_scores(
+    spec: str, q: np.ndarray, k: np.ndarray, scale: float, allowed: np.ndarray | None
+) -> np.ndarray:
+    """``scale * np.einsum(spec, q, k)``, disallowed entries -inf (``allowed`` broadcasts
+    over the scores; None: all allowed).
+
+    Raises ``ValueError`` naming ``softmax_scale`` where an allowed score of a finite query
+    and a finite key overflows: its softmax would be NaN (inf - inf) where the definition's
+    is not. A non-finite input row is not an overflow: its rows become NaN (SPEC 7).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        raw = scale * np.einsum(spec, q, k)
+        if not np.isfinite(raw).all():  # a non-finite input, or an overflow?
+            finite = [np.where(np.isfinite(x).all(axis=-1, keepdims=True), x, 0.0) for x in (q, k)]
+            products = np.einsum(spec, *finite)
+            overflow = ~np.isfinite(scale * products)
+            if (overflow if allowed is None else overflow & allowed).any():
+                raise ValueError(
+                    f"softmax_scale: {scale:g} times the largest |q.k| "
+                    f"({float(np.abs(products).max()):.3g}) overflows {q.dtype} (largest "
+                    f"{np.finfo(q.dtype).max:.3g}); use a smaller softmax_scale or smaller inputs"
+                )
+    return masked_scores(raw, allowed)
+
+
 def weighted_values(weights: np.ndarray, v: np.ndarray, spec: str) -> np.ndarray:
     """``np.einsum(spec, weights, v)`` (``spec`` sums over the keys) in which a key of weight
     0 contributes nothing even where its value is not finite (SPEC 7: only the rows that
@@ -59,9 +84,8 @@ def block_attention(
         block_out ``(b, m, h, d)`` and block_lse ``(b, h, m)`` in q's dtype; a row with no
         allowed key gives ``(0, -inf)`` (PITFALLS 6).
     """
-    scores = scale * np.einsum("bmhd,blhd->bhml", q, k)  # (b, h, m, l)
     allowed = k_positions[None, :] <= q_positions[:, None] if is_causal else None
-    scores = masked_scores(scores, allowed)
+    scores = scaled_scores("bmhd,blhd->bhml", q, k, scale, allowed)  # (b, h, m, l)
     with np.errstate(invalid="ignore", divide="ignore"):
         # 1. subtract each row's max so exp never overflows; an empty row's max is -inf,
         #    and -inf - -inf would be NaN, so such rows subtract 0 instead.

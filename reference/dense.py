@@ -13,7 +13,7 @@ import numpy as np
 
 from ringsim.config import Pattern, validate
 
-from .block import weighted_values
+from .block import scaled_scores, weighted_values
 
 
 def pattern_mask(pattern: Pattern, seq_len: int, *, is_causal: bool = False) -> np.ndarray:
@@ -43,8 +43,7 @@ def masked_attention(
     Returns:
         out ``(b, n, d)`` (0 on rows with no key) and lse ``(b, n)`` (-inf there).
     """
-    scores = scale * np.einsum("bxd,byd->bxy", q, k)
-    masked = np.where(mask, scores, -np.inf)
+    masked = scaled_scores("bxd,byd->bxy", q, k, scale, mask)
     lse = np.logaddexp.reduce(masked, axis=-1)  # -inf for a row with no key
     probs = np.where(mask, np.exp(masked - lse[..., None]), 0.0)
     return weighted_values(probs, v, "bxy,byd->bxd"), lse  # a masked NaN stays out

@@ -180,3 +180,25 @@ def test_devices_are_checked_before_any_work():
 
     with pytest.raises(RankFailed, match="disagree"):
         SimulatedCluster(2, timeout=20.0).run(run_rank)
+
+
+def test_a_scale_beyond_float32_is_refused_on_every_path():
+    """softmax_scale = 1e308 is infinite in float32, where the kernels compute the scores:
+    every score NaN. Refused, naming the argument, before any work."""
+    q = torch.randn(1, 8, 2, 4)
+    calls = [
+        lambda: dilated_attention(q, q, q, (8,), (1,), softmax_scale=1e308),
+        lambda: simulated_ring_dilated_attention(q, q, q, (8,), (1,), world_size=2,
+                                                 softmax_scale=-1e39),
+    ]  # fmt: skip
+    for call in calls:
+        with pytest.raises(ValueError, match=r"^softmax_scale: .* beyond float32's range"):
+            call()
+    assert torch.isfinite(dilated_attention(q, q, q, (8,), (1,), softmax_scale=1e30)).all()
+
+    def run_rank(comm):
+        x = q[:, comm.rank * 4 : (comm.rank + 1) * 4]
+        return ring_dilated_attention(x, x, x, (8,), (1,), comm=comm, softmax_scale=1e308)
+
+    with pytest.raises(RankFailed, match="softmax_scale"):
+        SimulatedCluster(2, timeout=20.0).run(run_rank)

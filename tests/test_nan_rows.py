@@ -64,3 +64,46 @@ def test_exactly_the_rows_that_attend_a_non_finite_key(which: str, seed: int):
         assert (bad[:, :, head] == expected).all(), f"{name}: {case.describe()}"
         others = np.delete(bad, head, axis=2)
         assert not others.any(), f"{name}: another head got non-finite rows"
+
+
+@pytest.mark.parametrize("name", ["dense definition", "reference", "simulated ring"])
+def test_a_scale_that_overflows_the_scores_is_a_clear_error(name):
+    """softmax_scale = 1e308 makes scale * q.k infinite in float64 where the definition's
+    softmax is not: a ValueError naming softmax_scale, not rows of NaN."""
+    case = Case(1, 8, 2, 4, (4, 8), (1, 2), False, "longnet", world_size=2)
+    q, k, v = case.inputs(seed=3)
+    args = (case.segment_lengths, case.dilation_rates)
+    call = {
+        "dense definition": lambda: dense_dilated_attention(q, k, v, *args, softmax_scale=1e308),
+        "reference": lambda: dilated_attention(q, k, v, *args, softmax_scale=1e308),
+        "simulated ring": lambda: ring_dilated_attention(
+            q, k, v, *args, world_size=2, softmax_scale=1e308
+        ),
+    }[name]
+    with pytest.raises(Exception, match=r"softmax_scale: 1e\+308 times the largest \|q.k\|"):
+        call()
+    big = dilated_attention(q, k, v, *args, softmax_scale=1e300)  # no overflow: the answer
+    assert np.isfinite(big).all()
+
+
+def test_backward_names_an_overflowing_scale():
+    from ringsim.reference import dilated_attention_backward
+
+    case = Case(1, 8, 2, 4, (8,), (1,), True, "longnet")
+    q, k, v = case.inputs(seed=4)
+    out, lse = dilated_attention(q, k, v, (8,), (1,), is_causal=True, return_lse=True)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        dilated_attention_backward(
+            q, k, v, out, lse, np.ones_like(out), (8,), (1,), is_causal=True, softmax_scale=1e308
+        )
+
+
+def test_an_infinite_input_is_not_taken_for_an_overflow():
+    """q = inf at one row: its scores are infinite, but that is SPEC 7's NaN row, not an
+    overflow of the scale: only that row (and head) is NaN."""
+    case = Case(1, 8, 2, 4, (8,), (1,), False, "longnet")
+    q, k, v = case.inputs(seed=5)
+    q[0, 2, 1, 0] = np.inf
+    out = dilated_attention(q, k, v, (8,), (1,))
+    nan_rows = np.isnan(out).any(axis=-1)[0]
+    assert nan_rows[2, 1] and nan_rows.sum() == 1

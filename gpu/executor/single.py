@@ -41,11 +41,21 @@ def check_tensor(q, k=None, v=None) -> None:
             raise ValueError(f"{name}: must be on q's device ({q.device}), got {x.device}")
 
 
-def prepare(q, k, v, requested: Kernel | str | None):
-    """Every entry point's inputs, before any work: q checked (:func:`check_tensor`), q, k, v
-    :func:`~ringsim.gpu.kernels.realigned`, and the kernel chosen for them. Returns
-    ``(q, k, v, kernel)``."""
+#: The largest softmax_scale the torch backend takes: its fast kernels compute the scores in
+#: float32, where a larger scale is infinite and every score NaN.
+MAX_SCALE = float(torch.finfo(torch.float32).max)
+
+
+def prepare(q, k, v, requested: Kernel | str | None, softmax_scale: float | None):
+    """Every entry point's inputs, before any work: q checked (:func:`check_tensor`), the
+    scale within :data:`MAX_SCALE`, q, k, v :func:`~ringsim.gpu.kernels.realigned`, and the
+    kernel chosen for them. Returns ``(q, k, v, kernel)``."""
     check_tensor(q, k, v)
+    if softmax_scale is not None and abs(softmax_scale) > MAX_SCALE:
+        raise ValueError(
+            f"softmax_scale: {softmax_scale:g} is beyond float32's range ({MAX_SCALE:.3g}), "
+            "in which the torch kernels compute the scores"
+        )
     q, k, v = (realigned(x) for x in (q, k, v))
     return q, k, v, choose_kernel(q, requested, k, v)
 
@@ -107,7 +117,7 @@ def dilated_attention(
         mode=mode,
         softmax_scale=softmax_scale,
     )
-    q, k, v, chosen = prepare(q, k, v, kernel)
+    q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale)
     if cuda_graph:
         from .graphs import graph_refusal, graphed_forward
 

@@ -218,7 +218,7 @@ class RingDilatedAttention(nn.Module):
         c = self.config
         kwargs = {"is_causal": is_causal, "mode": c.mode.value, "softmax_scale": c.softmax_scale}
         validate(q, k, v, c.segment_lengths, c.dilation_rates, **kwargs)  # before the kernel
-        q, k, v, chosen = prepare(q, k, v, self.kernel)
+        q, k, v, chosen = prepare(q, k, v, self.kernel, c.softmax_scale)
         args = (q, k, v, c.segment_lengths, c.dilation_rates)
         if self.group is None:
             out = dilated_attention(*args, **kwargs, kernel=chosen)

@@ -81,7 +81,7 @@ def ring_dilated_attention(
         # devices and flags too: every rank's verdict before any message
         check_array=lambda x: (check_tensor(x, k, v), check_flags(return_lse=return_lse)),
     )
-    q, k, v, chosen = prepare(q, k, v, kernel)
+    q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale)
     check_differentiable(q, k, v, chosen)
     out, lse = RingFunction.apply(q, k, v, config, comm, chosen, trace, backward_trace)
     return (out, lse) if return_lse else out

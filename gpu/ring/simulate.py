@@ -56,7 +56,7 @@ def simulated_ring_dilated_attention(
         softmax_scale=softmax_scale,
         world_size=world_size,
     )
-    q, k, v, chosen = prepare(q, k, v, kernel)
+    q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale)
     check_differentiable(q, k, v, chosen)
     traces: list[Trace] = []
     out, lse = SimulatedRingFunction.apply(
