@@ -4,6 +4,8 @@ exactly the rows that attend to a non-finite input are NaN. A masked key contrib
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -24,15 +26,34 @@ def attending_rows(case: Case, key: int, head: int) -> np.ndarray:
 
 
 def paths(case: Case):
+    """The paths held to the exact rule: NumPy, and torch with its math kernel (a fused
+    kernel may also NaN other rows of the same block, SPEC 7)."""
     args = (case.segment_lengths, case.dilation_rates)
     kw = case.kwargs()
-    return {
+    found = {
         "dense definition": lambda q, k, v: dense_dilated_attention(q, k, v, *args, **kw)[0],
         "reference": lambda q, k, v: dilated_attention(q, k, v, *args, **kw),
         "simulated ring": lambda q, k, v: ring_dilated_attention(
             q, k, v, *args, world_size=case.world_size, **kw
         ),
     }
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        from ringsim import gpu
+
+        def torch_path(fn, **extra):
+            def run(q, k, v):
+                tensors = (torch.from_numpy(x) for x in (q, k, v))
+                return fn(*tensors, *args, **kw, kernel="math", **extra).numpy()
+
+            return run
+
+        found["torch math"] = torch_path(gpu.dilated_attention)
+        found["torch simulated ring, math"] = torch_path(
+            gpu.simulated_ring_dilated_attention, world_size=case.world_size
+        )
+    return found
 
 
 def test_the_issue_example_one_row_only():

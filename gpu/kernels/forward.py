@@ -56,7 +56,18 @@ def math_attention(q, k, v, *, causal: bool, scale: float, allowed=None):
     lse = torch.logsumexp(scores, dim=-1)  # -inf on a row with no key
     probs = torch.exp(scores - lse[..., None])  # an empty row gives -inf - -inf = NaN ...
     probs = torch.where(torch.isneginf(lse)[..., None], 0.0, probs)  # ... so it gets 0
-    return torch.matmul(probs, v.to(acc)).to(q.dtype), lse
+    return weighted_values(probs, v.to(acc)).to(q.dtype), lse
+
+
+def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``probs @ v`` in which a key of weight 0 adds nothing even where its value is not
+    finite (0 x NaN would make every row of the block NaN): a row is NaN exactly where it
+    gives weight to a non-finite value (SPEC 7, as the NumPy reference). No host sync."""
+    finite = torch.isfinite(v)
+    out = torch.matmul(probs, torch.where(finite, v, 0.0))
+    bad_keys = (~finite).any(dim=-1, keepdim=True).to(probs.dtype)  # (..., L, 1)
+    touched = torch.matmul((probs != 0).to(probs.dtype), bad_keys)  # (..., M, 1)
+    return torch.where(touched > 0, math.nan, out)
 
 
 def attend(q, k, v, *, causal: bool, scale: float, kernel: Kernel, raw_lse: bool = False):
