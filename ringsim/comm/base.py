@@ -161,17 +161,14 @@ def check_batch(
             )
         dtypes = {a.dtype for a in send.payload}
         if len(dtypes) > 1:
-            raise TypeError(
-                f"{_where(rank, 'sends', index, send)}: payload arrays must share one dtype, "
-                f"got {({dtype_text(d) for d in dtypes})}"
-            )
+            texts = sorted(dtype_text(d) for d in dtypes)
+            where = _where(rank, "sends", index, send)
+            raise TypeError(f"{where}: payload arrays must share one dtype, got {texts}")
     for index, recv in enumerate(recvs):
         _check_peer(rank, "recvs", index, recv, "source", recv.source, world_size)
         if not all(isinstance(s, tuple) and all(map(_is_size, s)) for s in recv.shapes):
-            raise TypeError(
-                f"{_where(rank, 'recvs', index, recv)}: shapes must be tuples of non-negative "
-                "ints"
-            )
+            where = _where(rank, "recvs", index, recv)
+            raise TypeError(f"{where}: shapes must be tuples of non-negative ints")
         if not isinstance(recv.dtype, np.dtype) and not same_dtype(recv.dtype, recv.dtype):
             raise TypeError(
                 f"{_where(rank, 'recvs', index, recv)}: dtype must be a NumPy or torch dtype, "
