@@ -54,6 +54,7 @@ def ring_dilated_attention(
     return_trace: bool = False,
     faults: Sequence[Fault] = (),
     timeout: float = 60.0,
+    checksums: bool = False,
 ):
     """Ring dilated attention of global arrays on ``world_size`` simulated ranks (SPEC 6).
 
@@ -67,6 +68,9 @@ def ring_dilated_attention(
         return_trace: also return the :class:`ringsim.trace.Trace` of the run.
         faults: faults to inject (:class:`ringsim.comm.Fault`), for testing failure paths.
         timeout: seconds any rank may wait for one message before the run fails.
+        checksums: seal every message with a CRC-32 checked on receipt, so that a corrupted
+            message fails the run at once, naming the rank, step and sub-ring
+            (:class:`ringsim.comm.CorruptMessage`).
     Returns:
         the gathered global out ``(batch, seq_len, num_heads, head_dim)`` [, lse][, trace].
     Raises:
@@ -74,7 +78,7 @@ def ring_dilated_attention(
         :class:`ringsim.comm.CommError` when a rank fails, a message never comes, or the
         ring deadlocks.
     """
-    check_flags(return_lse=return_lse, return_trace=return_trace)
+    check_flags(return_lse=return_lse, return_trace=return_trace, checksums=checksums)
     config = validate(
         q,
         k,
@@ -101,7 +105,9 @@ def ring_dilated_attention(
             trace=trace,
         )
 
-    results, trace = run_traced(world_size, run_rank, faults=faults, timeout=timeout)
+    results, trace = run_traced(
+        world_size, run_rank, faults=faults, timeout=timeout, checksums=checksums
+    )
     out = np.concatenate([r[0] for r in results], axis=1)
     lse = np.concatenate([r[1] for r in results], axis=-1)
     extra = ((lse,) if return_lse else ()) + ((trace,) if return_trace else ())
@@ -126,6 +132,7 @@ def ring_dilated_attention_backward(
     return_trace: bool = False,
     faults: Sequence[Fault] = (),
     timeout: float = 60.0,
+    checksums: bool = False,
 ):
     """The backward of :func:`ring_dilated_attention` on ``world_size`` simulated ranks.
 
@@ -137,11 +144,11 @@ def ring_dilated_attention_backward(
         dout: the gradient of the loss with respect to out, shaped like out.
         dlse: the gradient with respect to lse, shaped like lse (None: lse unused).
         return_trace: also return the :class:`ringsim.trace.Trace` of the backward run.
-        faults, timeout: as :func:`ring_dilated_attention`.
+        faults, timeout, checksums: as :func:`ring_dilated_attention`.
     Returns:
         the gathered global ``(dq, dk, dv)`` [, trace].
     """
-    check_flags(return_trace=return_trace)
+    check_flags(return_trace=return_trace, checksums=checksums)
     config = validate_backward(
         q, k, v, out, lse, dout, dlse, segment_lengths, dilation_rates,
         is_causal=is_causal, mode=mode, softmax_scale=softmax_scale, world_size=world_size,
@@ -164,6 +171,8 @@ def ring_dilated_attention_backward(
             trace=trace,
         )
 
-    results, trace = run_traced(world_size, run_rank, faults=faults, timeout=timeout)
+    results, trace = run_traced(
+        world_size, run_rank, faults=faults, timeout=timeout, checksums=checksums
+    )
     grads = tuple(np.concatenate([r[i] for r in results], axis=1) for i in range(3))
     return (*grads, trace) if return_trace else grads

@@ -32,7 +32,9 @@ from enum import Enum
 from typing import Protocol
 
 from ringsim.comm.base import Communicator, Payload, Recv, Request, Send, payload_nbytes
+from ringsim.comm.checksum import CorruptMessage
 from ringsim.plan import RankPlan, Transfer
+from ringsim.tasks import which_transfer
 from ringsim.trace import Event, RankTrace, TraceAction
 
 
@@ -152,7 +154,11 @@ class GradRelay:
     def _wait(self, step: int) -> list[tuple[Transfer, Payload]]:
         if self.pending is None:
             return []
-        got = list(zip(self.pending_recvs, self.pending.wait()))
+        try:
+            got = list(zip(self.pending_recvs, self.pending.wait()))
+        except CorruptMessage as error:
+            grads = which_transfer(self.pending_recvs, error.source, error.tag, "dK/dV")
+            raise error.located(f"step {step}: {grads}") from error
         self.pending, self.pending_recvs = None, []
         for t, payload in got:
             kind = GradMessage.RETURN if t.recv_rank == t.source_rank else GradMessage.ONWARD

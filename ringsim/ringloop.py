@@ -21,8 +21,10 @@ import math
 from typing import Protocol
 
 from ringsim.comm.base import Communicator, Payload, Recv, Request, Send, payload_nbytes
+from ringsim.comm.checksum import CorruptMessage
 from ringsim.gradrelay import GradRelay
 from ringsim.plan import BlockAction, RankPlan, RankStep, Task, Transfer
+from ringsim.tasks import which_transfer
 from ringsim.trace import Event, RankTrace, TraceAction
 
 
@@ -116,6 +118,15 @@ def _post(
     return comm.start(sends, recvs)
 
 
+def _arrived(pending: Request, step: RankStep, what: str) -> list[Payload]:
+    """``pending.wait()``; a corrupted message's error names the step and the sub-ring."""
+    try:
+        return pending.wait()
+    except CorruptMessage as error:
+        block = which_transfer(step.recvs, error.source, error.tag, what)
+        raise error.located(f"step {step.step}: {block}") from error
+
+
 def _record_task(task: Task, rank: int, trace: RankTrace) -> None:
     base = dict(
         step=task.step,
@@ -153,7 +164,7 @@ def run_ring(
     for index, step in enumerate(plan.steps):
         if pending is not None:  # 2a. the blocks posted at the previous step
             hold("in flight", 0)
-            for t, payload in zip(step.recvs, pending.wait()):
+            for t, payload in zip(step.recvs, _arrived(pending, step, "K/V block")):
                 held[t.subring.index] = payload
                 if trace is not None:
                     trace.add(

@@ -9,6 +9,7 @@ each rank's schedule.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -91,6 +92,19 @@ class Transfer:
     send_rank: int
     recv_rank: int
     rows: tuple[range, ...]
+
+
+def which_transfer(transfers: Sequence[Transfer], source: int, tag: int, what: str) -> str:
+    """``'the K/V block of sub-ring 1 (pair 0) that rank 2 owns'``: the transfer among
+    ``transfers`` that ``source`` sent with ``tag`` (forward or gradient tag), for an error
+    about that message; ``what`` names the payload."""
+    for t in transfers:
+        if t.send_rank == source and tag in (t.subring.tag, t.subring.grad_tag):
+            return (
+                f"the {what} of sub-ring {t.subring.index} (pair {t.subring.pair}) that rank "
+                f"{t.source_rank} owns"
+            )
+    return f"a message from rank {source} with tag {tag} that the plan does not have"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ BASE = (
     "ringsim.cases",
     "ringsim.comm",
     "ringsim.comm.base",
+    "ringsim.comm.checksum",
     "ringsim.comm.faults",
     "ringsim.comm.mpi",
     "ringsim.comm.simulated",

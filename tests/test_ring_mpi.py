@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -77,6 +78,15 @@ def test_mpi_failures_end_fast_with_one_clear_error(args, expected):
     assert time.monotonic() - start < 30
     assert expected in result.stderr, result.stderr
     assert "FAIL parity world_size=4 rank" in result.stderr
+
+
+def test_mpi_corrupted_message_with_checksums_names_rank_step_and_subring():
+    result = parity(4, "--cases", "2", "--no-fixed", "--fault", "corrupt", "--fault-rank", "1",
+                    "--checksums")  # fmt: skip
+    assert result.returncode != 0 and "PASS" not in result.stdout
+    assert re.search(r"CorruptMessage: rank \d received a corrupted message from rank 1",
+                     result.stderr), result.stderr  # fmt: skip
+    assert re.search(r"\(step \d+: the K/V block of sub-ring \d+ \(pair \d+\)", result.stderr)
 
 
 def test_mpi_corrupted_message_names_rank_and_rows():

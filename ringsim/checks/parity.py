@@ -16,8 +16,10 @@ message that never comes, a crashed rank, ranks that disagree) prints one ``FAIL
 from the rank that saw it and aborts every rank.
 
 ``--fault`` injects a fault (drop, delay, corrupt, crash) into ``--fault-rank``'s
-``--fault-message``-th send; ``--disagree-rank`` gives one rank another configuration;
-``--trace-out`` writes the first case's trace as JSON (to compare with the simulated one).
+``--fault-message``-th send; ``--checksums`` seals every message, so that a corruption
+fails at once naming the rank, step and sub-ring; ``--disagree-rank`` gives one rank
+another configuration; ``--trace-out`` writes the first case's trace as JSON (to compare
+with the simulated one).
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from typing import NoReturn
 import numpy as np
 
 from ringsim.cases import Case, check_cases
-from ringsim.comm import CommError, Fault, FaultKind, FaultyCommunicator, MPICommunicator
+from ringsim.comm import (
+    ChecksummedCommunicator,
+    CommError,
+    Fault,
+    FaultKind,
+    FaultyCommunicator,
+    MPICommunicator,
+)
 from ringsim.reference import ring_dilated_attention_shard, ring_dilated_attention_shard_backward
 from ringsim.reference.parity import check_case, check_gradients
 from ringsim.trace import RankTrace, Trace
@@ -53,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fault-rank", type=int, default=0)
     parser.add_argument("--fault-message", type=int, default=0)
     parser.add_argument("--disagree-rank", type=int, default=None)
+    parser.add_argument(
+        "--checksums",
+        action="store_true",
+        help="seal every message with a CRC-32: a corrupted one fails at once, named",
+    )
     parser.add_argument("--trace-out", default=None, help="write the first case's trace")
     return parser.parse_args(argv)
 
@@ -91,6 +105,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if args.fault:
         fault = Fault(FaultKind(args.fault), args.fault_rank, args.fault_message)
         comm = FaultyCommunicator(comm, [fault])
+    if args.checksums:  # sealed above the fault: it corrupts in transit
+        comm = ChecksummedCommunicator(comm)
     dtype = np.dtype(args.dtype)
     cases = cases_for(args, comm.world_size)
     lines, worst, worst_grad = [], 0.0, 0.0

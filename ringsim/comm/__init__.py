@@ -17,15 +17,18 @@ from .base import (
     Send,
     payload_nbytes,
 )
+from .checksum import ChecksummedCommunicator, CorruptMessage
 from .faults import Fault, FaultKind, FaultyCommunicator
 from .mpi import MPICommunicator
 from .simulated import ClusterAborted, SimulatedCluster, SimulatedCommunicator
 
 __all__ = [
+    "ChecksummedCommunicator",
     "ClusterAborted",
     "CommError",
     "CommTimeout",
     "Communicator",
+    "CorruptMessage",
     "DeadlockError",
     "Fault",
     "FaultKind",

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
 
+import numpy as np
+
 from .base import (
     CommError,
     CommTimeout,
@@ -45,6 +47,7 @@ from .base import (
     describe_payload,
     same_dtype,
 )
+from .checksum import ChecksummedCommunicator
 from .faults import Fault, FaultyCommunicator
 
 T = TypeVar("T")
@@ -338,17 +341,23 @@ class SimulatedCluster:
     ``timeout``, in seconds, bounds every wait and allgather: a waiting rank gives up with
     :class:`CommTimeout` once no rank has sent anything (or joined an allgather) for that long,
     so a stalled cluster ends while a long run of many ranks does not time out on its own.
+    ``checksums`` seals every message with a CRC-32 checked on receipt
+    (:class:`~ringsim.comm.ChecksummedCommunicator`): a corrupted message raises
+    :class:`~ringsim.comm.CorruptMessage` on its receiver at once.
     """
 
-    def __init__(self, world_size: int, *, timeout: float = 30.0) -> None:
+    def __init__(self, world_size: int, *, timeout: float = 30.0, checksums: bool = False) -> None:
         if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):
             raise TypeError(f"world_size: expected an int, got {world_size!r}")
         if world_size < 1:
             raise ValueError(f"world_size: must be >= 1, got {world_size!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if not isinstance(checksums, (bool, np.bool_)):
+            raise TypeError(f"checksums: expected a bool, got {checksums!r}")
         self.world_size = int(world_size)  # a NumPy integer too, as validate() accepts
         self.timeout = timeout
+        self.checksums = bool(checksums)
 
     def run(self, fn: Callable[[Communicator], T], faults: Sequence[Fault] = ()) -> list[T]:
         """``[fn(comm_0), ..., fn(comm_{p-1})]``, each call on its own thread.
@@ -362,8 +371,12 @@ class SimulatedCluster:
         world = _World(self.world_size, self.timeout)
         comms: list[Communicator] = []
         for rank in range(self.world_size):
-            comm = SimulatedCommunicator(world, rank)
-            comms.append(FaultyCommunicator(comm, faults) if faults else comm)
+            comm: Communicator = SimulatedCommunicator(world, rank)
+            if faults:
+                comm = FaultyCommunicator(comm, faults)
+            if self.checksums:  # sealed above the faults: a fault corrupts in transit
+                comm = ChecksummedCommunicator(comm)
+            comms.append(comm)
         results: list[T | None] = [None] * self.world_size
 
         def main(rank: int) -> None:

@@ -26,10 +26,11 @@ def run_traced(
     *,
     faults: Sequence[Fault] = (),
     timeout: float = 60.0,
+    checksums: bool = False,
 ) -> tuple[list[T], Trace]:
     """``run_rank(comm, trace)`` on ``world_size`` simulated ranks; results by rank, trace."""
     traces = [RankTrace(rank) for rank in range(world_size)]
-    results = SimulatedCluster(world_size, timeout=timeout).run(
+    results = SimulatedCluster(world_size, timeout=timeout, checksums=checksums).run(
         lambda comm: run_rank(comm, traces[comm.rank]), faults=faults
     )
     return results, Trace.from_ranks(traces)
