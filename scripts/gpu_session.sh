@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session on the lent GPU machine: install, CUDA tests, NCCL parity, benchmarks.
 # Usage (from the repository root, on the GPU machine): bash scripts/gpu_session.sh STEPS...
-# STEPS: tests, check, distcheck, ring, ring-quick, bench, bench-backward, profile. Logs and results go
+# STEPS: tests, check, distcheck, ring, ring-quick, bench, bench-backward, profile, ncu-mix.
+# Logs and results go
 # under $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -15,8 +16,8 @@ status=0
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    tests) python3 -m pytest -q -rf --tb=line tests/test_gpu_cuda.py tests/test_gpu_kernels_cuda.py 2>&1 \
-      | tee "$OUT/tests.log" | tail -15 ;;
+    tests) python3 -m pytest -q -rf --tb=line tests/test_gpu_cuda.py tests/test_gpu_kernels_cuda.py \
+      tests/test_gpu_executor_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     check) python3 -m ringsim.gpu.harness.check --out "$OUT" 2>&1 | tail -25 ;;
     distcheck)
       for dt in bfloat16 float16 float32; do
@@ -39,6 +40,12 @@ for step in "$@"; do
         python3 -m ringsim.gpu.harness.profile --seq-len 1048576 $args --rows 5 \
           --json "$OUT/$name.json" 2>&1 | grep -A12 "ms of CUDA time"
       done ;;
+    ncu-mix)  # the forward's mixing pass under Nsight Compute (hardware counters, clocks left alone)
+      ncu --clock-control none -k regex:_mix_kernel -c 1 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+        --section LaunchStats --section SchedulerStats \
+        python3 -m ringsim.gpu.harness.profile --seq-len 262144 --rows 3 2>&1 \
+        | tee "$OUT/ncu_mix.log" | grep -v "^==PROF==" | tail -120 ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "step $step FAILED"; status=1; }
