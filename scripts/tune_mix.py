@@ -1,0 +1,41 @@
+"""Time the forward's mixing pass (and the backward's sum) at 1M tokens for several
+program shapes (positions per program x warps), with the registers Triton gave each.
+
+    python scripts/tune_mix.py   (on a GPU machine)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ringsim.gpu.executor import mix_triton
+from ringsim.gpu.harness.profile import main
+
+SHAPES = [(64, 4), (32, 4), (16, 4), (64, 8), (32, 8), (128, 8), (16, 2), (32, 2)]
+
+
+def registers() -> dict[str, int]:
+    """Registers per thread of each compiled variant of the two kernels."""
+    found = {}
+    for name in ("_mix_kernel", "_sum_kernel"):
+        kernel = getattr(mix_triton, name)
+        for cache in getattr(kernel, "device_caches", {}).values():
+            for compiled in cache[0].values():
+                found[name] = max(found.get(name, 0), getattr(compiled, "n_regs", 0))
+    return found
+
+
+rows = []
+for block_rows, warps in SHAPES:
+    mix_triton.BLOCK_ROWS, mix_triton.WARPS = block_rows, warps
+    for extra in ([], ["--causal"], ["--backward"]):
+        parts = main(["--seq-len", "1048576", "--rows", "0", *extra])
+        row = {
+            "rows": block_rows, "warps": warps, "run": " ".join(extra) or "forward",
+            "mix_ms": parts.get("mix (Triton)"), "sum_ms": parts.get("sum (Triton)"),
+            "total_ms": sum(parts.values()), **registers(),
+        }  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+json.dump(rows, sys.stdout if len(sys.argv) < 2 else open(sys.argv[1], "w"), indent=1)
