@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from ringsim.gpu.executor import mix_triton
 from ringsim.gpu.harness.profile import main
@@ -39,4 +40,5 @@ for block_rows, warps in SHAPES:
         }  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
-json.dump(rows, sys.stdout if len(sys.argv) < 2 else open(sys.argv[1], "w"), indent=1)
+if len(sys.argv) > 1:
+    Path(sys.argv[1]).write_text(json.dumps(rows, indent=1))

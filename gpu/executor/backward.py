@@ -89,17 +89,19 @@ class BackwardExecutor(HomeAdds, Executor):
 
     Args:
         q, k, v, out, dout: the rank's ``(b, c, h, d)``; out as the forward returned it.
-        lse, dlse: ``(b, c, h)`` (rows, then heads): the forward's lse and its gradient
-            (None: the loss does not read lse).
+        lse, dlse: ``(b, h, c)``: the forward's lse and its gradient (None: the loss does
+            not read lse); read through their ``(b, c, h)`` views, rows then heads like out
+            (Note [The lse layout] in :mod:`ringsim.gpu.executor.forward`).
         plan, config, kernel: as the forward ran.
     """
 
     def __init__(self, q, k, v, out, lse, dout, dlse, plan: RankPlan, config: DilatedConfig,
                  kernel: Kernel) -> None:  # fmt: skip
         super().__init__(q, k, v, plan, config, kernel)
-        self.out, self.dout, self.dlse = out, dout, dlse
+        self.out, self.dout = out, dout
+        self.dlse = None if dlse is None else dlse.transpose(1, 2)
         # the kernels read +inf on rows with no key (Note [Backward with the final out and lse])
-        self.lse = torch.where(torch.isneginf(lse), torch.inf, lse)
+        self.lse = torch.where(torch.isneginf(lse), torch.inf, lse).transpose(1, 2)
         self.grad_dtype = accumulator_dtype(q.dtype)
         # Note [Direct gradients]: one device, aligned, parts the Triton kernels can sum
         self.direct = plan.world_size == 1 and self.aligned and mix_reason(q) is None

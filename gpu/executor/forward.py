@@ -28,6 +28,18 @@ Results combine one of two ways:
   running state; the last busy step writes q's dtype, earlier ones a float32 running out;
 - **accumulate** (everywhere else): each result is merged into float32 accumulators
   (float64 for float64 input) with the stable LSE merge, through strided views or by index.
+
+Note [The lse layout]
+---------------------
+Every lse the package hands around is ``(b, h, n)`` (``(b, h, c)`` on a rank), as the
+public functions return it and the kernels make it. The executor writes its own through a
+``(b, c, h)`` view, rows then heads like out's ``(b, c, h, d)``, so that one index (``[:,
+rows, heads]``) or one strided block view (:func:`~ringsim.gpu.executor.layout.group_blocks`)
+serves out and lse alike. The mix writes the ``(b, h, c)`` tensor through that view (its
+kernel takes strides). Only the accumulate path keeps a rows-first accumulator: its blocks
+must be views of the accumulator for the in-place merge, and a ``(b, h, c)`` tensor's
+blocks cannot merge the batch and segment strides when b > 1; :meth:`ForwardExecutor.finish`
+copies it to ``(b, h, c)`` once (1/d of out's size).
 """
 
 from __future__ import annotations
@@ -150,14 +162,16 @@ class ForwardExecutor(Executor):
         super().__init__(q, k, v, plan, config, kernel)
         self.mixing = self.aligned and mix_reason(q) is None
         b, c, h, d = q.shape
+        # lse stored (b, h, c), written through its (b, c, h) view (Note [The lse layout])
         if self.mixing:
             self.out: torch.Tensor | None = None  # q's dtype, written by the last busy step
-            self.lse = torch.empty(b, c, h, dtype=torch.float32, device=q.device)
+            self.lse = torch.empty(b, h, c, dtype=torch.float32, device=q.device).transpose(1, 2)
             self.kept: list[Part] = []  # final parts of pairs done, until the mix
             self.running: dict[int, list[Part]] = {}  # float32 partials of pairs not done
         else:
             acc = accumulator_dtype(q.dtype)
             self.out = torch.zeros(b, c, h, d, dtype=acc, device=q.device)
+            # rows first, so that group_blocks views it in place (Note [The lse layout])
             self.lse = torch.full((b, c, h), -torch.inf, dtype=acc, device=q.device)
 
     @property
@@ -190,14 +204,14 @@ class ForwardExecutor(Executor):
                 merge_(*views, part.out, part.lse)
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """out ``(b, c, h, d)`` in q's dtype and lse ``(b, c, h)`` (rows, then heads),
-        float32 (float64 for float64 input)."""
-        if not self.mixing:
-            return self.out.to(self.q.dtype), self.lse
+        """out ``(b, c, h, d)`` in q's dtype and lse ``(b, h, c)``, contiguous, float32
+        (float64 for float64 input)."""
+        if not self.mixing:  # the accumulator's rows-first lse, copied once (1/d of out)
+            return self.out.to(self.q.dtype), self.lse.transpose(1, 2).contiguous()
         if self.out is None:  # no step had work (a rank with no query rows)
             self.out = torch.zeros_like(self.q)
             self.lse.fill_(-torch.inf)
-        return self.out, self.lse
+        return self.out, self.lse.transpose(1, 2)
 
     def _aligned(self, batch: TaskBatch, held: dict[int, Payload]) -> list[Part]:
         groups = self.groups(batch.pair)

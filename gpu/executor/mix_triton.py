@@ -189,7 +189,8 @@ def _table(parts: Sequence[Part], pairs: int, base, lse, vec: int) -> torch.Tens
 
 def mix_(parts: Sequence[Part], widths, rates, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Mix the parts into ``out (b, c, h, d)`` (q's dtype, last dim contiguous) and
-    ``lse (b, c, h)`` float32, overwriting both; pair i has the local width
+    ``lse (b, c, h)`` float32 (any strides: the executor passes its ``(b, h, c)`` lse
+    transposed), overwriting both; pair i has the local width
     ``W = widths[i]`` and ``r = rates[i]`` (compile-time constants of the kernel).
 
     Every part's out must have ``out``'s dtype and a contiguous last dim, its lse float32,

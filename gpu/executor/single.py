@@ -125,7 +125,7 @@ def dilated_attention(
         if refusal is not None:
             raise ValueError(f"cuda_graph: the graphed forward {refusal}")
         out, lse = graphed_forward(dilated_forward, q, k, v, config, chosen)
-        return (out, lse.transpose(1, 2)) if return_lse else out
+        return (out, lse) if return_lse else out
     check_differentiable(q, k, v, chosen)
     out, lse = DilatedFunction.apply(q, k, v, config, chosen)
     return (out, lse) if return_lse else out
@@ -133,7 +133,7 @@ def dilated_attention(
 
 def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel):
     """The forward on one device, no autograd: out ``(b, n, h, d)`` in q's dtype and the
-    lse ``(b, n, h)`` (rows, then heads), float32 or float64."""
+    lse ``(b, h, n)``, float32 or float64."""
     _, n, h, _ = q.shape
     plan = rank_plan(config, h, n, 1, 0)
     executor = ForwardExecutor(q, k, v, plan, config, kernel)
@@ -146,8 +146,7 @@ def dilated_backward(q, k, v, out, lse, dout, dlse, config: DilatedConfig, kerne
 
     Args:
         q, k, v, out, dout: ``(b, n, h, d)``; out is the forward's (final) output.
-        lse, dlse: ``(b, n, h)`` (rows, then heads), the forward's lse and its gradient
-            (None: lse unused).
+        lse, dlse: ``(b, h, n)``, the forward's lse and its gradient (None: lse unused).
         config, kernel: as the forward ran.
     """
     _, n, h, _ = q.shape
@@ -171,19 +170,18 @@ def refuse_double_backward() -> None:
 
 
 def keep(ctx, q, k, v, out, lse):
-    """Save what every backward needs; returns out and lse in the public ``(b, h, n)``
-    layout (the ``(b, n, h)`` lse is what is kept)."""
+    """Save what every backward needs; returns out and lse ``(b, h, n)``."""
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.set_materialize_grads(False)
-    return out, lse.transpose(1, 2)
+    return out, lse
 
 
 def restore(ctx, dout, dlse):
     """``(q, k, v, out, lse, dout, dlse)`` as the backward functions take them: dout
-    contiguous (zeros when only lse was used), dlse ``(b, n, h)`` contiguous or None."""
+    contiguous (zeros when only lse was used), dlse ``(b, h, n)`` contiguous or None."""
     q, k, v, out, lse = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-    dlse = None if dlse is None else dlse.transpose(1, 2).contiguous()
+    dlse = None if dlse is None else dlse.contiguous()
     return q, k, v, out, lse, dout, dlse
 
 
@@ -198,7 +196,7 @@ class DilatedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        refuse_double_backward()
         """:func:`dilated_backward`: dq, dk, dv."""
+        refuse_double_backward()
         grads = dilated_backward(*restore(ctx, dout, dlse), ctx.config, ctx.kernel)
         return (*grads, None, None)

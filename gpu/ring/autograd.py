@@ -5,8 +5,8 @@
 - :class:`SimulatedRingFunction`: global tensors over the simulated cluster; its backward
   runs every virtual rank's backward ring in the cluster's threads.
 
-Each returns ``out`` (q's dtype) and ``lse (b, h, n)``; the ``(b, n, h)`` lse is kept. A
-gradient reaching lse (``dlse``) needs the math kernel.
+Each returns ``out`` (q's dtype) and ``lse (b, h, n)``, and keeps them. A gradient
+reaching lse (``dlse``) needs the math kernel.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ class RingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        refuse_double_backward()
         """:func:`~ringsim.gpu.ring.rank.ring_backward` on this rank: dq, dk, dv."""
+        refuse_double_backward()
         grads = ring_backward(
             *restore(ctx, dout, dlse), ctx.config, ctx.comm, ctx.kernel, ctx.trace
         )
@@ -61,19 +61,21 @@ class SimulatedRingFunction(torch.autograd.Function):
         if traces is not None:
             traces.append(trace)
         out = torch.cat([r[0] for r in results], dim=1)
-        lse = torch.cat([r[1] for r in results], dim=1)  # (b, n, h)
+        lse = torch.cat([r[1] for r in results], dim=-1)  # (b, h, n)
         ctx.config, ctx.world_size, ctx.kernel = config, world_size, kernel
         ctx.timeout, ctx.traces = timeout, traces
         return keep(ctx, q, k, v, out, lse)
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        refuse_double_backward()
         """Every virtual rank's backward ring in the cluster's threads: dq, dk, dv."""
-        *tensors, dlse = restore(ctx, dout, dlse)
+        refuse_double_backward()
+        q, k, v, out, lse, dout, dlse = restore(ctx, dout, dlse)
         p = ctx.world_size
-        shards = list(zip(*(_shards(x, p) for x in tensors)))
-        dlse_shards = [None] * p if dlse is None else _shards(dlse, p)
+        per_rank = [_shards(x, p) for x in (q, k, v, out)]
+        per_rank += [_shards(lse, p, dim=-1), _shards(dout, p)]  # lse (b, h, n): positions last
+        shards = list(zip(*per_rank))
+        dlse_shards = [None] * p if dlse is None else _shards(dlse, p, dim=-1)
 
         def run_rank(comm, trace):
             return ring_backward(

@@ -70,7 +70,7 @@ def ring_forward(
     q, k, v, config: DilatedConfig, comm: Communicator, kernel: Kernel, trace: RankTrace | None
 ):
     """This rank's forward, no autograd: out ``(b, c, h, d)`` in q's dtype and lse
-    ``(b, c, h)`` (rows, then heads), float32 or float64."""
+    ``(b, h, c)``, float32 or float64."""
     executor = ForwardExecutor(q, k, v, _plan(config, q, comm), config, kernel)
     if trace is not None:
         trace.hold("q, k, v, out, lse", sum(x.nbytes for x in (q, k, v)) + executor.state_nbytes)
@@ -112,8 +112,7 @@ def ring_backward(
 
     Args:
         q, k, v, out, dout: this rank's ``(b, c, h, d)``; out as the forward returned it.
-        lse, dlse: ``(b, c, h)`` (rows, then heads): the forward's lse and its gradient
-            (None: lse unused).
+        lse, dlse: ``(b, h, c)``: the forward's lse and its gradient (None: lse unused).
         config, comm, kernel: as the forward ran.
         trace: where this rank's backward events go (None: nowhere).
     """
