@@ -44,9 +44,24 @@ def masked_attention(
         out ``(b, n, d)`` (0 on rows with no key) and lse ``(b, n)`` (-inf there).
     """
     masked = scaled_scores("bxd,byd->bxy", q, k, scale, mask)
-    lse = np.logaddexp.reduce(masked, axis=-1)  # -inf for a row with no key
-    probs = np.where(mask, np.exp(masked - lse[..., None]), 0.0)
+    weights, lse = normalized(masked, axis=-1)  # lse -inf for a row with no key
+    probs = np.where(mask, weights, 0.0)
     return weighted_values(probs, v, "bxy,byd->bxd"), lse  # a masked NaN stays out
+
+
+def normalized(logits: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """``softmax(logits)`` along ``axis`` and its log-normaliser ``log sum exp(logits)``.
+
+    Shifted by the largest logit and divided by the sum, so the weights sum to 1 whatever
+    the logits' size: ``exp(l - logsumexp(l))`` loses ``log 2`` next to logits of 1e17 and
+    gave two equal logits a weight of 1 each. All ``-inf``: weights 0, normaliser ``-inf``.
+    """
+    top = np.max(logits, axis=axis, keepdims=True)
+    top = np.where(top == -np.inf, 0.0, top)
+    shifted = np.exp(logits - top)
+    total = shifted.sum(axis=axis, keepdims=True)
+    weights = np.where(total == 0, 0.0, shifted / np.where(total == 0, 1.0, total))
+    return weights, np.squeeze(top + np.log(total), axis=axis)
 
 
 def dense_dilated_attention(
@@ -76,6 +91,12 @@ def dense_dilated_attention(
         mode=mode,
         softmax_scale=softmax_scale,
     )
+    for name, x in (("q", q), ("k", k), ("v", v)):  # any real float, computed in float64
+        if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(
+                f"{name}: expected a numpy array of a real floating dtype, got "
+                f"{getattr(x, 'dtype', type(x).__name__)}"
+            )
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     b, n, h, d = q.shape
     scale = config.scale(d)
@@ -94,9 +115,8 @@ def dense_dilated_attention(
                 for p in patterns
             ]
             lse_i = np.stack([part[1] for part in parts])  # (patterns, b, n)
-            total = np.logaddexp.reduce(lse_i, axis=0)  # L(x), -inf if no pattern has a key
-            for (o_i, _), l_i in zip(parts, lse_i):
-                weight = np.where(l_i == -np.inf, 0.0, np.exp(l_i - total))
+            weights, total = normalized(lse_i, axis=0)  # L(x), -inf if no pattern has a key
+            for (o_i, _), weight in zip(parts, weights):
                 out[:, :, head] += weight[..., None] * o_i
             lse[:, head] = total
     return out, lse

@@ -189,10 +189,17 @@ def _check_int_tuple(name: str, values: Any) -> tuple[int, ...]:
             raise TypeError(f"{name}: every entry must be an int, got {x!r}")
         if x < 1:
             raise ValueError(f"{name}: every entry must be >= 1, got {int(x)}")
+        if x > MAX_LENGTH:
+            raise ValueError(f"{name}: every entry must be <= 2**62, got {int(x)}")
         out.append(int(x))
     if not out:
         raise ValueError(f"{name}: must not be empty")
     return tuple(out)
+
+
+#: The largest segment length or dilation rate: positions and rates are 64-bit integers in
+#: NumPy and torch, and a length of 2**62 is already past any sequence.
+MAX_LENGTH = 2**62
 
 
 def make_config(
@@ -231,7 +238,13 @@ def make_config(
     if softmax_scale is not None:
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
             raise TypeError(f"softmax_scale: expected a real number or None, got {softmax_scale!r}")
-        scale = float(softmax_scale)
+        try:
+            scale = float(softmax_scale)
+        except OverflowError:  # an int past float's range
+            digits = len(str(abs(int(softmax_scale))))
+            raise ValueError(
+                f"softmax_scale: must be finite, got an int of {digits} digits"
+            ) from None
         if not math.isfinite(scale):
             raise ValueError(f"softmax_scale: must be finite, got {scale}")
     return DilatedConfig(seg, rates, mode_value, bool(is_causal), scale)

@@ -72,3 +72,18 @@ def test_256_ranks_one_segment_over_all_of_them() -> None:
     out = ring_dilated_attention(q, k, v, (n,), (1,), world_size=n, timeout=60.0)
     assert time.monotonic() - began < 240
     np.testing.assert_allclose(out, dilated_attention(q, k, v, (n,), (1,)), atol=1e-12)
+
+
+@pytest.mark.parametrize("delay", [12.0, 1e9])
+def test_a_delay_longer_than_the_timeout_ends_in_the_timeout(delay):
+    """The delayed sender waits without its turn: the receiver times out on time (it once
+    waited out the whole delay, and a delay of 1e9 s never ended)."""
+    from ringsim.comm import Fault, FaultKind
+
+    q, k, v = (np.random.default_rng(1).standard_normal((1, 12, 1, 4)) for _ in range(3))
+    fault = Fault(FaultKind.DELAY, rank=0, delay=delay)
+    began = time.monotonic()
+    with pytest.raises(RankFailed) as info:
+        ring_dilated_attention(q, k, v, (12,), (1,), world_size=3, faults=[fault], timeout=1.0)
+    assert isinstance(info.value.error, CommTimeout)
+    assert time.monotonic() - began < 5

@@ -75,7 +75,38 @@ def test_fault_delay_keeps_results_correct() -> None:
 
 
 def test_fault_validation() -> None:
-    with pytest.raises(ValueError, match="message must be >= 0"):
+    with pytest.raises(ValueError, match=r"^message: must be >= 0"):
         Fault(FaultKind.DROP, rank=0, message=-1)
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(ValueError, match=r"^faults: .* past world_size 2"):
         SimulatedCluster(2).run(lambda comm: None, faults=[Fault(FaultKind.DROP, rank=2)])
+    for rank in ("0", 0.5, True):
+        with pytest.raises(TypeError, match=r"^rank: expected an int"):
+            Fault(FaultKind.DROP, rank=rank)
+    with pytest.raises(TypeError, match=r"^delay: expected a number"):
+        Fault(FaultKind.DELAY, rank=0, delay="1")
+
+
+@pytest.mark.parametrize("faults", [None, "drop", 3, Fault(FaultKind.DROP, rank=0), [None]])
+def test_faults_that_are_not_a_sequence_of_fault_name_the_argument(faults) -> None:
+    with pytest.raises(TypeError, match=r"^faults: expected"):
+        SimulatedCluster(2).run(lambda comm: None, faults=faults)
+
+
+def test_faults_as_a_generator_are_read_once_and_fire() -> None:
+    """A generator was used up by the type check, and no fault fired."""
+    payloads = random_payloads(13, 2, 1)
+    faults = (f for f in [Fault(FaultKind.CORRUPT, rank=0, message=0)])
+    results = SimulatedCluster(2, timeout=5).run(ring_once(payloads, 1), faults=faults)
+    assert not np.array_equal(results[1][0][0], payloads[0][0][0])
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 1e12])
+def test_timeouts_out_of_range_are_refused(timeout) -> None:
+    with pytest.raises(ValueError, match=r"^timeout: must be a number of seconds in \(0, "):
+        SimulatedCluster(2, timeout=timeout)
+
+
+@pytest.mark.parametrize("timeout", ["5", True, None])
+def test_timeouts_of_another_type_are_refused(timeout) -> None:
+    with pytest.raises(TypeError, match=r"^timeout: expected a number of seconds"):
+        SimulatedCluster(2, timeout=timeout)

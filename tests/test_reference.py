@@ -274,3 +274,18 @@ def test_softmax_scale_is_used(rng: np.random.Generator) -> None:
     default = dilated_attention(q, k, v, [5], [2], return_lse=True)
     assert max_abs_error(a[0], b[0]) <= TOL64 and max_abs_error(a[1], b[1]) <= TOL64
     assert max_abs_error(a[1], default[1]) > 1e-3
+
+
+@pytest.mark.parametrize("grow", ["scale", "inputs"])
+def test_the_definition_stays_normalised_at_huge_scores(grow):
+    """Scores near 1e17: ``exp(l - logsumexp(l))`` loses the log 2 of a tie and weighted
+    two equal patterns 1 each, doubling the output; the shifted, divided softmax does not."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 8, 1, 4)) for _ in range(3))
+    kwargs = {"softmax_scale": 1e17} if grow == "scale" else {}
+    if grow == "inputs":
+        q, k = q * 1e8, k * 1e8
+    dense, _ = dense_dilated_attention(q, k, v, (8, 8), (1, 1), **kwargs)
+    np.testing.assert_allclose(dense, dilated_attention(q, k, v, (8, 8), (1, 1), **kwargs),
+                               atol=1e-12)  # fmt: skip
+    assert np.abs(dense).max() <= np.abs(v).max() + 1e-12  # a convex mix of values

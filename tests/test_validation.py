@@ -256,3 +256,34 @@ def test_flags_must_be_bools(rng: np.random.Generator) -> None:
 
     with pytest.raises(RankFailed, match="return_lse: expected a bool"):
         SimulatedCluster(2, timeout=20.0).run(run_rank)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        (dict(dilation_rates=(1, 2**63)), ValueError,
+         r"^dilation_rates: every entry must be <= 2\*\*62"),
+        (dict(segment_lengths=(4, 10**30)), ValueError,
+         r"^segment_lengths: every entry must be <= 2\*\*62"),
+        (dict(softmax_scale=10**400), ValueError,
+         r"^softmax_scale: must be finite, got an int of 401"),
+    ],
+)  # fmt: skip
+def test_numbers_past_machine_range_name_the_argument(kwargs, error, pattern):
+    """They crashed with OverflowError inside NumPy or float()."""
+    from ringsim.reference import dense_dilated_attention, dilated_attention
+
+    q = np.zeros((1, 8, 1, 4))
+    args = dict(segment_lengths=(4, 8), dilation_rates=(1, 2)) | kwargs
+    for fn in (dilated_attention, dense_dilated_attention):
+        with pytest.raises(error, match=pattern):
+            fn(q, q, q, **args)
+
+
+@pytest.mark.parametrize("dtype", [np.complex128, np.bool_, object, np.int64])
+def test_the_definition_refuses_what_is_not_a_real_float(dtype):
+    from ringsim.reference import dense_dilated_attention
+
+    q = np.ones((1, 8, 1, 4), dtype=dtype)
+    with pytest.raises(TypeError, match=r"^q: expected a numpy array of a real floating dtype"):
+        dense_dilated_attention(q, q, q, (4, 8), (1, 2))

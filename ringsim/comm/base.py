@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Protocol
 
 import numpy as np
@@ -84,6 +84,23 @@ class DeadlockError(CommError):
 
 class RankCrashed(CommError):
     """An injected fault crashed this rank."""
+
+
+#: The longest timeout a communicator takes, in seconds (about 116 days): far beyond any
+#: run, and well inside what the platform's clocks and waits accept.
+MAX_TIMEOUT_S = 1e7
+
+
+def check_timeout(timeout: object) -> float:
+    """``timeout`` as float seconds: a real number (not a bool) in ``(0, MAX_TIMEOUT_S]``."""
+    if isinstance(timeout, bool) or not isinstance(timeout, Real):
+        raise TypeError(f"timeout: expected a number of seconds, got {timeout!r}")
+    seconds = float(timeout)
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise ValueError(
+            f"timeout: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout!r}"
+        )
+    return seconds
 
 
 def payload_nbytes(payload: Payload) -> int:

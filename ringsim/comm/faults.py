@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from numbers import Integral, Real
 
 import numpy as np
 
@@ -39,13 +40,35 @@ class Fault:
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, FaultKind):
-            raise TypeError(f"kind must be a FaultKind, got {self.kind!r}")
-        if self.rank < 0:
-            raise ValueError(f"rank must be >= 0, got {self.rank}")
-        if self.message < 0:
-            raise ValueError(f"message must be >= 0, got {self.message}")
+            raise TypeError(f"kind: expected a FaultKind, got {self.kind!r}")
+        for name in ("rank", "message"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise TypeError(f"{name}: expected an int, got {value!r}")
+            if value < 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
+        if isinstance(self.delay, bool) or not isinstance(self.delay, Real):
+            raise TypeError(f"delay: expected a number of seconds, got {self.delay!r}")
         if not math.isfinite(self.delay) or self.delay < 0:
-            raise ValueError(f"delay must be a finite number >= 0, got {self.delay}")
+            raise ValueError(f"delay: must be a finite number >= 0, got {self.delay}")
+
+
+def check_faults(faults: object, world_size: int) -> tuple[Fault, ...]:
+    """``faults`` as a tuple, checked before any rank starts: a sequence (any iterable but a
+    string, read once) of :class:`Fault` whose ranks are below ``world_size``."""
+    if isinstance(faults, Fault):
+        raise TypeError(f"faults: expected a sequence of Fault (put one in a list), got {faults!r}")
+    if faults is None or isinstance(faults, (str, bytes)) or not isinstance(faults, Iterable):
+        raise TypeError(f"faults: expected a sequence of ringsim.comm.Fault, got {faults!r}")
+    found = tuple(faults)
+    for fault in found:
+        if not isinstance(fault, Fault):
+            raise TypeError(f"faults: expected ringsim.comm.Fault items, got {fault!r}")
+        if fault.rank >= world_size:
+            raise ValueError(
+                f"faults: {fault} names rank {fault.rank}, past world_size {world_size}"
+            )
+    return found
 
 
 def corrupt_payload(payload: Payload) -> Payload:
@@ -78,7 +101,8 @@ class FaultyCommunicator:
 
     - DROP: the send is not posted.
     - DELAY: the other sends and the receives of the batch are posted, then the rank sleeps
-      ``delay`` seconds and posts the late send (so the message arrives that much later).
+      ``delay`` seconds (``inner.pause`` where the transport has it) and posts the late
+      send, so the message arrives that much later.
     - CORRUPT: the send is posted with :func:`corrupt_payload` applied.
     - CRASH: :class:`RankCrashed` is raised before anything of that batch is posted.
     """
@@ -86,9 +110,7 @@ class FaultyCommunicator:
     def __init__(self, inner: Communicator, faults: Sequence[Fault]) -> None:
         self._inner = inner
         self._faults: dict[int, Fault] = {}
-        for fault in faults:
-            if fault.rank >= inner.world_size:
-                raise ValueError(f"{fault}: rank must be < world_size {inner.world_size}")
+        for fault in check_faults(faults, inner.world_size):
             if fault.rank != inner.rank:
                 continue
             if fault.message in self._faults:
@@ -134,8 +156,11 @@ class FaultyCommunicator:
         request = self._inner.start(now, recvs)
         late_requests: list[Request] = []
         posted_at = time.monotonic()
+        # a transport that can wait without holding up the others (the simulated cluster's
+        # ranks take turns) says how; elsewhere the rank sleeps, as a slow process would
+        pause = getattr(self._inner, "pause", time.sleep)
         for delay, send in sorted(late, key=lambda item: item[0]):
-            time.sleep(max(0.0, posted_at + delay - time.monotonic()))
+            pause(max(0.0, posted_at + delay - time.monotonic()))
             late_requests.append(self._inner.start([send], []))
         return _FaultyRequest(request, late_requests)
 

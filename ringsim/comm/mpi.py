@@ -18,7 +18,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .base import CommError, CommTimeout, Payload, Recv, Send, check_batch, describe_payload
+from .base import (
+    CommError,
+    CommTimeout,
+    Payload,
+    Recv,
+    Send,
+    check_batch,
+    check_timeout,
+    describe_payload,
+)
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -152,8 +161,7 @@ class MPICommunicator:
     """
 
     def __init__(self, comm: MPI.Comm | None = None, *, timeout: float = 60.0) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        timeout = check_timeout(timeout)
         if comm is None:
             from mpi4py import MPI
 

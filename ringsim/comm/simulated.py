@@ -43,12 +43,13 @@ from .base import (
     Recv,
     Send,
     check_batch,
+    check_timeout,
     copy_array,
     describe_payload,
     same_dtype,
 )
 from .checksum import ChecksummedCommunicator
-from .faults import Fault, FaultyCommunicator
+from .faults import Fault, FaultyCommunicator, check_faults
 
 T = TypeVar("T")
 
@@ -312,6 +313,20 @@ class SimulatedCommunicator:
     def exchange(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> list[Payload]:
         return self.start(sends, recvs).wait()
 
+    def pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` without the turn, so the other ranks run (and time out) as they
+        would beside a slow process; ends early once a rank has failed (the caller's next
+        message then raises :class:`ClusterAborted`)."""
+        world = self._world
+        deadline = time.monotonic() + seconds
+        with world.cond:
+            world.give_turn()
+            while not world.failures and (left := deadline - time.monotonic()) > 0:
+                world.wakers[self._rank].wait(left)
+            world.cond.release()  # the turn first, then cond again (as _World.block)
+            world.turn.acquire()
+            world.cond.acquire()
+
     def allgather(self, obj: object) -> list[object]:
         """Every rank's ``obj`` by rank; pickled, so each rank gets its own deep copy."""
         data = pickle.dumps(obj)  # fails here, like MPI, for an unpicklable object
@@ -351,8 +366,7 @@ class SimulatedCluster:
             raise TypeError(f"world_size: expected an int, got {world_size!r}")
         if world_size < 1:
             raise ValueError(f"world_size: must be >= 1, got {world_size!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        timeout = check_timeout(timeout)
         if not isinstance(checksums, (bool, np.bool_)):
             raise TypeError(f"checksums: expected a bool, got {checksums!r}")
         self.world_size = int(world_size)  # a NumPy integer too, as validate() accepts
@@ -366,8 +380,7 @@ class SimulatedCluster:
         including the :class:`DeadlockError` or :class:`CommTimeout` raised in its waits, and
         :class:`CommError` if every rank returned but messages were left undelivered.
         """
-        if isinstance(faults, (str, bytes)) or not all(isinstance(f, Fault) for f in faults):
-            raise TypeError(f"faults: expected a sequence of ringsim.comm.Fault, got {faults!r}")
+        faults = check_faults(faults, self.world_size)
         world = _World(self.world_size, self.timeout)
         comms: list[Communicator] = []
         for rank in range(self.world_size):
