@@ -99,7 +99,7 @@ def agreed_config(
             f"{config.mode.value} causal={config.is_causal} "
             f"scale={config.softmax_scale} shard={shape} {q.dtype} on {_device_type(q)}"
         )
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, NotImplementedError) as err:
         error = err
     agree(comm, description, error)
     return config, shape

@@ -202,3 +202,25 @@ def test_a_scale_beyond_float32_is_refused_on_every_path():
 
     with pytest.raises(RankFailed, match="softmax_scale"):
         SimulatedCluster(2, timeout=20.0).run(run_rank)
+
+
+@pytest.mark.parametrize("bad", ["bogus", "flex"])
+def test_a_kernel_one_rank_cannot_run_fails_every_rank_together(bad):
+    """The kernel was checked after the agreement: only that rank raised, the others entered
+    the ring and waited (until torch.distributed's timeout on real processes)."""
+    x = torch.randn(1, 8, 2, 4, dtype=torch.float64, requires_grad=True)
+
+    def run_rank(comm):
+        shard = x[:, comm.rank * 4 : (comm.rank + 1) * 4]
+        kernel = bad if comm.rank == 1 else None
+        try:
+            ring_dilated_attention(shard, shard, shard, (8,), (1,), comm=comm, kernel=kernel)
+        except (ValueError, NotImplementedError) as error:
+            return type(error).__name__, str(error)
+        return "ran", ""
+
+    results = SimulatedCluster(2, timeout=20.0).run(run_rank)
+    assert results[0][0] == "ValueError" and "rank 1 rejected its input" in results[0][1]
+    assert results[1][1].startswith("kernel: ")
+    with pytest.raises(TypeError, match=r"^comm: expected a ringsim communicator"):
+        ring_dilated_attention(x, x, x, (8,), (1,), comm="x")

@@ -155,3 +155,18 @@ def test_a_failed_check_leaves_no_shared_memory(fault):
     result = parity(3, "--cases", "1", "--no-fixed", "--fault", fault, "--timeout", "2")
     assert result.returncode != 0 and "FAIL parity" in result.stdout + result.stderr
     assert mpich_segments() - before == set()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--fault", "drop", "--fault-rank", "5"), ("--timeout", "nan"), ("--timeout", "0"),
+     ("--cases", "-1")],
+)  # fmt: skip
+def test_bad_options_exit_2_with_one_line_and_leave_nothing(args):
+    """They ended in a traceback on every rank (exit 1) and a /dev/shm segment."""
+    before = mpich_segments()
+    result = parity(3, "--cases", "1", *args, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ringsim.checks.parity: error: argument --")
+    assert mpich_segments() - before == set()

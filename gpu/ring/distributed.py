@@ -68,6 +68,19 @@ def ring_dilated_attention(
         from .comm import communicator
 
         comm = communicator(group)
+    elif not all(hasattr(comm, a) for a in ("rank", "world_size", "start", "allgather")):
+        raise TypeError(f"comm: expected a ringsim communicator, got {comm!r}")
+    chosen: list[tuple] = []  # what prepare() made of this rank's tensors and kernel
+
+    def check_rank(x) -> None:
+        """Every check of this rank's input, kernel included, inside the agreement: a rank
+        whose kernel cannot run fails with the others, not alone after they started."""
+        check_tensor(x, k, v)
+        check_flags(return_lse=return_lse)
+        prepared = prepare(q, k, v, kernel, softmax_scale)
+        check_differentiable(*prepared)
+        chosen.append(prepared)
+
     config, _ = agreed_config(
         comm,
         q,
@@ -78,10 +91,8 @@ def ring_dilated_attention(
         is_causal=is_causal,
         mode=mode,
         softmax_scale=softmax_scale,
-        # devices and flags too: every rank's verdict before any message
-        check_array=lambda x: (check_tensor(x, k, v), check_flags(return_lse=return_lse)),
+        check_array=check_rank,  # devices, flags and the kernel: every rank's verdict first
     )
-    q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale)
-    check_differentiable(q, k, v, chosen)
-    out, lse = RingFunction.apply(q, k, v, config, comm, chosen, trace, backward_trace)
+    q, k, v, kernel_run = chosen[0]
+    out, lse = RingFunction.apply(q, k, v, config, comm, kernel_run, trace, backward_trace)
     return (out, lse) if return_lse else out

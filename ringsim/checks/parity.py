@@ -32,6 +32,7 @@ from typing import NoReturn
 import numpy as np
 
 from ringsim.cases import Case, check_cases
+from ringsim.cli.args import OneLineParser, parse_count, parse_seconds
 from ringsim.comm import (
     ChecksummedCommunicator,
     CommError,
@@ -47,21 +48,34 @@ from ringsim.trace import RankTrace, Trace
 from .abort import abort_all, finish
 
 
+class RankParser(OneLineParser):
+    """Every rank parses the same options: rank 0 alone prints the one-line error, then
+    every rank ends through ``MPI_Finalize`` with exit code 2 (a plain ``exit(2)`` becomes an
+    ``MPI_Abort`` under ``python -m mpi4py`` and leaves MPICH's shared memory behind)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        finish(2)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = RankParser(
         prog="ringsim.checks.parity",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--cases", type=int, default=20, help="random configurations")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", type=parse_count, default=20, help="random configurations")
+    parser.add_argument("--seed", type=parse_count, default=0)
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     parser.add_argument("--no-fixed", action="store_true", help="skip the hand-picked cases")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per message")
+    parser.add_argument("--timeout", type=parse_seconds, default=30.0, help="seconds per message")
     parser.add_argument("--fault", choices=[k.value for k in FaultKind])
-    parser.add_argument("--fault-rank", type=int, default=0)
-    parser.add_argument("--fault-message", type=int, default=0)
-    parser.add_argument("--disagree-rank", type=int, default=None)
+    parser.add_argument("--fault-rank", type=parse_count, default=0)
+    parser.add_argument("--fault-message", type=parse_count, default=0)
+    parser.add_argument("--disagree-rank", type=parse_count, default=None)
     parser.add_argument(
         "--checksums",
         action="store_true",
@@ -102,6 +116,14 @@ def main(argv: list[str] | None = None) -> NoReturn:
     args = parse_args(argv)
     world = MPI.COMM_WORLD
     comm = MPICommunicator(world, timeout=args.timeout)
+    for option in ("fault_rank", "disagree_rank"):  # every rank finds the same: all end
+        value = getattr(args, option)
+        if value is not None and value >= comm.world_size:
+            flag = "--" + option.replace("_", "-")
+            RankParser(prog="ringsim.checks.parity").error(
+                f"argument {flag}: must be a rank below the world size {comm.world_size}, "
+                f"got {value}"
+            )
     if args.fault:
         fault = Fault(FaultKind(args.fault), args.fault_rank, args.fault_message)
         comm = FaultyCommunicator(comm, [fault])

@@ -24,6 +24,14 @@ OPTION_NAMES = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``prog: error: ...``, exit code 2)
+    instead of the usage block and the error; ``--help`` still shows the usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 DEMO_WORLD_SIZE = 4  # demo and trace: this, or the largest world size below it dividing n
 VERIFY_WORLD_SIZES = (1, 2, 3, 4, 8)
 

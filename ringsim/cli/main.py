@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from ringsim.cases import Case
 
 from .args import (
+    OPTION_NAMES,
     VERIFY_WORLD_SIZES,
+    OneLineParser,
     add_config_arguments,
     cli_message,
     config_case,
@@ -55,7 +57,7 @@ def _run_verify(args: argparse.Namespace, case: None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ringsim",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Ring dilated attention: a NumPy reference, a simulated cluster of ranks, "
@@ -158,12 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:  # only validation: errors while running are bugs and keep their traceback
+    try:  # validation; errors while running are bugs and keep their traceback, except ...
         prepared = args.prepare(args) if args.prepare is not None else None
     except (ValueError, TypeError) as err:
         print(f"ringsim: error: {cli_message(err)}", file=sys.stderr)
         return 2
-    return args.func(args, prepared)
+    try:
+        return args.func(args, prepared)
+    except (ValueError, TypeError) as err:  # ... what only the data shows, naming an option
+        if not str(err).startswith(tuple(f"{name}:" for name in OPTION_NAMES)):
+            raise
+        print(f"ringsim: error: {cli_message(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from ringsim.trace import RankTrace, Trace
 
-from .base import Communicator
+from .base import Communicator, RankFailed
 from .faults import Fault
 from .simulated import SimulatedCluster
 
@@ -28,9 +28,20 @@ def run_traced(
     timeout: float = 60.0,
     checksums: bool = False,
 ) -> tuple[list[T], Trace]:
-    """``run_rank(comm, trace)`` on ``world_size`` simulated ranks; results by rank, trace."""
+    """``run_rank(comm, trace)`` on ``world_size`` simulated ranks; results by rank, trace.
+
+    A ``ValueError`` or ``TypeError`` a rank raised is about the input (the entry points
+    check it all before any rank starts, except what only the data shows, such as a
+    ``softmax_scale`` that overflows the scores): it is raised as itself, with the rank's
+    failure as its cause, rather than as :class:`~ringsim.comm.RankFailed`.
+    """
     traces = [RankTrace(rank) for rank in range(world_size)]
-    results = SimulatedCluster(world_size, timeout=timeout, checksums=checksums).run(
-        lambda comm: run_rank(comm, traces[comm.rank]), faults=faults
-    )
+    try:
+        results = SimulatedCluster(world_size, timeout=timeout, checksums=checksums).run(
+            lambda comm: run_rank(comm, traces[comm.rank]), faults=faults
+        )
+    except RankFailed as failed:
+        if type(failed.error) in (ValueError, TypeError):
+            raise type(failed.error)(str(failed.error)) from failed
+        raise
     return results, Trace.from_ranks(traces)
