@@ -70,6 +70,31 @@ class Communicator(Protocol):
         ...
 
 
+class WrappedCommunicator:
+    """A communicator around ``inner`` (faults, checksums): rank, world size and allgather
+    are inner's, ``exchange`` is ``start(...).wait()``; a subclass defines ``start``."""
+
+    def __init__(self, inner: Communicator) -> None:
+        self._inner = inner
+
+    @property
+    def rank(self) -> int:
+        return self._inner.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._inner.world_size
+
+    def start(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> Request:
+        raise NotImplementedError
+
+    def exchange(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> list[Payload]:
+        return self.start(sends, recvs).wait()
+
+    def allgather(self, obj: object) -> list[object]:
+        return self._inner.allgather(obj)
+
+
 class CommError(RuntimeError):
     """A ring could not complete: a rank failed, a message never came, or ranks disagree."""
 

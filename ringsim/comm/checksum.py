@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .base import CommError, Communicator, Payload, Recv, Request, Send
+from .base import CommError, Payload, Recv, Request, Send, WrappedCommunicator
 
 #: The shape of the array a sealed payload carries at its end.
 SEAL_SHAPE = (4,)
@@ -104,27 +104,10 @@ class _CheckedRequest:
         return [unseal(p, self._rank, r) for p, r in zip(payloads, self._recvs, strict=True)]
 
 
-class ChecksummedCommunicator:
+class ChecksummedCommunicator(WrappedCommunicator):
     """``inner`` with every payload sealed on send and checked on receive."""
-
-    def __init__(self, inner: Communicator) -> None:
-        self._inner = inner
-
-    @property
-    def rank(self) -> int:
-        return self._inner.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._inner.world_size
 
     def start(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> _CheckedRequest:
         sealed_sends = [Send(s.dest, s.tag, seal(s.payload)) for s in sends]
         request = self._inner.start(sealed_sends, [sealed(r) for r in recvs])
         return _CheckedRequest(request, self.rank, recvs)
-
-    def exchange(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> list[Payload]:
-        return self.start(sends, recvs).wait()
-
-    def allgather(self, obj: object) -> list[object]:
-        return self._inner.allgather(obj)

@@ -17,7 +17,15 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from .base import Communicator, Payload, RankCrashed, Recv, Request, Send
+from .base import (
+    Communicator,
+    Payload,
+    RankCrashed,
+    Recv,
+    Request,
+    Send,
+    WrappedCommunicator,
+)
 
 
 class FaultKind(str, Enum):
@@ -93,7 +101,7 @@ class _FaultyRequest:
         return payloads
 
 
-class FaultyCommunicator:
+class FaultyCommunicator(WrappedCommunicator):
     """``inner`` with ``faults`` applied to this rank's sends; other ranks' faults are ignored.
 
     Every rank of a run may be given the same ``faults``. Faults fire at most once, when the
@@ -108,7 +116,7 @@ class FaultyCommunicator:
     """
 
     def __init__(self, inner: Communicator, faults: Sequence[Fault]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._faults: dict[int, Fault] = {}
         for fault in check_faults(faults, inner.world_size):
             if fault.rank != inner.rank:
@@ -118,14 +126,6 @@ class FaultyCommunicator:
             self._faults[fault.message] = fault
         self._posted = 0  # sends this rank has posted so far (the fault message index)
         self._fired: list[Fault] = []
-
-    @property
-    def rank(self) -> int:
-        return self._inner.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._inner.world_size
 
     @property
     def fired(self) -> tuple[Fault, ...]:
@@ -163,9 +163,3 @@ class FaultyCommunicator:
             pause(max(0.0, posted_at + delay - time.monotonic()))
             late_requests.append(self._inner.start([send], []))
         return _FaultyRequest(request, late_requests)
-
-    def exchange(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> list[Payload]:
-        return self.start(sends, recvs).wait()
-
-    def allgather(self, obj: object) -> list[object]:
-        return self._inner.allgather(obj)
