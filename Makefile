@@ -4,16 +4,19 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS := test,mpi,docs,torch,triton
+# The versions the project tests with: torch 2.13.0 is the CPU wheel this project's machines
+# install from a local file (the extras themselves take version ranges).
+CONSTRAINTS := constraints.txt
 
 .PHONY: setup demo test lint unit docs clean
 
 setup: $(VENV)/.installed
 
 # Re-install whenever pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	touch $@
 
 demo: setup

@@ -25,6 +25,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "sphinx-mathjax-offline",  # MathJax served from the built site: formulas render offline
 ]
 # results/: the raw GPU outputs, summarised in gpu.md
 exclude_patterns = ["_build", "results", "Thumbs.db", ".DS_Store", "**/.ipynb_checkpoints"]

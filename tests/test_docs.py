@@ -9,6 +9,7 @@ tutorials and the notebook pages (myst-nb, a failing cell fails the build). Need
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ DOCS = ROOT / "docs"
 
 
 def test_site_builds_with_warnings_as_errors_offline(tmp_path: Path) -> None:
-    for module in ("sphinx", "myst_nb", "furo", "matplotlib"):
+    for module in ("sphinx", "myst_nb", "furo", "matplotlib", "sphinx-mathjax-offline"):
         pytest.importorskip(module, reason="the docs extra: pip install -e '.[docs]'")
     closed = "http://127.0.0.1:9"  # nothing listens on the discard port: no network
     env = {
@@ -51,6 +52,25 @@ def test_site_builds_with_warnings_as_errors_offline(tmp_path: Path) -> None:
     tutorials = sorted(p.stem for p in (ROOT / "tutorials").glob("[0-9][0-9]-*.md"))
     assert {f"tutorials/{t}.html" for t in tutorials} <= pages
     assert (out / "_images").is_dir() and any((out / "_images").glob("*.png"))
+    assert_no_page_loads_from_the_network(out)
+
+
+#: A script, style sheet or image taken from another host: a page that needs the network.
+REMOTE = re.compile(r"""<(?:script|link|img)\b[^>]*\b(?:src|href)=["'](?:https?:)?//""", re.I)
+
+
+def assert_no_page_loads_from_the_network(out: Path) -> None:
+    """Every page's scripts, style sheets and images come from the built site (MathJax
+    was loaded from a CDN: every formula showed as raw TeX offline)."""
+    remote = {}
+    for page in out.rglob("*.html"):
+        found = REMOTE.findall(page.read_text(errors="replace"))
+        if found:
+            remote[page.relative_to(out).as_posix()] = found[:2]
+    assert not remote, remote
+    mathjax = out / "_static" / "mathjax" / "tex-chtml.js"
+    assert mathjax.is_file(), "MathJax is not served from the site"
+    assert 'src="_static/mathjax/tex-chtml.js' in (out / "concepts.html").read_text()
 
 
 def test_mutant_catalogue_is_documented() -> None:
