@@ -171,7 +171,7 @@ def _cells(events: list[Event]) -> tuple[str, str, str]:
     sent = _transfers(events, TraceAction.SEND, "->")
     got = _transfers(events, TraceAction.RECV, "<-")
     done = [
-        f"B{e.source_rank}/p{e.pair}:{e.detail}"
+        f"B{e.source_rank}/s{e.subring}:{e.detail}"
         for e in events
         if e.action in (TraceAction.COMPUTE, TraceAction.SKIP)
     ]

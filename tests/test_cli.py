@@ -84,3 +84,45 @@ def test_bad_option_values_are_one_usage_line(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}:" in err and "Traceback" not in err, err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("ringsim 0.")
+
+
+def test_a_default_world_size_that_does_not_divide_is_an_error(capsys):
+    """--seq-len 25 silently ran on 1 rank."""
+    assert main(["demo", "--seq-len", "25"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ringsim: error: world_size (--world-size): the default 4 does not")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    with subprocess.Popen([sys.executable, "-m", "ringsim.cli", "demo"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as demo:  # fmt: skip
+        demo.stdout.readline()
+        demo.stdout.close()  # as `| head -1` does
+        err = demo.stderr.read().decode()
+        code = demo.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert code == 0
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    import importlib
+
+    cli = importlib.import_module("ringsim.cli.main")  # the module, not the function
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_main", interrupted)
+    assert cli.main(["demo"]) == 130
+    assert capsys.readouterr().err == "\nringsim: interrupted\n"

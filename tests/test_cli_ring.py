@@ -149,7 +149,7 @@ def test_trace_prints_every_step_and_event(capsys: pytest.CaptureFixture[str]) -
     _, _, _, trace = run_case(case, 0, "float64")
     assert trace.num_steps == 3
     for step in range(trace.num_steps):
-        assert f"step {step} of {trace.num_steps - 1}" in out, out
+        assert f"step {step + 1} of {trace.num_steps}" in out, out
     words = [line.split()[1] for line in out.splitlines() if line[:8].strip().isdigit()]
     for action in (TraceAction.SEND, TraceAction.RECV, TraceAction.COMPUTE, TraceAction.SKIP):
         assert words.count(action.value) == len(trace.select(action)), (action, out)
@@ -167,8 +167,8 @@ def test_trace_step_pauses_between_steps_on_a_terminal(
     code, out, _ = run_cli(capsys, "trace", "--world-size", "4", "--step")
     assert code == 0, out
     assert out.count("press Enter for the next step, q to quit") == 2, out
-    assert "step 1 of 3" in out and "step 2 of 3" not in out, out
-    assert "stopped after step 1" in out, out
+    assert "step 2 of 4" in out and "step 3 of 4" not in out, out  # steps count from 1
+    assert "stopped after step 2" in out, out
 
 
 def test_trace_step_without_a_terminal_does_not_wait() -> None:
@@ -182,7 +182,7 @@ def test_trace_step_without_a_terminal_does_not_wait() -> None:
         env={**os.environ, "CI": "true"},
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "step 2 of 2" in done.stdout and "press Enter" not in done.stdout, done.stdout
+    assert "step 3 of 3" in done.stdout and "press Enter" not in done.stdout, done.stdout
     assert "not a terminal" in done.stderr, done.stderr
 
 
@@ -233,12 +233,6 @@ def test_console_script_runs_the_causal_demo() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[-1] == "PASS" and ":skip" in done.stdout, done.stdout
-
-
-def test_demo_default_world_size_fits_the_sequence(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "demo", "--seq-len", "30")  # 4 does not divide 30
-    assert code == 0, out
-    assert "world_size       3 ranks of 10 positions" in out, out
 
 
 # --- the progress bar ----------------------------------------------------------------------

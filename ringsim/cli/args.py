@@ -32,7 +32,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-DEMO_WORLD_SIZE = 4  # demo and trace: this, or the largest world size below it dividing n
+DEMO_WORLD_SIZE = 4  # demo and trace, unless --world-size says otherwise
 VERIFY_WORLD_SIZES = (1, 2, 3, 4, 8)
 
 
@@ -127,8 +127,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="P",
-        help=f"ranks of the simulated ring; must divide --seq-len (default: "
-        f"{DEMO_WORLD_SIZE}, or the largest world size below it that divides --seq-len)",
+        help=f"ranks of the simulated ring; must divide --seq-len (default: {DEMO_WORLD_SIZE})",
     )
 
 
@@ -140,9 +139,12 @@ def config_case(args: argparse.Namespace) -> Case:
     for name in ("batch", "seq_len", "num_heads", "head_dim"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name}: must be >= 1, got {getattr(args, name)}")
-    world_size = args.world_size
-    if world_size is None:  # a default that fits any --seq-len
-        world_size = max(p for p in range(1, DEMO_WORLD_SIZE + 1) if args.seq_len % p == 0)
+    world_size = DEMO_WORLD_SIZE if args.world_size is None else args.world_size
+    if args.world_size is None and args.seq_len % world_size:  # said, not changed silently
+        raise ValueError(
+            f"world_size: the default {world_size} does not divide seq_len {args.seq_len}; "
+            "pass --world-size P with P dividing --seq-len (1 runs without a ring)"
+        )
     config = make_config(
         args.segment_lengths,
         args.dilation_rates,

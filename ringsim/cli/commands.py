@@ -143,7 +143,8 @@ def run_demo(args: argparse.Namespace, case: Case) -> int:
     print_subrings(case)
     (q, k, v), out, lse, trace = run_case(case, args.seed, args.dtype)
     _heading("Steps: what each rank sent (->rank:bytes), received (<-rank:bytes) and computed")
-    print("  (Bj/pi:action = rank j's block of pair i; one action per offset group)")
+    print("  (Bj/si:action = rank j's block of sub-ring i, whose pair and segment the table "
+          "above gives;\n   one action per offset group)")  # fmt: skip
     print("\n".join("  " + line for line in trace.table().splitlines()))
     print_per_rank(trace, case)
     report = check_case(case, out, lse, q, k, v)
@@ -181,7 +182,7 @@ def _pause(step: int, num_steps: int) -> bool:
     """Wait for Enter; False when the reader asks to quit (q, or end of input)."""
     try:
         answer = input(
-            f"-- step {step} of {num_steps - 1} done: press Enter for the next step, q to quit "
+            f"-- step {step + 1} of {num_steps} done: press Enter for the next step, q to quit "
         )
     except EOFError:
         return False
@@ -206,12 +207,12 @@ def run_trace(args: argparse.Namespace, case: Case) -> int:
     print_subrings(case)
     headers = ("rank", "event", "block", "peer", "bytes", "pair", "sub-ring", "rows / actions")
     for step in range(trace.num_steps):
-        _heading(f"step {step} of {trace.num_steps - 1}")
+        _heading(f"step {step + 1} of {trace.num_steps}")
         events = [e for e in trace.events if e.step == step and e.action is not TraceAction.MERGE]
         rows = [_event_row(e, subrings) for e in events]
         print("\n".join(format_table(headers, rows, left=(1, 2, 3, 6, 7))))
         if pausing and step + 1 < trace.num_steps and not _pause(step, trace.num_steps):
-            print(f"stopped after step {step}")
+            print(f"stopped after step {step + 1}")
             return 0
     print_per_rank(trace, case)
     return 0

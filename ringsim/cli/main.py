@@ -17,6 +17,7 @@ validation, before anything runs) exits with code 2 and one line naming the opti
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  ringsim trace --world-size 3 --step\n\n"
         "Run 'ringsim COMMAND --help' for a command's options.",
     )
+    from ringsim import __version__
+
+    parser.add_argument("--version", action="version", version=f"ringsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
@@ -159,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``ringsim`` command. A closed pipe (``ringsim demo | head``) ends it quietly, and
+    Ctrl-C with one line and exit code 130."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the reader is gone: point stdout at nothing, so the interpreter's final flush is
+        # quiet too (Python's documented way: docs.python.org/3/library/signal.html)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("\nringsim: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:  # validation; errors while running are bugs and keep their traceback, except ...
         prepared = args.prepare(args) if args.prepare is not None else None
