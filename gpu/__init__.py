@@ -12,15 +12,19 @@
 Importing this package imports torch but never probes a GPU.
 """
 
-from .executor import dilated_attention
-from .kernels import Kernel, choose_kernel
-from .nn import (
+from ringsim.extras import require
+
+require("torch", "ringsim.gpu")  # one line naming the extra, not a ModuleNotFoundError
+
+from .executor import dilated_attention  # noqa: E402
+from .kernels import Kernel, choose_kernel  # noqa: E402
+from .nn import (  # noqa: E402
     RingDilatedAttention,
     RingDilatedAttentionHybrid,
     RingMultiheadDilatedAttention,
     RingMultiheadDilatedAttentionHybrid,
 )
-from .ring import ring_dilated_attention, simulated_ring_dilated_attention
+from .ring import ring_dilated_attention, simulated_ring_dilated_attention  # noqa: E402
 
 __all__ = [
     "Kernel",

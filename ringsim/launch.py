@@ -64,7 +64,7 @@ def mpiexec_command(nprocs: int, module: str, args: Sequence[str] = ()) -> list[
     if mpiexec is None:
         raise RuntimeError(
             "no mpiexec beside the Python interpreter or on PATH; install the project's "
-            "MPI extra: pip install -e '.[mpi]' (mpi4py and the mpich wheel)"
+            "MPI extra: pip install 'ringsim[mpi]' (mpi4py and the mpich wheel)"
         )
     flags: list[str] = []
     if is_open_mpi(mpiexec):
@@ -77,10 +77,10 @@ def mpiexec_command(nprocs: int, module: str, args: Sequence[str] = ()) -> list[
 def mpi_available() -> str | None:
     """``None`` if MPI checks can be launched, else why not (a pytest skip reason)."""
     if importlib.util.find_spec("mpi4py") is None:
-        return "mpi4py is not installed (pip install -e '.[mpi]')"
+        return "mpi4py is not installed (pip install 'ringsim[mpi]')"
     mpiexec = find_mpiexec()
     if mpiexec is None:
-        return "no mpiexec beside the Python interpreter or on PATH (pip install -e '.[mpi]')"
+        return "no mpiexec beside the Python interpreter or on PATH (pip install 'ringsim[mpi]')"
     try:
         _version_text(mpiexec)
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:

@@ -30,6 +30,7 @@ BASE = (
     "ringsim.comm.simulated",
     "ringsim.comm.traced",
     "ringsim.config",
+    "ringsim.extras",
     "ringsim.gradrelay",
     "ringsim.launch",
     "ringsim.plan",

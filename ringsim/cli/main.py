@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ringsim.cases import Case
 
+from ringsim.extras import MissingExtra
+
 from .args import (
     OPTION_NAMES,
     VERIFY_WORLD_SIZES,
@@ -187,6 +189,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     try:
         return args.func(args, prepared)
+    except MissingExtra as err:  # e.g. plot without matplotlib
+        print(f"ringsim: error: {err}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError) as err:  # ... what only the data shows, naming an option
         if not str(err).startswith(tuple(f"{name}:" for name in OPTION_NAMES)):
             raise

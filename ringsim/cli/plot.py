@@ -115,6 +115,9 @@ def scaling_data(case: Case, world_sizes, seed: int, dtype: str) -> tuple[list[i
 
 def _run_plot(args: argparse.Namespace, case: Case) -> int:
     from ringsim import figures
+    from ringsim.extras import require
+
+    require("matplotlib", "ringsim plot")  # before any work: one line naming the extra
 
     from .commands import run_case
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ringsim.extras import require
+
 from .base import (
     CommError,
     CommTimeout,
@@ -163,9 +165,7 @@ class MPICommunicator:
     def __init__(self, comm: MPI.Comm | None = None, *, timeout: float = 60.0) -> None:
         timeout = check_timeout(timeout)
         if comm is None:
-            from mpi4py import MPI
-
-            comm = MPI.COMM_WORLD
+            comm = require("mpi4py.MPI", "MPICommunicator").COMM_WORLD
         self._comm = comm
         self.timeout = timeout
 

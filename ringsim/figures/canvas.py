@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ringsim.extras import require
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -23,6 +25,7 @@ SEGMENT_COLOUR = "#e377c2"
 
 def new_figure(width: float, height: float) -> Figure:
     """An empty figure on an Agg canvas of ``width`` x ``height`` inches."""
+    require("matplotlib", "drawing figures")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

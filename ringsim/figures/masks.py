@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ringsim.config import make_config, segment_bounds
+from ringsim.extras import require
 
 from .canvas import MASK_COLOURS, SEGMENT_COLOUR, new_figure
 
@@ -33,6 +34,7 @@ def mask_figure(
     mode a head's unused pairs are marked "not used". ``heads`` picks the heads to draw
     (default: all ``num_heads``).
     """
+    require("matplotlib", "drawing figures")
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
