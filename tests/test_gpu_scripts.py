@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +204,15 @@ def test_bench_ring_smoke_writes_every_problem(tmp_path):
     assert all(r["bytes_sent"] == r["closed_form_bytes"] for r in rows)
     for key in ("device", "torch", "nccl", "date", "world_size"):
         assert key in report
+
+
+def test_without_out_results_go_to_a_new_temporary_folder(tmp_path):
+    """``check --smoke`` wrote into docs/results/ by default: a dirty tree after a check."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "ringsim.gpu.harness.check", "--smoke"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    written = list(tmp_path.glob("ringsim-check-*/check_smoke.json"))
+    assert len(written) == 1 and str(written[0]) in result.stdout, result.stdout[-2000:]

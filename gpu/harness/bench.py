@@ -54,6 +54,7 @@ from ..executor.graphs import clear_graphs
 from ..kernels import Kernel, capability, choose_kernel
 from . import bench_baselines as baselines
 from .check_support import environment
+from .output import OUT_HELP, output_folder
 from .timing import free, measure, optional
 
 LENGTHS = (32768, 65536, 131072, 262144, 524288, 1048576)
@@ -208,14 +209,16 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser("python -m ringsim.gpu.harness.bench", description=title)
     parser.add_argument("--smoke", action="store_true", help="tiny, on the CPU: tests the script")
     parser.add_argument("--lengths", help="comma-separated n (default 32768,...,1048576)")
-    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="output folder")
+    parser.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention row")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive row")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense row")
     parser.add_argument("--dense-max", type=int, default=262144, help="longest dense row")
     parser.add_argument("--budget", type=float, help="seconds of timing per row (0.5; smoke 0)")
     parser.add_argument("--kernel", choices=[k.value for k in Kernel], help="default: auto")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.out = output_folder(args.out, "bench")
+    return args
 
 
 def problem_of(args) -> dict:

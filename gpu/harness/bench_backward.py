@@ -45,6 +45,7 @@ from ..ring.autograd import SimulatedRingFunction
 from . import bench_baselines as baselines
 from .bench import problem_of
 from .check_support import environment
+from .output import OUT_HELP, output_folder
 from .timing import free, median_ms, sync
 
 TIME_HEADER = ["n", "mask", "row", "kernel", "ms", "TFLOP/s", "row/ours time", "vs dense",
@@ -201,8 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dense-max", type=int, default=131072, help="longest dense row")
     parser.add_argument("--budget", type=float, help="seconds of timing per row (0.5; smoke 0)")
     parser.add_argument("--kernel", choices=[k.value for k in Kernel], help="default: auto")
-    parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     args = parser.parse_args(argv)
+    args.out = output_folder(args.out, "bench_backward")
     if not args.smoke and not torch.cuda.is_available():
         print("ringsim.gpu.harness.bench_backward: no CUDA device; use --smoke", file=sys.stderr)
         return 2

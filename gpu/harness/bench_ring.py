@@ -50,6 +50,7 @@ from ..ring import communicator, ring_dilated_attention
 from ..ring.rank import StepParts
 from .bench_baselines import useful_flops
 from .check_support import environment
+from .output import OUT_HELP, output_folder
 from .ring_report import HEADER, Row, write
 from .ring_timing import (
     CommOnly,
@@ -222,8 +223,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, help="seconds of timing per measurement")
     parser.add_argument("--kernel", choices=[k.value for k in Kernel], help="default: auto")
     parser.add_argument("--no-cp", action="store_true", help="skip PyTorch's context parallel")
-    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="output folder")
+    parser.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     args = parser.parse_args(argv)
+    args.out = output_folder(args.out, "bench_ring")
     args.problems = [x for x in args.problems.split(",") if x]
     args.passes = [x for x in args.passes.split(",") if x]
     for x in args.problems:

@@ -63,6 +63,7 @@ from .check_support import (
     setup_device,
     summary,
 )
+from .output import OUT_HELP, output_folder
 
 
 def _case(n, segs, rates, causal=False, mode="longnet", b=1, h=8, d=64, scale=None) -> Case:
@@ -199,9 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser("python -m ringsim.gpu.harness.check", description=title)
     parser.add_argument("--quick", action="store_true", help="up to 8K, fewer compiles (~3 min)")
     parser.add_argument("--smoke", action="store_true", help="tiny, on the CPU: tests the script")
-    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="JSON folder")
+    parser.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (compiles)")
     args = parser.parse_args(argv)
+    args.out = output_folder(args.out, "check")
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     plan = make_plan(name)
     if plan.device == "cuda" and not torch.cuda.is_available():
