@@ -1,6 +1,6 @@
 """The NumPy reference of ring dilated attention, float64 by default, written to be read.
 
-- :func:`dense_dilated_attention`, :func:`pattern_mask`: the definition (SPEC 3-4), the oracle.
+- :func:`dense_dilated_attention`, :func:`pattern_mask`: the definition (spec §3, §4), the oracle.
 - :func:`dilated_attention`: single-process dilated attention, select / attend / scatter / merge.
 - :mod:`.merge`: the naive and the stable LSE merge side by side.
 - :func:`block_attention`: one block of queries against one block of keys, ``(out, lse)``.

@@ -1,4 +1,4 @@
-"""The backward pass of single-process dilated attention, exact in float64 (SPEC 4).
+"""The backward pass of single-process dilated attention, exact in float64 (spec §4).
 
 Forward, per head and query row: each pattern i gives ``(o_i, lse_i)`` over its keys, and the
 patterns mix by their softmax denominators (LongNet eq. 10):
@@ -6,7 +6,7 @@ patterns mix by their softmax denominators (LongNet eq. 10):
     out = sum_i w_i o_i,    w_i = exp(lse_i - L),    L = log sum_i exp(lse_i).
 
 The gradients here are exact, *including through the weights* ``w_i`` (torchscale computes
-them under no_grad: PITFALLS 14). Two forms, equal up to rounding:
+them under no_grad: pitfall 14). Two forms, equal up to rounding:
 
 1. :func:`dilated_attention_backward_chain`, the teaching form, runs the chain rule backwards
    through the forward: :func:`mix_backward` turns ``(dout, dL)`` into each pattern's
@@ -37,7 +37,7 @@ Note [one softmax over every pattern]
     ``P_i (w_i dP - rowsum(do_i * o_i) + dlse_i) = exp(s - L) (dP - D + dL)``.
 
 Shapes: out ``(b, n, h, d)``, lse ``(b, h, n)`` as everywhere in the package. A row with no key
-(``lse = -inf``) gets no gradient, and never NaN (PITFALLS 6).
+(``lse = -inf``) gets no gradient, and never NaN (pitfall 6).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def check_backward_inputs(
 
 def validate_backward(q, k, v, out, lse, dout, dlse, segment_lengths, dilation_rates,
                       **kwargs) -> DilatedConfig:  # fmt: skip
-    """The checks every backward entry point makes before any work: the forward's (SPEC 7,
+    """The checks every backward entry point makes before any work: the forward's (spec §7,
     ``kwargs`` as :func:`ringsim.config.validate` takes them), q floating point, and out,
     lse, dout, dlse shaped for q (:func:`check_backward_inputs`). Returns the configuration."""
     config = validate(q, k, v, segment_lengths, dilation_rates, **kwargs)
@@ -244,7 +244,7 @@ def dilated_attention_backward(
         through the mixing weights too. Every block sees the final out and lse (Note [one
         softmax over every pattern]), so the patterns' own results are never needed.
     Raises:
-        ValueError, TypeError: as the forward (SPEC 7); ValueError naming out, lse, dout or
+        ValueError, TypeError: as the forward (spec §7); ValueError naming out, lse, dout or
         dlse when its shape is wrong.
     """
     config = validate_backward(
@@ -252,7 +252,7 @@ def dilated_attention_backward(
         is_causal=is_causal, mode=mode, softmax_scale=softmax_scale,
     )  # fmt: skip
     grads = tuple(np.zeros_like(q) for _ in range(3))
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN inputs propagate (SPEC 7)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN inputs propagate (spec §7)
         for group in config.pattern_groups(q.shape[2]):
             _group_backward(grads, q, k, v, out, lse, dout, dlse, group, config)
     return grads  # type: ignore[return-value]

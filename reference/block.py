@@ -2,7 +2,7 @@
 
 The unit every path is built from: the single-process reference calls it once per segment
 and pattern, the ring once per step. Causality is decided by *global* positions, passed in
-(PITFALLS 5): a block never knows where it sits in a compacted array.
+(pitfall 5): a block never knows where it sits in a compacted array.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 
 
 def masked_scores(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
-    """Scores with disallowed entries set to -inf; ``allowed`` True = attend (PITFALLS 4)."""
+    """Scores with disallowed entries set to -inf; ``allowed`` True = attend (pitfall 4)."""
     if allowed is None:
         return scores
     return np.where(allowed, scores, -np.inf)
@@ -25,7 +25,7 @@ def scaled_scores(
 
     Raises ``ValueError`` naming ``softmax_scale`` where an allowed score of a finite query
     and a finite key overflows: its softmax would be NaN (inf - inf) where the definition's
-    is not. A non-finite input row is not an overflow: its rows become NaN (SPEC 7).
+    is not. A non-finite input row is not an overflow: its rows become NaN (spec §7).
     """
     with np.errstate(over="ignore", invalid="ignore"):
         raw = scale * np.einsum(spec, q, k)
@@ -44,7 +44,7 @@ def scaled_scores(
 
 def weighted_values(weights: np.ndarray, v: np.ndarray, spec: str) -> np.ndarray:
     """``np.einsum(spec, weights, v)`` (``spec`` sums over the keys) in which a key of weight
-    0 contributes nothing even where its value is not finite (SPEC 7: only the rows that
+    0 contributes nothing even where its value is not finite (spec §7: only the rows that
     attend to a non-finite input are NaN; 0 x NaN would spread a masked key's NaN to every
     row of the block). A row that gives weight to a non-finite value is NaN.
 
@@ -82,7 +82,7 @@ def block_attention(
         scale: multiplies the scores.
     Returns:
         block_out ``(b, m, h, d)`` and block_lse ``(b, h, m)`` in q's dtype; a row with no
-        allowed key gives ``(0, -inf)`` (PITFALLS 6).
+        allowed key gives ``(0, -inf)`` (pitfall 6).
     """
     allowed = k_positions[None, :] <= q_positions[:, None] if is_causal else None
     scores = scaled_scores("bmhd,blhd->bhml", q, k, scale, allowed)  # (b, h, m, l)

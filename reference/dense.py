@@ -1,4 +1,4 @@
-"""The dense-mask definition of dilated attention: SPEC 3-4 taken literally.
+"""The dense-mask definition of dilated attention: spec §3, §4 taken literally.
 
 This is the oracle every other path is checked against. It builds each pattern's full
 ``(n, n)`` boolean mask from global positions, takes a masked softmax per pattern, and mixes
@@ -19,7 +19,7 @@ from .block import scaled_scores, weighted_values
 def pattern_mask(pattern: Pattern, seq_len: int, *, is_causal: bool = False) -> np.ndarray:
     """Boolean ``(n, n)`` mask of one pattern: ``mask[x, y]`` is True when x may attend y.
 
-    True means *attend*, everywhere in this package (PITFALLS 4). SPEC 3: x and y in the
+    True means *attend*, everywhere in this package (pitfall 4). spec §3: x and y in the
     same segment, both selected (``(x - segment_start) mod r == offset``), and ``y <= x``
     if causal.
     """
@@ -75,7 +75,7 @@ def dense_dilated_attention(
     mode: str = "longnet",
     softmax_scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The definition (SPEC 4): returns out ``(b, n, h, d)`` and lse ``(b, h, n)``, float64.
+    """The definition (spec §4): returns out ``(b, n, h, d)`` and lse ``(b, h, n)``, float64.
 
     Each head's patterns give ``(o_i, lse_i)`` from their masks; the head output is
     ``sum_i exp(lse_i - L) o_i`` with ``L = log sum_i exp(lse_i)`` (LongNet eq. 10), and 0 with

@@ -1,4 +1,4 @@
-"""Single-process dilated attention, step by step (SPEC 2-4).
+"""Single-process dilated attention, step by step (spec §2, §4).
 
 For every pattern group (the heads sharing one ``(segment_length, dilation_rate, offset)``):
 
@@ -84,13 +84,13 @@ def dilated_attention(
     softmax_scale: float | None = None,
     return_lse: bool = False,
 ):
-    """Dilated attention on one process (SPEC 6).
+    """Dilated attention on one process (spec §6).
 
     Args:
         q, k, v: ``(batch, seq_len, num_heads, head_dim)``, float32 or float64, one dtype.
         segment_lengths, dilation_rates: positive ints, equal length (the pairs ``(w_i, r_i)``).
         is_causal: key y is visible to query x only if ``y <= x`` (global positions).
-        mode: ``"longnet"`` (every head every pair) or ``"grouped"`` (SPEC 2).
+        mode: ``"longnet"`` (every head every pair) or ``"grouped"`` (spec §2).
         softmax_scale: defaults to ``1/sqrt(head_dim)``.
         return_lse: also return the natural-log lse ``(batch, num_heads, seq_len)``.
     Returns:

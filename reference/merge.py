@@ -13,7 +13,7 @@ rewrites it with ``s = sigmoid(lse_b - lse_a)``, the weight of the new block:
     out = out_a - s * (out_a - out_b)
     lse = lse_a - logsigmoid(lse_a - lse_b)
 
-which only ever exponentiates non-positive numbers (the form SPEC 5 prescribes; the same
+which only ever exponentiates non-positive numbers (the form spec §5 prescribes; the same
 rewrite is used by ring-flash-attention). Empty rows (lse = -inf) are handled explicitly.
 
 Shapes: ``out`` is ``(..., n, h, d)`` and ``lse`` is ``(..., h, n)``, the package's layouts.
@@ -43,7 +43,7 @@ def logsigmoid(x: np.ndarray) -> np.ndarray:
 def merge_naive(
     out: np.ndarray, lse: np.ndarray, block_out: np.ndarray, block_lse: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The textbook formula. For teaching and comparison only: it overflows (PITFALLS 8)."""
+    """The textbook formula. For teaching and comparison only: it overflows (pitfall 8)."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         new_lse = np.log(np.exp(lse) + np.exp(block_lse))
         new_out = (per_row(np.exp(lse)) * out + per_row(np.exp(block_lse)) * block_out) / per_row(
@@ -60,7 +60,7 @@ def merge_stable(
     Args:
         out, block_out: ``(..., n, h, d)``; lse, block_lse: ``(..., h, n)``, float32 or wider.
     A row empty in the block (``block_lse = -inf``) keeps its state; a row empty so far takes
-    the block; a row empty in both stays ``(0, -inf)``. NaN propagates (SPEC 7).
+    the block; a row empty in both stays ``(0, -inf)``. NaN propagates (spec §7).
     """
     inf = np.inf
     with np.errstate(invalid="ignore"):

@@ -1,7 +1,7 @@
 """Comparing a result with the dense-mask definition, rank by rank.
 
 A parity report gives the max errors of out and lse against the definition and, when they
-exceed the SPEC 9 tolerance, which rank's rows are wrong (global positions), so a corrupted
+exceed the spec §9 tolerance, which rank's rows are wrong (global positions), so a corrupted
 message or a wrong block is traced to the rank and rows it touched. A gradient report gives
 the max errors of dq, dk and dv against the float64 reference backward.
 """
@@ -99,7 +99,7 @@ def function_failures(dilated_fn, cases, dtype=np.float64) -> list[str]:
     ``dilated_fn(q, k, v, segment_lengths, dilation_rates, is_causal=, mode=, softmax_scale=,
     return_lse=True)`` (the signature of :func:`~ringsim.reference.dilated_attention`) runs on
     each case's own unit-normal inputs in ``dtype`` and must return out ``(b, n, h, d)`` and
-    lse ``(b, h, n)`` in that dtype, within SPEC 9's tolerance of the definition evaluated on
+    lse ``(b, h, n)`` in that dtype, within spec §9's tolerance of the definition evaluated on
     the same (rounded) inputs. One line per problem: an exception it raised, a wrong shape
     or dtype, or the failed :class:`ParityReport`.
     """
@@ -169,7 +169,7 @@ def reference_gradients(case: Case, q, k, v, dout) -> tuple[np.ndarray, ...]:
 
 def check_gradients(case: Case, grads, q, k, v, dout, tol: float | None = None) -> GradReport:
     """Compare ``grads = (dq, dk, dv)`` of ``case`` with the float64 reference backward;
-    ``tol`` defaults to SPEC 9's bound for q's dtype."""
+    ``tol`` defaults to spec §9's bound for q's dtype."""
     want = reference_gradients(case, q, k, v, dout)
     errors = tuple(max_abs_error(g, w) for g, w in zip(grads, want))
     tol = tolerance(np.asarray(q).dtype) if tol is None else tol

@@ -1,4 +1,4 @@
-"""Ring dilated attention, one rank's code, over any communicator (SPEC 5-6).
+"""Ring dilated attention, one rank's code, over any communicator (spec §5, §6).
 
 The same function runs on each thread of the simulated cluster and on each process under
 ``mpiexec``. It executes the rank's :func:`ringsim.plan.rank_plan` with the shared loop
@@ -100,7 +100,7 @@ def ring_dilated_attention_shard(
     return_lse: bool = False,
     trace: RankTrace | None = None,
 ):
-    """This rank's part of ring dilated attention (SPEC 5-6).
+    """This rank's part of ring dilated attention (spec §5, §6).
 
     Args:
         q, k, v: this rank's shards, ``(batch, seq_len / P, num_heads, head_dim)``, float32

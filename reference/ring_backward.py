@@ -11,7 +11,7 @@ block it holds, with the *final* out and lse of its rows:
 3. the owner adds what comes home into its dk, dv.
 
 Using the final out and lse in every block is what makes the gradient exact through the
-LSE mixing (SPEC 4): ``exp(s - L)`` is the block's probability times its mixing weight.
+LSE mixing (spec §4): ``exp(s - L)`` is the block's probability times its mixing weight.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Selection is done with global positions (``ringsim.config.selected_in_segment``), so the
 same code serves a whole sequence and a rank's shard. Scatter writes each result row at
-the position it came from; rows a pattern does not select keep ``(0, -inf)`` (PITFALLS 3).
+the position it came from; rows a pattern does not select keep ``(0, -inf)`` (pitfall 3).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The global arrays are cut into contiguous shards *before* the ranks start; each rank's
 thread receives copies of its own shards only and runs
 :func:`~ringsim.reference.ring.ring_dilated_attention_shard`, the same code MPI runs. The
-shards of out and lse are gathered afterwards. No MPI, no torch, any world size (PITFALLS 15).
+shards of out and lse are gathered afterwards. No MPI, no torch, any world size (pitfall 15).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def ring_dilated_attention(
     timeout: float = 60.0,
     checksums: bool = False,
 ):
-    """Ring dilated attention of global arrays on ``world_size`` simulated ranks (SPEC 6).
+    """Ring dilated attention of global arrays on ``world_size`` simulated ranks (spec §6).
 
     Args:
         q, k, v: ``(batch, seq_len, num_heads, head_dim)``, float32 or float64;

@@ -1,7 +1,7 @@
 """ringsim: ring dilated attention, a NumPy reference, and a simulated cluster to run it on.
 
-- :mod:`ringsim.config`: the configuration and its validation (SPEC 2-3, 7);
-- :mod:`ringsim.plan`: the ring plan, pure functions (SPEC 5);
+- :mod:`ringsim.config`: the configuration and its validation (spec §2, §3, §7);
+- :mod:`ringsim.plan`: the ring plan, pure functions (spec §5);
 - :mod:`ringsim.comm`: communicators, the simulated cluster and mpi4py;
 - :mod:`ringsim.trace`: the trace of a ring run;
 - :mod:`ringsim.reference`: the NumPy reference (dense definition, dilated, ring).

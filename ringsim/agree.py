@@ -3,7 +3,7 @@
 Each rank validates its own input first (no communication). Then every rank shares, in one
 collective, a description of its configuration and shard shapes and whether its own check
 failed. Every rank then raises the same kind of error with one message, instead of some
-ranks entering the ring and waiting forever for ranks that never come (SPEC 7).
+ranks entering the ring and waiting forever for ranks that never come (spec §7).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Configuration shared by every backend: patterns, heads, validation (SPEC 1-3, 5, 7).
+"""Configuration shared by every backend: patterns, heads, validation (spec §1, §3, §5, §7).
 
 Nothing here computes attention. It answers three questions the same way for the NumPy
 reference, the simulated ring and the torch backend:
 
-1. which patterns ``(segment_length, dilation_rate, offset)`` each head uses (SPEC 2);
-2. which global positions a pattern selects (SPEC 3);
-3. whether the inputs are legal (SPEC 7), with errors that name the argument and the rule.
+1. which patterns ``(segment_length, dilation_rate, offset)`` each head uses (spec §2);
+2. which global positions a pattern selects (spec §3);
+3. whether the inputs are legal (spec §7), with errors that name the argument and the rule.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 
 class Mode(str, Enum):
-    """How heads map to ``(segment_length, dilation_rate)`` pairs (SPEC 2)."""
+    """How heads map to ``(segment_length, dilation_rate)`` pairs (spec §2)."""
 
     LONGNET = "longnet"  # every head uses every pair, offset = head mod rate
     GROUPED = "grouped"  # contiguous head groups, group i uses pair i only
@@ -29,7 +29,7 @@ class Mode(str, Enum):
 
 @dataclass(frozen=True)
 class Pattern:
-    """One ``(segment_length, dilation_rate, offset)`` triple (SPEC 1).
+    """One ``(segment_length, dilation_rate, offset)`` triple (spec §1).
 
     ``segment_length`` is the configured one; :meth:`effective_length` clips it to n.
     """
@@ -39,7 +39,7 @@ class Pattern:
     offset: int
 
     def effective_length(self, seq_len: int) -> int:
-        """``w' = min(w, n)`` (SPEC 3)."""
+        """``w' = min(w, n)`` (spec §3)."""
         return min(self.segment_length, seq_len)
 
 
@@ -73,7 +73,7 @@ class DilatedConfig:
         )
 
     def scale(self, head_dim: int) -> float:
-        """The softmax scale, ``1/sqrt(head_dim)`` unless given (SPEC 1)."""
+        """The softmax scale, ``1/sqrt(head_dim)`` unless given (spec §1)."""
         if self.softmax_scale is not None:
             return float(self.softmax_scale)
         return 1.0 / math.sqrt(head_dim)
@@ -96,7 +96,7 @@ class DilatedConfig:
         return tuple(groups)
 
     def head_patterns(self, num_heads: int) -> tuple[tuple[Pattern, ...], ...]:
-        """For each head h, the patterns it uses; offset is ``h mod r_i`` (SPEC 2)."""
+        """For each head h, the patterns it uses; offset is ``h mod r_i`` (spec §2)."""
         per_head: list[list[Pattern]] = [[] for _ in range(num_heads)]
         for group in self.pattern_groups(num_heads):
             for h in group.heads:
@@ -119,11 +119,11 @@ class DilatedConfig:
         return tuple(groups)
 
     def effective_segment_lengths(self, seq_len: int) -> tuple[int, ...]:
-        """``w'_i = min(w_i, n)`` for every pair (SPEC 3)."""
+        """``w'_i = min(w_i, n)`` for every pair (spec §3)."""
         return tuple(min(w, seq_len) for w in self.segment_lengths)
 
     def is_aligned(self, seq_len: int, world_size: int = 1) -> bool:
-        """SPEC 5's aligned case, where the closed-form byte count holds.
+        """spec §5's aligned case, where the closed-form byte count holds.
 
         Each ``w'`` divides n; each ``w' <= c`` divides c and each ``w' > c`` is a multiple of
         c; each ``r`` divides its ``w'`` and c (``c = n / world_size``).
@@ -140,7 +140,7 @@ class DilatedConfig:
 
 
 def segment_bounds(segment_length: int, seq_len: int) -> list[tuple[int, int]]:
-    """Segments ``[s*w', min((s+1)*w', n))`` of a sequence of length n (SPEC 3)."""
+    """Segments ``[s*w', min((s+1)*w', n))`` of a sequence of length n (spec §3)."""
     w_eff = min(segment_length, seq_len)
     return [(start, min(start + w_eff, seq_len)) for start in range(0, seq_len, w_eff)]
 
@@ -150,7 +150,7 @@ def selected_range(pattern: Pattern, seg_start: int, lo: int, hi: int) -> range:
 
     ``[lo, hi)`` is any part of that segment (for example the part one rank holds).
     Positions are global and the offset counts from the segment start, never from ``lo``
-    (PITFALLS 1). Returns an ascending ``range``, empty when nothing is selected.
+    (pitfall 1). Returns an ascending ``range``, empty when nothing is selected.
     """
     r, o = pattern.dilation_rate, pattern.offset
     first = seg_start + o  # first selected position of the segment
@@ -169,7 +169,7 @@ def selected_in_segment(pattern: Pattern, seg_start: int, lo: int, hi: int) -> n
     return positions(selected_range(pattern, seg_start, lo, hi))
 
 
-# --- validation (SPEC 7) -------------------------------------------------------------------
+# --- validation (spec §7) -------------------------------------------------------------------
 
 
 def _check_int_tuple(name: str, values: Any) -> tuple[int, ...]:
@@ -210,7 +210,7 @@ def make_config(
     mode: str | Mode = "longnet",
     softmax_scale: float | None = None,
 ) -> DilatedConfig:
-    """Validate the configuration arguments and freeze them (SPEC 7).
+    """Validate the configuration arguments and freeze them (spec §7).
 
     Raises ``TypeError`` for a wrong type and ``ValueError`` for a wrong value, each naming
     the argument and the rule it breaks.
@@ -287,7 +287,7 @@ def check_flags(**flags: Any) -> None:
 
 
 def check_world_size(seq_len: int, world_size: Any) -> int:
-    """``world_size`` is a positive int dividing ``seq_len`` (SPEC 5, 7)."""
+    """``world_size`` is a positive int dividing ``seq_len`` (spec §5, §7)."""
     if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):
         raise TypeError(f"world_size: expected an int, got {world_size!r}")
     if world_size < 1:
@@ -312,7 +312,7 @@ def validate(
     softmax_scale: float | None = None,
     world_size: int = 1,
 ) -> DilatedConfig:
-    """Every SPEC 7 check for global q, k, v; returns the frozen configuration."""
+    """Every spec §7 check for global q, k, v; returns the frozen configuration."""
     config = make_config(
         segment_lengths,
         dilation_rates,

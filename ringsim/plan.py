@@ -7,7 +7,7 @@ NumPy ring, the torch ring) executes the same plan.
 Note [The ring of one segment]
 ------------------------------
 Rank j holds positions ``[j*c, (j+1)*c)``. A segment ``[start, stop)`` of pair i meets the
-shards of consecutive ranks; those ranks form the segment's *sub-ring* (SPEC 5). With the
+shards of consecutive ranks; those ranks form the segment's *sub-ring* (spec §5). With the
 sub-ring's places 0..g-1, at step t the rank at place a holds the block of place
 ``(a - t) mod g``: its own rows at step 0, then each block moves one place per step::
 
@@ -21,7 +21,7 @@ pair, so one message per step and sub-ring carries every head of the pair.
 Causal pruning: a block is sent one more place only while some place further along its path
 still attends to it. Across ranks, keys lie wholly before (FULL) or wholly after (SKIP) the
 queries, so a block of place s is useful at places s+1..g-1 and useless after the wrap:
-place a sends a+1 blocks when a < g-1 (SPEC 5). The pruning is per pattern group: a group
+place a sends a+1 blocks when a < g-1 (spec §5). The pruning is per pattern group: a group
 whose rows no later place attends to travels as 0 rows, and a message with no rows at all is
 not sent.
 

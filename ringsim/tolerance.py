@@ -1,4 +1,4 @@
-"""The one tolerance table (SPEC 9) and the error measure every parity check uses."""
+"""The one tolerance table (spec §9) and the error measure every parity check uses."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 
-#: Max abs error against the float64 dense-mask definition, unit-normal inputs (SPEC 9).
+#: Max abs error against the float64 dense-mask definition, unit-normal inputs (spec §9).
 #: Keyed by dtype name; the same numbers hold for out and lse, and for every world size.
 TOLERANCES: dict[str, float] = {"float64": 1e-10, "float32": 2e-5}
 
-#: For bf16/fp16 (SPEC 9), the error may be at most this multiple of the error of the plain
+#: For bf16/fp16 (spec §9), the error may be at most this multiple of the error of the plain
 #: dense-mask formula evaluated in that dtype on the same inputs, plus LOW_PRECISION_SLACK.
 LOW_PRECISION_FACTORS: dict[str, float] = {"out": 2.0, "grad": 3.0}
 LOW_PRECISION_SLACK = 1e-6
@@ -26,7 +26,7 @@ def dtype_name(dtype: Any) -> str:
 
 
 def tolerance(dtype: Any) -> float:
-    """The SPEC 9 bound for float32/float64 results; raises ``KeyError`` for other dtypes."""
+    """The spec §9 bound for float32/float64 results; raises ``KeyError`` for other dtypes."""
     name = dtype_name(dtype)
     if name not in TOLERANCES:
         raise KeyError(
@@ -37,7 +37,7 @@ def tolerance(dtype: Any) -> float:
 
 
 def low_precision_bound(naive_error: float, kind: str = "out") -> float:
-    """SPEC 9's bound for bf16/fp16: ``factor * naive_error + 1e-6``."""
+    """spec §9's bound for bf16/fp16: ``factor * naive_error + 1e-6``."""
     return LOW_PRECISION_FACTORS[kind] * float(naive_error) + LOW_PRECISION_SLACK
 
 
@@ -45,7 +45,7 @@ def max_abs_error(actual: Any, expected: Any) -> float:
     """Max abs difference, where equal infinities count as 0 and NaN as infinite error.
 
     A NaN on either side gives ``inf`` unless both sides are NaN at that element (a NaN
-    input is expected to propagate, SPEC 7).
+    input is expected to propagate, spec §7).
     """
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)

@@ -120,7 +120,7 @@ class Trace:
         ]
 
     def sent_bytes(self, rank: int, grads: bool | None = None) -> int:
-        """Payload bytes of the arrays ``rank`` sent (elements x itemsize, SPEC 6).
+        """Payload bytes of the arrays ``rank`` sent (elements x itemsize, spec §6).
 
         ``grads``: None counts every message; False only K/V, True only the dK/dV of a
         backward run (events whose detail starts with ``"dk"``).
@@ -188,7 +188,7 @@ def closed_form_bytes(
     rank: int,
     itemsize: int = 8,
 ) -> int:
-    """SPEC 5's closed form: the K/V bytes ``rank`` sends in the forward of an aligned
+    """spec §5's closed form: the K/V bytes ``rank`` sends in the forward of an aligned
     configuration, computed from the formula alone (no plan), to check the plan and the
     trace against."""
     c = seq_len // world_size

@@ -1,8 +1,8 @@
-"""The gradient oracle of the tests: torch autograd of the dense-mask formula (SPEC 4).
+"""The gradient oracle of the tests: torch autograd of the dense-mask formula (spec §4).
 
 Independent of every backward in the package: it builds each pattern's mask with
 :func:`ringsim.reference.pattern_mask`, mixes the patterns with weights that are *not*
-detached (PITFALLS 14), and lets autograd differentiate.
+detached (pitfall 14), and lets autograd differentiate.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ringsim.reference import pattern_mask
 
 
 def torch_gradients(case: Case, q, k, v, dout, dlse) -> tuple[np.ndarray, ...]:
-    """out, lse and dq, dk, dv of ``<dout, out> + <dlse, lse>`` by torch autograd of SPEC 4.
+    """out, lse and dq, dk, dv of ``<dout, out> + <dlse, lse>`` by torch autograd of spec §4.
 
     Per head and pattern a masked softmax gives ``(o_i, lse_i)``; the patterns mix with
     ``w_i = exp(lse_i - L)``, not detached. Rows with no key softmax over zeros and are then
@@ -44,7 +44,7 @@ def torch_gradients(case: Case, q, k, v, dout, dlse) -> tuple[np.ndarray, ...]:
         any_key = torch.stack(has_keys).any(0)  # (n,)
         stacked = torch.where(any_key, torch.stack([lse_i for _, lse_i in parts]), 0.0)
         total = torch.logsumexp(stacked, 0)  # L, (b, n)
-        weights = torch.exp(stacked - total)  # not detached (PITFALLS 14)
+        weights = torch.exp(stacked - total)  # not detached (pitfall 14)
         out = sum(w[..., None] * o_i for w, (o_i, _) in zip(weights, parts))
         outs.append(torch.where(any_key[:, None], out, 0.0))
         lses.append(torch.where(any_key, total, -inf))

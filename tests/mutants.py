@@ -1,16 +1,16 @@
-"""The mutant catalogue: each entry re-introduces one PITFALLS defect into the reference.
+"""The mutant catalogue: each entry re-introduces one defect of docs/pitfalls.md into the reference.
 
 A mutant is applied with ``pytest.MonkeyPatch`` to the name where the reference *uses* it
 (``ringsim.reference.dilated.merge_stable``, not ``ringsim.reference.merge.merge_stable``),
 so the dense-mask oracle, which shares none of these functions, stays correct.
 ``test_mutants.py`` checks that the parity cases fail for every one of them.
 
-Not catalogued, because they cannot apply to a single process: PITFALLS 1 (shard-local
+Not catalogued, because they cannot apply to a single process: pitfall 1 (shard-local
 positions) and 9-12, 15 (the ring). Equivalent here, so left out: a causal mask on compacted
 indices for both queries and keys (the compaction is monotone inside one block) and a
 -1e10 sentinel inside block attention (every selected query sees at least itself).
 
-:data:`BACKWARD_MUTANTS` break only gradients (PITFALLS 14), so the forward parity cannot
+:data:`BACKWARD_MUTANTS` break only gradients (pitfall 14), so the forward parity cannot
 kill them: ``test_backward_reference.py`` checks that the gradient oracles do.
 """
 
@@ -34,35 +34,35 @@ DILATED = "ringsim.reference.dilated"
 
 @dataclass(frozen=True)
 class Mutant:
-    """One defect: the PITFALLS item it re-introduces, what it does, and how to apply it."""
+    """One defect: the pitfall it re-introduces, what it does, and how to apply it."""
 
     pitfall: int
     description: str
     apply: Callable[[pytest.MonkeyPatch], None]
 
 
-# --- PITFALLS 2: segments ignored ----------------------------------------------------------
+# --- pitfall 2: segments ignored ----------------------------------------------------------
 
 
 def selected_from_zero(pattern: Pattern, seg_start: int, lo: int, hi: int) -> np.ndarray:
-    """PITFALLS 2: dilation over the whole sequence, ``arange(offset, n, r)`` cut to the
+    """pitfall 2: dilation over the whole sequence, ``arange(offset, n, r)`` cut to the
     segment: the offset counts from position 0 instead of the segment start."""
     positions = np.arange(pattern.offset, hi, pattern.dilation_rate, dtype=np.int64)
     return positions[positions >= lo]
 
 
 def one_segment(segment_length: int, seq_len: int) -> list[tuple[int, int]]:
-    """PITFALLS 2: segments ignored altogether: one pattern spans the whole sequence."""
+    """pitfall 2: segments ignored altogether: one pattern spans the whole sequence."""
     return [(0, seq_len)]
 
 
-# --- PITFALLS 3: no scatter-back -------------------------------------------------------------
+# --- pitfall 3: no scatter-back -------------------------------------------------------------
 
 
 def scatter_compacted(
     out: np.ndarray, lse: np.ndarray, rows: np.ndarray, block_out: np.ndarray, block_lse: np.ndarray
 ) -> None:
-    """PITFALLS 3: no scatter-back: the block's rows are written contiguously from the first
+    """pitfall 3: no scatter-back: the block's rows are written contiguously from the first
     selected position (the compacted layout), not at the positions they came from."""
     span = np.arange(rows[0], rows[0] + len(rows))
     out[:, span] = block_out
@@ -78,7 +78,7 @@ def pattern_attention_cycled(
     is_causal: bool,
     scale: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """PITFALLS 3, as in the seed: the selected rows are padded to the segment length by
+    """pitfall 3, as in the seed: the selected rows are padded to the segment length by
     cycling (``[0, 2, 4, 6, 0, 2, 4, 6]``), so keys repeat, and the padded block's rows are
     written straight into the segment, so outputs land at the wrong positions."""
     b, n, _, d = q.shape
@@ -102,17 +102,17 @@ def pattern_attention_cycled(
     return out, lse
 
 
-# --- PITFALLS 4: inverted mask convention ----------------------------------------------------
+# --- pitfall 4: inverted mask convention ----------------------------------------------------
 
 
 def masked_scores_inverted(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
-    """PITFALLS 4: the mask is built as True = attend but applied as True = mask out."""
+    """pitfall 4: the mask is built as True = attend but applied as True = mask out."""
     if allowed is None:
         return scores
     return np.where(allowed, -np.inf, scores)
 
 
-# --- PITFALLS 5: causal mask in the wrong coordinates --------------------------------------
+# --- pitfall 5: causal mask in the wrong coordinates --------------------------------------
 
 
 def block_attention_compacted_keys(
@@ -125,29 +125,29 @@ def block_attention_compacted_keys(
     is_causal: bool,
     scale: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """PITFALLS 5: indices into the compacted (dilated) keys compared with the global
+    """pitfall 5: indices into the compacted (dilated) keys compared with the global
     positions of the queries."""
     compacted = np.arange(len(k_positions))
     return block_attention(q, k, v, q_positions, compacted, is_causal=is_causal, scale=scale)
 
 
-# --- PITFALLS 6: empty rows --------------------------------------------------------------------
+# --- pitfall 6: empty rows --------------------------------------------------------------------
 
 
 def empty_result_sentinel(b: int, n: int, h: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """PITFALLS 6: a -1e10 sentinel instead of -inf marks rows with no key."""
+    """pitfall 6: a -1e10 sentinel instead of -inf marks rows with no key."""
     return np.zeros((b, n, h, d), dtype=dtype), np.full((b, h, n), -1e10, dtype=dtype)
 
 
 def empty_result_zero_lse(b: int, n: int, h: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """PITFALLS 6: an empty row reported with lse 0 (as some kernels do) instead of -inf."""
+    """pitfall 6: an empty row reported with lse 0 (as some kernels do) instead of -inf."""
     return np.zeros((b, n, h, d), dtype=dtype), np.zeros((b, h, n), dtype=dtype)
 
 
 def merge_max_subtraction(
     out: np.ndarray, lse: np.ndarray, block_out: np.ndarray, block_lse: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """PITFALLS 6: the max-subtraction merge without explicit -inf handling: on a row empty
+    """pitfall 6: the max-subtraction merge without explicit -inf handling: on a row empty
     on both sides the max is -inf and ``-inf - -inf`` is NaN, which then never goes away."""
     with np.errstate(invalid="ignore", divide="ignore"):
         m = np.maximum(lse, block_lse)
@@ -157,13 +157,13 @@ def merge_max_subtraction(
         return new_out.astype(out.dtype), (m + np.log(total)).astype(lse.dtype)
 
 
-# --- PITFALLS 7: unnormalised merge ------------------------------------------------------------
+# --- pitfall 7: unnormalised merge ------------------------------------------------------------
 
 
 def merge_unnormalised(
     out: np.ndarray, lse: np.ndarray, block_out: np.ndarray, block_lse: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """PITFALLS 7: adds the ``out * exp(lse - m)`` terms without dividing by their sum (the
+    """pitfall 7: adds the ``out * exp(lse - m)`` terms without dividing by their sum (the
     lse is right, and empty rows are handled, so only the weighting is wrong)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         m = np.maximum(lse, block_lse)
@@ -173,16 +173,16 @@ def merge_unnormalised(
         return new_out.astype(out.dtype), (m + np.log(weight + block_weight)).astype(lse.dtype)
 
 
-# --- PITFALLS 13: ragged segments --------------------------------------------------------------
+# --- pitfall 13: ragged segments --------------------------------------------------------------
 
 
 def full_segments_only(segment_length: int, seq_len: int) -> list[tuple[int, int]]:
-    """PITFALLS 13: ``n // w`` segments: the ragged last segment is dropped."""
+    """pitfall 13: ``n // w`` segments: the ragged last segment is dropped."""
     w_eff = min(segment_length, seq_len)
     return [(start, start + w_eff) for start in range(0, seq_len - w_eff + 1, w_eff)]
 
 
-# --- PITFALLS 14: detached mixing weights ----------------------------------------------------
+# --- pitfall 14: detached mixing weights ----------------------------------------------------
 
 
 def mix_backward_detached(
@@ -193,7 +193,7 @@ def mix_backward_detached(
     dout: np.ndarray,
     dlse: np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """PITFALLS 14, as torchscale: the pattern weights computed under no_grad, so no
+    """pitfall 14, as torchscale: the pattern weights computed under no_grad, so no
     gradient reaches a pattern's lse through its weight (every ``dlse_i`` is 0)."""
     grads = mix_backward(outs, lses, out, lse, dout, dlse)
     return [(d_out, np.zeros_like(d_lse)) for d_out, d_lse in grads]

@@ -63,7 +63,7 @@ PARITY_CASES: tuple[Case, ...] = (
     make_case((1, 3), (1, 2), 5, num_heads=2, head_dim=1, seed=111, label="w=1, head_dim 1"),
     make_case((2,), (1,), 1, num_heads=1, head_dim=3, is_causal=True, seed=112, label="seq_len 1"),
     # lse in the thousands with gaps > 1e3 between the patterns of a row: exp(lse) overflows
-    # float64, so only the stable merge survives (PITFALLS 8). float64 only: at lse ~ 1e3
+    # float64, so only the stable merge survives (pitfall 8). float64 only: at lse ~ 1e3
     # one float32 ulp (6e-5) already exceeds the float32 tolerance.
     make_case(
         (2, 16),

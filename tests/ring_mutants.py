@@ -1,4 +1,4 @@
-"""Ring mutants: each re-introduces one PITFALLS defect of distributed implementations.
+"""Ring mutants: each re-introduces one defect of docs/pitfalls.md of distributed implementations.
 
 Applied with ``pytest.MonkeyPatch`` where the ring uses the name; ``test_ring_mutants.py``
 shows :func:`ring_support.ring_suite_failures` (parity at P = 1..8 and the closed-form bytes)
@@ -22,7 +22,7 @@ from ringsim.reference.block import block_attention
 
 
 def shard_relative(mp: pytest.MonkeyPatch) -> None:
-    """PITFALLS 1: offsets counted from the start of the rank's shard, not the segment's."""
+    """pitfall 1: offsets counted from the start of the rank's shard, not the segment's."""
     mp.setattr(
         ringsim.plan,
         "selected_range",
@@ -31,7 +31,7 @@ def shard_relative(mp: pytest.MonkeyPatch) -> None:
 
 
 def triangle_every_step(mp: pytest.MonkeyPatch) -> None:
-    """PITFALLS 5: a triangular mask on every ring step, in compacted coordinates."""
+    """pitfall 5: a triangular mask on every ring step, in compacted coordinates."""
 
     def attention(q, k, v, q_positions, k_positions, *, is_causal, scale):
         return block_attention(
@@ -48,7 +48,7 @@ def triangle_every_step(mp: pytest.MonkeyPatch) -> None:
 
 
 def one_buffer(mp: pytest.MonkeyPatch) -> None:
-    """PITFALLS 9: send and receive in one buffer; the rank's outgoing block lands where
+    """pitfall 9: send and receive in one buffer; the rank's outgoing block lands where
     the incoming one should (the deterministic outcome of the race)."""
     start = simulated.SimulatedCommunicator.start
 
@@ -69,12 +69,12 @@ def one_buffer(mp: pytest.MonkeyPatch) -> None:
 
 
 def full_arrays_everywhere(mp: pytest.MonkeyPatch) -> None:
-    """PITFALLS 10: every rank gets the whole q (and k, v) instead of its shard."""
+    """pitfall 10: every rank gets the whole q (and k, v) instead of its shard."""
     mp.setattr(ringsim.reference.simulate, "shard", lambda x, p: [x.copy() for _ in range(p)])
 
 
 def whole_group(mp: pytest.MonkeyPatch) -> None:
-    """PITFALLS 12: every segment's blocks go around all ranks, not only its sub-ring."""
+    """pitfall 12: every segment's blocks go around all ranks, not only its sub-ring."""
 
     def every_rank_every_segment(config, seq_len, world_size, rank):
         subrings, index = [], 0
@@ -91,7 +91,7 @@ def whole_group(mp: pytest.MonkeyPatch) -> None:
 
 
 def world_of_one(mp: pytest.MonkeyPatch) -> None:
-    """PITFALLS 15: a simulated ring that quietly runs world size 1."""
+    """pitfall 15: a simulated ring that quietly runs world size 1."""
     cluster = simulated.SimulatedCluster
     mp.setattr(
         ringsim.comm.traced,

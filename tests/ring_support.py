@@ -1,4 +1,4 @@
-"""Shared pieces of the ring tests: cases, the SPEC 5 closed form, and the ring suite.
+"""Shared pieces of the ring tests: cases, the spec §5 closed form, and the ring suite.
 
 :func:`ring_suite_failures` is what the ring mutants must fail: parity of the simulated
 ring against the definition on many cases, and the trace's bytes against the closed form.
@@ -18,7 +18,7 @@ from ringsim.trace import closed_form_bytes as closed_form
 
 WORLD_SIZES = (1, 2, 3, 4, 5, 8)
 
-ALIGNED = [  # (segment_lengths, dilation_rates, n, p, heads, mode): SPEC 5's aligned case
+ALIGNED = [  # (segment_lengths, dilation_rates, n, p, heads, mode): spec §5's aligned case
     ((8, 16, 32), (1, 2, 4), 32, 4, 4, "longnet"),
     ((4, 32), (2, 4), 32, 8, 6, "longnet"),
     ((12, 24), (3, 2), 24, 2, 5, "grouped"),

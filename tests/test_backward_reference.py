@@ -2,11 +2,11 @@
 
 1. Central finite differences of ``dilated_attention`` along random directions, on fixed
    cases (causal and not, r > 1, ragged, w > n, both modes, several pairs, rows with no key).
-2. Torch autograd of the dense-mask formula (SPEC 4) in float64, with the mixing weights
+2. Torch autograd of the dense-mask formula (spec §4) in float64, with the mixing weights
    *not* detached, on hypothesis configurations, with a dlse term.
 
 Then: the fused form equals the chain form, float32 stays close to float64, bad shapes are
-refused, and the detached-weights mutant (PITFALLS 14) fails both oracles.
+refused, and the detached-weights mutant (pitfall 14) fails both oracles.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def fd_failures(backward: Backward, cases, directions: int = 2, eps: float = 1e-
 
 
 def autograd_failures(backward: Backward, cases) -> list[str]:
-    """Cases whose ``backward`` differs from torch autograd by more than SPEC 9's float64 bound."""
+    """Cases whose ``backward`` differs from torch autograd by more than spec §9's float64 bound."""
     failures, tol = [], tolerance(np.float64)
     for case in cases:
         q, k, v, dout, dlse = probe(case)
@@ -268,7 +268,7 @@ def test_bad_config_raises_like_the_forward() -> None:
         )
 
 
-# --- PITFALLS 14: detached mixing weights ------------------------------------------------------
+# --- pitfall 14: detached mixing weights ------------------------------------------------------
 
 #: Several pairs per head, so the mixing weights matter.
 MUTANT_CASES = tuple(c for c in FD_CASES if len(c.segment_lengths) > 1)

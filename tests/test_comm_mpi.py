@@ -127,7 +127,7 @@ def test_pack_unpack_round_trip(dtype) -> None:
     payload = (payload[0].T, *payload[1:])  # a non-contiguous array must pack too
     buffer = pack(payload)
     assert buffer.dtype == np.uint8 and buffer.nbytes == sum(a.nbytes for a in payload)
-    assert not any(np.shares_memory(buffer, a) for a in payload)  # PITFALLS 9
+    assert not any(np.shares_memory(buffer, a) for a in payload)  # pitfall 9
     got = unpack(buffer.copy(), Recv(0, 0, tuple(a.shape for a in payload), np.dtype(dtype)))
     for g, w in zip(got, payload, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype

@@ -82,3 +82,21 @@ def test_mutant_catalogue_is_documented() -> None:
 def test_no_page_needs_the_network_at_build_time() -> None:
     conf = (DOCS / "conf.py").read_text()
     assert "sphinx.ext.intersphinx" not in conf
+
+
+def test_nothing_cites_a_file_outside_the_repository() -> None:
+    """The docs, help texts and docstrings cited the steering files ("SPEC 9", "PITFALLS 6",
+    ../shared/SPEC.md), which a user does not have; they cite docs/spec.md and
+    docs/pitfalls.md now ("spec §9", "pitfall 6")."""
+    shipped = [ROOT / "README.md", *(ROOT / "tutorials").glob("*.md"), *DOCS.glob("*.md")]
+    for folder in ("ringsim", "reference", "gpu"):
+        shipped += (ROOT / folder).rglob("*.py")
+    outside = re.compile(r"\bSPEC\b|\bPITFALLS\b|\.\./shared|shared/seed")
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in shipped
+        if path.name != "CHANGELOG.md"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if outside.search(line)
+    ]
+    assert not found, "\n".join(found)

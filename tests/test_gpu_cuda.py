@@ -1,5 +1,5 @@
 """Kernel adapters, their backward and dilated_attention on a CUDA device, against float64
-(SPEC 9).
+(spec §9).
 
 Needs a CUDA device: every test here is skipped, with that reason, where
 ``torch.cuda.is_available()`` is False (and the module where torch is missing). The full

@@ -1,5 +1,5 @@
 """The step executor on a CUDA device: the fused merge, the aligned forward in every schedule,
-CUDA graphs, the backward on side streams and the simulated ring, against float64 (SPEC 9).
+CUDA graphs, the backward on side streams and the simulated ring, against float64 (spec §9).
 
 Needs a CUDA device: every test here is skipped, with that reason, elsewhere.
 """

@@ -84,7 +84,7 @@ def test_deterministic_algorithms_keep_cudnn_out():
 
 def reference_check(kernel: Kernel, q, k, v, *, causal: bool, scale: float) -> None:
     """Forward and backward of ``kernel`` against float64: no NaN anywhere, and each result
-    within the larger of SPEC 9's low-precision bound (twice / three times the naive
+    within the larger of spec §9's low-precision bound (twice / three times the naive
     same-dtype error, plus 1e-6) and a failure bound, 2e-2 of the result's largest magnitude
     (at least 1; lse: 1e-5 of it). These tests look for a kernel that breaks on a shape or a
     range (NaN, garbage, a wrong mask); precision on random inputs is the device check's."""

@@ -119,7 +119,7 @@ def module_gradients(rng, kernel: str) -> dict[str, torch.Tensor]:
 
 def test_gradients_flow_and_agree_across_kernels():
     """Every parameter gets a finite, non-zero gradient, and the fused kernel's backward
-    gives the math kernel's gradients (both exact through the mixing, SPEC 4)."""
+    gives the math kernel's gradients (both exact through the mixing, spec §4)."""
     math = module_gradients(np.random.default_rng(7), "math")
     fused = module_gradients(np.random.default_rng(7), "flash_cpu")
     for name, grad in math.items():

@@ -1,5 +1,5 @@
 """The modules' arguments, and the seed's aliases with the seed's own usage: every argument
-works as documented or raises naming itself (SPEC 8), the seed's examples run.
+works as documented or raises naming itself (spec §8), the seed's examples run.
 
 Needs torch (the ``torch`` extra); skipped otherwise.
 """

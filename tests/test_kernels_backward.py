@@ -1,4 +1,4 @@
-"""attend_backward against torch autograd of plain softmax attention in float64 (SPEC 9).
+"""attend_backward against torch autograd of plain softmax attention in float64 (spec §9).
 
 Needs torch (the ``torch`` extra); skipped otherwise. Runs the CPU kernels (math, flash_cpu);
 tests/test_gpu_cuda.py runs :func:`check_two_blocks` on the CUDA kernels.
@@ -97,7 +97,7 @@ def check_two_blocks(
 ) -> None:
     """The two-block check for one kernel and dtype (see the module docstring).
 
-    Bounds (SPEC 9): float64 1e-10, float32 2e-5 against the float64 definition; bf16/fp16
+    Bounds (spec §9): float64 1e-10, float32 2e-5 against the float64 definition; bf16/fp16
     3x the error of the same autograd evaluated in that dtype, plus 1e-6, per gradient.
     ``empty_rows``: these rows get ``lse = -inf`` and ``out = 0`` (no key anywhere) while
     dout stays random; they must get ``dq = 0`` and add nothing to dk, dv.

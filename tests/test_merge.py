@@ -1,4 +1,4 @@
-"""The naive and the stable LSE merge (SPEC 5, PITFALLS 6-8).
+"""The naive and the stable LSE merge (spec §5, pitfall 6-8).
 
 Layouts: out ``(b, n, h, d)``, lse ``(b, h, n)``.
 """
@@ -69,7 +69,7 @@ def test_large_close_lse_matches_logaddexp(rng: np.random.Generator) -> None:
     b = random_part(rng, 1e4, 1e4 + 3)
     out, lse = merge_stable(*a, *b)
     expected_out, expected_lse = exact_merge([a, b])
-    # lse near 1e4 carries ~2e-12 of rounding; the SPEC 9 float64 bound covers it.
+    # lse near 1e4 carries ~2e-12 of rounding; the spec §9 float64 bound covers it.
     assert max_abs_error(lse, expected_lse) <= 1e-10
     assert max_abs_error(out, expected_out) <= 1e-10
     assert not np.isfinite(merge_naive(*a, *b)[1]).any()

@@ -1,4 +1,4 @@
-"""Every mutant in ``mutants.py`` must make the parity check fail (PITFALLS: a check that no
+"""Every mutant in ``mutants.py`` must make the parity check fail (docs/pitfalls.md: a check that no
 mutant can fail verifies nothing), and the unmutated reference must pass it."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_mutant_is_killed(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_catalogue_covers_pitfalls() -> None:
-    """The forward mutants here; the backward ones (PITFALLS 14) are killed by the gradient
+    """The forward mutants here; the backward ones (pitfall 14) are killed by the gradient
     oracles in test_backward_reference.py."""
     everything = {**MUTANTS, **BACKWARD_MUTANTS}
     assert len(everything) == len(MUTANTS) + len(BACKWARD_MUTANTS)  # no name in both

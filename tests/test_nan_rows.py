@@ -1,4 +1,4 @@
-"""SPEC 7's rule for non-finite inputs in the NumPy reference and the dense definition:
+"""spec §7's rule for non-finite inputs in the NumPy reference and the dense definition:
 exactly the rows that attend to a non-finite input are NaN. A masked key contributes nothing
 (not 0 x NaN), so a NaN value at a key a row does not attend never reaches that row."""
 
@@ -27,7 +27,7 @@ def attending_rows(case: Case, key: int, head: int) -> np.ndarray:
 
 def paths(case: Case):
     """The paths held to the exact rule: NumPy, and torch with its math kernel (a fused
-    kernel may also NaN other rows of the same block, SPEC 7)."""
+    kernel may also NaN other rows of the same block, spec §7)."""
     args = (case.segment_lengths, case.dilation_rates)
     kw = case.kwargs()
     found = {
@@ -120,7 +120,7 @@ def test_backward_names_an_overflowing_scale():
 
 
 def test_an_infinite_input_is_not_taken_for_an_overflow():
-    """q = inf at one row: its scores are infinite, but that is SPEC 7's NaN row, not an
+    """q = inf at one row: its scores are infinite, but that is spec §7's NaN row, not an
     overflow of the scale: only that row (and head) is NaN."""
     case = Case(1, 8, 2, 4, (8,), (1,), False, "longnet")
     q, k, v = case.inputs(seed=5)

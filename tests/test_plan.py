@@ -1,4 +1,4 @@
-"""The ring plan as tables: pure functions, no communication (SPEC 5)."""
+"""The ring plan as tables: pure functions, no communication (spec §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The NumPy reference of single-process dilated attention against its definition (SPEC 2-4).
+"""The NumPy reference of single-process dilated attention against its definition (spec §2, §4).
 
 Property tests over random configurations (float64 and float32), the fixed parity cases,
 and hand-made cases whose answer is written out in the test: plain softmax attention, rows
@@ -21,8 +21,8 @@ from ringsim.reference import dense_dilated_attention, dilated_attention, patter
 from ringsim.reference.parity import function_failures
 from ringsim.tolerance import max_abs_error
 
-TOL64 = 1e-10  # SPEC 9, float64
-TOL32 = 2e-5  # SPEC 9, float32
+TOL64 = 1e-10  # spec §9, float64
+TOL32 = 2e-5  # spec §9, float32
 
 
 def plain_attention(

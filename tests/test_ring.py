@@ -57,7 +57,7 @@ def test_global_entry_point_returns_out_lse_trace():
 
 
 def test_trace_bytes_equal_closed_form():
-    """SPEC 5: on aligned configurations, causal and not, each rank's bytes are exact."""
+    """spec §5: on aligned configurations, causal and not, each rank's bytes are exact."""
     failures = byte_failures()
     assert not failures, "\n".join(failures)
 
@@ -221,7 +221,7 @@ def test_nan_input_propagates_without_hanging():
 
 
 def test_simulated_ring_needs_neither_torch_nor_mpi():
-    """PITFALLS 15: P > 1 on the simulated cluster, in a process that never imports either."""
+    """pitfall 15: P > 1 on the simulated cluster, in a process that never imports either."""
     code = (
         "import sys, numpy as np\n"
         "from ringsim.reference import ring_dilated_attention\n"

@@ -1,4 +1,4 @@
-"""Each ring mutant (PITFALLS 1, 5, 9, 10, 12, 15) fails the ring suite; the ring passes it."""
+"""Each ring mutant (pitfalls 1, 5, 9, 10, 12, 15) fails the ring suite; the ring passes it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input (SPEC 7): every public entry point raises ValueError or TypeError naming the
+"""Bad input (spec §7): every public entry point raises ValueError or TypeError naming the
 argument, before computing anything."""
 
 from __future__ import annotations

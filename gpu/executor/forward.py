@@ -7,8 +7,9 @@ and combines the step's results into the running ``(out, lse)``.
 
 Note [Two layouts, two combiners]
 ---------------------------------
-**Aligned** configurations (SPEC 5's aligned case, :meth:`~ringsim.config.DilatedConfig.is_aligned`:
-each local width ``W = min(w', c)`` divides c, r divides W and c) run every batch on strided
+**Aligned** configurations (the aligned case of spec §5,
+:meth:`~ringsim.config.DilatedConfig.is_aligned`: each local width ``W = min(w', c)``
+divides c, r divides W and c) run every batch on strided
 views of the rank's q, k, v (:mod:`ringsim.gpu.executor.layout`): one kernel call per batch
 and pattern group (or one per batch on gathered rows, or the group calls side by side:
 :mod:`ringsim.gpu.executor.schedule`). A block received over the ring arrives in the

@@ -6,7 +6,7 @@ r-th position: viewing ``x (b, n, h, d)`` as ``(b, n/r, r, h, d)``, they are ``[
 pattern group's heads (those with ``h mod r = o``, in one pair) step by r too, so they are a
 slice. The group's q, k, v are then views ``(b*S, H, m, d)`` (S segments of m rows) that the
 kernels read with the last dim contiguous: no gather, no scatter. On a ring rank the same
-holds for its shard of c rows, with the local width ``W = min(w', c)`` (SPEC 5's aligned
+holds for its shard of c rows, with the local width ``W = min(w', c)`` (spec §5's aligned
 case: ``W`` divides c, and c is a multiple of r).
 
 **The gathered layout.** A pair's selected rows of every head, copied by one

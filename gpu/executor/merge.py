@@ -2,7 +2,7 @@
 
 ``out (..., M, D)`` and ``lse (..., M)`` are row-aligned here (the kernels' ``(B, H, M, D)``
 layout). Accumulators are float32 or wider (float64 stays float64); ``-inf`` rows are handled
-explicitly so an empty row never becomes NaN, and NaN inputs still propagate (SPEC 5, 7).
+explicitly so an empty row never becomes NaN, and NaN inputs still propagate (spec §5, §7).
 """
 
 from __future__ import annotations

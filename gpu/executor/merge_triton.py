@@ -5,7 +5,7 @@
 element, plus a dozen small launches for the weights. This kernel reads the accumulator
 (4 bytes) and the block in its own dtype (2), computes the weight and the new lse per row,
 and writes the accumulator (4): 10 bytes, one launch. Same formulas, same ``-inf`` rules
-(SPEC 5): a row empty in the block keeps its state, a row empty so far takes the block.
+(spec §5): a row empty in the block keeps its state, a row empty so far takes the block.
 
 Imported only on CUDA (this module imports Triton); :func:`ringsim.gpu.merge.merge_`
 decides when it runs (:func:`ringsim.gpu.merge.fused_merge_reason`).

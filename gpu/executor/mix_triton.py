@@ -13,7 +13,7 @@ have run, :func:`mix_` makes one pass that, for each row and head,
 2. takes the largest, ``M``, and the weights ``e_i = exp(lse_i - M)``, ``Z = sum e_i``,
 3. writes ``out = sum e_i out_i / Z`` in q's dtype and ``lse = M + log Z``, float32.
 
-That is the stable LSE merge of SPEC 5 done for all pairs at once, in float32: a row no pair
+That is the stable LSE merge of spec §5 done for all pairs at once, in float32: a row no pair
 selects gets ``(0, -inf)``, a NaN lse or output propagates. Each part is read once in its own
 dtype and the result written once, at the rank's last busy step: on a ring rank, a pair
 attended at several steps first merges its steps' parts into partials of its own

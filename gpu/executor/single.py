@@ -1,4 +1,4 @@
-"""Dilated attention on one device, in torch (SPEC 2-4, 6): the step executor at P = 1.
+"""Dilated attention on one device, in torch (spec §2, §4, §6): the step executor at P = 1.
 
 On one device the plan (:func:`ringsim.plan.rank_plan` with one rank) has a single step in
 which every block is the device's own: one batch per pair (two for a pair with a ragged
@@ -11,7 +11,7 @@ mask is needed: every block is FULL or the square CAUSAL diagonal).
 
 :class:`DilatedFunction` is the autograd: the forward keeps ``(q, k, v, out, lse)``, the
 backward runs the kernels' own backward with the final out and lse (exact through the LSE
-mixing, SPEC 4) instead of differentiating the forward's merges.
+mixing, spec §4) instead of differentiating the forward's merges.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def dilated_attention(
     kernel: Kernel | str | None = None,
     cuda_graph: bool = False,
 ):
-    """Dilated attention on one device (SPEC 6).
+    """Dilated attention on one device (spec §6).
 
     Args:
         q, k, v: ``(batch, seq_len, num_heads, head_dim)`` floating-point tensors, one dtype

@@ -20,7 +20,7 @@ The problem of :mod:`ringsim.gpu.harness.bench` (b=1, h=16, d=128, bf16, segment
    card runs out or ``--max-n``: GiB and KiB per token.
 3. ring: the simulated ring on one device at ``--ring-n`` for P = 1, 2, 4, 8: the peak
    bytes one virtual rank holds (the trace's memory meter: its shards, accumulators, blocks
-   held and in flight), forward and backward, against P = 1 (O(n / P), SPEC 5).
+   held and in flight), forward and backward, against P = 1 (O(n / P), spec §5).
 
 Writes ``bench_backward.json`` and ``.md`` (``_smoke`` with ``--smoke``) under ``--out``.
 """

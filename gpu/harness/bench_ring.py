@@ -19,7 +19,7 @@ Per row: the ring's median time (the slowest rank's), useful TFLOP/s per GPU (4 
 selected query-key pair, forward + backward 3.5x), the one-GPU time of the whole problem
 with the single-device path (every rank measures it on its own GPU), strong-scaling
 efficiency ``T1 / (P * TP)``, peak memory per GPU during the call (beyond the inputs), the
-bytes this rank sends against SPEC 5's closed form, and for the forward the share of the
+bytes this rank sends against spec §5's closed form, and for the forward the share of the
 communication hidden behind compute: ``(T_comm + T_compute - T_ring) / T_comm``, with
 ``T_comm`` the ring with no attention and ``T_compute`` the ring whose exchanges return at
 once (:class:`Loopback`). Times are medians over CUDA events after a warm-up call, the

@@ -1,4 +1,4 @@
-"""Parity of the torch backend on a GPU in bf16, fp16 and fp32 against float64 (SPEC 9).
+"""Parity of the torch backend on a GPU in bf16, fp16 and fp32 against float64 (spec §9).
 
     python -m ringsim.gpu.harness.check [--quick] [--smoke] [--no-flex] [--out DIR]
 
@@ -14,11 +14,11 @@ Sections, each row one check on fresh seeded unit-normal inputs (never zeros):
 3. dilated / ring: :func:`ringsim.gpu.dilated_attention` with every kernel that can run, and
    the simulated ring (P = 2, 4, 8) on one device, on aligned and ragged configurations.
 4. gradients: dq, dk, dv of the same paths on some of those configurations
-   (:mod:`ringsim.gpu.harness.check_grad`, SPEC 9's 3x rule).
+   (:mod:`ringsim.gpu.harness.check_grad`, spec §9's 3x rule).
 
 Reference: the dense-mask definition in float64 up to ``dense_max`` (8192) rows, beyond it
 the float64 math path (``kernel="math"`` on float64 inputs), on the inputs already rounded to
-the dtype under test. Bounds (SPEC 9): fp32 2e-5 max abs; bf16/fp16 2x the error of the plain
+the dtype under test. Bounds (spec §9): fp32 2e-5 max abs; bf16/fp16 2x the error of the plain
 formula evaluated in that dtype on the same inputs, plus 1e-6, for out and for lse. Beyond
 dense reach that baseline is the same formula evaluated segment by segment in that dtype
 (identical arithmetic minus the exact zeros of masked keys). TF32 is switched off.

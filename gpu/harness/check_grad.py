@@ -1,10 +1,10 @@
 """The gradient section of ``python -m ringsim.gpu.harness.check``: dq, dk, dv on the GPU against
-float64 (SPEC 9, the 3x rule for bf16/fp16).
+float64 (spec §9, the 3x rule for bf16/fp16).
 
 Each row backpropagates ``<dout, out>`` (dout unit-normal, seeded) through
 :func:`ringsim.gpu.dilated_attention` with one kernel, or through the simulated ring, and
-compares dq, dk, dv with the float64 reference: torch autograd of the plain formula of SPEC
-3-4 evaluated segment by segment (:func:`~ringsim.gpu.harness.check_support.naive_dilated` with
+compares dq, dk, dv with the float64 reference: torch autograd of the plain formula of spec
+§3-4 evaluated segment by segment (:func:`~ringsim.gpu.harness.check_support.naive_dilated` with
 ``dense=False``), independent of the package's backward. One row per configuration first
 holds the float64 math kernel's backward to that reference. The low-precision bound is 3x
 the error of the same autograd formula evaluated in the dtype under test, plus 1e-6.

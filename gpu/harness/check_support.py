@@ -2,10 +2,10 @@
 (:mod:`ringsim.gpu.harness.bench`): the plain formula in one dtype, the error measure, the
 environment record and the tables.
 
-:func:`naive_dilated` is SPEC 3-4 written plainly in torch with every operation in one
+:func:`naive_dilated` is spec §3, §4 written plainly in torch with every operation in one
 dtype. In float64 it is the dense-mask definition (the NumPy oracle
 :func:`ringsim.reference.dense_dilated_attention` transcribed, and checked against it by the
-check); in bf16/fp16 it is SPEC 9's baseline, "the plain dense-mask formula evaluated in that
+check); in bf16/fp16 it is spec §9's baseline, "the plain dense-mask formula evaluated in that
 dtype". With ``dense=False`` it evaluates the same formula segment by segment on the selected
 rows only: a masked score adds ``exp(-inf) = 0`` exactly, so only the order of the sums
 inside the matrix products and reductions differs, and memory is O(n w) instead of O(n^2).
@@ -132,7 +132,7 @@ def naive_dilated(
     dense: bool = True,
     masks: MaskCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 3-4 with every operation in ``dtype`` (default q's).
+    """spec §3, §4 with every operation in ``dtype`` (default q's).
 
     Args:
         q, k, v: ``(b, n, h, d)``, cast to ``dtype`` first.
@@ -201,7 +201,7 @@ def is_low_precision(dtype: torch.dtype) -> bool:
 
 
 def bounds(dtype: torch.dtype, naive_a: float, naive_b: float, kind: str = "out"):
-    """SPEC 9 for two measured errors (out and lse, or dq and dk/dv with ``kind="grad"``):
+    """spec §9 for two measured errors (out and lse, or dq and dk/dv with ``kind="grad"``):
     fixed for float32/64, else 2x (out) or 3x (grad) the naive same-dtype error + 1e-6."""
     if is_low_precision(dtype):
         return low_precision_bound(naive_a, kind), low_precision_bound(naive_b, kind)

@@ -9,7 +9,7 @@ It starts ``--world-size`` processes on this machine (a free local port, a timeo
 collective), each running :func:`ringsim.gpu.ring_dilated_attention` on its own shards of
 the same cases, forward and backward; rank 0 gathers out, lse, dq, dk, dv and compares them
 with the float64 definition evaluated on the same (rounded) inputs. Every dtype has a bound
-that can fail (SPEC 9): 1e-10 in float64, 2e-5 in float32, and in bf16/fp16 2x (outputs) and
+that can fail (spec §9): 1e-10 in float64, 2e-5 in float32, and in bf16/fp16 2x (outputs) and
 3x (gradients) the error of the plain dense formula evaluated in that dtype on the same
 inputs, plus 1e-6. With NCCL the cases are sized for the GPU kernels
 (:func:`ringsim.cases.device_cases`: head_dim 64, segments inside a GPU, across GPUs and the
@@ -137,7 +137,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
 def judge(case, got, inputs, dtype: torch.dtype, device: torch.device):
     """``(line, ok, (out/lse error, gradient error))`` of the gathered ``got = (out, lse, dq,
     dk, dv)`` against the float64 definition on the rounded ``inputs = (q, k, v, dout)``,
-    with SPEC 9's bounds for ``dtype``."""
+    with spec §9's bounds for ``dtype``."""
     from ringsim.reference import dense_dilated_attention
     from ringsim.reference.parity import reference_gradients
 

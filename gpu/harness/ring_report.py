@@ -115,7 +115,7 @@ NOTES = [
     "target GiB: the single-device path's peak on n/P alone plus two K/V blocks in flight.",
     "- comm ms / compute ms: the ring with no attention / with exchanges that return at once.",
     "- hidden: (T_comm + T_compute - T_ring) / T_comm, forward only, where the rank sends.",
-    "- MiB sent/closed: bytes this rank sends (from its plan) / SPEC 5's closed form.",
+    "- MiB sent/closed: bytes this rank sends (from its plan) / spec §5's closed form.",
     "- CP: torch.distributed.tensor.experimental.context_parallel around SDPA, same kernel, "
     "load balancer off (contiguous layout), all-to-all rotation; its output is compared with "
     "ours (torch_cp_max_diff in the JSON).",

@@ -26,7 +26,7 @@ Note [Backward with the final out and lse]
 Rows with no key anywhere have ``L = -inf``. ``exp(s - L)`` would be ``exp(+inf)`` or NaN
 there, and FlashAttention-2 treats a ``-inf`` row maximum as 0 (its empty-row guard), which
 gives garbage; so ``-inf`` is replaced by ``+inf`` before any kernel runs: ``exp(s - inf) = 0``,
-``P = 0``, and the row contributes nothing and gets ``dq = 0`` (PITFALLS 6). ``+inf`` is also
+``P = 0``, and the row contributes nothing and gets ``dq = 0`` (pitfall 6). ``+inf`` is also
 what the kernels themselves write for rows without keys and for padding rows.
 
 Per-kernel details (checked against PyTorch's aten sources; each op is called with dropout 0):

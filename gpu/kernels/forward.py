@@ -4,11 +4,11 @@ Every adapter takes ``q, k, v`` of shape ``(B, H, M, D)`` (a batch of blocks, he
 head_dim) and returns ``out (B, H, M, D)`` in q's dtype and ``lse (B, H, M)``: natural log,
 float32 (float64 for float64 inputs on the math path), ``-inf`` on a row with no key.
 ``causal`` means the square diagonal block: row i attends keys 0..i (the plan only ever asks
-for that or for no mask at all, SPEC 5).
+for that or for no mask at all, spec §5).
 
 Which kernel runs is decided by :func:`~ringsim.gpu.kernels.choose_kernel`, a capability
 check on device, dtype, head_dim and alignment (Note [The kernel choice] in
-:mod:`ringsim.gpu.kernels.choice`): never by catching a kernel's exception (PITFALLS 11).
+:mod:`ringsim.gpu.kernels.choice`): never by catching a kernel's exception (pitfall 11).
 Callers record the kernel that ran. Two substitutions are made here, each documented there:
 a one-key block asked of cuDNN runs the math kernel, and a call of more than
 :data:`~ringsim.gpu.kernels.choice.MAX_BLOCKS` blocks runs as several calls.
@@ -19,7 +19,7 @@ Kernel quirks normalised here:
   the efficient kernel pads lse to a multiple of 32 rows (sliced off), cuDNN returns
   ``(B, H, M, 1)`` (squeezed).
 - FlashAttention-2 style kernels report ``+inf`` for a row with no key; any ``+inf`` lse is
-  mapped to ``-inf`` (PITFALLS 6). With the plan's blocks no row is empty, but a caller may
+  mapped to ``-inf`` (pitfall 6). With the plan's blocks no row is empty, but a caller may
   pass anything.
 - FlexAttention's frontend returns natural-log lse (its internal op works in base 2 and the
   frontend converts, pytorch PR #133159); the device check compares it with the math path.
@@ -62,7 +62,7 @@ def math_attention(q, k, v, *, causal: bool, scale: float, allowed=None):
 def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``probs @ v`` in which a key of weight 0 adds nothing even where its value is not
     finite (0 x NaN would make every row of the block NaN): a row is NaN exactly where it
-    gives weight to a non-finite value (SPEC 7, as the NumPy reference). No host sync."""
+    gives weight to a non-finite value (spec §7, as the NumPy reference). No host sync."""
     finite = torch.isfinite(v)
     out = torch.matmul(probs, torch.where(finite, v, 0.0))
     bad_keys = (~finite).any(dim=-1, keepdim=True).to(probs.dtype)  # (..., L, 1)

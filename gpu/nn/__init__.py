@@ -1,4 +1,4 @@
-"""The nn modules (SPEC 8): :class:`RingDilatedAttention`, :class:`RingMultiheadDilatedAttention`
+"""The nn modules (spec §8): :class:`RingDilatedAttention`, :class:`RingMultiheadDilatedAttention`
 and the seed's names for them. The top layer of the library: it imports the single-device
 path and the ring."""
 

@@ -1,4 +1,4 @@
-"""The attention module of ring dilated attention (SPEC 4, 6, 8), and the seed's name for it.
+"""The attention module of ring dilated attention (spec §4, §6, §8), and the seed's name for it.
 
 - :class:`RingDilatedAttention`: q, k, v ``(batch, seq_len, num_heads, head_dim)`` in, out of
   the same shape; on one device it runs :func:`ringsim.gpu.dilated_attention`, over a process
@@ -6,7 +6,7 @@
 - :class:`RingDilatedAttentionHybrid`: the seed's name and arguments, mapped onto it.
 
 The multihead modules live in :mod:`ringsim.gpu.multihead`. Every argument works as
-documented or raises an error naming it; none is silently ignored (PITFALLS 17).
+documented or raises an error naming it; none is silently ignored (pitfall 17).
 """
 
 from __future__ import annotations
@@ -153,14 +153,14 @@ def seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group) ->
 
 
 class RingDilatedAttention(nn.Module):
-    """Dilated attention (SPEC 4) as a module, on one device or over a process group.
+    """Dilated attention (spec §4) as a module, on one device or over a process group.
 
     Args:
-        segment_lengths, dilation_rates: positive ints, equal length (SPEC 1).
-        dropout: probability of dropping an attention probability (SPEC 4). Not implemented
+        segment_lengths, dilation_rates: positive ints, equal length (spec §1).
+        dropout: probability of dropping an attention probability (spec §4). Not implemented
             yet for values > 0: forward raises ``NotImplementedError`` in training mode; in
             eval mode dropout is the identity, so any value in ``[0, 1]`` runs there.
-        mode: ``"longnet"`` or ``"grouped"`` (SPEC 2).
+        mode: ``"longnet"`` or ``"grouped"`` (spec §2).
         softmax_scale: default ``1/sqrt(head_dim)``.
         kernel: a :class:`~ringsim.gpu.kernels.Kernel` (or its name) to use; default the
             fastest that can run on the inputs (:func:`~ringsim.gpu.kernels.choose_kernel`).
@@ -169,9 +169,9 @@ class RingDilatedAttention(nn.Module):
         group: None: one device, q/k/v are whole sequences. ``"default"``: the default
             ``torch.distributed`` process group, looked up in forward. A ``ProcessGroup``:
             that group. With a group, q/k/v are this rank's shards (rank j holds positions
-            ``[j*c, (j+1)*c)``) and out is this rank's shard (SPEC 5).
+            ``[j*c, (j+1)*c)``) and out is this rank's shard (spec §5).
 
-    The configuration is validated here; errors name the argument (SPEC 7).
+    The configuration is validated here; errors name the argument (spec §7).
     """
 
     def __init__(

@@ -1,9 +1,9 @@
-"""Multihead ring dilated attention with the interface of ``nn.MultiheadAttention`` (SPEC 8).
+"""Multihead ring dilated attention with the interface of ``nn.MultiheadAttention`` (spec §8).
 
 ``query -> q_proj -> heads -> dilated attention -> [sub-LayerNorm] -> out_proj``. The
 sub-LayerNorm and the gain of the value and output projections are MAGNETO's (Wang et al.
 2022, "Foundation Transformers", as torchscale's ``inner_attn_ln``); MAGNETO puts no
-LayerNorm on q or k (PITFALLS 16).
+LayerNorm on q or k (pitfall 16).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def check_gain(gamma_init: Any) -> float:
 
 
 class RingMultiheadDilatedAttention(nn.Module):
-    """Self-attention over one sequence, ``nn.MultiheadAttention``'s interface (SPEC 8).
+    """Self-attention over one sequence, ``nn.MultiheadAttention``'s interface (spec §8).
 
     Args:
         embed_dim, num_heads: ``embed_dim % num_heads == 0``; head_dim is the quotient.
@@ -152,7 +152,7 @@ class RingMultiheadDilatedAttention(nn.Module):
         for name, x in (("key", key), ("value", value)):
             if x.shape != query.shape:
                 raise ValueError(
-                    f"{name}: shape must equal query's (one sequence, SPEC 1), got "
+                    f"{name}: shape must equal query's (one sequence, spec §1), got "
                     f"{tuple(x.shape)} and {tuple(query.shape)}"
                 )
 

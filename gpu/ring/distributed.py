@@ -1,5 +1,5 @@
 """The torch ring's entry point on one rank: ``ring_dilated_attention`` over
-torch.distributed or any ringsim communicator (SPEC 5-6). It validates, agrees on the
+torch.distributed or any ringsim communicator (spec §5, §6). It validates, agrees on the
 configuration with the other ranks, chooses the kernel and hands the shards to
 :class:`~ringsim.gpu.ring.autograd.RingFunction`, whose forward and backward run the ring
 (:mod:`ringsim.gpu.ring.rank`).
@@ -36,7 +36,7 @@ def ring_dilated_attention(
     trace: RankTrace | None = None,
     backward_trace: RankTrace | None = None,
 ):
-    """This rank's part of ring dilated attention, on local shards (SPEC 5-6).
+    """This rank's part of ring dilated attention, on local shards (spec §5, §6).
 
     Differentiable: the backward runs the ring again, so every rank must call backward, as
     with any torch.distributed collective. Over the simulated cluster on a GPU, one autograd

@@ -1,5 +1,5 @@
 """Ring dilated attention in torch: one rank's code over torch.distributed or any ringsim
-communicator (SPEC 5-6).
+communicator (spec §5, §6).
 
 It runs the same plan and the same loop as the NumPy reference
 (:func:`ringsim.ringloop.run_ring`), and hands each step to the step executor that also runs

@@ -132,7 +132,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_case(args: argparse.Namespace) -> Case:
-    """Validate the configuration options (SPEC 7) and return them as a ``Case``."""
+    """Validate the configuration options (spec §7) and return them as a ``Case``."""
     from ringsim.cases import Case
     from ringsim.config import check_world_size, make_config
 

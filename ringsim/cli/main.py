@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("float64", "float32"),
         default="float64",
-        help="dtype of q, k, v; tolerance from SPEC 9 (default: %(default)s)",
+        help="dtype of q, k, v; tolerance as the docs' contract page gives it, spec §9 "
+        "(default: %(default)s)",
     )
     verify.add_argument("--no-mpi", action="store_true", help="leave out the mpiexec paths")
     verify.add_argument(

@@ -11,7 +11,7 @@ A payload is a tuple of arrays of one dtype: NumPy arrays, or torch tensors for 
 backend (this package never imports torch: a tensor is recognised by its ``clone`` method,
 see :func:`is_array`). A receive names the shapes and dtype it expects (the plan knows
 them), so MPI can receive into buffers allocated up front. Send and receive buffers are
-always distinct (PITFALLS 9): a sent payload is copied or packed when the batch is posted,
+always distinct (pitfall 9): a sent payload is copied or packed when the batch is posted,
 and received payloads are new arrays.
 """
 
@@ -129,7 +129,7 @@ def check_timeout(timeout: object) -> float:
 
 
 def payload_nbytes(payload: Payload) -> int:
-    """Bytes of the arrays themselves (elements x itemsize), no framing (SPEC 6)."""
+    """Bytes of the arrays themselves (elements x itemsize), no framing (spec §6)."""
     return sum(int(a.nbytes) for a in payload)
 
 

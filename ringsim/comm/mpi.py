@@ -3,7 +3,7 @@
 A send packs its payload into one new contiguous buffer (so later writes to the caller's
 arrays cannot change what is sent) and posts ``Isend``; a receive posts ``Irecv`` into a
 new buffer of the expected size, unpacked into arrays of the expected shapes at ``wait``.
-Send and receive buffers are therefore always distinct (PITFALLS 9). Buffers travel as
+Send and receive buffers are therefore always distinct (pitfall 9). Buffers travel as
 bytes, so every dtype works, float16 and bool included; the receiver knows shapes and dtype.
 
 mpi4py is imported when a communicator is created, never when this module is imported.

@@ -26,11 +26,11 @@ def mask_figure(
     is_causal: bool = False,
     heads: Sequence[int] | None = None,
 ) -> Figure:
-    """The ``(seq_len, seq_len)`` mask of every head (rows) and pair (columns), SPEC 3.
+    """The ``(seq_len, seq_len)`` mask of every head (rows) and pair (columns), spec §3.
 
     Cell ``(x, y)`` is filled when query x may attend key y under that pattern (True =
     attend). Thin lines mark segment boundaries. The last column shows, per head, how many
-    of its patterns choose each key (a key chosen twice counts twice, SPEC 4). In grouped
+    of its patterns choose each key (a key chosen twice counts twice, spec §4). In grouped
     mode a head's unused pairs are marked "not used". ``heads`` picks the heads to draw
     (default: all ``num_heads``).
     """
