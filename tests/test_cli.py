@@ -126,3 +126,15 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_main", interrupted)
     assert cli.main(["demo"]) == 130
     assert capsys.readouterr().err == "\nringsim: interrupted\n"
+
+
+def test_demo_no_check_skips_the_dense_definition(capsys, monkeypatch):
+    import importlib
+
+    commands = importlib.import_module("ringsim.cli.commands")
+    monkeypatch.setattr(commands, "DENSE_NOTE_BYTES", 0)  # every check announces its cost
+    assert main(["demo"]) == 0
+    assert "GiB of n x n scores" in capsys.readouterr().out
+    assert main(["demo", "--no-check"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped (--no-check)" in out and "PASS" not in out.splitlines()[-1]

@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--world-size 4 --mode grouped",
     )
     add_config_arguments(demo)
+    demo.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the parity check against the dense definition (it holds n x n scores: "
+        "GBs past n = 10K)",
+    )
     demo.set_defaults(prepare=config_case, func=_run_demo)
 
     verify = sub.add_parser(
