@@ -17,6 +17,12 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
+	@# headless Chromium for the docs' browser test, where this machine can install it
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] \
+	  && command -v apt-get >/dev/null 2>&1 \
+	  && timeout 600 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+	  && echo "installed chromium (the docs' browser test)"; } \
+	  || echo "note: no chromium here: the docs' browser test will be skipped"
 	touch $@
 
 demo: setup

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
 
-def test_site_builds_with_warnings_as_errors_offline(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site, built once for this module's tests: ``sphinx-build -W`` with no network."""
     for module in ("sphinx", "myst_nb", "furo", "matplotlib", "sphinx-mathjax-offline"):
         pytest.importorskip(module, reason="the docs extra: pip install -e '.[docs]'")
     closed = "http://127.0.0.1:9"  # nothing listens on the discard port: no network
@@ -35,7 +38,7 @@ def test_site_builds_with_warnings_as_errors_offline(tmp_path: Path) -> None:
         "no_proxy": "",
         "NO_PROXY": "",
     }
-    out = tmp_path / "html"
+    out = tmp_path_factory.mktemp("site") / "html"
     command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
     done = subprocess.run(
         [*command, str(DOCS), str(out)],
@@ -46,13 +49,56 @@ def test_site_builds_with_warnings_as_errors_offline(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-10000:]
+    return out
+
+
+def test_site_builds_with_warnings_as_errors_offline(site: Path) -> None:
+    out = site
     pages = {p.relative_to(out).as_posix() for p in out.rglob("*.html")}
-    expected = {"index.html", "api.html", "concepts.html", "verification.html", "cli.html"}
+    expected = {"index.html", "api.html", "concepts.html", "verification.html", "cli.html",
+                "spec.html", "pitfalls.html"}  # fmt: skip
     assert expected <= pages, sorted(pages)
     tutorials = sorted(p.stem for p in (ROOT / "tutorials").glob("[0-9][0-9]-*.md"))
     assert {f"tutorials/{t}.html" for t in tutorials} <= pages
     assert (out / "_images").is_dir() and any((out / "_images").glob("*.png"))
     assert_no_page_loads_from_the_network(out)
+
+
+def browser() -> str | None:
+    return next((p for n in ("chromium", "chromium-browser") if (p := shutil.which(n))), None)
+
+
+@pytest.mark.skipif(browser() is None, reason="no headless Chromium (Debian: apt-get install "
+                    "chromium; make setup installs it where it can)")  # fmt: skip
+@pytest.mark.parametrize(
+    "page", ["index.html", "concepts.html", "spec.html", "tutorials/03-ring.html"]
+)
+def test_pages_render_in_a_browser(site: Path, page: str, tmp_path: Path) -> None:
+    """Headless Chromium opens the built page offline: MathJax typesets every formula (no
+    raw TeX left), the figures load, and a screenshot is not blank."""
+    run = [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--virtual-time-budget=15000", "--window-size=1200,2400"]  # fmt: skip
+    url = (site / page).as_uri()
+    dom = subprocess.run([*run, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert dom.returncode == 0, dom.stderr[-3000:]
+    html = dom.stdout
+    if 'class="math' in (site / page).read_text():  # the page has formulas
+        assert "<mjx-container" in html, "MathJax did not typeset the page"
+    # Sphinx writes each formula as \(...\) or \[...\] in a "math" element; MathJax
+    # replaces the TeX with its own elements
+    raw = re.findall(r'<(?:span|div) class="math[^"]*">\s*\\[(\[]', html)
+    assert not raw, f"{len(raw)} formulas left as raw TeX"
+    for image in re.findall(r'<img[^>]*src="([^"]+)"', html):
+        assert (site / page).parent.joinpath(image).resolve().is_file(), image
+    shot = tmp_path / "page.png"
+    done = subprocess.run([*run, f"--screenshot={shot}", url], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-3000:]
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.std() > 0.01, "the screenshot is blank"
 
 
 #: A script, style sheet or image taken from another host: a page that needs the network.
