@@ -64,6 +64,19 @@ def test_site_builds_with_warnings_as_errors_offline(site: Path) -> None:
     assert_no_page_loads_from_the_network(out)
 
 
+@pytest.mark.parametrize(
+    "tutorial", sorted(p.stem for p in (ROOT / "tutorials").glob("[0-9][0-9]-*.md"))
+)
+def test_tutorial_ran_and_passed(site: Path, tutorial: str) -> None:
+    """Every tutorial ran in the build (a failing cell fails it) and its last cell, which
+    asserts the tutorial's results, printed its "passed" line."""
+    html = (site / "tutorials" / f"{tutorial}.html").read_text()
+    last_input, last_output = html.rfind('class="cell_input'), html.rfind('class="cell_output')
+    assert last_output > last_input, f"{tutorial}: its last cell printed nothing"
+    output = re.sub(r"<[^>]+>", "", html[last_output : html.find("</section>", last_output)])
+    assert "passed" in output, f"{tutorial}: no 'passed' in its last output: {output[:300]}"
+
+
 def browser() -> str | None:
     return next((p for n in ("chromium", "chromium-browser") if (p := shutil.which(n))), None)
 
