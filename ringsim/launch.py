@@ -16,7 +16,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -117,19 +118,50 @@ def kill_processes(pids: Sequence[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def run_job(command: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+def run_job(
+    command: Sequence[str],
+    timeout: float,
+    on_stderr_line: Callable[[str], None] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run ``command`` (an ``mpiexec`` line) and capture its text output.
 
-    Past ``timeout`` seconds the launcher and every process below it are killed, then
-    ``subprocess.TimeoutExpired`` is raised: a hung job leaves no rank behind.
+    ``on_stderr_line`` is called with each line the job writes to stderr, as it comes (a
+    progress bar follows the job that way). Past ``timeout`` seconds the launcher and every
+    process below it are killed, then ``subprocess.TimeoutExpired`` is raised: a hung job
+    leaves no rank behind.
     """
     with subprocess.Popen(
         list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as job:
+        if on_stderr_line is None:
+            try:
+                stdout, stderr = job.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                kill_processes([*descendants(job.pid), job.pid])
+                job.communicate()
+                raise
+            return subprocess.CompletedProcess(list(command), job.returncode, stdout, stderr)
+        lines: list[str] = []
+        out: list[str] = []
+
+        def read_stderr() -> None:
+            for line in job.stderr:  # type: ignore[union-attr]
+                lines.append(line)
+                on_stderr_line(line)
+
+        readers = [
+            threading.Thread(target=read_stderr, daemon=True),
+            threading.Thread(target=lambda: out.append(job.stdout.read()), daemon=True),  # type: ignore[union-attr]
+        ]
+        for reader in readers:
+            reader.start()
         try:
-            stdout, stderr = job.communicate(timeout=timeout)
+            job.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_processes([*descendants(job.pid), job.pid])
-            job.communicate()
+            job.wait()
             raise
-    return subprocess.CompletedProcess(list(command), job.returncode, stdout, stderr)
+        finally:
+            for reader in readers:
+                reader.join(timeout=10)
+    return subprocess.CompletedProcess(list(command), job.returncode, "".join(out), "".join(lines))

@@ -17,6 +17,7 @@ import pytest
 from ringsim.cases import Case
 from ringsim.cli import main
 from ringsim.cli.progress import Progress
+from ringsim.launch import mpi_available
 from ringsim.trace import TraceAction
 
 DEFAULT_CASE = Case(1, 24, 4, 8, (8, 24), (1, 3), False, "longnet", 4)  # demo's defaults
@@ -267,3 +268,11 @@ def test_progress_draws_on_a_terminal_or_when_forced(stream: io.StringIO) -> Non
     assert "work [####....] 2/4" in text and "done [########] 4/4" in text, repr(text)
     with pytest.raises(ValueError, match="total"):
         Progress(-1)
+
+
+@pytest.mark.skipif(mpi_available() is not None, reason=str(mpi_available()))
+def test_verify_counts_the_mpi_rows_case_by_case(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "verify", "--world-sizes", "1", "--cases", "0",
+                             "--progress")  # fmt: skip
+    assert code == 0, out
+    assert "verify [" + "#" * 24 + "] 18/18" in err, err  # 6 fixed cases on 3 paths

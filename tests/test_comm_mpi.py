@@ -197,3 +197,18 @@ def test_run_job_kills_every_process_below_a_hung_launcher() -> None:
     stat = Path(f"/proc/{grandchild}/stat")
     if stat.exists():  # killed but not yet reaped by its new parent: a zombie
         assert stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_run_job_hands_over_stderr_lines_as_they_come() -> None:
+    """verify's bar follows an mpiexec row through these lines (it stalled for 20 s)."""
+    script = ("import sys, time\nfor i in range(3):\n    print(f'case {i + 1} of 3', "
+              "file=sys.stderr, flush=True)\n    time.sleep(0.3)\nprint('PASS')")  # fmt: skip
+    seen: list[tuple[str, float]] = []
+    began = time.monotonic()
+    done = run_job([sys.executable, "-c", script], 30,
+                   on_stderr_line=lambda line: seen.append((line, time.monotonic())))  # fmt: skip
+    ended = time.monotonic()
+    assert done.returncode == 0 and done.stdout == "PASS\n"
+    assert [line for line, _ in seen] == [f"case {i} of 3\n" for i in (1, 2, 3)]
+    assert seen[0][1] - began < ended - began - 0.4  # the first line came before the end
+    assert done.stderr == "".join(line for line, _ in seen)

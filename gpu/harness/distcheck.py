@@ -183,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # P processes on a few cores
+    print(
+        f"distcheck: starting {args.world_size} {args.backend} workers ({args.dtype}); each "
+        "configuration's line follows once it is checked (the first after the workers load "
+        "torch and the reference: tens of seconds on a few cores)",
+        flush=True,
+    )
     try:
         mp.spawn(rank_main, args=(args, free_port()), nprocs=args.world_size, join=True)
     except mp.ProcessExitedException as err:  # a worker failed, was killed or stopped

@@ -77,6 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fault-message", type=parse_count, default=0)
     parser.add_argument("--disagree-rank", type=parse_count, default=None)
     parser.add_argument(
+        "--progress",
+        action="store_true",
+        help="rank 0 writes 'case i of N' to stderr after each case (ringsim verify reads it)",
+    )
+    parser.add_argument(
         "--checksums",
         action="store_true",
         help="seal every message with a CRC-32: a corrupted one fails at once, named",
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
                 worst = max(worst, report.out_error, report.lse_error)
                 worst_grad = max(worst_grad, *grad_report.errors)
                 lines += [r.line() for r in (report, grad_report) if not r.ok]
+                if args.progress:
+                    print(f"case {i + 1} of {len(cases)}", file=sys.stderr, flush=True)
                 if i == 0 and args.trace_out:
                     with open(args.trace_out, "w") as f:
                         json.dump(Trace.from_ranks(traces).to_json(), f)

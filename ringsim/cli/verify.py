@@ -119,12 +119,20 @@ def _number(fields: dict[str, str], key: str) -> float | None:
         return None
 
 
-def check_mpi(world_size: int, count: int, seed: int, dtype: str, timeout: float) -> Row:
-    """Run the MPI parity check on ``world_size`` processes and read its result line.
+#: What the MPI check writes after each case with ``--progress``.
+PROGRESS_LINE = re.compile(r"^case \d+ of \d+$")
+
+
+def check_mpi(
+    world_size: int, count: int, seed: int, dtype: str, timeout: float, bar: Progress
+) -> Row:
+    """Run the MPI parity check on ``world_size`` processes and read its result line; the
+    bar advances by one for each case the check reports done (``--progress``), the rest at
+    the end (a failed run stops early).
 
     The line gives one ``max_error`` over out and lse together: it fills the out column.
     """
-    from ringsim.launch import mpiexec_command, run_job
+    from ringsim.launch import mpiexec_command
 
     row = Row(
         f"mpiexec ring P={world_size}",
@@ -133,17 +141,37 @@ def check_mpi(world_size: int, count: int, seed: int, dtype: str, timeout: float
         lse_error=None,
         tolerance=tolerance(dtype),
     )
-    args = ["--cases", str(count), "--seed", str(seed), "--dtype", dtype]
+    args = ["--cases", str(count), "--seed", str(seed), "--dtype", dtype, "--progress"]
     command = mpiexec_command(world_size, MPI_CHECK, args)
+    units = len(check_cases(world_size, count, seed))
+    advanced = 0
+
+    def on_line(line: str) -> None:
+        nonlocal advanced
+        if PROGRESS_LINE.match(line) and advanced < units:
+            advanced += 1
+            bar.advance()
+
     try:
-        done = run_job(command, timeout)
+        return _read_result(row, command, timeout, on_line)
+    finally:
+        bar.advance(units - advanced)  # what a failed or silent run did not report
+
+
+def _read_result(row: Row, command: list[str], timeout: float, on_line) -> Row:
+    """Run the check's ``command`` and fold its result line into ``row``."""
+    from ringsim.launch import run_job
+
+    try:
+        done = run_job(command, timeout, on_stderr_line=on_line)
     except subprocess.TimeoutExpired:
         row.result = "FAIL"
         row.failures.append(f"timed out after {timeout:g}s: {' '.join(command)}")
         return row
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("PASS", "FAIL"))]
     if not lines:
-        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        said = [ln for ln in done.stderr.strip().splitlines() if not PROGRESS_LINE.match(ln)]
+        tail = (said or ["(no output)"])[-1]
         row.result = "FAIL"
         row.failures.append(f"no PASS/FAIL line, exit code {done.returncode}: {tail}")
         return row
@@ -178,7 +206,8 @@ def run_verify(args: argparse.Namespace) -> int:
         f"ringsim verify: {args.cases} random + {len(fixed_cases(1))} fixed cases per path, "
         f"seed {args.seed}, {args.dtype}, against the dense-mask definition"
     )
-    total = len(cases[largest]) + sum(len(c) for c in cases.values()) + len(mpi_sizes)
+    mpi_units = sum(len(check_cases(p, args.cases, args.seed)) for p in mpi_sizes)
+    total = len(cases[largest]) + sum(len(c) for c in cases.values()) + mpi_units
     rows: list[Row] = []
     with Progress(total, "verify", force=args.progress, summary=True) as bar:
         bar.set_label("reference (1 process)")
@@ -196,8 +225,7 @@ def run_verify(args: argparse.Namespace) -> int:
             )
         for p in mpi_sizes:
             bar.set_label(f"mpiexec ring P={p}")
-            rows.append(check_mpi(p, args.cases, args.seed, args.dtype, args.mpi_timeout))
-            bar.advance()
+            rows.append(check_mpi(p, args.cases, args.seed, args.dtype, args.mpi_timeout, bar))
         bar.set_label("verify")  # the name of the final line or summary
     if reason is not None:
         rows += [Row(f"mpiexec ring P={p}", p, result=f"skipped: {reason}") for p in sizes]
