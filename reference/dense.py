@@ -9,6 +9,8 @@ Memory is O(n^2): use it for checking, not for long sequences.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ringsim.config import Pattern, validate
@@ -74,8 +76,12 @@ def dense_dilated_attention(
     is_causal: bool = False,
     mode: str = "longnet",
     softmax_scale: float | None = None,
+    on_head: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The definition (spec §4): returns out ``(b, n, h, d)`` and lse ``(b, h, n)``, float64.
+
+    ``on_head(h)``, if given, is called after each head is done (a progress bar: each head
+    holds ``(b, n, n)`) arrays, seconds to minutes past n = 10K).
 
     Each head's patterns give ``(o_i, lse_i)`` from their masks; the head output is
     ``sum_i exp(lse_i - L) o_i`` with ``L = log sum_i exp(lse_i)`` (LongNet eq. 10), and 0 with
@@ -119,4 +125,6 @@ def dense_dilated_attention(
             for (o_i, _), weight in zip(parts, weights):
                 out[:, :, head] += weight[..., None] * o_i
             lse[:, head] = total
+            if on_head is not None:
+                on_head(head)
     return out, lse

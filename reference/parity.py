@@ -77,10 +77,11 @@ def compare(
     )
 
 
-def check_case(case: Case, out, lse, q, k, v) -> ParityReport:
-    """Compare a run of ``case`` on inputs q, k, v with the definition."""
+def check_case(case: Case, out, lse, q, k, v, on_head=None) -> ParityReport:
+    """Compare a run of ``case`` on inputs q, k, v with the definition (``on_head``: as
+    :func:`~ringsim.reference.dense_dilated_attention` takes it, for a progress bar)."""
     ref_out, ref_lse = dense_dilated_attention(
-        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs()
+        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs(), on_head=on_head
     )
     return compare(
         out,

@@ -133,8 +133,17 @@ def test_demo_no_check_skips_the_dense_definition(capsys, monkeypatch):
 
     commands = importlib.import_module("ringsim.cli.commands")
     monkeypatch.setattr(commands, "DENSE_NOTE_BYTES", 0)  # every check announces its cost
+    advances = []
+
+    class Bar(commands.Progress):
+        def advance(self, units=1, label=None):
+            advances.append(units)
+            super().advance(units, label)
+
+    monkeypatch.setattr(commands, "Progress", Bar)
     assert main(["demo"]) == 0
     assert "GiB of n x n scores" in capsys.readouterr().out
+    assert advances == [1, 1, 1, 1]  # one per head of the dense check
     assert main(["demo", "--no-check"]) == 0
     out = capsys.readouterr().out
     assert "skipped (--no-check)" in out and "PASS" not in out.splitlines()[-1]

@@ -18,6 +18,7 @@ from ringsim.config import make_config
 from ringsim.plan import SubRing, rank_subrings, shard_range
 from ringsim.trace import Event, Trace, TraceAction
 
+from .progress import Progress
 from .tables import format_table
 
 
@@ -162,10 +163,13 @@ def run_demo(args: argparse.Namespace, case: Case) -> int:
         print("  skipped (--no-check)")
         return 0
     need = dense_check_bytes(case)
-    if need > DENSE_NOTE_BYTES:
+    if need <= DENSE_NOTE_BYTES:
+        report = check_case(case, out, lse, q, k, v)
+    else:
         print(f"  the dense check holds about {need / 2**30:.1f} GiB of n x n scores and may "
               "take minutes; --no-check skips it", flush=True)  # fmt: skip
-    report = check_case(case, out, lse, q, k, v)
+        with Progress(case.num_heads, "dense check (heads)") as bar:
+            report = check_case(case, out, lse, q, k, v, on_head=lambda _: bar.advance())
     print(f"  {report.line()}")
     print("PASS" if report.ok else "FAIL")
     return 0 if report.ok else 1
