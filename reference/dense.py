@@ -81,7 +81,7 @@ def dense_dilated_attention(
     """The definition (spec §4): returns out ``(b, n, h, d)`` and lse ``(b, h, n)``, float64.
 
     ``on_head(h)``, if given, is called after each head is done (a progress bar: each head
-    holds ``(b, n, n)`) arrays, seconds to minutes past n = 10K).
+    holds ``(b, n, n)`` arrays, seconds to minutes past n = 10K).
 
     Each head's patterns give ``(o_i, lse_i)`` from their masks; the head output is
     ``sum_i exp(lse_i - L) o_i`` with ``L = log sum_i exp(lse_i)`` (LongNet eq. 10), and 0 with
