@@ -225,7 +225,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-cp", action="store_true", help="skip PyTorch's context parallel")
     parser.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     args = parser.parse_args(argv)
-    args.out = output_folder(args.out, "bench_ring")
+    if os.environ.get("RANK", "0") == "0":  # rank 0 alone writes: no empty folders elsewhere
+        args.out = output_folder(args.out, "bench_ring")
     args.problems = [x for x in args.problems.split(",") if x]
     args.passes = [x for x in args.passes.split(",") if x]
     for x in args.problems:
