@@ -130,38 +130,33 @@ def run_job(
     process below it are killed, then ``subprocess.TimeoutExpired`` is raised: a hung job
     leaves no rank behind.
     """
+    out: list[str] = []
+    err: list[str] = []
+
+    def read_stderr(stream) -> None:
+        for line in stream:
+            err.append(line)
+            if on_stderr_line is not None:
+                on_stderr_line(line)
+
     with subprocess.Popen(
         list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as job:
-        if on_stderr_line is None:
-            try:
-                stdout, stderr = job.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                kill_processes([*descendants(job.pid), job.pid])
-                job.communicate()
-                raise
-            return subprocess.CompletedProcess(list(command), job.returncode, stdout, stderr)
-        lines: list[str] = []
-        out: list[str] = []
-
-        def read_stderr() -> None:
-            for line in job.stderr:  # type: ignore[union-attr]
-                lines.append(line)
-                on_stderr_line(line)
-
         readers = [
-            threading.Thread(target=read_stderr, daemon=True),
+            threading.Thread(target=read_stderr, args=(job.stderr,), daemon=True),
             threading.Thread(target=lambda: out.append(job.stdout.read()), daemon=True),  # type: ignore[union-attr]
         ]
         for reader in readers:
             reader.start()
         try:
             job.wait(timeout=timeout)
+            hung = False
         except subprocess.TimeoutExpired:
             kill_processes([*descendants(job.pid), job.pid])
             job.wait()
-            raise
-        finally:
-            for reader in readers:
-                reader.join(timeout=10)
-    return subprocess.CompletedProcess(list(command), job.returncode, "".join(out), "".join(lines))
+            hung = True
+        for reader in readers:  # the pipes close with the job: the readers end
+            reader.join(timeout=10)
+    if hung:
+        raise subprocess.TimeoutExpired(list(command), timeout, "".join(out), "".join(err))
+    return subprocess.CompletedProcess(list(command), job.returncode, "".join(out), "".join(err))
