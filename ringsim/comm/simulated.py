@@ -132,6 +132,13 @@ class _World:
             self.woken.add(rank)
         self.pending.add(rank)
 
+    def take_turn(self) -> None:
+        """Wait for the turn, called with ``cond`` held once: the turn first, then ``cond``
+        again, since the rank holding the turn may need ``cond`` to give it up."""
+        self.cond.release()
+        self.turn.acquire()
+        self.cond.acquire()
+
     def give_turn(self) -> None:
         """The running rank stops running (it waits, or it ended): wake whom it sent to."""
         self.turn.release()
@@ -196,10 +203,8 @@ class _World:
         finally:
             del self.waiting[rank]
             self.woken.discard(rank)
-            if gave_turn:  # the turn first, then cond again: its holder may need cond
-                self.cond.release()
-                self.turn.acquire()
-                self.cond.acquire()
+            if gave_turn:
+                self.take_turn()
 
     def detect_deadlock(self) -> bool:
         """Set ``deadlock`` (and wake everyone) if no live rank can ever move again."""
@@ -323,9 +328,7 @@ class SimulatedCommunicator:
             world.give_turn()
             while not world.failures and (left := deadline - time.monotonic()) > 0:
                 world.wakers[self._rank].wait(left)
-            world.cond.release()  # the turn first, then cond again (as _World.block)
-            world.turn.acquire()
-            world.cond.acquire()
+            world.take_turn()
 
     def allgather(self, obj: object) -> list[object]:
         """Every rank's ``obj`` by rank; pickled, so each rank gets its own deep copy."""
