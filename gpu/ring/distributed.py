@@ -14,7 +14,7 @@ from ringsim.comm.base import Communicator
 from ringsim.config import check_flags
 from ringsim.trace import RankTrace
 
-from ..executor import check_differentiable, check_tensor, prepare
+from ..executor import check_differentiable, prepare
 from ..kernels import Kernel
 from .autograd import RingFunction
 
@@ -75,9 +75,8 @@ def ring_dilated_attention(
     def check_rank(x) -> None:
         """Every check of this rank's input, kernel included, inside the agreement: a rank
         whose kernel cannot run fails with the others, not alone after they started."""
-        check_tensor(x, k, v)
         check_flags(return_lse=return_lse)
-        prepared = prepare(q, k, v, kernel, softmax_scale)
+        prepared = prepare(x, k, v, kernel, softmax_scale)  # checks the tensors first
         check_differentiable(*prepared)
         chosen.append(prepared)
 
