@@ -216,20 +216,10 @@ def _group_backward(
 
 
 def dilated_attention_backward(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    out: np.ndarray,
-    lse: np.ndarray,
-    dout: np.ndarray,
-    segment_lengths,
-    dilation_rates,
-    *,
-    is_causal: bool = False,
-    mode: str = "longnet",
-    softmax_scale: float | None = None,
-    dlse: np.ndarray | None = None,
-) -> Grads:
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, lse: np.ndarray,
+    dout: np.ndarray, segment_lengths, dilation_rates, *, is_causal: bool = False,
+    mode: str = "longnet", softmax_scale: float | None = None, dlse: np.ndarray | None = None,
+) -> Grads:  # fmt: skip
     """Gradients of :func:`~ringsim.reference.dilated.dilated_attention` (fused form).
 
     Args:
@@ -259,20 +249,10 @@ def dilated_attention_backward(
 
 
 def dilated_attention_backward_chain(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    out: np.ndarray,
-    lse: np.ndarray,
-    dout: np.ndarray,
-    segment_lengths,
-    dilation_rates,
-    *,
-    is_causal: bool = False,
-    mode: str = "longnet",
-    softmax_scale: float | None = None,
-    dlse: np.ndarray | None = None,
-) -> Grads:
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, lse: np.ndarray,
+    dout: np.ndarray, segment_lengths, dilation_rates, *, is_causal: bool = False,
+    mode: str = "longnet", softmax_scale: float | None = None, dlse: np.ndarray | None = None,
+) -> Grads:  # fmt: skip
     """The same gradients as :func:`dilated_attention_backward`, by the chain rule in two
     stages: back through the mix, then back through each pattern's blocks. Same arguments.
 

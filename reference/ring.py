@@ -114,18 +114,12 @@ def ring_dilated_attention_shard(
         this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` [, lse].
     """
     trace = trace if trace is not None else RankTrace(comm.rank)
-    config, (b, c, h, d) = agreed_config(  # 1. local checks, then every rank's verdict
-        comm,
-        q,
-        k,
-        v,
-        segment_lengths,
-        dilation_rates,
-        is_causal=is_causal,
-        mode=mode,
+    # 1. local checks, then every rank's verdict
+    config, (b, c, h, d) = agreed_config(
+        comm, q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
         softmax_scale=softmax_scale,
         check_array=lambda x: (check_float(x), check_flags(return_lse=return_lse)),
-    )
+    )  # fmt: skip
     plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank)
     out, lse = empty_result(b, c, h, d, q.dtype)
     trace.hold("q, k, v, out, lse", sum(x.nbytes for x in (q, k, v, out, lse)))

@@ -87,22 +87,11 @@ class NumpyGradParts(HomeAdds, NumpyParts):
 
 
 def ring_dilated_attention_shard_backward(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    out: np.ndarray,
-    lse: np.ndarray,
-    dout: np.ndarray,
-    segment_lengths,
-    dilation_rates,
-    *,
-    comm: Communicator,
-    is_causal: bool = False,
-    mode: str = "longnet",
-    softmax_scale: float | None = None,
-    dlse: np.ndarray | None = None,
-    trace: RankTrace | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, lse: np.ndarray,
+    dout: np.ndarray, segment_lengths, dilation_rates, *, comm: Communicator,
+    is_causal: bool = False, mode: str = "longnet", softmax_scale: float | None = None,
+    dlse: np.ndarray | None = None, trace: RankTrace | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """This rank's part of the backward of ring dilated attention.
 
     Args:
@@ -119,17 +108,10 @@ def ring_dilated_attention_shard_backward(
     """
     trace = trace if trace is not None else RankTrace(comm.rank)
     config, (_, c, h, d) = agreed_config(
-        comm,
-        q,
-        k,
-        v,
-        segment_lengths,
-        dilation_rates,
-        is_causal=is_causal,
-        mode=mode,
+        comm, q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
         softmax_scale=softmax_scale,
         check_array=lambda x: (check_float(x), check_backward_inputs(x, out, lse, dout, dlse)),
-    )
+    )  # fmt: skip
     plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank)
     grads = tuple(np.zeros_like(q) for _ in range(3))
     trace.hold("q, k, v, out, lse, dout", sum(x.nbytes for x in (q, k, v, out, lse, dout)))

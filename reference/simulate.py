@@ -80,16 +80,9 @@ def ring_dilated_attention(
     """
     check_flags(return_lse=return_lse, return_trace=return_trace, checksums=checksums)
     config = validate(
-        q,
-        k,
-        v,
-        segment_lengths,
-        dilation_rates,
-        is_causal=is_causal,
-        mode=mode,
-        softmax_scale=softmax_scale,
-        world_size=world_size,
-    )
+        q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
+        softmax_scale=softmax_scale, world_size=world_size,
+    )  # fmt: skip
     check_float(q)
     shards = list(zip(shard(q, world_size), shard(k, world_size), shard(v, world_size)))
     del q, k, v  # from here on, every array a rank touches is its own shard
@@ -115,25 +108,12 @@ def ring_dilated_attention(
 
 
 def ring_dilated_attention_backward(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    out: np.ndarray,
-    lse: np.ndarray,
-    dout: np.ndarray,
-    segment_lengths,
-    dilation_rates,
-    *,
-    world_size: int,
-    is_causal: bool = False,
-    mode: str = "longnet",
-    softmax_scale: float | None = None,
-    dlse: np.ndarray | None = None,
-    return_trace: bool = False,
-    faults: Sequence[Fault] = (),
-    timeout: float = 60.0,
-    checksums: bool = False,
-):
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, lse: np.ndarray,
+    dout: np.ndarray, segment_lengths, dilation_rates, *, world_size: int,
+    is_causal: bool = False, mode: str = "longnet", softmax_scale: float | None = None,
+    dlse: np.ndarray | None = None, return_trace: bool = False, faults: Sequence[Fault] = (),
+    timeout: float = 60.0, checksums: bool = False,
+):  # fmt: skip
     """The backward of :func:`ring_dilated_attention` on ``world_size`` simulated ranks.
 
     Args:

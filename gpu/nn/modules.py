@@ -253,20 +253,13 @@ class RingDilatedAttentionHybrid(RingDilatedAttention):
     """
 
     def __init__(
-        self,
-        segment_lengths,
-        dilation_rates,
-        dropout: float = 0.0,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        ring_size: int | None = None,
-        use_flash_attention: bool = True,
-        enable_memory_pool: bool = False,
-        mode: str = "longnet",
-        softmax_scale: float | None = None,
+        self, segment_lengths, dilation_rates, dropout: float = 0.0, *,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        ring_size: int | None = None, use_flash_attention: bool = True,
+        enable_memory_pool: bool = False,  # the seed's arguments (spec §8), then ours
+        mode: str = "longnet", softmax_scale: float | None = None,
         group: ProcessGroup | str | None = None,
-    ):
+    ):  # fmt: skip
         super().__init__(
             segment_lengths, dilation_rates, dropout=dropout, mode=mode,
             softmax_scale=softmax_scale,

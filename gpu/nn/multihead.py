@@ -226,26 +226,14 @@ class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
     """
 
     def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        segment_lengths,
-        dilation_rates,
-        dropout: float = 0.0,
-        *,
-        bias: bool = True,
-        layer_norm: bool = True,
-        gamma_init: float = 1.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        batch_first: bool = True,
-        ring_size: int | None = None,
-        use_flash_attention: bool = True,
-        enable_memory_pool: bool = False,
-        mode: str = "longnet",
-        softmax_scale: float | None = None,
+        self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates,
+        dropout: float = 0.0, *, bias: bool = True, layer_norm: bool = True,
+        gamma_init: float = 1.0, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None, batch_first: bool = True, ring_size: int | None = None,
+        use_flash_attention: bool = True, enable_memory_pool: bool = False,  # (spec §8)
+        mode: str = "longnet", softmax_scale: float | None = None,
         group: ProcessGroup | str | None = None,
-    ):
+    ):  # fmt: skip
         super().__init__(
             embed_dim,
             num_heads,

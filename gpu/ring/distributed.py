@@ -80,18 +80,11 @@ def ring_dilated_attention(
         check_differentiable(*prepared)
         chosen.append(prepared)
 
+    # devices, flags and the kernel (check_rank): every rank's verdict first
     config, _ = agreed_config(
-        comm,
-        q,
-        k,
-        v,
-        segment_lengths,
-        dilation_rates,
-        is_causal=is_causal,
-        mode=mode,
-        softmax_scale=softmax_scale,
-        check_array=check_rank,  # devices, flags and the kernel: every rank's verdict first
-    )
+        comm, q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
+        softmax_scale=softmax_scale, check_array=check_rank,
+    )  # fmt: skip
     q, k, v, kernel_run = chosen[0]
     out, lse = RingFunction.apply(q, k, v, config, comm, kernel_run, trace, backward_trace)
     return (out, lse) if return_lse else out
