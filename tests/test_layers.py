@@ -29,6 +29,7 @@ BASE = (
     "ringsim.comm.mpi",
     "ringsim.comm.simulated",
     "ringsim.comm.traced",
+    "ringsim.comm.world",
     "ringsim.config",
     "ringsim.extras",
     "ringsim.gradrelay",
