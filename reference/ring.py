@@ -46,11 +46,12 @@ class NumpyParts(TaskParts):
     plan: RankPlan
     scale: float
 
-    def own_block(self, task: Task) -> Payload:
-        groups = self.plan.groups[task.subring.pair]
-        local = [positions(rows) - self.plan.shard.start for rows in task.k_rows]
-        keys = tuple(select_rows(self.k, i, g.heads) for i, g in zip(local, groups))
-        values = tuple(select_rows(self.v, i, g.heads) for i, g in zip(local, groups))
+    def own_block(self, pair: int, slots: tuple[range, ...]) -> Payload:
+        groups = self.plan.groups[pair]
+        heads = [groups[i % len(groups)].heads for i in range(len(slots))]
+        local = [positions(self.plan.local(rows)) for rows in slots]
+        keys = tuple(select_rows(self.k, i, h) for i, h in zip(local, heads))
+        values = tuple(select_rows(self.v, i, h) for i, h in zip(local, heads))
         return keys + values
 
     def message(self, block: Payload, transfer: Transfer) -> Payload:
@@ -60,7 +61,9 @@ class NumpyParts(TaskParts):
     def expected(self, transfer: Transfer) -> Recv:
         b, _, _, d = self.q.shape
         groups = self.plan.groups[transfer.subring.pair]
-        shapes = tuple((b, len(r), len(g.heads), d) for r, g in zip(transfer.rows, groups))
+        shapes = tuple(
+            (b, len(r), len(groups[i % len(groups)].heads), d) for i, r in enumerate(transfer.rows)
+        )
         return Recv(transfer.send_rank, transfer.subring.tag, shapes * 2, self.q.dtype)
 
     def attend_task(self, block: Payload, task: Task) -> None:
@@ -69,12 +72,13 @@ class NumpyParts(TaskParts):
             action = task.actions[g]
             if action is BlockAction.SKIP:
                 continue
-            q_local = positions(task.q_rows[g]) - self.plan.shard.start
+            q_local = positions(self.plan.local(task.q_rows[g]))
             heads = np.array(group.heads)
+            keys, values = task.key_slots(g, len(block))
             block_out, block_lse = block_attention(
                 select_rows(self.q, q_local, group.heads),
-                block[g],
-                block[len(groups) + g],
+                block[keys],
+                block[values],
                 positions(task.q_rows[g]),
                 positions(task.k_rows[g]),
                 is_causal=action is not BlockAction.FULL,
@@ -99,28 +103,33 @@ def ring_dilated_attention_shard(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     trace: RankTrace | None = None,
+    layout: str = "contiguous",
 ):
     """This rank's part of ring dilated attention (spec §5, §6).
 
     Args:
         q, k, v: this rank's shards, ``(batch, seq_len / P, num_heads, head_dim)``, float32
-            or float64; rank j holds global positions ``[j*c, (j+1)*c)``.
+            or float64, holding the global positions ``layout`` gives the rank
+            (:func:`ringsim.layout.shard` cuts them; contiguous: ``[j*c, (j+1)*c)``).
         comm: any ringsim communicator (simulated cluster or MPI); P = ``comm.world_size``.
         segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
             :func:`ringsim.reference.dilated_attention`, with global positions.
         return_lse: also return this rank's lse ``(batch, num_heads, seq_len / P)``.
         trace: a :class:`ringsim.trace.RankTrace` to record this rank's events in.
+        layout: ``"contiguous"`` or ``"zigzag"`` (:mod:`ringsim.layout`), the same on every
+            rank (checked with the rest of the configuration).
     Returns:
-        this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` [, lse].
+        this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` [, lse], rows in the
+        order of its shard.
     """
     trace = trace if trace is not None else RankTrace(comm.rank)
     # 1. local checks, then every rank's verdict
     config, (b, c, h, d) = agreed_config(
         comm, q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
         softmax_scale=softmax_scale,
-        check_array=lambda x: (check_float(x), check_flags(return_lse=return_lse)),
+        check_array=lambda x: (check_float(x), check_flags(return_lse=return_lse)), layout=layout,
     )  # fmt: skip
-    plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank)
+    plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank, layout)
     out, lse = empty_result(b, c, h, d, q.dtype)
     trace.hold("q, k, v, out, lse", sum(x.nbytes for x in (q, k, v, out, lse)))
     parts = NumpyParts(q, k, v, out, lse, plan, config.scale(d))

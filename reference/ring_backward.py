@@ -49,7 +49,7 @@ class NumpyGradParts(HomeAdds, NumpyParts):
         return self.q.dtype
 
     def _local(self, rows: range) -> np.ndarray:
-        return positions(rows) - self.plan.shard.start
+        return positions(self.plan.local(rows))
 
     def attend_task(self, block: Payload, task: Task) -> Payload:
         """Block backward of every pattern group: dq here, the dK/dV share returned."""
@@ -61,10 +61,11 @@ class NumpyGradParts(HomeAdds, NumpyParts):
                 continue
             q_local = self._local(task.q_rows[g])
             rows, cols = q_local[:, None], np.array(group.heads)[None, :]
-            dq, shares[g], shares[len(groups) + g] = block_attention_backward(
+            keys, values = task.key_slots(g, len(block))
+            dq, shares[keys], shares[values] = block_attention_backward(
                 select_rows(self.q, q_local, group.heads),
-                block[g],
-                block[len(groups) + g],
+                block[keys],
+                block[values],
                 select_rows(self.out, q_local, group.heads),
                 self.lse[:, cols.T, rows.T],
                 select_rows(self.dout, q_local, group.heads),
@@ -90,7 +91,7 @@ def ring_dilated_attention_shard_backward(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, lse: np.ndarray,
     dout: np.ndarray, segment_lengths, dilation_rates, *, comm: Communicator,
     is_causal: bool = False, mode: str = "longnet", softmax_scale: float | None = None,
-    dlse: np.ndarray | None = None, trace: RankTrace | None = None,
+    dlse: np.ndarray | None = None, trace: RankTrace | None = None, layout: str = "contiguous",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """This rank's part of the backward of ring dilated attention.
 
@@ -100,7 +101,8 @@ def ring_dilated_attention_shard_backward(
         out, lse: what that forward returned on this rank: out ``(batch, seq_len / P,
             num_heads, head_dim)``, lse ``(batch, num_heads, seq_len / P)``.
         dout: the gradient of the loss with respect to out, shaped like out.
-        comm, segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as the forward.
+        comm, segment_lengths, dilation_rates, is_causal, mode, softmax_scale, layout: as the
+            forward.
         dlse: the gradient with respect to lse, shaped like lse (None: lse unused).
         trace: a :class:`ringsim.trace.RankTrace` to record this rank's events in.
     Returns:
@@ -109,10 +111,10 @@ def ring_dilated_attention_shard_backward(
     trace = trace if trace is not None else RankTrace(comm.rank)
     config, (_, c, h, d) = agreed_config(
         comm, q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
-        softmax_scale=softmax_scale,
+        softmax_scale=softmax_scale, layout=layout,
         check_array=lambda x: (check_float(x), check_backward_inputs(x, out, lse, dout, dlse)),
     )  # fmt: skip
-    plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank)
+    plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank, layout)
     grads = tuple(np.zeros_like(q) for _ in range(3))
     trace.hold("q, k, v, out, lse, dout", sum(x.nbytes for x in (q, k, v, out, lse, dout)))
     trace.hold("dq, dk, dv", sum(x.nbytes for x in grads))

@@ -1,7 +1,7 @@
 """Ring dilated attention on global arrays, over the in-process simulated cluster.
 
-The global arrays are cut into contiguous shards *before* the ranks start; each rank's
-thread receives copies of its own shards only and runs
+The global arrays are cut into shards (:func:`ringsim.layout.shard`, in the chosen layout)
+*before* the ranks start; each rank's thread receives copies of its own shards only and runs
 :func:`~ringsim.reference.ring.ring_dilated_attention_shard`, the same code MPI runs. The
 shards of out and lse are gathered afterwards. No MPI, no torch, any world size (pitfall 15).
 """
@@ -16,6 +16,7 @@ from ringsim.cases import Case
 from ringsim.comm.faults import Fault
 from ringsim.comm.traced import run_traced
 from ringsim.config import check_flags, validate
+from ringsim.layout import check_layout, shard, unshard
 
 from .backward import validate_backward
 from .dilated import check_float
@@ -23,10 +24,9 @@ from .ring import ring_dilated_attention_shard
 from .ring_backward import ring_dilated_attention_shard_backward
 
 
-def shard(x: np.ndarray, world_size: int, axis: int = 1) -> list[np.ndarray]:
-    """Contiguous copies of ``x``'s seq_len axis (1, or -1 for an lse ``(b, h, n)``), one
-    per rank: ``(b, n/P, h, d)`` (or ``(b, h, n/P)``) each."""
-    return [np.ascontiguousarray(s) for s in np.split(x, world_size, axis=axis)]
+def _shards(x: np.ndarray, world_size: int, layout: str, axis: int = 1) -> list[np.ndarray]:
+    """Every rank's shard of ``x`` (:func:`ringsim.layout.shard`), rank 0 first."""
+    return [shard(x, r, world_size, layout=layout, axis=axis) for r in range(world_size)]
 
 
 def run_case(case: Case, q, k, v, *, timeout: float = 60.0):
@@ -35,7 +35,7 @@ def run_case(case: Case, q, k, v, *, timeout: float = 60.0):
     ring tests run)."""
     return ring_dilated_attention(
         q, k, v, case.segment_lengths, case.dilation_rates, world_size=case.world_size,
-        **case.kwargs(), return_lse=True, return_trace=True, timeout=timeout,
+        **case.kwargs(), layout=case.layout, return_lse=True, return_trace=True, timeout=timeout,
     )  # fmt: skip
 
 
@@ -55,12 +55,13 @@ def ring_dilated_attention(
     faults: Sequence[Fault] = (),
     timeout: float = 60.0,
     checksums: bool = False,
+    layout: str = "contiguous",
 ):
     """Ring dilated attention of global arrays on ``world_size`` simulated ranks (spec §6).
 
     Args:
         q, k, v: ``(batch, seq_len, num_heads, head_dim)``, float32 or float64;
-            ``seq_len % world_size == 0``.
+            ``seq_len % world_size == 0`` (zigzag: ``seq_len % (2 * world_size) == 0``).
         world_size: the number of simulated ranks P.
         segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
             :func:`ringsim.reference.dilated_attention`.
@@ -71,6 +72,8 @@ def ring_dilated_attention(
         checksums: seal every message with a CRC-32 checked on receipt, so that a corrupted
             message fails the run at once, naming the rank, step and sub-ring
             (:class:`ringsim.comm.CorruptMessage`).
+        layout: which positions each rank holds, ``"contiguous"`` or ``"zigzag"``
+            (:mod:`ringsim.layout`); the results are in global order either way.
     Returns:
         the gathered global out ``(batch, seq_len, num_heads, head_dim)`` [, lse][, trace].
     Raises:
@@ -84,7 +87,8 @@ def ring_dilated_attention(
         softmax_scale=softmax_scale, world_size=world_size,
     )  # fmt: skip
     check_float(q)
-    shards = list(zip(shard(q, world_size), shard(k, world_size), shard(v, world_size)))
+    check_layout(layout, q.shape[1], world_size)
+    shards = list(zip(*(_shards(x, world_size, layout) for x in (q, k, v))))
     del q, k, v  # from here on, every array a rank touches is its own shard
 
     def run_rank(comm, trace):
@@ -96,13 +100,14 @@ def ring_dilated_attention(
             **config.kwargs(),
             return_lse=True,
             trace=trace,
+            layout=layout,
         )
 
     results, trace = run_traced(
         world_size, run_rank, faults=faults, timeout=timeout, checksums=checksums
     )
-    out = np.concatenate([r[0] for r in results], axis=1)
-    lse = np.concatenate([r[1] for r in results], axis=-1)
+    out = unshard([r[0] for r in results], layout=layout)
+    lse = unshard([r[1] for r in results], layout=layout, axis=-1)
     extra = ((lse,) if return_lse else ()) + ((trace,) if return_trace else ())
     return (out, *extra) if extra else out
 
@@ -112,7 +117,7 @@ def ring_dilated_attention_backward(
     dout: np.ndarray, segment_lengths, dilation_rates, *, world_size: int,
     is_causal: bool = False, mode: str = "longnet", softmax_scale: float | None = None,
     dlse: np.ndarray | None = None, return_trace: bool = False, faults: Sequence[Fault] = (),
-    timeout: float = 60.0, checksums: bool = False,
+    timeout: float = 60.0, checksums: bool = False, layout: str = "contiguous",
 ):  # fmt: skip
     """The backward of :func:`ring_dilated_attention` on ``world_size`` simulated ranks.
 
@@ -124,7 +129,7 @@ def ring_dilated_attention_backward(
         dout: the gradient of the loss with respect to out, shaped like out.
         dlse: the gradient with respect to lse, shaped like lse (None: lse unused).
         return_trace: also return the :class:`ringsim.trace.Trace` of the backward run.
-        faults, timeout, checksums: as :func:`ring_dilated_attention`.
+        faults, timeout, checksums, layout: as :func:`ring_dilated_attention`.
     Returns:
         the gathered global ``(dq, dk, dv)`` [, trace].
     """
@@ -133,10 +138,11 @@ def ring_dilated_attention_backward(
         q, k, v, out, lse, dout, dlse, segment_lengths, dilation_rates,
         is_causal=is_causal, mode=mode, softmax_scale=softmax_scale, world_size=world_size,
     )  # fmt: skip
-    per_rank = [shard(x, world_size) for x in (q, k, v, out)]
-    per_rank.append(shard(lse, world_size, axis=-1))
-    per_rank.append(shard(dout, world_size))
-    dlse_shards = [None] * world_size if dlse is None else shard(dlse, world_size, axis=-1)
+    check_layout(layout, q.shape[1], world_size)
+    per_rank = [_shards(x, world_size, layout) for x in (q, k, v, out)]
+    per_rank.append(_shards(lse, world_size, layout, axis=-1))
+    per_rank.append(_shards(dout, world_size, layout))
+    dlse_shards = [None] * world_size if dlse is None else _shards(dlse, world_size, layout, -1)
     shards = list(zip(*per_rank))
     del q, k, v, out, lse, dout, dlse  # from here on, every array a rank touches is its own
 
@@ -149,10 +155,11 @@ def ring_dilated_attention_backward(
             **config.kwargs(),
             dlse=dlse_shards[comm.rank],
             trace=trace,
+            layout=layout,
         )
 
     results, trace = run_traced(
         world_size, run_rank, faults=faults, timeout=timeout, checksums=checksums
     )
-    grads = tuple(np.concatenate([r[i] for r in results], axis=1) for i in range(3))
+    grads = tuple(unshard([r[i] for r in results], layout=layout) for i in range(3))
     return (*grads, trace) if return_trace else grads

@@ -13,6 +13,7 @@ from typing import Any
 
 from ringsim.comm.base import Communicator
 from ringsim.config import DilatedConfig, check_qkv, make_config
+from ringsim.layout import Layout, check_layout
 
 #: How many agreed descriptions a communicator with an ``agreed`` memory keeps.
 REMEMBERED = 32
@@ -76,8 +77,10 @@ def agreed_config(
     mode: str,
     softmax_scale: float | None,
     check_array: Callable[[Any], None],
+    layout: Layout | str = Layout.CONTIGUOUS,
 ) -> tuple[DilatedConfig, tuple[int, int, int, int]]:
-    """Check this rank's shards and configuration, then :func:`agree` with every rank.
+    """Check this rank's shards, configuration and layout, then :func:`agree` with every
+    rank.
 
     ``check_array(q)`` is the backend's own type check (NumPy or torch). Returns the
     configuration and the shard shape ``(b, c, h, d)``.
@@ -94,10 +97,12 @@ def agreed_config(
         shape = check_qkv(q, k, v)
         check_array(q)
         config.head_groups(shape[2])
+        layout = check_layout(layout, shape[1] * comm.world_size, comm.world_size)
         description = (
             f"w={config.segment_lengths} r={config.dilation_rates} "
             f"{config.mode.value} causal={config.is_causal} "
-            f"scale={config.softmax_scale} shard={shape} {q.dtype} on {_device_type(q)}"
+            f"scale={config.softmax_scale} shard={shape} {q.dtype} on {_device_type(q)} "
+            f"layout={layout.value}"
         )
     except (TypeError, ValueError, NotImplementedError) as err:
         error = err

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ringsim.config import PatternGroup
+from ringsim.layout import local_rows
 from ringsim.tasks import TaskBatch
 
 
@@ -71,11 +72,14 @@ def row_batches(
 
 
 @functools.lru_cache(maxsize=256)
-def task_row_batches(batch: TaskBatch, groups: tuple[PatternGroup, ...]) -> tuple[RowBatch, ...]:
-    """The kernel calls of a plan's batch of the rank's own tasks (:class:`ringsim.plan.TaskBatch`,
-    its pair's ``groups``): heads of groups with equal row counts share one call, each task
-    (a segment, or the part of it in the rank's shard) one entry of its batch. Row positions
-    are global; keys are the same rows (the rank's own block). Cached by batch identity."""
+def task_row_batches(
+    batch: TaskBatch, groups: tuple[PatternGroup, ...], chunks: tuple[range, ...]
+) -> tuple[RowBatch, ...]:
+    """The kernel calls of a plan's batch of diagonal tasks (:class:`ringsim.plan.TaskBatch`,
+    its pair's ``groups``; the rank holds ``chunks``): heads of groups with equal row counts
+    share one call, each task (a segment, or the part of it in one chunk of the rank) one
+    entry of its batch. Rows are indices into the rank's shard; keys are the same rows.
+    Cached by batch identity."""
     by_count: dict[int, list[tuple[int, int]]] = {}  # rows -> (head, group index)
     for gi, (g, m) in enumerate(zip(groups, batch.q_counts)):
         if m:
@@ -84,7 +88,8 @@ def task_row_batches(batch: TaskBatch, groups: tuple[PatternGroup, ...]) -> tupl
     out = []
     for m, heads in sorted(by_count.items()):
         starts = np.array(
-            [[task.q_rows[gi].start for task in batch.tasks] for _, gi in heads], dtype=np.int64
+            [[local_rows(chunks, t.q_rows[gi]).start for t in batch.tasks] for _, gi in heads],
+            dtype=np.int64,
         )  # (H, S)
         rows = starts[:, :, None] + rate * np.arange(m, dtype=np.int64)  # (H, S, m)
         out.append(RowBatch(tuple(h for h, _ in heads), rows))

@@ -34,6 +34,7 @@ class Case:
     softmax_scale: float | None = None
     seed: int = 0  # the default seed of :meth:`inputs`
     label: str = ""  # what the case is for, in reports
+    layout: str = "contiguous"  # which positions each rank holds (ringsim.layout)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -58,10 +59,11 @@ class Case:
         causal = "causal" if self.is_causal else "full"
         scale = "" if self.softmax_scale is None else f" scale={self.softmax_scale}"
         label = f"[{self.label}] " if self.label else ""
+        layout = "" if self.layout == "contiguous" else f" {self.layout}"
         return (
             f"{label}P={self.world_size} n={self.seq_len} b={self.batch} h={self.num_heads} "
             f"d={self.head_dim} w={list(self.segment_lengths)} "
-            f"r={list(self.dilation_rates)} {self.mode} {causal}{scale}"
+            f"r={list(self.dilation_rates)} {self.mode} {causal}{scale}{layout}"
         )
 
 

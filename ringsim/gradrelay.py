@@ -70,7 +70,8 @@ class GradParts(Protocol):
 
 class HomeAdds:
     """``add`` and ``add_home`` of :class:`GradParts` for parts whose dK/dV payload is the dk
-    of every pattern group of the pair, then the dv of every group (both backends' layout).
+    of every slot (piece and pattern group) of the pair, then the dv of every slot (both
+    backends' layout).
 
     The parts supply ``plan`` (their :class:`~ringsim.plan.RankPlan`), the ``dk``, ``dv``
     accumulators and ``add_rows(total, rows, heads, share)``: ``share`` added into ``total``
@@ -89,10 +90,12 @@ class HomeAdds:
 
     def add_home(self, grads: Payload, transfer: Transfer) -> None:
         groups = self.plan.groups[transfer.subring.pair]
-        for g, rows in enumerate(transfer.rows):
+        half = len(transfer.rows)  # K slots, then V slots (Note [Pieces] in ringsim.plan)
+        for i, rows in enumerate(transfer.rows):
             if len(rows):
-                self.add_rows(self.dk, rows, groups[g].heads, grads[g])
-                self.add_rows(self.dv, rows, groups[g].heads, grads[len(groups) + g])
+                heads = groups[i % len(groups)].heads
+                self.add_rows(self.dk, rows, heads, grads[i])
+                self.add_rows(self.dv, rows, heads, grads[half + i])
 
 
 @dataclass

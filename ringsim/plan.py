@@ -1,15 +1,17 @@
 """The ring plan: who sends which rows to whom at which step, and what each block needs.
 
-Everything here is a pure function of ``(config, num_heads, seq_len, world_size)``, built
-from global positions, and tested as tables without any communication. Every backend (the
-NumPy ring, the torch ring) executes the same plan.
+Everything here is a pure function of ``(config, num_heads, seq_len, world_size, layout)``,
+built from global positions, and tested as tables without any communication. Every backend
+(the NumPy ring, the torch ring) executes the same plan.
 
 Note [The ring of one segment]
 ------------------------------
-Rank j holds positions ``[j*c, (j+1)*c)``. A segment ``[start, stop)`` of pair i meets the
-shards of consecutive ranks; those ranks form the segment's *sub-ring* (spec §5). With the
-sub-ring's places 0..g-1, at step t the rank at place a holds the block of place
-``(a - t) mod g``: its own rows at step 0, then each block moves one place per step::
+Rank j holds the chunks of positions its layout gives it (:mod:`ringsim.layout`; contiguous:
+``[j*c, (j+1)*c)``). A segment ``[start, stop)`` of pair i meets the chunks of some ranks;
+those ranks form the segment's *sub-ring* (spec §5), ordered by the first position each
+holds in the segment (contiguous: consecutive ranks). With the sub-ring's places 0..g-1,
+at step t the rank at place a holds the block of place ``(a - t) mod g``: its own rows at
+step 0, then each block moves one place per step::
 
     step 0:  place 0 holds B0   place 1 holds B1   place 2 holds B2
     step 1:  place 0 holds B2   place 1 holds B0   place 2 holds B1     (B0: 0 -> 1, ...)
@@ -20,10 +22,22 @@ pair, so one message per step and sub-ring carries every head of the pair.
 
 Causal pruning: a block is sent one more place only while some place further along its path
 still attends to it. Across ranks, keys lie wholly before (FULL) or wholly after (SKIP) the
-queries, so a block of place s is useful at places s+1..g-1 and useless after the wrap:
-place a sends a+1 blocks when a < g-1 (spec §5). The pruning is per pattern group: a group
-whose rows no later place attends to travels as 0 rows, and a message with no rows at all is
-not sent.
+queries, so with the contiguous layout a block of place s is useful at places s+1..g-1 and
+useless after the wrap: place a sends a+1 blocks when a < g-1 (spec §5). The pruning is per
+pattern group and piece: a group whose rows no later place attends to travels as 0 rows,
+and a message with no rows at all is not sent.
+
+Note [Pieces]
+-------------
+A rank whose layout gives it several chunks (zigzag: two) may hold several *pieces* of one
+segment: the parts of its chunks inside the segment, in the order of its shard. A block is
+then made of pieces, and a message carries ``slots``: piece 0's K rows of every pattern
+group, piece 1's, ..., then the V rows in the same order (``Transfer.rows[i]``: piece
+``i // G``, group ``i % G``). A task attends one piece of the rank's queries to one piece of
+the block (``Task.q_piece``, ``Task.k_piece``), so every task's rows are one range of global
+positions inside one chunk: two different pieces never interleave, so their blocks are FULL
+or SKIP, and a piece against itself is the causal diagonal. With one chunk per rank there is
+one piece, slot g is group g, and the plan is the contiguous plan it always was.
 
 Backward (``returns``): the gradients dK/dV of a block travel with it and, once the block
 stops (per pattern group, at its last useful place), go straight back to its owner: one
@@ -38,6 +52,7 @@ import functools
 from dataclasses import dataclass
 
 from ringsim.config import DilatedConfig, PatternGroup, selected_range
+from ringsim.layout import Layout, check_layout, local_rows, rank_chunks
 from ringsim.tasks import (
     BlockAction,
     SubRing,
@@ -45,7 +60,6 @@ from ringsim.tasks import (
     TaskBatch,
     Transfer,
     block_action,
-    shard_range,
     step_batches,
     subring_ranks,
 )
@@ -79,10 +93,16 @@ class RankPlan:
     groups: tuple[tuple[PatternGroup, ...], ...]
     steps: tuple[RankStep, ...]
     returns: tuple[Transfer, ...] = ()
+    layout: Layout = Layout.CONTIGUOUS
 
-    @property
-    def shard(self) -> range:
-        return shard_range(self.rank, self.seq_len, self.world_size)
+    @functools.cached_property
+    def chunks(self) -> tuple[range, ...]:
+        """The global positions this rank holds, chunk by chunk, in its shard's order."""
+        return rank_chunks(self.layout, self.rank, self.seq_len, self.world_size)
+
+    def local(self, rows: range) -> range:
+        """Global ``rows`` inside one of this rank's chunks as indices into its shard."""
+        return local_rows(self.chunks, rows)
 
     def returns_at(self, step: int) -> tuple[Transfer, ...]:
         """The return transfers of ``step`` (backward)."""
@@ -124,29 +144,46 @@ def pair_groups(config: DilatedConfig, num_heads: int) -> tuple[tuple[PatternGro
 
 
 def rank_subrings(
-    config: DilatedConfig, seq_len: int, world_size: int, rank: int
+    config: DilatedConfig,
+    seq_len: int,
+    world_size: int,
+    rank: int,
+    layout: Layout | str = Layout.CONTIGUOUS,
 ) -> tuple[SubRing, ...]:
     """The sub-rings (every pair, every segment) that ``rank`` belongs to, in plan order."""
-    shard = shard_range(rank, seq_len, world_size)
+    chunks = rank_chunks(layout, rank, seq_len, world_size)
     out, first_index = [], 0
     for pair, w_eff in enumerate(config.effective_segment_lengths(seq_len)):
-        for segment in range(shard.start // w_eff, (shard.stop - 1) // w_eff + 1):
+        segments = sorted(
+            {s for ch in chunks for s in range(ch.start // w_eff, (ch.stop - 1) // w_eff + 1)}
+        )
+        for segment in segments:
             start, stop = segment * w_eff, min((segment + 1) * w_eff, seq_len)
-            ranks = subring_ranks(start, stop, seq_len, world_size)
+            ranks = subring_ranks(start, stop, seq_len, world_size, layout)
             out.append(SubRing(first_index + segment, pair, segment, start, stop, ranks))
         first_index += -(-seq_len // w_eff)  # segments of this pair
     return tuple(out)
 
 
 def _block_rows(
-    subring: SubRing, groups: tuple[PatternGroup, ...], seq_len: int, world_size: int
-) -> list[tuple[range, ...]]:
-    """``rows[place][g]``: group g's selected positions in the shard of each place."""
+    subring: SubRing,
+    groups: tuple[PatternGroup, ...],
+    seq_len: int,
+    world_size: int,
+    layout: Layout,
+) -> list[list[tuple[range, ...]]]:
+    """``rows[place][piece][g]``: group g's selected positions in each piece of each place
+    (Note [Pieces])."""
     rows = []
     for rank in subring.ranks:
-        shard = shard_range(rank, seq_len, world_size)
-        lo, hi = max(shard.start, subring.start), min(shard.stop, subring.stop)
-        rows.append(tuple(selected_range(g.pattern, subring.start, lo, hi) for g in groups))
+        pieces = []
+        for chunk in rank_chunks(layout, rank, seq_len, world_size):
+            lo, hi = max(chunk.start, subring.start), min(chunk.stop, subring.stop)
+            if lo < hi:
+                pieces.append(
+                    tuple(selected_range(g.pattern, subring.start, lo, hi) for g in groups)
+                )
+        rows.append(pieces)
     return rows
 
 
@@ -163,31 +200,44 @@ def _subring_schedule(
     is_causal: bool,
     seq_len: int,
     world_size: int,
+    layout: Layout,
 ) -> dict[int, RankPart]:
     """Every transfer, task and return transfer of one sub-ring, by rank: built once for all
     the sub-ring's ranks (cached), so that P ranks of a sub-ring spanning all of them cost
     O(P^2) together, not O(P^3)."""
     g = subring.size
-    rows = _block_rows(subring, groups, seq_len, world_size)
+    rows = _block_rows(subring, groups, seq_len, world_size, layout)
     transfers, tasks, returns = [], [], []
     for source in range(g):
-        k_rows = rows[source]
-        # actions[h][gi]: what the place h hops further along needs from this block
+        k_pieces = rows[source]
+        slots = [k for piece in k_pieces for k in piece]  # (piece, group), Note [Pieces]
+        # actions[h][qi][ki][gi]: what query piece qi of the place h hops further along
+        # needs from piece ki of this block, per group
         actions = [
-            tuple(block_action(q, k, is_causal) for q, k in zip(rows[(source + h) % g], k_rows))
+            [
+                [tuple(block_action(q, k, is_causal) for q, k in zip(qp, kp)) for kp in k_pieces]
+                for qp in rows[(source + h) % g]
+            ]
             for h in range(g)
         ]
-        # the last hop at which each group is still useful (0: never sent)
+        # the last hop at which each slot is still useful (0: never sent)
         last_hop = [
-            max((h for h in range(1, g) if actions[h][gi] is not BlockAction.SKIP), default=0)
+            max(
+                (
+                    h
+                    for h in range(1, g)
+                    if any(a[ki][gi] is not BlockAction.SKIP for a in actions[h])
+                ),
+                default=0,
+            )
+            for ki in range(len(k_pieces))
             for gi in range(len(groups))
         ]
         for h in range(g):
             dest = (source + h) % g
             if h > 0 and h <= max(last_hop, default=0):
                 sent = tuple(
-                    k if last_hop[gi] >= h else range(k.start, k.start)
-                    for gi, k in enumerate(k_rows)
+                    k if last_hop[i] >= h else range(k.start, k.start) for i, k in enumerate(slots)
                 )
                 transfers.append(
                     Transfer(
@@ -199,19 +249,23 @@ def _subring_schedule(
                         sent,
                     )
                 )
-            tasks.append(
-                Task(
-                    h,
-                    subring.rank_at(dest),
-                    subring,
-                    subring.rank_at(source),
-                    rows[dest],
-                    k_rows,
-                    actions[h],
-                )
-            )
-        for h in range(g):  # backward: each group's dK/dV goes home from its last place
-            back = tuple(k if last_hop[gi] == h else k[:0] for gi, k in enumerate(k_rows))
+            for qi, q_rows in enumerate(rows[dest]):
+                for ki, k_rows in enumerate(k_pieces):
+                    tasks.append(
+                        Task(
+                            h,
+                            subring.rank_at(dest),
+                            subring,
+                            subring.rank_at(source),
+                            q_rows,
+                            k_rows,
+                            actions[h][qi][ki],
+                            qi,
+                            ki,
+                        )
+                    )
+        for h in range(g):  # backward: each slot's dK/dV goes home from its last place
+            back = tuple(k if last_hop[i] == h else k[:0] for i, k in enumerate(slots))
             if any(back):
                 owner, holder = subring.rank_at(source), subring.rank_at(source + h)
                 returns.append(Transfer(h, subring, owner, holder, owner, back))
@@ -233,18 +287,25 @@ def _subring_schedule(
 
 @functools.lru_cache(maxsize=64)
 def rank_plan(
-    config: DilatedConfig, num_heads: int, seq_len: int, world_size: int, rank: int
+    config: DilatedConfig,
+    num_heads: int,
+    seq_len: int,
+    world_size: int,
+    rank: int,
+    layout: Layout | str = Layout.CONTIGUOUS,
 ) -> RankPlan:
     """The schedule of one rank: its transfers and tasks, step by step (cached: the torch
-    ring asks for it at every call)."""
+    ring asks for it at every call). ``layout``: which positions each rank holds
+    (:mod:`ringsim.layout`; ``seq_len`` must cut into its chunks)."""
+    layout = check_layout(layout, seq_len, world_size)
     groups = pair_groups(config, num_heads)
     sends: dict[int, list[Transfer]] = {}
     recvs: dict[int, list[Transfer]] = {}
     tasks: dict[int, list[Task]] = {}
     returns: list[Transfer] = []
-    for subring in rank_subrings(config, seq_len, world_size, rank):
+    for subring in rank_subrings(config, seq_len, world_size, rank, layout):
         schedule = _subring_schedule(
-            subring, groups[subring.pair], config.is_causal, seq_len, world_size
+            subring, groups[subring.pair], config.is_causal, seq_len, world_size, layout
         )
         my_sends, my_recvs, my_tasks, my_returns = schedule.get(rank, _NOTHING)
         returns.extend(my_returns)
@@ -261,11 +322,11 @@ def rank_plan(
             tuple(sends.get(t, ())),
             tuple(recvs.get(t, ())),
             tuple(tasks.get(t, ())),
-            step_batches(rank, tuple(tasks.get(t, ()))),
+            step_batches(tuple(tasks.get(t, ()))),
         )
         for t in range(num_steps)
     )
-    return RankPlan(rank, world_size, seq_len, groups, steps, tuple(returns))
+    return RankPlan(rank, world_size, seq_len, groups, steps, tuple(returns), layout)
 
 
 def clear_plan_caches() -> None:
@@ -276,9 +337,14 @@ def clear_plan_caches() -> None:
 
 
 def ring_plan(
-    config: DilatedConfig, num_heads: int, seq_len: int, world_size: int
+    config: DilatedConfig,
+    num_heads: int,
+    seq_len: int,
+    world_size: int,
+    layout: Layout | str = Layout.CONTIGUOUS,
 ) -> tuple[RankPlan, ...]:
     """Every rank's plan (for tests, the trace and figures; a rank only needs its own)."""
     return tuple(
-        rank_plan(config, num_heads, seq_len, world_size, rank) for rank in range(world_size)
+        rank_plan(config, num_heads, seq_len, world_size, rank, layout)
+        for rank in range(world_size)
     )

@@ -24,7 +24,7 @@ from ringsim.comm.base import Communicator, Payload, Recv, Request, Send, payloa
 from ringsim.comm.checksum import CorruptMessage
 from ringsim.gradrelay import GradRelay
 from ringsim.plan import BlockAction, RankPlan, RankStep, Task, Transfer
-from ringsim.tasks import which_transfer
+from ringsim.tasks import own_slots, score_pairs, which_transfer
 from ringsim.trace import Event, RankTrace, TraceAction
 
 
@@ -56,11 +56,13 @@ class RingParts(Protocol):
 
 class TaskParts:
     """``own_blocks`` and ``attend`` of :class:`RingParts` one task at a time, for a backend
-    that defines ``own_block(task)`` and ``attend_task(block, task)`` (and has ``plan``)."""
+    that defines ``own_block(pair, slots)`` and ``attend_task(block, task)`` (and has
+    ``plan``)."""
 
     plan: RankPlan
 
-    def own_block(self, task: Task) -> Payload:
+    def own_block(self, pair: int, slots: tuple[range, ...]) -> Payload:
+        """The block of the rank's own rows ``slots`` (:func:`ringsim.tasks.own_slots`)."""
         raise NotImplementedError
 
     def attend_task(self, block: Payload, task: Task) -> Payload | None:
@@ -68,18 +70,21 @@ class TaskParts:
 
     def own_blocks(self, step: RankStep) -> dict[int, Payload]:
         return {
-            t.subring.index: self.own_block(t)
-            for t in step.tasks
-            if t.source_rank == self.plan.rank
+            index: self.own_block(pair, slots)
+            for index, (pair, slots) in own_slots(step.tasks, self.plan.rank).items()
         }
 
     def attend(self, step: RankStep, held: dict[int, Payload]) -> dict[int, Payload | None]:
         shares: dict[int, Payload | None] = {}
         for task in step.tasks:
-            if not task.skipped:
-                shares[task.subring.index] = self.attend_task(held[task.subring.index], task)
-            elif task.subring.index in held:  # a skipped block may still move on
-                shares[task.subring.index] = None
+            index = task.subring.index
+            if task.skipped:
+                if index in held:  # a skipped block may still move on
+                    shares.setdefault(index, None)
+                continue
+            share, before = self.attend_task(held[index], task), shares.get(index)
+            # several pieces of one block (Note [Pieces]): their shares add up
+            shares[index] = share if before is None else tuple(a + b for a, b in zip(before, share))
         return shares
 
 
@@ -127,7 +132,8 @@ def _arrived(pending: Request, step: RankStep, what: str) -> list[Payload]:
         raise error.located(f"step {step.step}: {block}") from error
 
 
-def _record_task(task: Task, rank: int, trace: RankTrace) -> None:
+def _record_task(task: Task, plan: RankPlan, trace: RankTrace) -> None:
+    rank, groups = plan.rank, plan.groups[task.subring.pair]
     base = dict(
         step=task.step,
         rank=rank,
@@ -140,7 +146,11 @@ def _record_task(task: Task, rank: int, trace: RankTrace) -> None:
         trace.add(Event(action=TraceAction.SKIP, **base))
         return
     attended = tuple(q for q, a in zip(task.q_rows, task.actions) if a is not BlockAction.SKIP)
-    trace.add(Event(action=TraceAction.COMPUTE, rows=attended, **base))
+    pairs = sum(
+        len(group.heads) * score_pairs(q, k, a)
+        for group, q, k, a in zip(groups, task.q_rows, task.k_rows, task.actions)
+    )
+    trace.add(Event(action=TraceAction.COMPUTE, rows=attended, pairs=pairs, **base))
     trace.add(Event(action=TraceAction.MERGE, **base))
 
 
@@ -192,7 +202,7 @@ def run_ring(
         shares = parts.attend(step, held)  # 2c. attend and merge, the whole step
         if trace is not None:
             for task in step.tasks:
-                _record_task(task, plan.rank, trace)
+                _record_task(task, plan, trace)
         if relay is not None:  # 2d. backward: dK/dV on and home
             relay.after_step(index, held, shares)
         held.clear()  # sent blocks were copied when posted; nothing else needs them

@@ -9,9 +9,13 @@ each rank's schedule.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+
+import numpy as np
+
+from ringsim.layout import Layout, rank_chunks
 
 
 class BlockAction(Enum):
@@ -34,16 +38,30 @@ def block_action(q_rows: range, k_rows: range, is_causal: bool) -> BlockAction:
     return BlockAction.CAUSAL if q_rows == k_rows else BlockAction.MASKED
 
 
-def shard_range(rank: int, seq_len: int, world_size: int) -> range:
-    """The global positions rank holds: ``[rank*c, (rank+1)*c)`` (layout "contiguous")."""
-    c = seq_len // world_size
-    return range(rank * c, (rank + 1) * c)
+def score_pairs(q_rows: range, k_rows: range, action: BlockAction) -> int:
+    """How many (query, key) scores one head computes for ``action`` on these rows: all of
+    them (FULL), none (SKIP), or those whose key is at or before the query."""
+    if action is BlockAction.SKIP:
+        return 0
+    if action is BlockAction.FULL:
+        return len(q_rows) * len(k_rows)
+    keys = np.arange(k_rows.start, k_rows.stop, k_rows.step)
+    queries = np.arange(q_rows.start, q_rows.stop, q_rows.step)
+    return int(np.searchsorted(keys, queries, side="right").sum())
 
 
-def subring_ranks(start: int, stop: int, seq_len: int, world_size: int) -> tuple[int, ...]:
-    """The consecutive ranks whose shards meet the segment ``[start, stop)``."""
-    c = seq_len // world_size
-    return tuple(range(start // c, (stop - 1) // c + 1))
+def subring_ranks(
+    start: int, stop: int, seq_len: int, world_size: int, layout: Layout | str = "contiguous"
+) -> tuple[int, ...]:
+    """The ranks whose chunks meet the segment ``[start, stop)``, in the order of the first
+    position each holds in it (the contiguous layout: consecutive ranks, ascending)."""
+    first: dict[int, int] = {}
+    for rank in range(world_size):
+        for chunk in rank_chunks(layout, rank, seq_len, world_size):
+            lo = max(chunk.start, start)
+            if lo < min(chunk.stop, stop):
+                first[rank] = min(first.get(rank, lo), lo)
+    return tuple(sorted(first, key=first.__getitem__))
 
 
 @dataclass(frozen=True)
@@ -82,8 +100,9 @@ class SubRing:
 class Transfer:
     """One message: ``send_rank`` passes ``source_rank``'s block to ``recv_rank`` at ``step``.
 
-    ``rows[g]`` are the global positions of pattern group g's K/V rows in the message
-    (an empty range where the group is pruned).
+    ``rows[i]`` are the global positions of the K/V rows of slot i of the message: piece
+    ``i // G`` of the block, pattern group ``i % G`` (G groups; an empty range where the
+    group is pruned; Note [Pieces] in :mod:`ringsim.plan`).
     """
 
     step: int
@@ -111,7 +130,10 @@ def which_transfer(transfers: Sequence[Transfer], source: int, tag: int, what: s
 class Task:
     """At ``step``, ``rank`` attends its queries to ``source_rank``'s block of ``subring``.
 
-    Per pattern group g: the query rows ``q_rows[g]``, key rows ``k_rows[g]`` and the action.
+    Per pattern group g: the query rows ``q_rows[g]``, key rows ``k_rows[g]`` and the action;
+    the query rows lie in piece ``q_piece`` of the rank's block, the key rows in piece
+    ``k_piece`` of the source's (Note [Pieces] in :mod:`ringsim.plan`; always 0 with the
+    contiguous layout).
     """
 
     step: int
@@ -121,18 +143,49 @@ class Task:
     q_rows: tuple[range, ...]
     k_rows: tuple[range, ...]
     actions: tuple[BlockAction, ...]
+    q_piece: int = 0
+    k_piece: int = 0
 
     @property
     def skipped(self) -> bool:
         return all(a is BlockAction.SKIP for a in self.actions)
+
+    @property
+    def diagonal(self) -> bool:
+        """The rank's own rows against themselves (its own block, the same piece)."""
+        return self.source_rank == self.rank and self.q_piece == self.k_piece
+
+    def key_slots(self, g: int, block_len: int) -> tuple[int, int]:
+        """Where group g's K and V rows are in a block payload of ``block_len`` arrays
+        (Note [Pieces] in :mod:`ringsim.plan`)."""
+        half = block_len // 2
+        slot = self.k_piece * len(self.k_rows) + g
+        return slot, half + slot
+
+
+def own_slots(tasks: Iterable[Task], rank: int) -> dict[int, tuple[int, tuple[range, ...]]]:
+    """Sub-ring index -> ``(pair, slots)`` of the blocks ``rank`` cuts from its own shard
+    among ``tasks``: the K/V rows of every piece and group, piece by piece (Note [Pieces] in
+    :mod:`ringsim.plan`), as a message carries them."""
+    pieces: dict[int, dict[int, Task]] = {}
+    for task in tasks:
+        if task.source_rank == rank:
+            pieces.setdefault(task.subring.index, {}).setdefault(task.k_piece, task)
+    return {
+        index: (
+            next(iter(by_piece.values())).subring.pair,
+            tuple(rows for piece in sorted(by_piece) for rows in by_piece[piece].k_rows),
+        )
+        for index, by_piece in pieces.items()
+    }
 
 
 @dataclass(frozen=True, eq=False)
 class TaskBatch:
     """Tasks of one pair at one step that a backend runs together: the same action and
     the same numbers of query and key rows in every pattern group, and all of them on
-    the rank's own block or all on blocks received. Segments become the batch dimension
-    of one kernel call per pattern group (:func:`step_batches`).
+    the rank's own rows against themselves (:attr:`Task.diagonal`) or none. Segments become
+    the batch dimension of one kernel call per pattern group (:func:`step_batches`).
 
     Compared by identity (plans are cached, so a backend may key what it derives from a
     batch by the batch itself).
@@ -140,7 +193,7 @@ class TaskBatch:
 
     pair: int
     actions: tuple[BlockAction, ...]
-    own: bool  # every task attends the rank's own block (step 0)
+    own: bool  # every task is diagonal: the rank's own rows against themselves (step 0)
     tasks: tuple[Task, ...]
 
     @property
@@ -149,10 +202,10 @@ class TaskBatch:
         return tuple(len(r) for r in self.tasks[0].q_rows)
 
 
-def step_batches(rank: int, tasks: tuple[Task, ...]) -> tuple[TaskBatch, ...]:
+def step_batches(tasks: tuple[Task, ...]) -> tuple[TaskBatch, ...]:
     """The tasks of one step grouped into batches (skipped tasks are in none), in the order
     of their first task: tasks of one pair with equal actions, equal row counts per pattern
-    group, and all or none on the rank's own block."""
+    group, and all or none diagonal."""
     batches: dict[tuple, list[Task]] = {}
     for task in tasks:
         if task.skipped:
@@ -160,7 +213,7 @@ def step_batches(rank: int, tasks: tuple[Task, ...]) -> tuple[TaskBatch, ...]:
         key = (
             task.subring.pair,
             task.actions,
-            task.source_rank == rank,
+            task.diagonal,
             tuple(len(r) for r in task.q_rows),
             tuple(len(r) for r in task.k_rows),
         )

@@ -30,7 +30,8 @@ class Event:
     moved; ``pair`` and ``subring`` name the pattern pair and segment sub-ring; ``source_rank``
     is whose K/V block the event concerns; ``rows`` are global positions per pattern group:
     the K/V rows moved (sends, receives) or the query rows attended (computes); ``detail`` is
-    the block actions, per pattern group (the gradient relay's messages: what travels).
+    the block actions, per pattern group (the gradient relay's messages: what travels);
+    ``pairs`` is the number of (query, key) scores a compute made, over all its heads.
     """
 
     step: int
@@ -43,6 +44,7 @@ class Event:
     source_rank: int | None = None
     rows: tuple[range, ...] = ()
     detail: str = ""
+    pairs: int = 0
 
 
 @dataclass
@@ -133,6 +135,11 @@ class Trace:
 
     def received_bytes(self, rank: int) -> int:
         return sum(e.nbytes for e in self.select(TraceAction.RECV, rank))
+
+    def work(self, rank: int) -> int:
+        """The (query, key) scores ``rank`` computed, summed over heads: a ring step lasts as
+        long as its busiest rank, so this is how balance is measured (spec §5)."""
+        return sum(e.pairs for e in self.select(TraceAction.COMPUTE, rank))
 
     @property
     def num_steps(self) -> int:

@@ -34,6 +34,7 @@ BASE = (
     "ringsim.extras",
     "ringsim.gradrelay",
     "ringsim.launch",
+    "ringsim.layout",
     "ringsim.plan",
     "ringsim.ringloop",
     "ringsim.tasks",

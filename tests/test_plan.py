@@ -13,9 +13,9 @@ from ringsim.plan import (
     block_action,
     rank_subrings,
     ring_plan,
-    shard_range,
     subring_ranks,
 )
+from ringsim.layout import rank_chunks
 from ringsim.trace import closed_form_bytes as closed_form
 
 F, C, M, S = BlockAction.FULL, BlockAction.CAUSAL, BlockAction.MASKED, BlockAction.SKIP
@@ -55,8 +55,18 @@ def test_subring_ranks_table(start, stop, n, p, ranks):
     assert subring_ranks(start, stop, n, p) == ranks
 
 
-def test_shard_range_table():
-    assert [shard_range(r, 12, 3) for r in range(3)] == [range(0, 4), range(4, 8), range(8, 12)]
+def test_rank_chunks_table():
+    assert [rank_chunks("contiguous", r, 12, 3) for r in range(3)] == [
+        (range(0, 4),),
+        (range(4, 8),),
+        (range(8, 12),),
+    ]
+    # zigzag: 2P = 6 chunks of 2; rank j holds chunk j, then chunk 5 - j
+    assert [rank_chunks("zigzag", r, 12, 3) for r in range(3)] == [
+        (range(0, 2), range(10, 12)),
+        (range(2, 4), range(8, 10)),
+        (range(4, 6), range(6, 8)),
+    ]
 
 
 def test_rank_subrings_follow_global_segments():

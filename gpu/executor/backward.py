@@ -240,16 +240,15 @@ class BackwardExecutor(HomeAdds, Executor):
     def _own_rows(self, batch: TaskBatch) -> None:
         from ringsim.batches import task_row_batches
 
-        start = self.plan.shard.start
-        for rb in task_row_batches(batch, self.groups(batch.pair)):
-            rows, heads = batch_index(rb, start, self.q.device)
+        for rb in task_row_batches(batch, self.groups(batch.pair), self.plan.chunks):
+            rows, heads = batch_index(rb, self.q.device)
             blocks = functools.partial(batch_blocks, batch=rb, rows=rows, heads=heads)
             grads = self._grads(batch, blocks, blocks(self.k), blocks(self.v))
             for total, part in zip((self.dq, self.dk, self.dv), grads):
                 total[:, rows, heads] += unblock(part, self.b)
 
     def _received(self, batch: TaskBatch, held, shares) -> None:
-        groups, start = self.groups(batch.pair), self.plan.shard.start
+        groups = self.groups(batch.pair)
         for task in batch.tasks:
             block = held[task.subring.index]
             share = list(self.zeros(block))
@@ -257,12 +256,16 @@ class BackwardExecutor(HomeAdds, Executor):
                 if batch.actions[g] is BlockAction.SKIP:
                     continue
                 rows = task.q_rows[g]
-                blocks = functools.partial(select, rows=rows, heads=group.heads, start=start)
-                dq, share[g], share[len(groups) + g] = self._grads(
-                    batch, blocks, block[g], block[len(groups) + g]
+                local = self.plan.local(rows)
+                blocks = functools.partial(select, rows=local, heads=group.heads)
+                keys, values = task.key_slots(g, len(block))
+                dq, share[keys], share[values] = self._grads(
+                    batch, blocks, block[keys], block[values]
                 )
                 self.add_rows(self.dq, rows, group.heads, dq)
-            shares[task.subring.index] = tuple(x.to(self.grad_dtype) for x in share)
+            mine = tuple(x.to(self.grad_dtype) for x in share)
+            before = shares.get(task.subring.index)  # several pieces of one block add up
+            shares[task.subring.index] = mine if before is None else self.add(before, mine)
 
     # --- the relay's parts (GradParts) -------------------------------------------------------
 
@@ -277,7 +280,7 @@ class BackwardExecutor(HomeAdds, Executor):
     def add_rows(self, total: torch.Tensor, rows: range, heads: tuple[int, ...], share) -> None:
         """``total (b, c, h, d)`` at ``rows`` and ``heads`` += ``share (b, H, m, d)``."""
         index = (
-            range_index(rows, self.plan.shard.start, total.device)[:, None],
+            range_index(self.plan.local(rows), total.device)[:, None],
             heads_index(heads, total.device)[None, :],
         )
         total[(slice(None), *index)] += share.transpose(1, 2).to(total.dtype)

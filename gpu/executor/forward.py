@@ -53,7 +53,7 @@ import torch
 from ringsim.batches import RowBatch, task_row_batches
 from ringsim.comm.base import Payload, Recv
 from ringsim.config import DilatedConfig, PatternGroup
-from ringsim.plan import BlockAction, RankPlan, Task, TaskBatch, Transfer
+from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
 
 from ..kernels import Kernel, accumulator_dtype, attend
 from .layout import (
@@ -87,7 +87,8 @@ class Executor:
     def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel) -> None:
         self.q, self.k, self.v, self.plan, self.kernel = q, k, v, plan, kernel
         self.b, self.c, self.h, self.d = q.shape
-        self.aligned = config.is_aligned(plan.seq_len, plan.world_size)
+        # the strided views need one chunk per rank (Note [Pieces] in ringsim.plan)
+        self.aligned = len(plan.chunks) == 1 and config.is_aligned(plan.seq_len, plan.world_size)
         self.scale = config.scale(self.d)
         self.widths = config.effective_segment_lengths(self.c)  # local widths W
         self.rates = config.dilation_rates
@@ -97,15 +98,17 @@ class Executor:
 
     # --- the ring's messages (RingParts.own_blocks, message, expected) ----------------------
 
-    def own_block(self, task: Task) -> Payload:
-        """The rank's own K/V block of ``task``'s sub-ring, to send: the gathered layout
-        ``(b, m, H, d)`` of K and of V (aligned), or each group's rows ``(b, H, m, d)``."""
-        groups = self.groups(task.subring.pair)
+    def own_block(self, pair: int, slots: tuple[range, ...]) -> Payload:
+        """The rank's own K/V block of a sub-ring of ``pair``, its rows ``slots``
+        (:func:`ringsim.tasks.own_slots`): the gathered layout ``(b, m, H, d)`` of K and of
+        V (aligned), or each slot's rows ``(b, H, m, d)``."""
+        groups = self.groups(pair)
         if self.aligned:
             return (gather_pair(self.k, groups), gather_pair(self.v, groups))
-        start = self.plan.shard.start
-        keys = tuple(select(self.k, r, g.heads, start) for r, g in zip(task.k_rows, groups))
-        values = tuple(select(self.v, r, g.heads, start) for r, g in zip(task.k_rows, groups))
+        heads = [groups[i % len(groups)].heads for i in range(len(slots))]
+        local = [self.plan.local(rows) for rows in slots]
+        keys = tuple(select(self.k, r, h) for r, h in zip(local, heads))
+        values = tuple(select(self.v, r, h) for r, h in zip(local, heads))
         return keys + values
 
     def message(self, block: Payload, transfer: Transfer) -> Payload:
@@ -124,8 +127,8 @@ class Executor:
             rows = len(transfer.rows[0])
             shapes = ((self.b, rows, sum(len(g.heads) for g in groups), self.d),) * 2
         else:
-            rows = zip(transfer.rows, groups)
-            shapes = tuple((self.b, len(g.heads), len(r), self.d) for r, g in rows) * 2
+            heads = (len(groups[i % len(groups)].heads) for i in range(len(transfer.rows)))
+            shapes = tuple((self.b, h, len(r), self.d) for r, h in zip(transfer.rows, heads)) * 2
         return Recv(transfer.send_rank, transfer.subring.tag, shapes, self.q.dtype)
 
     # --- the blocks of one batch ------------------------------------------------------------
@@ -280,40 +283,40 @@ class ForwardExecutor(Executor):
     def _own_rows(self, batch: TaskBatch) -> None:
         """A ragged batch on the rank's own rows: one gather and one call per row batch."""
         causal = self.causal(batch)
-        start = self.plan.shard.start
-        for rows in task_row_batches(batch, self.groups(batch.pair)):
-            attend_rows(self.q, self.k, self.v, self.out, self.lse, rows, start, causal=causal,
+        for rows in task_row_batches(batch, self.groups(batch.pair), self.plan.chunks):
+            attend_rows(self.q, self.k, self.v, self.out, self.lse, rows, causal=causal,
                         scale=self.scale, kernel=self.kernel)  # fmt: skip
 
     def _received(self, batch: TaskBatch, held: dict[int, Payload]) -> None:
-        """A ragged batch on received blocks: one call per task and pattern group."""
-        groups, start = self.groups(batch.pair), self.plan.shard.start
+        """A ragged batch on blocks received (or on another piece of the rank's own block):
+        one call per task and pattern group."""
+        groups = self.groups(batch.pair)
         causal = self.causal(batch)
         for task in batch.tasks:
             block = held[task.subring.index]
             for g, group in enumerate(groups):
                 if batch.actions[g] is BlockAction.SKIP:
                     continue
+                local = self.plan.local(task.q_rows[g])
+                keys, values = task.key_slots(g, len(block))
                 out, lse = attend(
-                    select(self.q, task.q_rows[g], group.heads, start),
-                    block[g],
-                    block[len(groups) + g],
+                    select(self.q, local, group.heads),
+                    block[keys],
+                    block[values],
                     causal=causal,
                     scale=self.scale,
                     kernel=self.kernel,
                 )
-                rows = range_index(task.q_rows[g], start, self.q.device)[:, None]  # (m, 1)
+                rows = range_index(local, self.q.device)[:, None]  # (m, 1)
                 heads = heads_index(group.heads, self.q.device)[None, :]  # (1, H)
                 block_out, block_lse = out.transpose(1, 2), lse.transpose(1, 2)
                 merge_into(self.out, self.lse, rows, heads, block_out, block_lse)
 
 
-def attend_rows(
-    q, k, v, out, lse, batch: RowBatch, offset: int, *, causal: bool, scale: float, kernel
-) -> None:
-    """Attend one row batch and merge it into ``out (b, n, h, d)``, ``lse (b, n, h)``;
-    ``offset`` is the global position of row 0 of q/k/v/out (a rank's shard start)."""
-    rows, heads = batch_index(batch, offset, q.device)
+def attend_rows(q, k, v, out, lse, batch: RowBatch, *, causal: bool, scale: float, kernel) -> None:
+    """Attend one row batch (rows: indices into q, k, v) and merge it into ``out (b, n, h,
+    d)``, ``lse (b, n, h)``."""
+    rows, heads = batch_index(batch, q.device)
     block_out, block_lse = attend(
         *(batch_blocks(x, batch, rows, heads) for x in (q, k, v)),
         causal=causal,

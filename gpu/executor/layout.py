@@ -134,29 +134,29 @@ def gathered_blocks(x: torch.Tensor, heads: slice | None = None) -> torch.Tensor
 _INDEX = DeviceCache(64)
 
 
-def batch_index(batch: RowBatch, offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index tensors of a row batch: rows ``(S*m, H)`` (minus ``offset``, the global position
-    of row 0), heads ``(1, H)``; ``x[:, rows, heads]`` is ``(b, S*m, H, ...)``. Cached on
-    the device by the batch (row batches of a cached plan are the same objects)."""
+def batch_index(batch: RowBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors of a row batch: rows ``(S*m, H)``, heads ``(1, H)``; ``x[:, rows,
+    heads]`` is ``(b, S*m, H, ...)``. Cached on the device by the batch (row batches of a
+    cached plan are the same objects)."""
     nh, segments, m = batch.shape
 
     def rows_of() -> torch.Tensor:
-        rows = batch.rows.transpose(1, 2, 0).reshape(segments * m, nh) - offset
+        rows = batch.rows.transpose(1, 2, 0).reshape(segments * m, nh)
         return torch.from_numpy(np.ascontiguousarray(rows))
 
-    rows = _INDEX.get(("rows", batch, offset), device, rows_of)  # by identity (eq=False)
+    rows = _INDEX.get(("rows", batch), device, rows_of)  # by identity (eq=False)
     heads = _INDEX.get(
         ("heads", batch.heads), device, lambda: torch.tensor(batch.heads, dtype=torch.int64)
     )
     return rows, heads[None, :]
 
 
-def range_index(rows: range, offset: int, device) -> torch.Tensor:
-    """``rows - offset`` as an int64 index tensor on ``device`` (cached)."""
+def range_index(rows: range, device) -> torch.Tensor:
+    """``rows`` as an int64 index tensor on ``device`` (cached)."""
     return _INDEX.get(
-        ("range", rows.start, rows.stop, rows.step, offset),
+        ("range", rows.start, rows.stop, rows.step),
         device,
-        lambda: torch.arange(rows.start - offset, rows.stop - offset, rows.step),
+        lambda: torch.arange(rows.start, rows.stop, rows.step),
     )
 
 
@@ -179,8 +179,8 @@ def unblock(x: torch.Tensor, b: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, bs // b * m, nh, *rest)
 
 
-def select(x: torch.Tensor, rows: range, heads: tuple[int, ...], start: int) -> torch.Tensor:
-    """``x (b, c, h, *rest)`` -> the rows (global positions; ``start`` is the shard's) and
-    heads as ``(b, H, m, *rest)``, contiguous."""
-    picked = x[:, range_index(rows, start, x.device)][:, :, heads_index(heads, x.device)]
+def select(x: torch.Tensor, rows: range, heads: tuple[int, ...]) -> torch.Tensor:
+    """``x (b, c, h, *rest)`` -> the rows (indices into x) and heads as ``(b, H, m, *rest)``,
+    contiguous."""
+    picked = x[:, range_index(rows, x.device)][:, :, heads_index(heads, x.device)]
     return picked.transpose(1, 2).contiguous()

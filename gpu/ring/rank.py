@@ -22,6 +22,7 @@ from ringsim.config import DilatedConfig
 from ringsim.gradrelay import GradRelay
 from ringsim.plan import RankStep, Transfer, rank_plan
 from ringsim.ringloop import run_ring
+from ringsim.tasks import own_slots
 from ringsim.trace import RankTrace
 
 from ..executor import BackwardExecutor, ForwardExecutor
@@ -32,23 +33,27 @@ from ..kernels import Kernel
 @dataclass
 class StepParts:
     """The ring loop's parts (:class:`ringsim.ringloop.RingParts`) over a step executor: the
-    executor attends a whole step; the rank cuts only the own blocks it sends (it attends
-    its own rows in place)."""
+    executor attends a whole step; the rank cuts only the own blocks it sends, or whose
+    pieces its other pieces attend (Note [Pieces] in :mod:`ringsim.plan`): it attends each
+    piece against itself in place."""
 
     executor: Executor
 
     def own_blocks(self, step: RankStep) -> dict[int, Payload]:
         plan = self.executor.plan
-        if step.step + 1 >= len(plan.steps):
-            return {}
-        sends = plan.steps[step.step + 1].sends
-        sent = {t.subring.index for t in sends if t.source_rank == plan.rank}
-        if not sent:
+        sends = plan.steps[step.step + 1].sends if step.step + 1 < len(plan.steps) else ()
+        needed = {t.subring.index for t in sends if t.source_rank == plan.rank}
+        needed |= {
+            t.subring.index
+            for t in step.tasks
+            if t.source_rank == plan.rank and not t.diagonal and not t.skipped
+        }
+        if not needed:
             return {}
         return {
-            t.subring.index: self.executor.own_block(t)
-            for t in step.tasks
-            if t.subring.index in sent and t.source_rank == plan.rank
+            index: self.executor.own_block(pair, slots)
+            for index, (pair, slots) in own_slots(step.tasks, plan.rank).items()
+            if index in needed
         }
 
     def message(self, block: Payload, transfer: Transfer) -> Payload:

@@ -129,12 +129,21 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help=f"ranks of the simulated ring; must divide --seq-len (default: {DEMO_WORLD_SIZE})",
     )
+    group.add_argument(
+        "--layout",
+        choices=("contiguous", "zigzag"),
+        default="contiguous",
+        help="which positions each rank holds: contiguous shards, or zigzag (rank j holds "
+        "chunks j and 2P-1-j of 2P; balances causal work; 2P must divide --seq-len) "
+        "(default: %(default)s)",
+    )
 
 
 def config_case(args: argparse.Namespace) -> Case:
     """Validate the configuration options (spec §7) and return them as a ``Case``."""
     from ringsim.cases import Case
     from ringsim.config import check_world_size, make_config
+    from ringsim.layout import check_layout
 
     for name in ("batch", "seq_len", "num_heads", "head_dim"):
         if getattr(args, name) < 1:
@@ -154,6 +163,7 @@ def config_case(args: argparse.Namespace) -> Case:
     )
     config.head_groups(args.num_heads)  # grouped mode: at least one head per pair
     check_world_size(args.seq_len, world_size)
+    check_layout(args.layout, args.seq_len, world_size)
     return Case(
         args.batch,
         args.seq_len,
@@ -165,6 +175,7 @@ def config_case(args: argparse.Namespace) -> Case:
         config.mode.value,
         world_size,
         config.softmax_scale,
+        layout=args.layout,
     )
 
 

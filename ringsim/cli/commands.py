@@ -15,7 +15,8 @@ import numpy as np
 
 from ringsim.cases import Case
 from ringsim.config import make_config
-from ringsim.plan import SubRing, rank_subrings, shard_range
+from ringsim.layout import rank_chunks
+from ringsim.plan import SubRing, rank_subrings
 from ringsim.trace import Event, Trace, TraceAction
 
 from .progress import Progress
@@ -36,7 +37,18 @@ def positions_text(rows: range) -> str:
 
 
 def ranks_text(ranks: Sequence[int]) -> str:
-    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    """``2``, ``0-3`` (consecutive, ascending), or ``3,2,0`` (the sub-ring's order)."""
+    if len(ranks) == 1:
+        return str(ranks[0])
+    if list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+def shard_text(case: Case, rank: int) -> str:
+    """The positions ``rank`` holds in ``case``'s layout: ``0-5`` or ``0-2+21-23``."""
+    chunks = rank_chunks(case.layout, rank, case.seq_len, case.world_size)
+    return "+".join(positions_text(c) for c in chunks)
 
 
 def all_subrings(case: Case) -> dict[int, SubRing]:
@@ -45,7 +57,7 @@ def all_subrings(case: Case) -> dict[int, SubRing]:
     return {
         s.index: s
         for rank in range(case.world_size)
-        for s in rank_subrings(config, case.seq_len, case.world_size, rank)
+        for s in rank_subrings(config, case.seq_len, case.world_size, rank, case.layout)
     }
 
 
@@ -63,10 +75,7 @@ def _heading(text: str) -> None:
 
 def print_configuration(case: Case, args: argparse.Namespace) -> None:
     c = case.seq_len // case.world_size
-    shards = ", ".join(
-        f"rank {r} {positions_text(shard_range(r, case.seq_len, case.world_size))}"
-        for r in range(case.world_size)
-    )
+    shards = ", ".join(f"rank {r} {shard_text(case, r)}" for r in range(case.world_size))
     mode = {"longnet": "every head uses every pair", "grouped": "head group i uses pair i only"}[
         case.mode
     ]
@@ -82,6 +91,7 @@ def print_configuration(case: Case, args: argparse.Namespace) -> None:
         ("mode", f"{case.mode} ({mode})"),
         ("causal", "yes" if case.is_causal else "no"),
         ("world_size", f"{case.world_size} ranks of {c} positions: {shards}"),
+        ("layout", case.layout),
     ]
     print("\n".join(format_table(("", ""), rows, left=(0, 1))[1:]))
 
@@ -119,11 +129,18 @@ def print_subrings(case: Case) -> None:
 
 
 def print_per_rank(trace: Trace, case: Case) -> None:
-    _heading("Traffic and memory per rank (payload bytes; peak = arrays held at once)")
+    _heading(
+        "Work, traffic and memory per rank (work = (query, key) scores over all heads; "
+        "payload bytes; peak = arrays held at once)"
+    )
+    work = [trace.work(r) for r in range(trace.world_size)]
+    mean = sum(work) / len(work) or 1
     rows = [
         (
             r,
-            positions_text(shard_range(r, case.seq_len, case.world_size)),
+            shard_text(case, r),
+            work[r],
+            f"{work[r] / mean:.2f}",
             len(trace.select(TraceAction.SEND, r)),
             trace.sent_bytes(r),
             trace.received_bytes(r),
@@ -131,7 +148,8 @@ def print_per_rank(trace: Trace, case: Case) -> None:
         )
         for r in range(trace.world_size)
     ]
-    headers = ("rank", "shard", "messages sent", "bytes sent", "bytes received", "peak bytes")
+    headers = ("rank", "shard", "work", "/ mean", "messages sent", "bytes sent",
+               "bytes received", "peak bytes")  # fmt: skip
     print("\n".join(format_table(headers, rows, left=(1,))))
 
 
