@@ -7,7 +7,7 @@ r > w, r not dividing w, head counts not divisible by the number of pairs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -67,9 +67,14 @@ class Case:
         )
 
 
-def random_case(rng: np.random.Generator, world_size: int = 1, max_shard: int = 9) -> Case:
-    """A random case whose seq_len is a multiple of ``world_size``."""
+def random_case(
+    rng: np.random.Generator, world_size: int = 1, max_shard: int = 9, layout: str = "contiguous"
+) -> Case:
+    """A random case whose seq_len is a multiple of ``world_size`` (zigzag: of ``2 *
+    world_size``, so shards are even)."""
     c = int(rng.integers(1, max_shard + 1))
+    if layout != "contiguous":
+        c += c % 2
     n = c * world_size
     pairs = int(rng.integers(1, 4))
     mode = "grouped" if rng.random() < 0.35 else "longnet"
@@ -88,15 +93,17 @@ def random_case(rng: np.random.Generator, world_size: int = 1, max_shard: int = 
         is_causal=bool(rng.random() < 0.5),
         mode=mode,
         world_size=world_size,
+        layout=layout,
     )
 
 
-def fixed_cases(world_size: int) -> list[Case]:
-    """Hand-picked cases for a world size: aligned, across shards, ragged, causal, r > 1."""
+def fixed_cases(world_size: int, layout: str = "contiguous") -> list[Case]:
+    """Hand-picked cases for a world size: aligned, across shards, ragged, causal, r > 1
+    (shards of 6 rows: zigzag chunks of 3)."""
     p = world_size
     c = 6
     n = c * p
-    return [
+    cases = [
         Case(2, n, 4, 4, (n,), (1,), True, "longnet", p),  # one segment = the whole ring
         Case(1, n, 5, 3, (2 * c, n), (2, 3), False, "longnet", p),  # across shards, r > 1
         Case(1, n, 5, 3, (2 * c, n), (2, 3), True, "longnet", p),
@@ -104,6 +111,7 @@ def fixed_cases(world_size: int) -> list[Case]:
         Case(2, n, 4, 2, (3, 7), (5, 2), False, "grouped", p),  # r > w: rows with no key
         Case(1, n, 2, 4, (c, c), (1, 1), True, "longnet", p),  # a key chosen twice
     ]
+    return [replace(case, layout=layout) for case in cases]
 
 
 def device_cases(world_size: int) -> list[Case]:
@@ -127,13 +135,15 @@ def device_cases(world_size: int) -> list[Case]:
     ]
 
 
-def check_cases(world_size: int, count: int, seed: int, *, fixed: bool = True) -> list[Case]:
+def check_cases(
+    world_size: int, count: int, seed: int, *, fixed: bool = True, layout: str = "contiguous"
+) -> list[Case]:
     """What every check runs for one world size: the :func:`fixed_cases` (unless
-    ``fixed`` is False), then ``count`` random cases from ``seed``.
+    ``fixed`` is False), then ``count`` random cases from ``seed``, in ``layout``.
 
     Case i's inputs come from seed ``seed + i``: the MPI check, the torch.distributed check
     and ``ringsim verify`` all draw exactly these, so their results compare case by case.
     """
     rng = np.random.default_rng(seed)
-    first = fixed_cases(world_size) if fixed else []
-    return first + [random_case(rng, world_size) for _ in range(count)]
+    first = fixed_cases(world_size, layout) if fixed else []
+    return first + [random_case(rng, world_size, layout=layout) for _ in range(count)]

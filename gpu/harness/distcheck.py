@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import socket
 import sys
+from dataclasses import replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ringsim.cases import check_cases, device_cases
+from ringsim.layout import LAYOUTS, shard, unshard
 from ringsim.tolerance import max_abs_error
 
 from .check_support import bounds, is_low_precision, naive_dilated
@@ -63,6 +65,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the cases: small (default with gloo) or sized for GPU kernels (with NCCL)",
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per collective")
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="contiguous",
+        help="which positions each rank holds (default: %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
@@ -88,7 +96,10 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
     )
     p, dtype = args.world_size, DTYPES[args.dtype]
     suite = args.suite or ("device" if args.backend == "nccl" else "small")
-    cases = device_cases(p) if suite == "device" else check_cases(p, args.cases, args.seed)
+    if suite == "device":
+        cases = [replace(case, layout=args.layout) for case in device_cases(p)]
+    else:
+        cases = check_cases(p, args.cases, args.seed, layout=args.layout)
     failures, worst = [], [0.0, 0.0]
     for i, case in enumerate(cases):
         # every rank draws the same global inputs and keeps its shard, rounded to dtype
@@ -96,20 +107,21 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
             torch.from_numpy(x).to(dtype)
             for x in (*case.inputs(args.seed + i), case.upstream(args.seed + i))
         )
-        c = case.seq_len // p
-        mine = slice(rank * c, (rank + 1) * c)
-        shards = [x[:, mine].to(device).requires_grad_() for x in (q, k, v)]
+        mine = functools.partial(shard, rank=rank, world_size=p, layout=case.layout)
+        shards = [mine(x).to(device).requires_grad_() for x in (q, k, v)]
         out, lse = ring_dilated_attention(
-            *shards, case.segment_lengths, case.dilation_rates, **case.kwargs(), return_lse=True
-        )
-        out.backward(dout[:, mine].to(device))
+            *shards, case.segment_lengths, case.dilation_rates, **case.kwargs(), return_lse=True,
+            layout=case.layout,
+        )  # fmt: skip
+        out.backward(mine(dout).to(device))
         mine_results = [x.detach().double().cpu().numpy() for x in (out, lse)]
         mine_results += [x.grad.double().cpu().numpy() for x in shards]
         gathered = [None] * p if rank == 0 else None
         dist.gather_object(mine_results, gathered, dst=0)
         if rank == 0:
             got = [
-                np.concatenate([g[j] for g in gathered], axis=-1 if j == 1 else 1) for j in range(5)
+                unshard([g[j] for g in gathered], layout=case.layout, axis=-1 if j == 1 else 1)
+                for j in range(5)
             ]
             line, ok, errors = judge(case, got, (q, k, v, dout), dtype, device)
             worst = [max(a, b) for a, b in zip(worst, errors)]
@@ -121,7 +133,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
         print(
             f"{verdict} distcheck backend={args.backend} world_size={p} dtype={args.dtype} "
             f"configurations={len(cases)} failed={len(failures)} max_error={worst[0]:.3e} "
-            f"max_grad_error={worst[1]:.3e}",
+            f"max_grad_error={worst[1]:.3e} layout={args.layout}",
             flush=True,
         )
     dist.barrier()

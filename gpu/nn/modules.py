@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ringsim.config import DilatedConfig, make_config, validate
+from ringsim.layout import Layout, check_layout
 
 from ..executor import check_tensor, dilated_attention, prepare
 from ..kernels import Kernel, as_kernel
@@ -168,8 +169,12 @@ class RingDilatedAttention(nn.Module):
             the kernel of the last successful forward.
         group: None: one device, q/k/v are whole sequences. ``"default"``: the default
             ``torch.distributed`` process group, looked up in forward. A ``ProcessGroup``:
-            that group. With a group, q/k/v are this rank's shards (rank j holds positions
-            ``[j*c, (j+1)*c)``) and out is this rank's shard (spec §5).
+            that group. With a group, q/k/v are this rank's shards (the positions ``layout``
+            gives rank j; :func:`ringsim.shard` cuts them) and out is this rank's shard
+            (spec §5).
+        layout: with a group, ``"contiguous"`` (rank j holds ``[j*c, (j+1)*c)``) or
+            ``"zigzag"`` (chunks j and 2P-1-j of 2P: balanced causal work); without one, a
+            layout other than the default raises ``ValueError`` (one device has no shards).
 
     The configuration is validated here; errors name the argument (spec §7).
     """
@@ -184,6 +189,7 @@ class RingDilatedAttention(nn.Module):
         softmax_scale: float | None = None,
         kernel: Kernel | str | None = None,
         group: ProcessGroup | str | None = None,
+        layout: str = "contiguous",
     ):
         super().__init__()
         self.config: DilatedConfig = make_config(
@@ -192,6 +198,12 @@ class RingDilatedAttention(nn.Module):
         self.dropout = check_dropout(dropout)
         self.kernel = check_kernel(kernel)
         self.group = check_group(group)
+        self.layout = check_layout(layout)
+        if self.group is None and self.layout is not Layout.CONTIGUOUS:
+            raise ValueError(
+                f"layout: {self.layout.value!r} says which positions each rank of a ring holds; "
+                "without a group the module runs on one device: pass a group, or leave layout"
+            )
         self.last_kernel: Kernel | None = None
 
     def extra_repr(self) -> str:
@@ -200,6 +212,7 @@ class RingDilatedAttention(nn.Module):
             f"segment_lengths={c.segment_lengths}, dilation_rates={c.dilation_rates}, "
             f"mode={c.mode.value!r}, dropout={self.dropout}, "
             f"kernel={self.kernel.value if self.kernel else None!r}, group={self.group!r}"
+            + (f", layout={self.layout.value!r}" if self.group is not None else "")
         )
 
     def forward(
@@ -226,7 +239,9 @@ class RingDilatedAttention(nn.Module):
             from ..ring import ring_dilated_attention
 
             group = None if isinstance(self.group, str) else self.group  # None: default
-            out = ring_dilated_attention(*args, **kwargs, group=group, kernel=chosen)
+            out = ring_dilated_attention(
+                *args, **kwargs, group=group, kernel=chosen, layout=self.layout
+            )
         self.last_kernel = chosen
         return out
 
@@ -238,7 +253,7 @@ class RingDilatedAttentionHybrid(RingDilatedAttention):
     ordered them differently.
 
     Args:
-        segment_lengths, dilation_rates, dropout, mode, softmax_scale, group: as
+        segment_lengths, dilation_rates, dropout, mode, softmax_scale, group, layout: as
             :class:`RingDilatedAttention`.
         device, dtype: the device and dtype the inputs must have (the module has no
             parameters); forward raises ``ValueError`` / ``TypeError`` for others. None
@@ -258,11 +273,11 @@ class RingDilatedAttentionHybrid(RingDilatedAttention):
         ring_size: int | None = None, use_flash_attention: bool = True,
         enable_memory_pool: bool = False,  # the seed's arguments (spec §8), then ours
         mode: str = "longnet", softmax_scale: float | None = None,
-        group: ProcessGroup | str | None = None,
+        group: ProcessGroup | str | None = None, layout: str = "contiguous",
     ):  # fmt: skip
         super().__init__(
             segment_lengths, dilation_rates, dropout=dropout, mode=mode,
-            softmax_scale=softmax_scale,
+            softmax_scale=softmax_scale, layout=layout,
             **seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group),
         )  # fmt: skip
         self.input_device = check_device(device)

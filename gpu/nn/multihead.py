@@ -49,9 +49,9 @@ class RingMultiheadDilatedAttention(nn.Module):
 
     Args:
         embed_dim, num_heads: ``embed_dim % num_heads == 0``; head_dim is the quotient.
-        segment_lengths, dilation_rates, dropout, mode, softmax_scale, kernel, group: as
-            :class:`~ringsim.gpu.modules.RingDilatedAttention` (with a group, inputs and
-            output are this rank's shards along the sequence).
+        segment_lengths, dilation_rates, dropout, mode, softmax_scale, kernel, group,
+            layout: as :class:`~ringsim.gpu.modules.RingDilatedAttention` (with a group,
+            inputs and output are this rank's shards along the sequence, in ``layout``).
         bias: biases in the four projections.
         layer_norm: MAGNETO's sub-LayerNorm ``(embed_dim)`` on the attention output, before
             the output projection (``self.sub_layer_norm``; None when False).
@@ -78,6 +78,7 @@ class RingMultiheadDilatedAttention(nn.Module):
         softmax_scale: float | None = None,
         kernel: Kernel | str | None = None,
         group: ProcessGroup | str | None = None,
+        layout: str = "contiguous",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -103,6 +104,7 @@ class RingMultiheadDilatedAttention(nn.Module):
             softmax_scale=softmax_scale,
             kernel=kernel,
             group=group,
+            layout=layout,
         )
         self.attention.config.head_groups(num_heads)  # grouped mode: >= one head per pair
 
@@ -217,7 +219,7 @@ class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
     Args:
         embed_dim, num_heads, segment_lengths, dilation_rates, dropout: as
             :class:`RingMultiheadDilatedAttention`.
-        bias, layer_norm, gamma_init, batch_first, mode, softmax_scale, group: as
+        bias, layer_norm, gamma_init, batch_first, mode, softmax_scale, group, layout: as
             :class:`RingMultiheadDilatedAttention`.
         device, dtype: of the parameters.
         ring_size, use_flash_attention, enable_memory_pool: as
@@ -232,7 +234,7 @@ class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
         dtype: torch.dtype | None = None, batch_first: bool = True, ring_size: int | None = None,
         use_flash_attention: bool = True, enable_memory_pool: bool = False,  # (spec §8)
         mode: str = "longnet", softmax_scale: float | None = None,
-        group: ProcessGroup | str | None = None,
+        group: ProcessGroup | str | None = None, layout: str = "contiguous",
     ):  # fmt: skip
         super().__init__(
             embed_dim,
@@ -246,6 +248,7 @@ class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
             batch_first=batch_first,
             mode=mode,
             softmax_scale=softmax_scale,
+            layout=layout,
             device=device,
             dtype=dtype,
             **seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group),

@@ -14,56 +14,59 @@ from __future__ import annotations
 import torch
 
 from ringsim.comm.traced import run_traced
+from ringsim.layout import shard, unshard
 
 from ..executor.single import keep, refuse_double_backward, restore
 from .rank import ring_backward, ring_forward
 
 
 class RingFunction(torch.autograd.Function):
-    """One rank of the ring: ``apply(q, k, v, config, comm, kernel, trace, backward_trace)``."""
+    """One rank of the ring:
+    ``apply(q, k, v, config, comm, kernel, trace, backward_trace, layout)``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, config, comm, kernel, trace, backward_trace):
+    def forward(ctx, q, k, v, config, comm, kernel, trace, backward_trace, layout):
         """:func:`~ringsim.gpu.ring.rank.ring_forward` on this rank; keeps q, k, v, out and lse."""
         ctx.config, ctx.comm, ctx.kernel, ctx.trace = config, comm, kernel, backward_trace
-        return keep(ctx, q, k, v, *ring_forward(q, k, v, config, comm, kernel, trace))
+        ctx.layout = layout
+        return keep(ctx, q, k, v, *ring_forward(q, k, v, config, comm, kernel, trace, layout))
 
     @staticmethod
     def backward(ctx, dout, dlse):
         """:func:`~ringsim.gpu.ring.rank.ring_backward` on this rank: dq, dk, dv."""
         refuse_double_backward()
         grads = ring_backward(
-            *restore(ctx, dout, dlse), ctx.config, ctx.comm, ctx.kernel, ctx.trace
+            *restore(ctx, dout, dlse), ctx.config, ctx.comm, ctx.kernel, ctx.trace, ctx.layout
         )
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
-def _shards(x: torch.Tensor, world_size: int, dim: int = 1) -> list[torch.Tensor]:
-    """Contiguous copies of ``x``'s chunks along ``dim``, one per rank."""
-    return [s.contiguous() for s in x.chunk(world_size, dim)]
+def _shards(x: torch.Tensor, world_size: int, layout, dim: int = 1) -> list[torch.Tensor]:
+    """Every rank's shard of ``x`` along ``dim`` (:func:`ringsim.layout.shard`)."""
+    return [shard(x, r, world_size, layout=layout, axis=dim) for r in range(world_size)]
 
 
 class SimulatedRingFunction(torch.autograd.Function):
     """Global tensors over ``world_size`` simulated ranks:
-    ``apply(q, k, v, config, world_size, kernel, timeout, traces) -> (out, lse)``;
+    ``apply(q, k, v, config, world_size, kernel, timeout, traces, layout) -> (out, lse)``;
     ``traces`` (a list, or None) receives the forward's, then the backward's
     :class:`ringsim.trace.Trace`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, config, world_size, kernel, timeout, traces):
+    def forward(ctx, q, k, v, config, world_size, kernel, timeout, traces, layout):
         """Every virtual rank's forward in the cluster's threads; keeps the global tensors."""
-        shards = list(zip(*(_shards(x, world_size) for x in (q, k, v))))
+        shards = list(zip(*(_shards(x, world_size, layout) for x in (q, k, v))))
 
         def run_rank(comm, trace):
-            return ring_forward(*shards[comm.rank], config, comm, kernel, trace)
+            return ring_forward(*shards[comm.rank], config, comm, kernel, trace, layout)
 
         results, trace = run_traced(world_size, run_rank, timeout=timeout)
         if traces is not None:
             traces.append(trace)
-        out = torch.cat([r[0] for r in results], dim=1)
-        lse = torch.cat([r[1] for r in results], dim=-1)  # (b, h, n)
+        out = unshard([r[0] for r in results], layout=layout)
+        lse = unshard([r[1] for r in results], layout=layout, axis=-1)  # (b, h, n)
         ctx.config, ctx.world_size, ctx.kernel = config, world_size, kernel
-        ctx.timeout, ctx.traces = timeout, traces
+        ctx.timeout, ctx.traces, ctx.layout = timeout, traces, layout
         return keep(ctx, q, k, v, out, lse)
 
     @staticmethod
@@ -71,11 +74,12 @@ class SimulatedRingFunction(torch.autograd.Function):
         """Every virtual rank's backward ring in the cluster's threads: dq, dk, dv."""
         refuse_double_backward()
         q, k, v, out, lse, dout, dlse = restore(ctx, dout, dlse)
-        p = ctx.world_size
-        per_rank = [_shards(x, p) for x in (q, k, v, out)]
-        per_rank += [_shards(lse, p, dim=-1), _shards(dout, p)]  # lse (b, h, n): positions last
+        p, layout = ctx.world_size, ctx.layout
+        per_rank = [_shards(x, p, layout) for x in (q, k, v, out)]
+        # lse (b, h, n): positions last
+        per_rank += [_shards(lse, p, layout, dim=-1), _shards(dout, p, layout)]
         shards = list(zip(*per_rank))
-        dlse_shards = [None] * p if dlse is None else _shards(dlse, p, dim=-1)
+        dlse_shards = [None] * p if dlse is None else _shards(dlse, p, layout, dim=-1)
 
         def run_rank(comm, trace):
             return ring_backward(
@@ -85,10 +89,11 @@ class SimulatedRingFunction(torch.autograd.Function):
                 comm,
                 ctx.kernel,
                 trace,
+                layout,
             )
 
         results, trace = run_traced(p, run_rank, timeout=ctx.timeout)
         if ctx.traces is not None:
             ctx.traces.append(trace)
-        grads = (torch.cat([r[i] for r in results], dim=1) for i in range(3))
-        return (*grads, None, None, None, None, None)
+        grads = (unshard([r[i] for r in results], layout=layout) for i in range(3))
+        return (*grads, None, None, None, None, None, None)

@@ -12,6 +12,7 @@ import torch
 from ringsim.agree import agreed_config
 from ringsim.comm.base import Communicator
 from ringsim.config import check_flags
+from ringsim.layout import check_layout
 from ringsim.trace import RankTrace
 
 from ..executor import check_differentiable, prepare
@@ -35,6 +36,7 @@ def ring_dilated_attention(
     kernel: Kernel | str | None = None,
     trace: RankTrace | None = None,
     backward_trace: RankTrace | None = None,
+    layout: str = "contiguous",
 ):
     """This rank's part of ring dilated attention, on local shards (spec §5, §6).
 
@@ -49,8 +51,9 @@ def ring_dilated_attention(
     :func:`ringsim.agree.agree`).
 
     Args:
-        q, k, v: this rank's shards ``(batch, seq_len / P, num_heads, head_dim)``; rank j
-            holds global positions ``[j*c, (j+1)*c)``.
+        q, k, v: this rank's shards ``(batch, seq_len / P, num_heads, head_dim)``, holding
+            the global positions ``layout`` gives the rank (contiguous: ``[j*c, (j+1)*c)``;
+            :func:`ringsim.shard` cuts them).
         group: the torch.distributed process group (default: the default group), used
             when ``comm`` is None.
         comm: any ringsim communicator instead (e.g. a simulated cluster's).
@@ -61,8 +64,11 @@ def ring_dilated_attention(
         trace: a :class:`ringsim.trace.RankTrace` to record this rank's events in (None:
             nothing is recorded, no host work per task).
         backward_trace: another, for the events of the backward pass.
+        layout: ``"contiguous"`` or ``"zigzag"`` (:mod:`ringsim.layout`; zigzag balances
+            causal work), the same on every rank.
     Returns:
-        this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` in q's dtype [, lse].
+        this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` in q's dtype [, lse],
+        rows in the order of its shard.
     """
     if comm is None:
         from .comm import communicator
@@ -83,8 +89,10 @@ def ring_dilated_attention(
     # devices, flags and the kernel (check_rank): every rank's verdict first
     config, _ = agreed_config(
         comm, q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
-        softmax_scale=softmax_scale, check_array=check_rank,
+        softmax_scale=softmax_scale, check_array=check_rank, layout=layout,
     )  # fmt: skip
     q, k, v, kernel_run = chosen[0]
-    out, lse = RingFunction.apply(q, k, v, config, comm, kernel_run, trace, backward_trace)
+    out, lse = RingFunction.apply(
+        q, k, v, config, comm, kernel_run, trace, backward_trace, check_layout(layout)
+    )
     return (out, lse) if return_lse else out

@@ -20,6 +20,7 @@ from ringsim.agree import agree
 from ringsim.comm.base import Communicator, Payload, Recv
 from ringsim.config import DilatedConfig
 from ringsim.gradrelay import GradRelay
+from ringsim.layout import Layout
 from ringsim.plan import RankStep, Transfer, rank_plan
 from ringsim.ringloop import run_ring
 from ringsim.tasks import own_slots
@@ -66,17 +67,24 @@ class StepParts:
         return self.executor.run(step.step, step.batches, held) or {}
 
 
-def _plan(config: DilatedConfig, q: torch.Tensor, comm: Communicator):
+def _plan(config: DilatedConfig, q: torch.Tensor, comm: Communicator, layout: Layout):
     _, c, h, _ = q.shape
-    return rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank)
+    return rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank, layout)
 
 
 def ring_forward(
-    q, k, v, config: DilatedConfig, comm: Communicator, kernel: Kernel, trace: RankTrace | None
+    q,
+    k,
+    v,
+    config: DilatedConfig,
+    comm: Communicator,
+    kernel: Kernel,
+    trace: RankTrace | None,
+    layout: Layout = Layout.CONTIGUOUS,
 ):
     """This rank's forward, no autograd: out ``(b, c, h, d)`` in q's dtype and lse
-    ``(b, h, c)``, float32 or float64."""
-    executor = ForwardExecutor(q, k, v, _plan(config, q, comm), config, kernel)
+    ``(b, h, c)``, float32 or float64; the shards hold the positions ``layout`` gives."""
+    executor = ForwardExecutor(q, k, v, _plan(config, q, comm, layout), config, kernel)
     if trace is not None:
         trace.hold("q, k, v, out, lse", sum(x.nbytes for x in (q, k, v)) + executor.state_nbytes)
     run_ring(comm, executor.plan, StepParts(executor), trace, q.element_size())
@@ -107,6 +115,7 @@ def ring_backward(
     comm: Communicator,
     kernel: Kernel,
     trace: RankTrace | None,
+    layout: Layout = Layout.CONTIGUOUS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's dq, dk, dv (in q's dtype) of :func:`ring_dilated_attention`.
 
@@ -118,11 +127,11 @@ def ring_backward(
     Args:
         q, k, v, out, dout: this rank's ``(b, c, h, d)``; out as the forward returned it.
         lse, dlse: ``(b, h, c)``: the forward's lse and its gradient (None: lse unused).
-        config, comm, kernel: as the forward ran.
+        config, comm, kernel, layout: as the forward ran.
         trace: where this rank's backward events go (None: nowhere).
     """
     check_backward(comm, kernel, dlse)
-    plan = _plan(config, q, comm)
+    plan = _plan(config, q, comm, layout)
     executor = BackwardExecutor(q, k, v, out, lse, dout, dlse, plan, config, kernel)
     if trace is not None:
         trace.hold("q, k, v, out, lse, dout", sum(x.nbytes for x in (q, k, v, out, lse, dout)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ringsim.config import check_flags, validate
+from ringsim.layout import check_layout
 from ringsim.trace import Trace
 
 from ..executor import check_differentiable, prepare
@@ -27,6 +28,7 @@ def simulated_ring_dilated_attention(
     return_trace: bool = False,
     kernel: Kernel | str | None = None,
     timeout: float = 120.0,
+    layout: str = "contiguous",
 ):
     """Ring dilated attention of global tensors on ``world_size`` simulated ranks.
 
@@ -36,8 +38,9 @@ def simulated_ring_dilated_attention(
     backward ring in the cluster's threads (:class:`~ringsim.gpu.autograd.SimulatedRingFunction`).
 
     Args:
-        q, k, v: ``(batch, seq_len, num_heads, head_dim)``; ``seq_len % world_size == 0``.
-        world_size, is_causal, mode, softmax_scale, kernel: as in the ring and
+        q, k, v: ``(batch, seq_len, num_heads, head_dim)``; ``seq_len % world_size == 0``
+            (zigzag: ``seq_len % (2 * world_size) == 0``).
+        world_size, is_causal, mode, softmax_scale, kernel, layout: as in the ring and
             :func:`ringsim.gpu.dilated_attention`.
         return_lse, return_trace: also return the lse ``(batch, num_heads, seq_len)`` and
             the forward's :class:`ringsim.trace.Trace`.
@@ -56,11 +59,12 @@ def simulated_ring_dilated_attention(
         softmax_scale=softmax_scale,
         world_size=world_size,
     )
+    checked = check_layout(layout, q.shape[1], world_size)
     q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale)
     check_differentiable(q, k, v, chosen)
     traces: list[Trace] = []
     out, lse = SimulatedRingFunction.apply(
-        q, k, v, config, world_size, chosen, timeout, traces if return_trace else None
+        q, k, v, config, world_size, chosen, timeout, traces if return_trace else None, checked
     )
     extra = ((lse,) if return_lse else ()) + ((traces[0],) if return_trace else ())
     return (out, *extra) if extra else out

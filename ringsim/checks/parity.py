@@ -25,6 +25,7 @@ with the simulated one).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from typing import NoReturn
@@ -41,6 +42,7 @@ from ringsim.comm import (
     FaultyCommunicator,
     MPICommunicator,
 )
+from ringsim.layout import LAYOUTS, shard, unshard
 from ringsim.reference import ring_dilated_attention_shard, ring_dilated_attention_shard_backward
 from ringsim.reference.parity import check_case, check_gradients
 from ringsim.trace import RankTrace, Trace
@@ -86,31 +88,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="seal every message with a CRC-32: a corrupted one fails at once, named",
     )
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="contiguous",
+        help="which positions each rank holds (zigzag: shards of even length)",
+    )
     parser.add_argument("--trace-out", default=None, help="write the first case's trace")
     return parser.parse_args(argv)
 
 
 def cases_for(args: argparse.Namespace, world_size: int) -> list[Case]:
-    return check_cases(world_size, args.cases, args.seed, fixed=not args.no_fixed)
+    return check_cases(
+        world_size, args.cases, args.seed, fixed=not args.no_fixed, layout=args.layout
+    )
 
 
 def run_case(comm, case: Case, seed: int, dtype, disagree: bool):
     """This rank's shard of one case, forward then backward; returns
     ``(out, lse, (dq, dk, dv), trace)`` (the trace of the forward)."""
     q, k, v = case.inputs(seed, dtype)  # the same global draw on every rank, then sliced
-    c = case.seq_len // comm.world_size
-    lo = comm.rank * c
-    shards = [np.ascontiguousarray(x[:, lo : lo + c]) for x in (q, k, v)]
-    dout = np.ascontiguousarray(case.upstream(seed, dtype)[:, lo : lo + c])
+    mine = functools.partial(shard, rank=comm.rank, world_size=comm.world_size,
+                             layout=case.layout)  # fmt: skip
+    shards = [mine(x) for x in (q, k, v)]
+    dout = mine(case.upstream(seed, dtype))
     del q, k, v
     segments = tuple(w + 1 for w in case.segment_lengths) if disagree else case.segment_lengths
     trace = RankTrace(comm.rank)
     args = (segments, case.dilation_rates)
     out, lse = ring_dilated_attention_shard(
-        *shards, *args, comm=comm, **case.kwargs(), return_lse=True, trace=trace
-    )
+        *shards, *args, comm=comm, **case.kwargs(), return_lse=True, trace=trace,
+        layout=case.layout,
+    )  # fmt: skip
     grads = ring_dilated_attention_shard_backward(
-        *shards, out, lse, dout, *args, comm=comm, **case.kwargs()
+        *shards, out, lse, dout, *args, comm=comm, **case.kwargs(), layout=case.layout
     )
     return out, lse, grads, trace
 
@@ -146,10 +157,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
             if comm.rank == 0:
                 outs, lses, rank_grads, traces = zip(*gathered)
                 inputs = case.inputs(args.seed + i, dtype)
+                layout = case.layout
                 report = check_case(
-                    case, np.concatenate(outs, axis=1), np.concatenate(lses, axis=-1), *inputs
-                )
-                whole = [np.concatenate([g[j] for g in rank_grads], axis=1) for j in range(3)]
+                    case, unshard(outs, layout=layout), unshard(lses, layout=layout, axis=-1),
+                    *inputs,
+                )  # fmt: skip
+                whole = [unshard([g[j] for g in rank_grads], layout=layout) for j in range(3)]
                 dout = case.upstream(args.seed + i, dtype)
                 grad_report = check_gradients(case, whole, *inputs, dout)
                 worst = max(worst, report.out_error, report.lse_error)
@@ -172,7 +185,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         print(
             f"{verdict} parity world_size={comm.world_size} configurations={len(cases)} "
             f"failed={failed} max_error={worst:.3e} max_grad_error={worst_grad:.3e} "
-            f"dtype={dtype}",
+            f"dtype={dtype} layout={args.layout}",
             flush=True,
         )
     finish(1 if failed else 0)  # the same status on every rank

@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of q, k, v; tolerance as the docs' contract page gives it, spec §9 "
         "(default: %(default)s)",
     )
+    verify.add_argument(
+        "--layout",
+        choices=("contiguous", "zigzag"),
+        default="contiguous",
+        help="which positions each rank of the ring paths holds (default: %(default)s)",
+    )
     verify.add_argument("--no-mpi", action="store_true", help="leave out the mpiexec paths")
     verify.add_argument(
         "--mpi-timeout",

@@ -60,13 +60,15 @@ class Row:
         )
 
 
-def draw_cases(world_size: int, count: int, seed: int) -> list[tuple[Case, int]]:
+def draw_cases(
+    world_size: int, count: int, seed: int, layout: str = "contiguous"
+) -> list[tuple[Case, int]]:
     """The fixed cases and ``count`` random ones, each with the seed of its inputs.
 
     Drawn as :mod:`ringsim.checks.parity` draws them, so the simulated and the mpiexec ring
     of one world size run the same cases on the same inputs.
     """
-    cases = check_cases(world_size, count, seed)
+    cases = check_cases(world_size, count, seed, layout=layout)
     return [(case, seed + i) for i, case in enumerate(cases)]
 
 
@@ -123,8 +125,19 @@ def _number(fields: dict[str, str], key: str) -> float | None:
 PROGRESS_LINE = re.compile(r"^case \d+ of \d+$")
 
 
+def ring_path(kind: str, world_size: int, layout: str) -> str:
+    """A ring row's name: ``simulated ring P=3``, ``mpiexec ring P=4 zigzag``."""
+    return f"{kind} ring P={world_size}" + ("" if layout == "contiguous" else f" {layout}")
+
+
 def check_mpi(
-    world_size: int, count: int, seed: int, dtype: str, timeout: float, bar: Progress
+    world_size: int,
+    count: int,
+    seed: int,
+    dtype: str,
+    timeout: float,
+    bar: Progress,
+    layout: str = "contiguous",
 ) -> Row:
     """Run the MPI parity check on ``world_size`` processes and read its result line; the
     bar advances by one for each case the check reports done (``--progress``), the rest at
@@ -135,15 +148,16 @@ def check_mpi(
     from ringsim.launch import mpiexec_command
 
     row = Row(
-        f"mpiexec ring P={world_size}",
+        ring_path("mpiexec", world_size, layout),
         world_size,
         cases=count,
         lse_error=None,
         tolerance=tolerance(dtype),
     )
-    args = ["--cases", str(count), "--seed", str(seed), "--dtype", dtype, "--progress"]
+    args = ["--cases", str(count), "--seed", str(seed), "--dtype", dtype, "--progress",
+            "--layout", layout]  # fmt: skip
     command = mpiexec_command(world_size, MPI_CHECK, args)
-    units = len(check_cases(world_size, count, seed))
+    units = len(check_cases(world_size, count, seed, layout=layout))
     advanced = 0
 
     def on_line(line: str) -> None:
@@ -198,15 +212,16 @@ def mpi_skip_reason() -> str | None:
 
 def run_verify(args: argparse.Namespace) -> int:
     sizes = tuple(dict.fromkeys(args.world_sizes))  # once each, in the order given
-    cases = {p: draw_cases(p, args.cases, args.seed) for p in sizes}
+    layout = args.layout
+    cases = {p: draw_cases(p, args.cases, args.seed, layout) for p in sizes}
     largest = max(sizes)
     reason = None if args.no_mpi else mpi_skip_reason()
     mpi_sizes = () if args.no_mpi or reason is not None else sizes
     print(
         f"ringsim verify: {args.cases} random + {len(fixed_cases(1))} fixed cases per path, "
-        f"seed {args.seed}, {args.dtype}, against the dense-mask definition"
+        f"seed {args.seed}, {args.dtype}, {layout} layout, against the dense-mask definition"
     )
-    mpi_units = sum(len(check_cases(p, args.cases, args.seed)) for p in mpi_sizes)
+    mpi_units = sum(len(c) for p, c in cases.items() if p in mpi_sizes)
     total = len(cases[largest]) + sum(len(c) for c in cases.values()) + mpi_units
     rows: list[Row] = []
     with Progress(total, "verify", force=args.progress, summary=True) as bar:
@@ -217,18 +232,18 @@ def run_verify(args: argparse.Namespace) -> int:
             )
         )
         for p in sizes:
-            bar.set_label(f"simulated ring P={p}")
-            rows.append(
-                check_path(
-                    Row(f"simulated ring P={p}", p), run_simulated, cases[p], args.dtype, bar
-                )
-            )
+            path = ring_path("simulated", p, layout)
+            bar.set_label(path)
+            rows.append(check_path(Row(path, p), run_simulated, cases[p], args.dtype, bar))
         for p in mpi_sizes:
-            bar.set_label(f"mpiexec ring P={p}")
-            rows.append(check_mpi(p, args.cases, args.seed, args.dtype, args.mpi_timeout, bar))
+            bar.set_label(ring_path("mpiexec", p, layout))
+            rows.append(check_mpi(p, args.cases, args.seed, args.dtype, args.mpi_timeout, bar,
+                                  layout))  # fmt: skip
         bar.set_label("verify")  # the name of the final line or summary
     if reason is not None:
-        rows += [Row(f"mpiexec ring P={p}", p, result=f"skipped: {reason}") for p in sizes]
+        rows += [
+            Row(ring_path("mpiexec", p, layout), p, result=f"skipped: {reason}") for p in sizes
+        ]
     headers = (
         "path",
         "world size",
