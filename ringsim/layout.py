@@ -102,10 +102,12 @@ def _concat(parts: Sequence, axis: int):
     return sys.modules["numpy"].concatenate(parts, axis=axis)
 
 
-def _contiguous(x):
+def _copy(x):
+    """A contiguous copy (``ascontiguousarray`` and ``.contiguous()`` return a contiguous
+    view itself, which would let a simulated rank touch the global array)."""
     if type(x).__module__.startswith("torch"):
-        return x.contiguous()
-    return sys.modules["numpy"].ascontiguousarray(x)
+        return x.clone(memory_format=sys.modules["torch"].contiguous_format)
+    return sys.modules["numpy"].array(x, order="C", copy=True)
 
 
 def shard(x, rank: int, world_size: int, *, layout: Layout | str = "contiguous", axis: int = 1):
@@ -118,7 +120,7 @@ def shard(x, rank: int, world_size: int, *, layout: Layout | str = "contiguous",
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
     parts = [_take(x, axis, c) for c in rank_chunks(checked, rank, n, world_size)]
-    return _contiguous(parts[0]) if len(parts) == 1 else _concat(parts, axis)
+    return _copy(parts[0]) if len(parts) == 1 else _concat(parts, axis)
 
 
 def unshard(shards: Sequence, *, layout: Layout | str = "contiguous", axis: int = 1):

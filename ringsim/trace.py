@@ -194,10 +194,14 @@ def closed_form_bytes(
     world_size: int,
     rank: int,
     itemsize: int = 8,
+    layout: str = "contiguous",
 ) -> int:
     """spec §5's closed form: the K/V bytes ``rank`` sends in the forward of an aligned
     configuration, computed from the formula alone (no plan), to check the plan and the
-    trace against."""
+    trace against. ``layout="zigzag"``: Note [Zigzag bytes]."""
+    if layout == "zigzag":
+        return _zigzag_bytes(config, num_heads, batch, head_dim, seq_len, world_size, rank,
+                             itemsize)  # fmt: skip
     c = seq_len // world_size
     total = 0
     for w_eff, r, heads in zip(
@@ -215,4 +219,67 @@ def closed_form_bytes(
         else:
             messages = g - 1
         total += 2 * messages * elems * itemsize
+    return total
+
+
+def _one_piece_messages(place: int, g: int, is_causal: bool) -> int:
+    """Messages the rank at ``place`` of a sub-ring of g one-piece ranks sends (spec §5)."""
+    if not is_causal:
+        return g - 1
+    return place + 1 if place < g - 1 else 0
+
+
+def _zigzag_bytes(config, num_heads, batch, head_dim, seq_len, world_size, rank, itemsize):
+    """Note [Zigzag bytes]
+    ----------------------
+    With 2P chunks of ``s = n / 2P`` positions, an aligned configuration (each ``w' <= s``
+    divides s, each ``w' > s`` is m chunks with m dividing 2P, each r divides s) has three
+    kinds of segments of a pair with ``w' = m*s``, m > 1 (``w' <= s``: inside a chunk,
+    nothing sent):
+
+    - in the first half (chunks below P): m consecutive ranks, one piece each, in rank
+      order; in the second half: m ranks, one piece each, in descending rank order (the
+      first position each holds). Either way the rank at place a of the m sends as a
+      contiguous ring's does: ``m - 1`` messages, or causal ``a + 1`` if ``a < m - 1``;
+    - across the middle (when m does not divide P): chunks ``P - m/2 .. P + m/2 - 1``,
+      held by the ``g = m/2`` ranks ``P - g .. P - 1``, two pieces each (the early chunk j
+      and the late chunk 2P-1-j). Non-causal, each sends ``g - 1`` messages of both pieces.
+      Causal, an early piece is useful at every other place (every late chunk comes after
+      it), so it goes all ``g - 1`` hops; the late piece of place a is useful only at places
+      before a, the last of them ``g - 1`` hops on, and never for place 0. A rank forwards,
+      in its ``g - 1`` messages, the blocks of every place but the next one, so it sends
+      ``g - 1`` early pieces and ``g - 1`` late ones less one, unless it is the last place
+      (the one whose next is place 0).
+
+    A piece carries ``s / r`` rows of each of the pair's H heads: ``batch * H * (s / r) *
+    head_dim`` elements of K and as many of V.
+    """
+    p, s = world_size, seq_len // (2 * world_size)
+    chunks = (rank, 2 * p - 1 - rank)
+    total = 0
+    for w_eff, r, heads in zip(
+        config.effective_segment_lengths(seq_len),
+        config.dilation_rates,
+        config.head_groups(num_heads),
+    ):
+        m = w_eff // s
+        if m <= 1:
+            continue
+        piece = 2 * batch * len(heads) * (s // r) * head_dim * itemsize  # K and V
+        middle = p // m if p % m else None  # the segment across the middle, if any
+        pieces = 0
+        for chunk in chunks:
+            segment = chunk // m
+            if segment == middle:
+                continue
+            place = chunk - segment * m  # first half: ascending; second: by position too
+            pieces += _one_piece_messages(place, m, config.is_causal)
+        if middle is not None and middle * m <= rank:  # this rank holds both halves of it
+            g = m // 2
+            place = rank - (p - g)
+            if not config.is_causal:
+                pieces += 2 * (g - 1)
+            else:
+                pieces += (g - 1) + (g - 1 if place == g - 1 else g - 2)
+        total += pieces * piece
     return total

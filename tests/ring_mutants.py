@@ -100,6 +100,17 @@ def world_of_one(mp: pytest.MonkeyPatch) -> None:
     )
 
 
+def late_chunk_first(mp: pytest.MonkeyPatch) -> None:
+    """pitfall 19: the plan reads a zigzag shard as chunk 2P-1-j then chunk j, the reverse
+    of how the shards were cut."""
+    real = ringsim.plan.rank_chunks
+
+    def swapped(layout, rank, seq_len, world_size):
+        return tuple(reversed(real(layout, rank, seq_len, world_size)))
+
+    mp.setattr(ringsim.plan, "rank_chunks", swapped)
+
+
 RING_MUTANTS: dict[str, Mutant] = {
     "shard-relative-dilation": Mutant(1, shard_relative.__doc__, shard_relative),
     "triangle-every-step": Mutant(5, triangle_every_step.__doc__, triangle_every_step),
@@ -107,4 +118,5 @@ RING_MUTANTS: dict[str, Mutant] = {
     "full-arrays-everywhere": Mutant(10, full_arrays_everywhere.__doc__, full_arrays_everywhere),
     "whole-group": Mutant(12, whole_group.__doc__, whole_group),
     "world-of-one": Mutant(15, world_of_one.__doc__, world_of_one),
+    "late-chunk-first": Mutant(19, late_chunk_first.__doc__, late_chunk_first),
 }

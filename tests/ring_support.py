@@ -27,15 +27,32 @@ ALIGNED = [  # (segment_lengths, dilation_rates, n, p, heads, mode): spec §5's 
 ]
 
 
+ZIGZAG_ALIGNED = [  # the same, for the zigzag layout: chunks of s = n / 2P = 6 positions
+    ((24, 48), (1, 2), 48, 4, 4, "longnet"),  # a half of the sequence, the whole
+    ((12, 36), (2, 3), 36, 3, 5, "grouped"),  # two chunks across the middle of P = 3
+    ((3, 12, 96), (1, 3, 6), 96, 8, 6, "longnet"),  # inside a chunk, two chunks, all
+    ((36,), (3,), 36, 3, 3, "longnet"),
+    ((24, 72), (2, 6), 72, 6, 4, "grouped"),  # four chunks across the middle of P = 6
+]
+
+#: The aligned configurations of each layout (:func:`ringsim.trace.closed_form_bytes`).
+ALIGNED_BY_LAYOUT = {"contiguous": ALIGNED, "zigzag": ZIGZAG_ALIGNED}
+
+
 def ring_cases(
-    world_sizes: Sequence[int] = WORLD_SIZES, per_size: int = 6, seed: int = 3
+    world_sizes: Sequence[int] = WORLD_SIZES,
+    per_size: int = 6,
+    seed: int = 3,
+    layout: str = "contiguous",
 ) -> list[Case]:
-    """Hand-picked cases (across shards, ragged, causal with r > 1, empty rows) + random."""
+    """Hand-picked cases (across shards, ragged, causal with r > 1, empty rows) + random,
+    in ``layout``."""
     rng = np.random.default_rng(seed)
     return [
         c
         for p in world_sizes
-        for c in fixed_cases(p) + [random_case(rng, p) for _ in range(per_size)]
+        for c in fixed_cases(p, layout)
+        + [random_case(rng, p, layout=layout) for _ in range(per_size)]
     ]
 
 
@@ -60,12 +77,14 @@ def ring_failures(cases: Sequence[Case], dtype=np.float64) -> list[str]:
     return failures
 
 
-def byte_failures(causal_modes: Sequence[bool] = (False, True)) -> list[str]:
+def byte_failures(
+    causal_modes: Sequence[bool] = (False, True), layout: str = "contiguous"
+) -> list[str]:
     """Aligned configurations whose traced bytes differ from the closed form."""
     failures = []
-    for segs, rates, n, p, heads, mode in ALIGNED:
+    for segs, rates, n, p, heads, mode in ALIGNED_BY_LAYOUT[layout]:
         for causal in causal_modes:
-            case = Case(2, n, heads, 3, segs, rates, causal, mode, p)
+            case = Case(2, n, heads, 3, segs, rates, causal, mode, p, layout=layout)
             try:
                 *_, trace = run_ring(case, *case.inputs(seed=5))
             except Exception as err:  # a mutant may break the ring outright: detected
@@ -73,7 +92,7 @@ def byte_failures(causal_modes: Sequence[bool] = (False, True)) -> list[str]:
                 continue
             config = make_config(segs, rates, is_causal=causal, mode=mode)
             for rank in range(p):
-                want = closed_form(config, heads, 2, 3, n, p, rank)
+                want = closed_form(config, heads, 2, 3, n, p, rank, layout=layout)
                 if trace.sent_bytes(rank) != want:
                     failures.append(
                         f"{case.describe()} rank {rank}: sent "
@@ -83,5 +102,10 @@ def byte_failures(causal_modes: Sequence[bool] = (False, True)) -> list[str]:
 
 
 def ring_suite_failures() -> list[str]:
-    """Everything a ring mutant must fail: parity at P = 1..8, and bytes."""
-    return ring_failures(ring_cases(per_size=2)) + byte_failures()
+    """Everything a ring mutant must fail: parity at P = 1..8 and bytes, in each layout."""
+    return (
+        ring_failures(ring_cases(per_size=2))
+        + byte_failures()
+        + ring_failures(ring_cases(per_size=1, layout="zigzag"))
+        + byte_failures(layout="zigzag")
+    )

@@ -8,6 +8,7 @@ from ring_support import ALIGNED
 
 from ringsim.cases import fixed_cases, random_case
 from ringsim.config import make_config
+from ringsim.layout import rank_chunks
 from ringsim.plan import (
     BlockAction,
     block_action,
@@ -15,7 +16,6 @@ from ringsim.plan import (
     ring_plan,
     subring_ranks,
 )
-from ringsim.layout import rank_chunks
 from ringsim.trace import closed_form_bytes as closed_form
 
 F, C, M, S = BlockAction.FULL, BlockAction.CAUSAL, BlockAction.MASKED, BlockAction.SKIP

@@ -21,14 +21,19 @@ from ringsim.trace import TraceAction
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_ring_matches_definition(world_size, dtype):
-    failures = ring_failures(ring_cases([world_size], per_size=10), dtype=dtype)
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_ring_matches_definition(world_size, dtype, layout):
+    failures = ring_failures(ring_cases([world_size], per_size=10, layout=layout), dtype=dtype)
     assert not failures, "\n".join(failures)
 
 
-@given(seed=st.integers(0, 2**32 - 1), world_size=st.sampled_from(WORLD_SIZES))
-def test_ring_matches_definition_random(seed, world_size):
-    case = random_case(np.random.default_rng(seed), world_size)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    world_size=st.sampled_from(WORLD_SIZES),
+    layout=st.sampled_from(["contiguous", "zigzag"]),
+)
+def test_ring_matches_definition_random(seed, world_size, layout):
+    case = random_case(np.random.default_rng(seed), world_size, layout=layout)
     failures = ring_failures([case])
     assert not failures, "\n".join(failures)
 

@@ -33,6 +33,7 @@ def backward(case: Case, q, k, v, out, lse, dout, dlse=None):
         dlse=dlse,
         return_trace=True,
         timeout=20.0,
+        layout=case.layout,
     )
 
 
@@ -59,8 +60,9 @@ def grad_failures(cases, dtype=np.float64, with_dlse: bool = False) -> list[str]
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_ring_backward_matches_definition(world_size):
-    failures = grad_failures(ring_cases([world_size], per_size=6))
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_ring_backward_matches_definition(world_size, layout):
+    failures = grad_failures(ring_cases([world_size], per_size=6, layout=layout))
     assert not failures, "\n".join(failures)
 
 
