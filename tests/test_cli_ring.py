@@ -53,6 +53,26 @@ def test_demo_causal_shows_skipped_blocks(capsys: pytest.CaptureFixture[str]) ->
     assert out.splitlines()[-1] == "PASS", out
 
 
+def test_demo_zigzag_shows_the_layout_and_balanced_work(capsys) -> None:
+    args = ("--causal", "--world-size", "4", "--seq-len", "24", "--segment-lengths", "24",
+            "--dilation-rates", "1")  # fmt: skip
+    code, out, err = run_cli(capsys, "demo", *args, "--layout", "zigzag")
+    assert code == 0, out + err
+    assert "rank 0 0-2+21-23" in out, out  # chunk 0, then chunk 7
+    work = [row.split()[3] for row in table_rows(out, "") if row[:1].isdigit() and "+" in row]
+    assert work == ["1.00"] * 4, out  # each rank's work / the mean
+    code, out, err = run_cli(capsys, "demo", *args)
+    assert code == 0, out + err
+    assert "1.72" in out, out  # contiguous: the last rank does 1.72x the mean
+
+
+def test_demo_refuses_a_zigzag_that_does_not_cut(capsys) -> None:
+    args = ("--world-size", "4", "--seq-len", "12", "--segment-lengths", "12")
+    code, out, err = run_cli(capsys, "demo", *args, "--dilation-rates", "1", "--layout", "zigzag")
+    assert code == 2, out + err
+    assert "seq_len % 8" in err, err
+
+
 def test_demo_reports_fail_with_exit_1(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -83,6 +103,15 @@ def test_verify_without_mpi_passes_every_path(capsys: pytest.CaptureFixture[str]
     assert "mpiexec" not in out
     assert "\r" not in err  # no terminal: no bar frames, only the summary line
     assert err.startswith("verify: "), err
+
+
+def test_verify_zigzag_names_the_layout_in_each_ring_row(capsys) -> None:
+    code, out, err = run_cli(capsys, "verify", "--no-mpi", "--world-sizes", "2,3", "--cases", "2",
+                             "--layout", "zigzag")  # fmt: skip
+    assert code == 0, out + err
+    for p in (2, 3):
+        rows = table_rows(out, f"simulated ring P={p} zigzag")
+        assert len(rows) == 1 and rows[0].endswith("PASS"), out
 
 
 def test_verify_fails_with_exit_1_when_a_path_is_wrong(

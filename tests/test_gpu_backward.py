@@ -74,13 +74,14 @@ def test_single_device_gradients_match_definition(kernel):
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("kernel", ["math", "flash_cpu"])
-def test_simulated_ring_gradients_match_definition(world_size, kernel):
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_simulated_ring_gradients_match_definition(world_size, kernel, layout):
     failures = []
-    for i, case in enumerate(ring_cases([world_size], per_size=4, seed=23)):
+    for i, case in enumerate(ring_cases([world_size], per_size=4, seed=23, layout=layout)):
         q, k, v, dout, dlse = inputs(case, i)
         out, lse = simulated_ring_dilated_attention(
             q, k, v, case.segment_lengths, case.dilation_rates, world_size=world_size,
-            **case.kwargs(), return_lse=True, kernel=kernel,
+            **case.kwargs(), return_lse=True, kernel=kernel, layout=layout,
         )  # fmt: skip
         failures += check(case, q, k, v, dout, dlse, out, lse, use_lse=kernel == "math")
     assert not failures, "\n".join(failures)

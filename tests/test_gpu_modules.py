@@ -8,6 +8,7 @@ in-process group of one rank, and two real processes on a free local port (timeo
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import socket
 import time
@@ -21,6 +22,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from module_support import by_hand, randn, randomise, reference  # noqa: E402
 
+import ringsim  # noqa: E402
 from ringsim.gpu.kernels import Kernel  # noqa: E402
 from ringsim.gpu.nn.modules import RingDilatedAttention, RingDilatedAttentionHybrid  # noqa: E402
 from ringsim.gpu.nn.multihead import (  # noqa: E402
@@ -153,6 +155,16 @@ def test_group_path_in_a_world_of_one(rng, world_of_one):
         RingDilatedAttentionHybrid((4,), (1,), ring_size=2)
 
 
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def test_a_layout_without_a_group_is_refused():
+    with pytest.raises(ValueError, match=r"^layout: 'zigzag' says which positions"):
+        RingDilatedAttention((4,), (1,), layout="zigzag")
+    with pytest.raises(ValueError, match=r"^layout: expected one of"):
+        RingMultiheadDilatedAttention(8, 2, (4,), (1,), group="default", layout="striped")
+
+
 def two_rank_main(rank: int, port: int) -> None:
     """One rank: the multihead module over the group on shards vs on the whole sequence."""
     dist.init_process_group(
@@ -160,21 +172,22 @@ def two_rank_main(rank: int, port: int) -> None:
         timeout=datetime.timedelta(seconds=60),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(3)  # every rank draws the same, keeps its shard
-    for mode in MODES:
-        for is_causal in (False, True):
-            torch.manual_seed(4)
-            ring = RingMultiheadDilatedAttention(
-                24, 3, (8, 24), (1, 3), mode=mode, group="default", dtype=torch.float64
-            )
-            whole = RingMultiheadDilatedAttention(24, 3, (8, 24), (1, 3), mode=mode).double()
-            whole.load_state_dict(ring.state_dict())
-            x = torch.randn(2, 24, 24, generator=gen, dtype=torch.float64)
-            shard = x[:, rank * 12 : (rank + 1) * 12]  # segment [8, 16) crosses the shards
-            with torch.no_grad():  # gradients over gloo: test_gpu_ring's distcheck runs
-                out, _ = ring(shard, shard, shard, is_causal=is_causal)
-                expected = whole(x, x, x, is_causal=is_causal)[0][:, rank * 12 : (rank + 1) * 12]
-            err = (out - expected).abs().max().item()
-            assert err <= 1e-10, f"rank {rank} mode={mode} causal={is_causal}: {err:.2e}"
+    for mode, is_causal, layout in itertools.product(MODES, (False, True), LAYOUTS):
+        torch.manual_seed(4)
+        ring = RingMultiheadDilatedAttention(
+            24, 3, (8, 24), (1, 3), mode=mode, group="default", dtype=torch.float64,
+            layout=layout,
+        )  # fmt: skip
+        whole = RingMultiheadDilatedAttention(24, 3, (8, 24), (1, 3), mode=mode).double()
+        whole.load_state_dict(ring.state_dict())
+        x = torch.randn(2, 24, 24, generator=gen, dtype=torch.float64)
+        mine = ringsim.shard(x, rank, 2, layout=layout)  # segment [8, 16) crosses shards
+        with torch.no_grad():  # gradients over gloo: test_gpu_ring's distcheck runs
+            out, _ = ring(mine, mine, mine, is_causal=is_causal)
+            whole_out = whole(x, x, x, is_causal=is_causal)[0]
+        expected = ringsim.shard(whole_out, rank, 2, layout=layout)
+        err = (out - expected).abs().max().item()
+        assert err <= 1e-10, f"rank {rank} {mode} causal={is_causal} {layout}: {err:.2e}"
     dist.barrier()
     dist.destroy_process_group()
 

@@ -33,15 +33,17 @@ def torch_ring(case: Case, q, k, v, dtype=torch.float64, kernel=None):
         return_lse=True,
         return_trace=True,
         kernel=kernel,
+        layout=case.layout,
     )
     return out.double().numpy(), lse.double().numpy(), trace
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("kernel", ["math", "flash_cpu"])
-def test_simulated_torch_ring_matches_definition(world_size, kernel):
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_simulated_torch_ring_matches_definition(world_size, kernel, layout):
     failures = []
-    for i, case in enumerate(ring_cases([world_size], per_size=8, seed=17)):
+    for i, case in enumerate(ring_cases([world_size], per_size=8, seed=17, layout=layout)):
         q, k, v = case.inputs(seed=i)
         out, lse, _ = torch_ring(case, q, k, v, kernel=kernel)
         report = check_case(case, out, lse, q, k, v)
@@ -59,7 +61,9 @@ def test_torch_ring_float32_within_spec():
 
 
 @pytest.mark.parametrize(
-    "case", ring_cases([2, 3, 5], per_size=3, seed=8), ids=lambda c: c.describe()
+    "case",
+    ring_cases([2, 3, 5], per_size=3, seed=8) + ring_cases([2, 4], per_size=2, layout="zigzag"),
+    ids=lambda c: c.describe(),
 )
 def test_torch_trace_equals_numpy_trace(case):
     """Both backends run one plan: the same messages, bytes and block actions."""
@@ -144,8 +148,11 @@ def test_torch_dist_communicator_needs_an_initialised_group():
         TorchDistCommunicator()
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_gloo_ring_on_real_processes(world_size):
+@pytest.mark.parametrize(
+    ("world_size", "layout"), [(2, "contiguous"), (3, "contiguous"), (4, "contiguous"),
+                               (3, "zigzag"), (4, "zigzag")],
+)  # fmt: skip
+def test_gloo_ring_on_real_processes(world_size, layout):
     """Forward and backward, one process per rank; gradients against the reference."""
     result = subprocess.run(
         [
@@ -160,6 +167,8 @@ def test_gloo_ring_on_real_processes(world_size):
             str(world_size),
             "--timeout",
             "60",
+            "--layout",
+            layout,
         ],
         capture_output=True,
         text=True,
@@ -168,6 +177,7 @@ def test_gloo_ring_on_real_processes(world_size):
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"PASS distcheck backend=gloo world_size={world_size}" in result.stdout
     assert "max_grad_error=" in result.stdout
+    assert f"layout={layout}" in result.stdout
 
 
 def test_distcheck_ends_a_dead_worker_in_one_line(monkeypatch, capsys):

@@ -47,20 +47,28 @@ def test_mpi_ring_matches_definition(world_size):
     assert "max_grad_error=" in line, line
 
 
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_mpi_zigzag_ring_matches_definition(world_size):
+    result = parity(world_size, "--cases", "6", "--seed", "4", "--layout", "zigzag")
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("PASS parity") and line.endswith("layout=zigzag"), line
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_mpi_trace_equals_simulated_trace_in_each_layout(layout, tmp_path):
+    path = tmp_path / "trace.json"
+    result = parity(4, "--cases", "0", "--seed", "9", "--trace-out", str(path), "--layout", layout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    mpi_trace = Trace.from_json(json.loads(path.read_text()))
+    case = fixed_cases(4, layout)[0]  # the check's first case, inputs from seed 9 + 0
+    *_, simulated = run_ring(case, *case.inputs(seed=9))
+    assert mpi_trace == simulated
+
+
 def test_mpi_float32():
     result = parity(3, "--cases", "6", "--dtype", "float32")
     assert result.returncode == 0 and "PASS" in result.stdout, result.stdout + result.stderr
-
-
-@pytest.mark.parametrize("world_size", [3, 4])
-def test_mpi_trace_equals_simulated_trace(world_size, tmp_path):
-    path = tmp_path / "trace.json"
-    result = parity(world_size, "--cases", "0", "--seed", "9", "--trace-out", str(path))
-    assert result.returncode == 0, result.stdout + result.stderr
-    mpi_trace = Trace.from_json(json.loads(path.read_text()))
-    case = fixed_cases(world_size)[0]  # the check's first case, inputs from seed 9 + 0
-    *_, simulated = run_ring(case, *case.inputs(seed=9))
-    assert mpi_trace == simulated
 
 
 @pytest.mark.parametrize(
