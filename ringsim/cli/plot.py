@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 FIGURES = {
     "masks": "the mask of every head and pair, and of each head's patterns together",
     "trace": "space-time diagram: ranks by steps, blocks held, messages with bytes",
-    "traffic": "payload bytes sent and received, and peak bytes held, per rank",
+    "traffic": "work (scores computed), payload bytes sent and received, and peak bytes held, "
+    "per rank",
     "scaling": "peak bytes per rank (and bytes sent) as the world size grows",
 }
 SCALING_WORLD_SIZES = range(1, 9)  # default: those of these that divide --seq-len
@@ -89,12 +90,14 @@ def _prepare(args: argparse.Namespace) -> Case:
     """The configuration (as ``ringsim demo`` checks it), and the scaling world sizes."""
 
     case = config_case(args)
+    chunks = 1 if case.layout == "contiguous" else 2  # chunks per rank
     if args.world_sizes is None:
-        args.world_sizes = tuple(p for p in SCALING_WORLD_SIZES if case.seq_len % p == 0)
-    bad = [p for p in args.world_sizes if case.seq_len % p]
+        args.world_sizes = tuple(p for p in SCALING_WORLD_SIZES if case.seq_len % (chunks * p) == 0)
+    bad = [p for p in args.world_sizes if case.seq_len % (chunks * p)]
     if bad:
         raise ValueError(
-            f"--world-sizes: every world size must divide --seq-len {case.seq_len}, got {bad}"
+            f"--world-sizes: every world size{' times 2 (zigzag)' if chunks > 1 else ''} "
+            f"must divide --seq-len {case.seq_len}, got {bad}"
         )
     if args.dpi < 1:
         raise ValueError(f"--dpi: must be >= 1, got {args.dpi}")

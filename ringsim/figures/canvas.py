@@ -18,6 +18,7 @@ COLOURS = {
     "sent": "#55a868",
     "received": "#8172b3",
     "peak": "#c44e52",
+    "compute": "#937860",  # work: the scores a rank computed
 }
 MASK_COLOURS = ("#ffffff", "#4c72b0", "#1b2a49")  # keys chosen 0, 1, 2+ times
 SEGMENT_COLOUR = "#e377c2"

@@ -1,4 +1,5 @@
-"""Bytes and memory per rank: one trace's traffic, and peak memory as the world size grows."""
+"""Work, bytes and memory per rank: one trace's balance and traffic, and peak memory as the
+world size grows."""
 
 from __future__ import annotations
 
@@ -16,12 +17,21 @@ if TYPE_CHECKING:
 
 
 def traffic_figure(trace: Trace, *, title: str | None = None) -> Figure:
-    """Bytes each rank sent and received (left) and its peak bytes held (right)."""
+    """Each rank's work (the scores it computed, :meth:`~ringsim.trace.Trace.work`, against
+    the mean: a step lasts as long as its busiest rank), the bytes it sent and received, and
+    its peak bytes held."""
     ranks = np.arange(trace.world_size)
     sent = [trace.sent_bytes(r) for r in ranks]
     received = [trace.received_bytes(r) for r in ranks]
-    figure = new_figure(max(7.0, 1.1 * trace.world_size + 3.5), 3.4)
-    left, right = figure.subplots(1, 2)
+    work = [trace.work(r) for r in ranks]
+    figure = new_figure(max(10.0, 1.5 * trace.world_size + 5.0), 3.4)
+    busy, left, right = figure.subplots(1, 3)
+    mean = float(np.mean(work)) if work else 0.0
+    busy.bar(ranks, work, 0.6, color=COLOURS["compute"])
+    busy.axhline(mean, color="grey", linestyle="--", linewidth=1, label="mean")
+    busy.set_title(f"work per rank (busiest / mean = {max(work) / (mean or 1):.2f})")
+    busy.legend(fontsize=8)
+    busy.set_ylabel("(query, key) scores")
     width = 0.38
     left.bar(ranks - width / 2, sent, width, label="sent", color=COLOURS["sent"])
     left.bar(ranks + width / 2, received, width, label="received", color=COLOURS["received"])
@@ -29,16 +39,19 @@ def traffic_figure(trace: Trace, *, title: str | None = None) -> Figure:
     left.legend(fontsize=8)
     right.bar(ranks, trace.peak_bytes, 0.6, color=COLOURS["peak"])
     right.set_title("peak bytes held per rank")
-    for ax, values in ((left, sent + received), (right, list(trace.peak_bytes))):
+    for ax, values in ((busy, work), (left, sent + received), (right, list(trace.peak_bytes))):
         ax.set_xlabel("rank")
-        ax.set_ylabel("bytes")
+        if ax is not busy:
+            ax.set_ylabel("bytes")
         ax.set_xticks(ranks)
         ax.set_ylim(0, 1.15 * max(max(values, default=0), 1))
         ax.grid(axis="y", alpha=0.3)
     for r, peak in zip(ranks, trace.peak_bytes):
         right.annotate(f"{peak}", (r, peak), ha="center", va="bottom", fontsize=7)
     total = sum(sent)
-    figure.suptitle(title or f"Traffic and memory: {trace.world_size} ranks, {total} bytes sent")
+    figure.suptitle(
+        title or f"Work, traffic and memory: {trace.world_size} ranks, {total} bytes sent"
+    )
     return figure
 
 
