@@ -83,9 +83,11 @@ def test_mask_figure_panels() -> None:
     assert len(grouped.axes) == 2 * 3 and len(unused) == 2
 
 
-def test_traffic_and_scaling_bars_match_the_trace() -> None:
-    trace = run(Case(1, 24, 4, 8, (12, 24), (2, 3), True, "longnet", 4))
-    left, right = figures.traffic_figure(trace).axes
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_traffic_and_scaling_bars_match_the_trace(layout) -> None:
+    trace = run(Case(1, 24, 4, 8, (12, 24), (2, 3), True, "longnet", 4, layout=layout))
+    busy, left, right = figures.traffic_figure(trace).axes
+    assert [p.get_height() for p in busy.patches] == [trace.work(r) for r in range(4)]
     heights = [p.get_height() for p in left.patches]
     sent = [trace.sent_bytes(r) for r in range(4)]
     assert heights == sent + [trace.received_bytes(r) for r in range(4)]
