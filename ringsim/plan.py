@@ -315,7 +315,7 @@ def rank_plan(
             recvs.setdefault(t.step, []).append(t)
         for task in my_tasks:
             tasks.setdefault(task.step, []).append(task)
-    num_steps = max(tasks, default=-1) + 1
+    num_steps = max((*tasks, *sends, *recvs), default=-1) + 1  # a rank may only forward
     steps = tuple(
         RankStep(
             t,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session on the lent GPU machine: install, CUDA tests, NCCL parity, benchmarks.
 # Usage (from the repository root, on the GPU machine): bash scripts/gpu_session.sh STEPS...
-# STEPS: tests, check, distcheck, ring, ring-quick, bench, bench-backward, profile, ncu-mix.
+# STEPS: tests, check, distcheck, distcheck-zigzag, ring, ring-quick, bench, bench-backward,
+# profile, ncu-mix.
 # Logs and results go
 # under $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
@@ -23,6 +24,11 @@ for step in "$@"; do
       for dt in bfloat16 float16 float32; do
         python3 -m ringsim.gpu.harness.distcheck --world-size "$NGPU" --backend nccl --dtype $dt \
           2>&1 | tee "$OUT/distcheck_$dt.log" | tail -3
+      done ;;
+    distcheck-zigzag)
+      for dt in bfloat16 float32; do
+        python3 -m ringsim.gpu.harness.distcheck --world-size "$NGPU" --backend nccl --dtype $dt \
+          --layout zigzag 2>&1 | tee "$OUT/distcheck_zigzag_$dt.log" | tail -3
       done ;;
     ring-quick)
       torchrun --nproc-per-node "$NGPU" -m ringsim.gpu.harness.bench_ring --out "$OUT" \

@@ -76,7 +76,7 @@ def full_arrays_everywhere(mp: pytest.MonkeyPatch) -> None:
 def whole_group(mp: pytest.MonkeyPatch) -> None:
     """pitfall 12: every segment's blocks go around all ranks, not only its sub-ring."""
 
-    def every_rank_every_segment(config, seq_len, world_size, rank):
+    def every_rank_every_segment(config, seq_len, world_size, rank, layout="contiguous"):
         subrings, index = [], 0
         for pair, w_eff in enumerate(config.effective_segment_lengths(seq_len)):
             for segment, start in enumerate(range(0, seq_len, w_eff)):

@@ -38,6 +38,7 @@ import torch
 
 from ringsim.cli.tables import markdown_table, text_table
 from ringsim.config import make_config
+from ringsim.layout import Layout
 
 from ..executor import dilated_attention
 from ..kernels import Kernel, attend, attend_backward, capability, choose_kernel
@@ -176,7 +177,9 @@ def ring_rows(problem, args, device, emit) -> None:
                                requires_grad=True) for _ in "qkv")  # fmt: skip
         traces: list = []
         kernel = choose_kernel(q.detach())
-        out, _ = SimulatedRingFunction.apply(q, k, v, config, p, kernel, 600.0, traces)
+        out, _ = SimulatedRingFunction.apply(
+            q, k, v, config, p, kernel, 600.0, traces, Layout.CONTIGUOUS
+        )
         out.backward(torch.randn_like(out))
         fwd, bwd = (max(t.peak_bytes) / 2**20 for t in traces)
         base = bwd if base is None else base

@@ -2,7 +2,8 @@
 one GPU running the whole problem and PyTorch's own context parallel, in one run::
 
     torchrun --nproc-per-node 2 -m ringsim.gpu.harness.bench_ring [--problems a,b,c]
-        [--passes fwd,fwd+bwd] [--lengths N,...] [--budget S] [--kernel K] [--no-cp] [--out DIR]
+        [--passes fwd,fwd+bwd] [--lengths N,...] [--budget S] [--kernel K] [--no-cp]
+        [--layouts contiguous,zigzag] [--out DIR]
     python -m ringsim.gpu.harness.bench_ring --smoke     # one CPU process (gloo): tests it
 
 Problems (b=1, h=16, d=128, bf16, longnet, causal and not):
@@ -10,10 +11,13 @@ Problems (b=1, h=16, d=128, bf16, longnet, causal and not):
 - ``a``: LongNet's configuration, w=(2048, 4096, 8192, 16384, 32768), r=(1, 2, 4, 8, 16),
   n = 256K and 1M;
 - ``b``: plain ring attention, w=n, r=1, n = 64K, 128K, 256K, with PyTorch's context parallel
-  (``context_parallel`` around SDPA, the same kernel, its load balancer off so that both
-  use the contiguous layout, K/V passed by all-to-all);
+  (``context_parallel`` around SDPA, the same kernel, K/V passed by all-to-all; its load
+  balancer off on contiguous rows, on for zigzag rows: its head-tail chunks are zigzag's);
 - ``c``: a longest segment spanning every rank, w=(2048, 8192, 32768, n), r=(1, 2, 4, 16),
   n = 256K and 1M.
+
+Causal rows run in every layout of ``--layouts`` (:mod:`ringsim.layout`; zigzag balances
+causal work), non-causal rows in the contiguous one.
 
 Per row: the ring's median time (the slowest rank's), useful TFLOP/s per GPU (4 d per
 selected query-key pair, forward + backward 3.5x), the one-GPU time of the whole problem
@@ -42,6 +46,7 @@ import torch.distributed as dist
 
 from ringsim.cli.tables import text_table
 from ringsim.config import DilatedConfig, make_config
+from ringsim.layout import Layout, check_layout, shard
 from ringsim.trace import closed_form_bytes
 
 from ..executor import dilated_attention
@@ -86,9 +91,10 @@ class Problem:
     k: torch.Tensor
     v: torch.Tensor
     dout: torch.Tensor
-    shards: list[torch.Tensor]  # this rank's q, k, v, dout
+    shards: list[torch.Tensor]  # this rank's q, k, v, dout, in ``layout``
     config: DilatedConfig
     kernel: Kernel
+    layout: Layout
 
     def one_gpu(self, *x):
         c = self.config
@@ -107,6 +113,7 @@ class Problem:
                 is_causal=c.is_causal,
                 kernel=self.kernel,
                 comm=comm,
+                layout=self.layout,
             )
 
         return attention
@@ -147,8 +154,8 @@ def measure(row: Row, problem: Problem, comm, device, args, mesh) -> None:
     row.efficiency = row.one_gpu_ms / (p * row.ms)
     if not backward and row.transfer_steps:
         common = (ring_x, problem.config, comm, problem.kernel, device, args.budget)
-        row.comm_ms = ring_parts_ms(*common, CommOnly, comm)
-        row.compute_ms = ring_parts_ms(*common, StepParts, Loopback(comm, device))
+        row.comm_ms = ring_parts_ms(*common, CommOnly, comm, problem.layout)
+        row.compute_ms = ring_parts_ms(*common, StepParts, Loopback(comm, device), problem.layout)
         overlap = (row.comm_ms + row.compute_ms - row.ms) / row.comm_ms
         row.hidden = min(1.0, max(0.0, overlap))
         row.bandwidth_gbs = row.bytes_sent / row.comm_ms / 1e6
@@ -163,6 +170,14 @@ def measure(row: Row, problem: Problem, comm, device, args, mesh) -> None:
         row.status = f"context parallel not run: {why}"
     if row.bytes_sent != row.closed_form_bytes:
         row.status = f"bytes {row.bytes_sent} != closed form {row.closed_form_bytes}"
+
+
+def masks_and_layouts(layouts: Sequence[Layout]) -> list[tuple[bool, Layout]]:
+    """The rows of one problem and n: causal in every layout asked for; non-causal in the
+    contiguous layout only (a layout moves no work without a mask), unless it is not asked
+    for."""
+    full = [x for x in layouts if x is Layout.CONTIGUOUS] or list(layouts)[:1]
+    return [(False, x) for x in full] + [(True, x) for x in layouts]
 
 
 def bench(args, device: torch.device, emit) -> None:
@@ -182,16 +197,15 @@ def bench(args, device: torch.device, emit) -> None:
             q, k, v, dout = (
                 torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(4)
             )
-            c = n // p
-            mine = slice(comm.rank * c, (comm.rank + 1) * c)
-            shards = [x[:, mine].contiguous() for x in (q, k, v, dout)]
             kernel = choose_kernel(q, args.kernel)
-            for causal in (False, True):
+            for causal, layout in masks_and_layouts(args.layouts):
+                shards = [shard(x, comm.rank, p, layout=layout) for x in (q, k, v, dout)]
                 w = tuple(n if s is None else s for s in segs)
                 config = make_config(w, rates, is_causal=causal)
-                problem = Problem(name, q, k, v, dout, shards, config, kernel)
-                sent, steps, block = sent_bytes(config, h, n, comm, q.element_size(), b, d)
-                form = closed_form_bytes(config, h, b, d, n, p, comm.rank, q.element_size())
+                problem = Problem(name, q, k, v, dout, shards, config, kernel, layout)
+                size = q.element_size()
+                sent, steps, block = sent_bytes(config, h, n, comm, size, b, d, layout)
+                form = closed_form_bytes(config, h, b, d, n, p, comm.rank, size, layout)
                 for pass_ in args.passes:
                     row = Row(
                         name,
@@ -199,6 +213,7 @@ def bench(args, device: torch.device, emit) -> None:
                         p,
                         causal,
                         pass_,
+                        layout=layout.value,
                         kernel=kernel.value,
                         bytes_sent=sent,
                         closed_form_bytes=form,
@@ -223,6 +238,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, help="seconds of timing per measurement")
     parser.add_argument("--kernel", choices=[k.value for k in Kernel], help="default: auto")
     parser.add_argument("--no-cp", action="store_true", help="skip PyTorch's context parallel")
+    parser.add_argument(
+        "--layouts",
+        default="contiguous,zigzag",
+        help="comma-separated layouts of the causal rows (non-causal rows: contiguous)",
+    )
     parser.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     args = parser.parse_args(argv)
     if os.environ.get("RANK", "0") == "0":  # rank 0 alone writes: no empty folders elsewhere
@@ -236,6 +256,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         if x not in ("fwd", "fwd+bwd"):
             parser.error(f"--passes: unknown pass {x!r} (fwd or fwd+bwd)")
     args.lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    try:
+        args.layouts = [check_layout(x) for x in args.layouts.split(",") if x]
+    except (TypeError, ValueError) as err:
+        parser.error(f"--layouts: {err}")
     args.budget = args.budget if args.budget is not None else (0.0 if args.smoke else 0.3)
     args.heads, args.head_dim = (4, 16) if args.smoke else (16, 128)
     return args

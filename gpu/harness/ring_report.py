@@ -48,6 +48,7 @@ class Row:
             self.problem,
             str(self.n),
             "causal" if self.causal else "full",
+            self.layout,
             self.pass_,
             f(self.ms, ".2f"),
             f(self.tflops_per_gpu, ".0f"),
@@ -73,6 +74,7 @@ HEADER = [
     "problem",
     "n",
     "mask",
+    "layout",
     "pass",
     "ms",
     "TFLOP/s/GPU",
@@ -117,6 +119,7 @@ NOTES = [
     "- hidden: (T_comm + T_compute - T_ring) / T_comm, forward only, where the rank sends.",
     "- MiB sent/closed: bytes this rank sends (from its plan) / spec §5's closed form.",
     "- CP: torch.distributed.tensor.experimental.context_parallel around SDPA, same kernel, "
-    "load balancer off (contiguous layout), all-to-all rotation; its output is compared with "
-    "ours (torch_cp_max_diff in the JSON).",
+    "all-to-all rotation; its load balancer off on contiguous rows, on (head-tail: the zigzag "
+    "layout's chunks) on zigzag rows; its output is compared with ours (torch_cp_max_diff in "
+    "the JSON).",
 ]

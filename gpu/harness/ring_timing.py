@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ringsim.comm.base import Recv, Send
 from ringsim.config import DilatedConfig
+from ringsim.layout import Layout, shard
 from ringsim.plan import rank_plan
 from ringsim.ringloop import run_ring
 
@@ -119,15 +120,18 @@ def comm_device(comm) -> torch.device:
     return comm.device if comm.device is not None else torch.device("cpu")
 
 
-def sent_bytes(config: DilatedConfig, h: int, n: int, comm, itemsize: int, b: int, d: int):
+def sent_bytes(
+    config: DilatedConfig, h: int, n: int, comm, itemsize: int, b: int, d: int, layout: Layout
+):
     """From this rank's plan: the K/V bytes it sends in the forward, the steps with a
     transfer (the most of any rank: they time together) and the largest K/V block any rank
     receives at one step (the peak memory is the most of any rank's too)."""
-    plan = rank_plan(config, h, n, comm.world_size, comm.rank)
+    plan = rank_plan(config, h, n, comm.world_size, comm.rank, layout)
 
     def nbytes(t) -> int:
-        groups = plan.groups[t.subring.pair]
-        return 2 * b * d * itemsize * sum(len(r) * len(g.heads) for r, g in zip(t.rows, groups))
+        groups = plan.groups[t.subring.pair]  # slot i: group i % G (Note [Pieces])
+        heads = (len(groups[i % len(groups)].heads) for i in range(len(t.rows)))
+        return 2 * b * d * itemsize * sum(len(r) * g for r, g in zip(t.rows, heads))
 
     total = sum(nbytes(t) for step in plan.steps for t in step.sends)
     block = max((sum(nbytes(t) for t in step.recvs) for step in plan.steps), default=0)
@@ -136,11 +140,13 @@ def sent_bytes(config: DilatedConfig, h: int, n: int, comm, itemsize: int, b: in
     return total, int(reduce_max(steps, device)), int(reduce_max(block, device))
 
 
-def ring_parts_ms(shards, config, comm, kernel, device, budget, parts_type, transport):
+def ring_parts_ms(
+    shards, config, comm, kernel, device, budget, parts_type, transport, layout: Layout
+):
     """Median ms of the forward ring with other parts or another transport."""
     q = shards[0]
     _, c, h, _ = q.shape
-    plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank)
+    plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank, layout)
 
     def run():
         executor = ForwardExecutor(*shards, plan, config, kernel)
@@ -152,9 +158,11 @@ def ring_parts_ms(shards, config, comm, kernel, device, budget, parts_type, tran
 
 
 def torch_cp(problem, device, budget: float, backward: bool, mesh, want: torch.Tensor):
-    """PyTorch's context parallel on the same global q, k, v (its load balancer off: the
-    contiguous layout), the same SDPA kernel: ``(median ms, max |out - want|)``, ``want``
-    this rank's shard of the output ``(b, c, h, d)`` (that it computed the same function)."""
+    """PyTorch's context parallel on the same global q, k, v, the same SDPA kernel, its load
+    balancer on for the zigzag layout (its head-tail chunks are zigzag's: rank j holds
+    chunks j and 2P-1-j), off for the contiguous one: ``(median ms, max |out - want|)``,
+    ``want`` this rank's shard of the output ``(b, c, h, d)`` in that layout (that it
+    computed the same function)."""
     import torch.nn.functional as F
     from torch.distributed.tensor.experimental import _attention as cp
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -165,11 +173,11 @@ def torch_cp(problem, device, budget: float, backward: bool, mesh, want: torch.T
         Kernel.EFFICIENT: SDPBackend.EFFICIENT_ATTENTION,
     }
     causal = problem.config.is_causal
-    cp._cp_options.enable_load_balance = False
+    cp._cp_options.enable_load_balance = problem.layout == "zigzag"
     cp.set_rotate_method("alltoall")
     buffers = [x.transpose(1, 2).contiguous() for x in (problem.q, problem.k, problem.v)]
     dout = problem.dout.transpose(1, 2).contiguous()  # (b, h, n, d), sharded below by hand
-    local_dout = dout.chunk(mesh.size(), dim=2)[mesh.get_local_rank()]
+    local_dout = shard(dout, mesh.get_local_rank(), mesh.size(), layout=problem.layout, axis=2)
     context = cp.context_parallel(
         mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2], no_restore_buffers=set(buffers)
     )
