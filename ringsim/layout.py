@@ -69,8 +69,9 @@ def rank_chunks(
     layout: Layout | str, rank: int, seq_len: int, world_size: int
 ) -> tuple[range, ...]:
     """The global positions ``rank`` holds, chunk by chunk, in the order of its local
-    shard (zigzag: chunk ``rank``, then chunk ``2P-1-rank``)."""
-    if Layout(layout) is Layout.CONTIGUOUS:
+    shard (zigzag: chunk ``rank``, then chunk ``2P-1-rank``; at P = 1 those are chunks 0
+    and 1, the whole sequence in order: one chunk, as contiguous)."""
+    if Layout(layout) is Layout.CONTIGUOUS or world_size == 1:
         c = seq_len // world_size
         return (range(rank * c, (rank + 1) * c),)
     s = seq_len // (2 * world_size)

@@ -52,6 +52,31 @@ def test_simulated_torch_ring_matches_definition(world_size, kernel, layout):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize(
+    ("segs", "rates", "strided"),
+    [((4, 8), (1, 2), True), ((8,), (2,), True), ((16, 64), (1, 2), False), ((6,), (1,), False)],
+)
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_zigzag_runs_the_strided_path_when_segments_fit_a_chunk(segs, rates, strided, world_size):
+    """Segments inside one chunk (w' dividing n / 2P): strided views, as contiguous; longer
+    (or ragged) ones: the general path, which cuts blocks into pieces. Both match the
+    definition, causal and not. At P = 1 zigzag is the contiguous layout."""
+    from ringsim.config import make_config
+    from ringsim.gpu.executor.forward import strided as uses_strided
+    from ringsim.plan import rank_plan
+
+    n = 64
+    for causal in (False, True):
+        config = make_config(segs, rates, is_causal=causal)
+        plan = rank_plan(config, 4, n, world_size, 0, "zigzag")
+        assert uses_strided(config, plan) is (strided or (world_size == 1 and segs != (6,)))
+        case = Case(2, n, 4, 8, segs, rates, causal, "longnet", world_size, layout="zigzag")
+        q, k, v = case.inputs(seed=3)
+        out, lse, _ = torch_ring(case, q, k, v)
+        report = check_case(case, out, lse, q, k, v)
+        assert report.ok, report.line()
+
+
 def test_torch_ring_float32_within_spec():
     for i, case in enumerate(ring_cases([3, 4], per_size=4, seed=2)):
         q, k, v = case.inputs(seed=i, dtype=np.float32)

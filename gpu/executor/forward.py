@@ -17,7 +17,8 @@ gathered layout ``(b, m, H, d)`` (every head of the pair, K then V): one buffer 
 read by the kernels as it is.
 
 **Other** configurations (a ragged last segment, r not dividing w', segments crossing shard
-boundaries at odd places) gather the rows of each batch by index: one call per set of
+boundaries at odd places, segments longer than a zigzag chunk: :func:`strided`) gather the
+rows of each batch by index: one call per set of
 pattern groups with equal row counts over the rank's own rows
 (:class:`ringsim.batches.RowBatch`), one per task and group on blocks received.
 
@@ -74,6 +75,21 @@ from .part import Part
 from .schedule import Schedule, SideStreams, schedule
 
 
+def strided(config: DilatedConfig, plan: RankPlan) -> bool:
+    """Whether the strided views serve this rank (Note [Two layouts, two combiners]): spec
+    §5's aligned case when the rank holds one run of positions (the contiguous layout, and
+    any layout at P = 1). In the zigzag layout, only when every segment lies inside one
+    chunk (each ``w'`` divides the chunk length s, each r divides ``w'``): then each chunk
+    is a whole number of segments, nothing travels, and the shard is strided like any
+    other. A segment longer than a chunk makes blocks of two pieces (Note [Pieces] in
+    :mod:`ringsim.plan`), which only the general path takes so far."""
+    if len(plan.chunks) == 1:
+        return config.is_aligned(plan.seq_len, plan.world_size)
+    s = len(plan.chunks[0])
+    widths = config.effective_segment_lengths(plan.seq_len)
+    return all(w <= s and s % w == 0 and w % r == 0 for w, r in zip(widths, config.dilation_rates))
+
+
 class Executor:
     """What the forward and backward executors share: the rank's tensors, its plan, which
     layout runs (Note [Two layouts, two combiners]) and the ring's messages in it.
@@ -87,8 +103,7 @@ class Executor:
     def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel) -> None:
         self.q, self.k, self.v, self.plan, self.kernel = q, k, v, plan, kernel
         self.b, self.c, self.h, self.d = q.shape
-        # the strided views need one chunk per rank (Note [Pieces] in ringsim.plan)
-        self.aligned = len(plan.chunks) == 1 and config.is_aligned(plan.seq_len, plan.world_size)
+        self.aligned = strided(config, plan)
         self.scale = config.scale(self.d)
         self.widths = config.effective_segment_lengths(self.c)  # local widths W
         self.rates = config.dilation_rates
