@@ -54,27 +54,47 @@ def test_simulated_torch_ring_matches_definition(world_size, kernel, layout):
 
 @pytest.mark.parametrize(
     ("segs", "rates", "strided"),
-    [((4, 8), (1, 2), True), ((8,), (2,), True), ((16, 64), (1, 2), False), ((6,), (1,), False)],
+    [
+        ((4, 8), (1, 2), True),  # every segment inside a chunk: nothing travels
+        ((8,), (2,), True),
+        ((16, 64), (1, 2), True),  # the whole sequence: blocks of two pieces
+        ((4, 32, 64), (1, 2, 4), True),  # half the sequence too (whole chunks)
+        ((24, 64), (1, 2), False),  # 24 does not divide n: the general path
+        ((6,), (1,), False),
+    ],
 )
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_zigzag_runs_the_strided_path_when_segments_fit_a_chunk(segs, rates, strided, world_size):
-    """Segments inside one chunk (w' dividing n / 2P): strided views, as contiguous; longer
-    (or ragged) ones: the general path, which cuts blocks into pieces. Both match the
-    definition, causal and not. At P = 1 zigzag is the contiguous layout."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_zigzag_strided_path_matches_definition(segs, rates, strided, world_size, batch):
+    """Note [Strided pieces]: zigzag configurations aligned on chunks run on strided views,
+    a segment longer than a chunk as pieces; forward and gradients match the definition,
+    causal and not, one batch entry or two (views of the accumulators either way)."""
     from ringsim.config import make_config
     from ringsim.gpu.executor.forward import strided as uses_strided
     from ringsim.plan import rank_plan
+    from ringsim.reference.parity import check_gradients
 
     n = 64
     for causal in (False, True):
         config = make_config(segs, rates, is_causal=causal)
         plan = rank_plan(config, 4, n, world_size, 0, "zigzag")
-        assert uses_strided(config, plan) is (strided or (world_size == 1 and segs != (6,)))
-        case = Case(2, n, 4, 8, segs, rates, causal, "longnet", world_size, layout="zigzag")
+        # at P = 1 zigzag is the contiguous layout: strided when aligned
+        want = strided if world_size > 1 else config.is_aligned(n)
+        assert uses_strided(config, plan) is want
+        case = Case(batch, n, 4, 8, segs, rates, causal, "longnet", world_size, layout="zigzag")
         q, k, v = case.inputs(seed=3)
-        out, lse, _ = torch_ring(case, q, k, v)
-        report = check_case(case, out, lse, q, k, v)
+        dout = case.upstream(seed=3)
+        tensors = [torch.from_numpy(x).requires_grad_() for x in (q, k, v)]
+        out, lse = simulated_ring_dilated_attention(
+            *tensors, segs, rates, world_size=world_size, is_causal=causal, layout="zigzag",
+            return_lse=True,
+        )  # fmt: skip
+        out.backward(torch.from_numpy(dout))
+        report = check_case(case, out.detach().numpy(), lse.detach().numpy(), q, k, v)
         assert report.ok, report.line()
+        grads = [x.grad.numpy() for x in tensors]
+        grad_report = check_gradients(case, grads, q, k, v, dout)
+        assert grad_report.ok, grad_report.line()
 
 
 def test_torch_ring_float32_within_spec():

@@ -121,7 +121,9 @@ class BackwardExecutor(HomeAdds, Executor):
             self._direct(batches)
             return shares
         for batch in batches:
-            if self.aligned:
+            if self.pieces and not batch.own:
+                self._piece_grads(batch, held, shares)
+            elif self.aligned:
                 self._aligned(batch, held, shares)
             elif batch.own:
                 self._own_rows(batch)
@@ -182,7 +184,7 @@ class BackwardExecutor(HomeAdds, Executor):
             return
         sides = SideStreams(self.q.device) if how is Schedule.STREAMS else None
         for g, group in enumerate(groups):
-            blocks = functools.partial(group_blocks, group=group, length=self.c)
+            blocks = functools.partial(group_blocks, group=group, length=self.span)
             with sides.on(g) if sides else contextlib.nullcontext():
                 grads = self._grads(batch, blocks, blocks(self.k), blocks(self.v))
                 grads = [x.to(self.q.dtype) for x in grads]  # math's (one-key blocks): float32
@@ -224,7 +226,7 @@ class BackwardExecutor(HomeAdds, Executor):
             shares[index] = share
         for g, group in enumerate(groups):
             with sides.on(g) if sides else contextlib.nullcontext():
-                blocks = functools.partial(group_blocks, group=group, length=self.c)
+                blocks = functools.partial(group_blocks, group=group, length=self.span)
                 dq, dk, dv = self._grads(batch, blocks, *self.key_blocks(batch, held, g))
                 blocks(self.dq, view=True).add_(dq)
                 if batch.own:  # the rank's own rows: straight into its totals
@@ -236,6 +238,30 @@ class BackwardExecutor(HomeAdds, Executor):
                         gathered_blocks(total, heads).copy_(part)
         if sides:  # the next batch adds to the same totals: it starts after the join
             sides.join()
+
+    def _piece_grads(self, batch: TaskBatch, held, shares) -> None:
+        """Note [Strided pieces]: each task of a batch off the diagonal, one call per group:
+        dq into the query chunk's view, dK/dV added into the share of the block's piece."""
+        groups = self.groups(batch.pair)
+        for task in batch.tasks:
+            block = held[task.subring.index]
+            if shares.get(task.subring.index) is None:
+                shares[task.subring.index] = self.zeros(block)
+            share, half = shares[task.subring.index], len(block) // 2
+            chunk = self.chunk_of(task.q_rows[0])
+            pieces = (task.k_piece, half + task.k_piece)  # its K, its V
+            for g, (group, heads) in enumerate(zip(groups, head_slices(groups))):
+                if batch.actions[g] is BlockAction.SKIP:
+                    continue
+
+                def blocks(x, view=False, group=group, chunk=chunk):
+                    return self.piece(group_blocks(x, group, self.span, view=view), chunk)
+
+                keys = (gathered_blocks(block[i], heads) for i in pieces)
+                dq, dk, dv = self._grads(batch, blocks, *keys)
+                blocks(self.dq, view=True).add_(dq)
+                for i, part in zip(pieces, (dk, dv)):
+                    gathered_blocks(share[i], heads).add_(part)
 
     def _own_rows(self, batch: TaskBatch) -> None:
         from ringsim.batches import task_row_batches
@@ -290,7 +316,14 @@ class BackwardExecutor(HomeAdds, Executor):
         if not self.aligned:
             return super().add_home(grads, transfer)
         groups = self.groups(transfer.subring.pair)
-        for group, heads in zip(groups, head_slices(groups)):
-            for total, part in zip((self.dk, self.dv), grads):
-                group_blocks(total, group, self.c, view=True).add_(gathered_blocks(part, heads))
+        half = len(grads) // 2  # a K and a V per piece (Note [Strided pieces])
+        for p, sent in enumerate(self._pieces_sent(transfer)):
+            if not sent:
+                continue
+            for group, heads in zip(groups, head_slices(groups)):
+                for total, part in zip((self.dk, self.dv), (grads[p], grads[half + p])):
+                    view = group_blocks(total, group, self.span, view=True)
+                    if self.pieces:
+                        view = self.piece(view, self.chunk_of(transfer.rows[p * len(groups)]))
+                    view.add_(gathered_blocks(part, heads))
         return None

@@ -31,6 +31,26 @@ Results combine one of two ways:
 - **accumulate** (everywhere else): each result is merged into float32 accumulators
   (float64 for float64 input) with the stable LSE merge, through strided views or by index.
 
+Note [Strided pieces]
+---------------------
+In the zigzag layout (:mod:`ringsim.layout`) a rank's shard is two chunks of s rows, and
+the strided views serve it when the configuration is aligned on chunks (:func:`strided`).
+The local width of a pair is ``W = min(w', s)``: a segment inside a chunk is a segment of
+the views, as in a contiguous shard; a longer one is whole chunks, so each chunk of the
+shard is one block of the views (S = 2). The plan cuts such blocks into *pieces* (Note
+[Pieces] in :mod:`ringsim.plan`), and the executor follows it:
+
+- the diagonal batch (each piece against itself) runs on the views of the whole shard, one
+  call per group, as any own batch;
+- a task off the diagonal (a piece of the rank's queries against one piece of a block, its
+  own other piece or one received) runs on the view of its query chunk (:meth:`Executor.piece`)
+  and one piece of the block, one call per group;
+- a block is one gathered ``(b, m, H, d)`` tensor of K and one of V per piece, and a piece
+  no rank further along needs travels as 0 rows; the backward adds each task's dK/dV into
+  its piece of the block's share, and a share that comes home into the chunk's view.
+
+Results combine by accumulation (the mix reads whole shards only).
+
 Note [The lse layout]
 ---------------------
 Every lse the package hands around is ``(b, h, n)`` (``(b, h, c)`` on a rank), as the
@@ -77,17 +97,16 @@ from .schedule import Schedule, SideStreams, schedule
 
 def strided(config: DilatedConfig, plan: RankPlan) -> bool:
     """Whether the strided views serve this rank (Note [Two layouts, two combiners]): spec
-    §5's aligned case when the rank holds one run of positions (the contiguous layout, and
-    any layout at P = 1). In the zigzag layout, only when every segment lies inside one
-    chunk (each ``w'`` divides the chunk length s, each r divides ``w'``): then each chunk
-    is a whole number of segments, nothing travels, and the shard is strided like any
-    other. A segment longer than a chunk makes blocks of two pieces (Note [Pieces] in
-    :mod:`ringsim.plan`), which only the general path takes so far."""
+    §5's aligned case, on the chunks the rank holds (Note [Strided pieces]): each ``w'``
+    divides n; each ``w'`` up to a chunk's length s divides s, each longer one is whole
+    chunks; each r divides its ``w'`` and s (contiguous: s = c)."""
     if len(plan.chunks) == 1:
         return config.is_aligned(plan.seq_len, plan.world_size)
-    s = len(plan.chunks[0])
-    widths = config.effective_segment_lengths(plan.seq_len)
-    return all(w <= s and s % w == 0 and w % r == 0 for w, r in zip(widths, config.dilation_rates))
+    n, s = plan.seq_len, len(plan.chunks[0])
+    for w, r in zip(config.effective_segment_lengths(n), config.dilation_rates):
+        if n % w or w % r or s % r or (s % w if w <= s else w % s):
+            return False
+    return True
 
 
 class Executor:
@@ -105,7 +124,11 @@ class Executor:
         self.b, self.c, self.h, self.d = q.shape
         self.aligned = strided(config, plan)
         self.scale = config.scale(self.d)
-        self.widths = config.effective_segment_lengths(self.c)  # local widths W
+        self.span = self.c // len(plan.chunks)  # a chunk's rows: the longest local segment
+        self.widths = config.effective_segment_lengths(self.span)  # local widths W
+        # Note [Strided pieces]: some pair's segments span chunks, so blocks have pieces
+        longest = max(config.effective_segment_lengths(plan.seq_len))
+        self.pieces = self.aligned and len(plan.chunks) > 1 and longest > self.span
         self.rates = config.dilation_rates
 
     def groups(self, pair: int) -> tuple[PatternGroup, ...]:
@@ -113,13 +136,27 @@ class Executor:
 
     # --- the ring's messages (RingParts.own_blocks, message, expected) ----------------------
 
+    def chunk_of(self, rows: range) -> int:
+        """Which chunk of the shard holds ``rows`` (global positions)."""
+        return self.plan.local(rows).start // self.span
+
+    def piece(self, blocks: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Blocks ``(b*S, H, m, ...)`` of a pair whose segments are whole chunks (S = the
+        rank's chunks): the blocks ``(b, H, m, ...)`` of one chunk, a view."""
+        return blocks.unflatten(0, (self.b, -1))[:, chunk]
+
     def own_block(self, pair: int, slots: tuple[range, ...]) -> Payload:
         """The rank's own K/V block of a sub-ring of ``pair``, its rows ``slots``
         (:func:`ringsim.tasks.own_slots`): the gathered layout ``(b, m, H, d)`` of K and of
-        V (aligned), or each slot's rows ``(b, H, m, d)``."""
+        V (aligned; one of each per piece, Note [Strided pieces]), or each slot's rows
+        ``(b, H, m, d)``."""
         groups = self.groups(pair)
-        if self.aligned:
+        if self.aligned and not self.pieces:
             return (gather_pair(self.k, groups), gather_pair(self.v, groups))
+        if self.aligned:
+            chunks = [self.chunk_of(slots[i]) for i in range(0, len(slots), len(groups))]
+            halves = [slice(i * self.span, (i + 1) * self.span) for i in chunks]
+            return tuple(gather_pair(x[:, h], groups) for x in (self.k, self.v) for h in halves)
         heads = [groups[i % len(groups)].heads for i in range(len(slots))]
         local = [self.plan.local(rows) for rows in slots]
         keys = tuple(select(self.k, r, h) for r, h in zip(local, heads))
@@ -129,18 +166,25 @@ class Executor:
     def message(self, block: Payload, transfer: Transfer) -> Payload:
         """What ``transfer`` sends of a held block (or of its dK/dV): the block itself, or,
         for a ragged ring, each group's rows with pruned groups as 0 rows."""
-        if self.aligned:
-            if not all(transfer.rows):  # no aligned plan prunes a group but not the others
+        if self.aligned:  # one K and one V per piece; a piece is pruned whole (0 rows)
+            kept = self._pieces_sent(transfer)
+            if not self.pieces and not all(kept):
                 raise ValueError(f"message: aligned transfer with pruned groups: {transfer}")
-            return block
+            return tuple(a if sent else a[:, :0] for a, sent in zip(block, kept * 2))
         return tuple(a if len(r) else a[:, :, :0] for a, r in zip(block, transfer.rows * 2))
+
+    def _pieces_sent(self, transfer: Transfer) -> list[bool]:
+        """Whether each piece of an aligned transfer has rows (its groups are pruned alike)."""
+        groups = len(self.groups(transfer.subring.pair))
+        return [bool(transfer.rows[i]) for i in range(0, len(transfer.rows), groups)]
 
     def expected(self, transfer: Transfer) -> Recv:
         """The receive of ``transfer`` (q's dtype; the backward relay changes the dtype)."""
         groups = self.groups(transfer.subring.pair)
-        if self.aligned:
-            rows = len(transfer.rows[0])
-            shapes = ((self.b, rows, sum(len(g.heads) for g in groups), self.d),) * 2
+        if self.aligned:  # the gathered layout, one K and one V per piece
+            heads, step = sum(len(g.heads) for g in groups), len(groups)
+            rows = (len(transfer.rows[i]) for i in range(0, len(transfer.rows), step))
+            shapes = tuple((self.b, m, heads, self.d) for m in rows) * 2
         else:
             heads = (len(groups[i % len(groups)].heads) for i in range(len(transfer.rows)))
             shapes = tuple((self.b, h, len(r), self.d) for r, h in zip(transfer.rows, heads)) * 2
@@ -167,7 +211,7 @@ class Executor:
         rank's own k, v, or of the gathered block received."""
         groups = self.groups(batch.pair)
         if batch.own:
-            return tuple(group_blocks(x, groups[g], self.c) for x in (self.k, self.v))
+            return tuple(group_blocks(x, groups[g], self.span) for x in (self.k, self.v))
         block = held[batch.tasks[0].subring.index]
         heads = head_slices(groups)[g]
         return tuple(gathered_blocks(x, heads) for x in block)
@@ -179,7 +223,7 @@ class ForwardExecutor(Executor):
 
     def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel) -> None:
         super().__init__(q, k, v, plan, config, kernel)
-        self.mixing = self.aligned and mix_reason(q) is None
+        self.mixing = self.aligned and not self.pieces and mix_reason(q) is None
         b, c, h, d = q.shape
         # lse stored (b, h, c), written through its (b, c, h) view (Note [The lse layout])
         if self.mixing:
@@ -205,7 +249,9 @@ class ForwardExecutor(Executor):
         """Attend every batch of step ``index`` and combine the results."""
         parts: list[Part] = []
         for batch in batches:
-            if self.aligned:
+            if self.pieces and not batch.own:
+                parts += self._piece_parts(batch, held)
+            elif self.aligned:
                 parts += self._aligned(batch, held)
             elif batch.own:
                 self._own_rows(batch)
@@ -217,9 +263,11 @@ class ForwardExecutor(Executor):
                 self._mix()
         elif parts:
             for part in parts:  # accumulate: merge into views of the accumulators
-                views = (
-                    group_blocks(x, part.group, self.c, view=True) for x in (self.out, self.lse)
-                )
+                views = [
+                    group_blocks(x, part.group, self.span, view=True) for x in (self.out, self.lse)
+                ]
+                if part.piece is not None:
+                    views = [self.piece(x, part.piece) for x in views]
                 merge_(*views, part.out, part.lse)
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +300,7 @@ class ForwardExecutor(Executor):
         sides = SideStreams(self.q.device) if how is Schedule.STREAMS else None
         parts = []
         for g, group in enumerate(groups):
-            q = group_blocks(self.q, group, self.c)
+            q = group_blocks(self.q, group, self.span)
             if sides is None:
                 out, lse = call(q, *self.key_blocks(batch, held, g))
             else:
@@ -264,6 +312,33 @@ class ForwardExecutor(Executor):
             parts.append(Part(batch.pair, width, rate, group.heads, offsets, out, lse, group))
         if sides is not None:
             sides.join()
+        return parts
+
+    def _piece_parts(self, batch: TaskBatch, held: dict[int, Payload]) -> list[Part]:
+        """Note [Strided pieces]: each task of a batch off the diagonal, one call per group:
+        its query chunk (a view) against one piece of a block (the gathered layout)."""
+        groups = self.groups(batch.pair)
+        width, rate = self.widths[batch.pair], self.rates[batch.pair]
+        parts = []
+        for task in batch.tasks:
+            block = held[task.subring.index]
+            chunk = self.chunk_of(task.q_rows[0])
+            keys, values = block[task.k_piece], block[len(block) // 2 + task.k_piece]
+            for g, (group, heads) in enumerate(zip(groups, head_slices(groups))):
+                if batch.actions[g] is BlockAction.SKIP:
+                    continue
+                out, lse = attend(
+                    self.piece(group_blocks(self.q, group, self.span), chunk),
+                    gathered_blocks(keys, heads),
+                    gathered_blocks(values, heads),
+                    causal=self.causal(batch),
+                    scale=self.scale,
+                    kernel=self.kernel,
+                )
+                offsets = (group.pattern.offset,) * len(group.heads)
+                parts.append(
+                    Part(batch.pair, width, rate, group.heads, offsets, out, lse, group, chunk)
+                )
         return parts
 
     def _keep(self, index: int, parts: list[Part]) -> None:

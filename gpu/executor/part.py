@@ -16,7 +16,8 @@ class Part:
     """One kernel call's result: ``out (b*S, H, m, d)`` and ``lse (b*S, H, m)``. Row i of
     block ``bi*S + s``, head j, is local position ``s*width + i*rate + offsets[j]`` of head
     ``heads[j]`` in pair ``pair``; ``group`` is the pattern group (None for a call over a
-    whole pair)."""
+    whole pair). ``piece``: a call on one chunk of a zigzag shard (Note [Strided pieces] in
+    :mod:`ringsim.gpu.executor.forward`), its blocks ``(b, H, m, d)``."""
 
     pair: int
     width: int
@@ -26,3 +27,4 @@ class Part:
     out: torch.Tensor
     lse: torch.Tensor | None  # None: a block gradient (the sum reads no lse)
     group: PatternGroup | None = None
+    piece: int | None = None  # the one chunk of the shard it covers (b*S = b), or all
