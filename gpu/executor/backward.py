@@ -243,10 +243,17 @@ class BackwardExecutor(HomeAdds, Executor):
         """Note [Strided pieces]: each task of a batch off the diagonal, one call per group:
         dq into the query chunk's view, dK/dV added into the share of the block's piece."""
         groups = self.groups(batch.pair)
+        width = self.widths[batch.pair]
+        small = schedule(groups, self.b, 1, width // self.rates[batch.pair], self.q.device,
+                         gather=False)  # fmt: skip
+        for task in batch.tasks:  # the shares first: zeroed on this stream before any side
+            if shares.get(task.subring.index) is None:
+                shares[task.subring.index] = self.zeros(held[task.subring.index])
+        # groups write disjoint heads of dq and of a share; tasks of one batch may write the
+        # same chunk of dq or piece of a share: one task's groups side by side, then join
+        sides = SideStreams(self.q.device) if small is not Schedule.STRIDED else None
         for task in batch.tasks:
             block = held[task.subring.index]
-            if shares.get(task.subring.index) is None:
-                shares[task.subring.index] = self.zeros(block)
             share, half = shares[task.subring.index], len(block) // 2
             chunk = self.chunk_of(task.q_rows[0])
             pieces = (task.k_piece, half + task.k_piece)  # its K, its V
@@ -257,11 +264,15 @@ class BackwardExecutor(HomeAdds, Executor):
                 def blocks(x, view=False, group=group, chunk=chunk):
                     return self.piece(group_blocks(x, group, self.span, view=view), chunk)
 
-                keys = (gathered_blocks(block[i], heads) for i in pieces)
-                dq, dk, dv = self._grads(batch, blocks, *keys)
-                blocks(self.dq, view=True).add_(dq)
-                for i, part in zip(pieces, (dk, dv)):
-                    gathered_blocks(share[i], heads).add_(part)
+                with sides.on(g) if sides else contextlib.nullcontext():
+                    keys = (gathered_blocks(block[i], heads) for i in pieces)
+                    dq, dk, dv = self._grads(batch, blocks, *keys)
+                    blocks(self.dq, view=True).add_(dq)
+                    for i, part in zip(pieces, (dk, dv)):
+                        gathered_blocks(share[i], heads).add_(part)
+            if sides:
+                sides.join()
+                sides = SideStreams(self.q.device)  # the next task starts after this one
 
     def _own_rows(self, batch: TaskBatch) -> None:
         from ringsim.batches import task_row_batches
