@@ -66,7 +66,6 @@ copies it to ``(b, h, c)`` once (1/d of out's size).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import replace
 
@@ -316,14 +315,13 @@ class ForwardExecutor(Executor):
         return parts
 
     def _piece_parts(self, batch: TaskBatch, held: dict[int, Payload]) -> list[Part]:
-        """Note [Strided pieces]: each task of a batch off the diagonal, one call per group
-        (side by side on side streams when small, as :meth:`_aligned`'s): its query chunk (a
-        view) against one piece of a block (the gathered layout)."""
+        """Note [Strided pieces]: each task of a batch off the diagonal, one call per group:
+        its query chunk (a view) against one piece of a block (the gathered layout). One
+        after the other: on side streams (as :meth:`_aligned` runs small groups) the
+        forward of LongNet's (c) at 256K on 2 H200s took 25.6 ms instead of 15.6."""
         groups = self.groups(batch.pair)
         width, rate = self.widths[batch.pair], self.rates[batch.pair]
-        small = schedule(groups, self.b, 1, width // rate, self.q.device, gather=False)
-        sides = SideStreams(self.q.device) if small is not Schedule.STRIDED else None
-        parts, call = [], 0
+        parts = []
         for task in batch.tasks:
             block = held[task.subring.index]
             chunk = self.chunk_of(task.q_rows[0])
@@ -331,25 +329,18 @@ class ForwardExecutor(Executor):
             for g, (group, heads) in enumerate(zip(groups, head_slices(groups))):
                 if batch.actions[g] is BlockAction.SKIP:
                     continue
-                with sides.on(call) if sides else contextlib.nullcontext():
-                    out, lse = attend(
-                        self.piece(group_blocks(self.q, group, self.span), chunk),
-                        gathered_blocks(keys, heads),
-                        gathered_blocks(values, heads),
-                        causal=self.causal(batch),
-                        scale=self.scale,
-                        kernel=self.kernel,
-                    )
-                if sides:  # made on a side stream, read on main
-                    out.record_stream(sides.main)
-                    lse.record_stream(sides.main)
-                call += 1
+                out, lse = attend(
+                    self.piece(group_blocks(self.q, group, self.span), chunk),
+                    gathered_blocks(keys, heads),
+                    gathered_blocks(values, heads),
+                    causal=self.causal(batch),
+                    scale=self.scale,
+                    kernel=self.kernel,
+                )
                 offsets = (group.pattern.offset,) * len(group.heads)
                 parts.append(
                     Part(batch.pair, width, rate, group.heads, offsets, out, lse, group, chunk)
                 )
-        if sides:
-            sides.join()
         return parts
 
     def _keep(self, index: int, parts: list[Part]) -> None:
