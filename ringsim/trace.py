@@ -204,26 +204,26 @@ def closed_form_bytes(
                              itemsize)  # fmt: skip
     c = seq_len // world_size
     total = 0
-    for w_eff, r, heads in zip(
+    for w_eff, r, heads in _pairs(config, num_heads, seq_len):
+        g = w_eff // c  # the sub-ring's ranks; the rank's place in it:
+        messages = _one_piece_messages((rank * c % w_eff) // c, g, config.is_causal)
+        total += 2 * messages * batch * len(heads) * (c // r) * head_dim * itemsize
+    return total
+
+
+def _pairs(config: DilatedConfig, num_heads: int, seq_len: int):
+    """``(w', r, heads)`` of every pair."""
+    return zip(
         config.effective_segment_lengths(seq_len),
         config.dilation_rates,
         config.head_groups(num_heads),
-    ):
-        g = w_eff // c
-        if g <= 1:
-            continue
-        elems = batch * len(heads) * (c // r) * head_dim
-        if config.is_causal:
-            place = (rank * c % w_eff) // c
-            messages = place + 1 if place < g - 1 else 0
-        else:
-            messages = g - 1
-        total += 2 * messages * elems * itemsize
-    return total
+    )
 
 
 def _one_piece_messages(place: int, g: int, is_causal: bool) -> int:
     """Messages the rank at ``place`` of a sub-ring of g one-piece ranks sends (spec §5)."""
+    if g <= 1:
+        return 0
     if not is_causal:
         return g - 1
     return place + 1 if place < g - 1 else 0
@@ -257,11 +257,7 @@ def _zigzag_bytes(config, num_heads, batch, head_dim, seq_len, world_size, rank,
     p, s = world_size, seq_len // (2 * world_size)
     chunks = (rank, 2 * p - 1 - rank)
     total = 0
-    for w_eff, r, heads in zip(
-        config.effective_segment_lengths(seq_len),
-        config.dilation_rates,
-        config.head_groups(num_heads),
-    ):
+    for w_eff, r, heads in _pairs(config, num_heads, seq_len):
         m = w_eff // s
         if m <= 1:
             continue
