@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ringsim.cases import Case, fixed_cases, random_case  # noqa: E402
+from ringsim.cases import fixed_cases, random_case  # noqa: E402
 from ringsim.config import make_config  # noqa: E402
 from ringsim.gpu import Kernel, dilated_attention, simulated_ring_dilated_attention  # noqa: E402
 from ringsim.gpu.executor import Part  # noqa: E402
@@ -256,24 +256,13 @@ def aligned_ring_cases():
     return chosen[:16]
 
 
-def zigzag_piece_cases():
-    """Zigzag cases on the strided path with a pair longer than a chunk (Note [Strided
-    pieces]): its pieces merge into partials that the mix reads."""
-    return [
-        Case(1, 64, 4, 8, segs, rates, causal, "longnet", p, layout="zigzag")
-        for segs, rates in (((64,), (1,)), ((16, 64), (1, 2)), ((4, 32, 64), (1, 2, 4)))
-        for causal in (False, True)
-        for p in (2, 4)
-    ]
-
-
 def ring_failures(cases) -> list[str]:
     failures = []
     for i, case in enumerate(cases):
         q, k, v = (torch.from_numpy(x).float() for x in case.inputs(seed=i))
         out, lse = simulated_ring_dilated_attention(
             q, k, v, case.segment_lengths, case.dilation_rates, world_size=case.world_size,
-            **case.kwargs(), return_lse=True, layout=case.layout,
+            **case.kwargs(), return_lse=True,
         )  # fmt: skip
         ref_out, ref_lse = reference(case, seed=i)
         err = max(max_abs_error(out.double().numpy(), ref_out), max_abs_error(lse.numpy(), ref_lse))
@@ -298,22 +287,12 @@ def test_mixed_ring_matches_definition(interpreted, monkeypatch):
     assert len(calls) >= sum(c.world_size for c in aligned_ring_cases())  # one per rank
 
 
-def test_mixed_zigzag_pieces_match_definition(interpreted, monkeypatch):
-    calls = []
-    mix = interpreted.mix_
-    monkeypatch.setattr(interpreted, "mix_", lambda *a: calls.append(1) or mix(*a))
-    assert not ring_failures(zigzag_piece_cases())
-    assert len(calls) == sum(c.world_size for c in zigzag_piece_cases())  # one per rank
-
-
-@pytest.mark.parametrize("cases", [aligned_ring_cases, zigzag_piece_cases])
-def test_partials_of_earlier_steps_count(interpreted, monkeypatch, cases):
-    """The mutant that drops a pair's earlier steps or pieces (its partial overwritten, not
-    merged)."""
+def test_partials_of_earlier_steps_count(interpreted, monkeypatch):
+    """The mutant that drops a pair's earlier steps (its partial overwritten, not merged)."""
 
     def overwrite(out, lse, block_out, block_lse):
         out.copy_(block_out)
         lse.copy_(block_lse)
 
     monkeypatch.setattr(executor, "merge_", overwrite)
-    assert ring_failures(cases())
+    assert ring_failures(aligned_ring_cases())

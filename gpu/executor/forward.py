@@ -49,9 +49,7 @@ shard is one block of the views (S = 2). The plan cuts such blocks into *pieces*
   no rank further along needs travels as 0 rows; the backward adds each task's dK/dV into
   its piece of the block's share, and a share that comes home into the chunk's view.
 
-Each piece's result merges, in float32, into its chunk of its group's partial (the
-diagonal's part, which covers the whole shard), and the partials go to the one mix as any
-pair's (Note [Partials across steps]).
+Results combine by accumulation (the mix reads whole shards only).
 
 Note [The lse layout]
 ---------------------
@@ -225,7 +223,7 @@ class ForwardExecutor(Executor):
 
     def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel) -> None:
         super().__init__(q, k, v, plan, config, kernel)
-        self.mixing = self.aligned and mix_reason(q) is None
+        self.mixing = self.aligned and not self.pieces and mix_reason(q) is None
         b, c, h, d = q.shape
         # lse stored (b, h, c), written through its (b, c, h) view (Note [The lse layout])
         if self.mixing:
@@ -287,12 +285,10 @@ class ForwardExecutor(Executor):
         width, segments, rows = self.layout_of(batch)
         rate = self.rates[batch.pair]
         # a pair whose partials are merged across steps needs -inf for empty rows
-        raw_lse = self.mixing and not self.pieces and batch.pair not in self.plan.multi_step_pairs
+        raw_lse = self.mixing and batch.pair not in self.plan.multi_step_pairs
         call = functools.partial(attend, causal=self.causal(batch), scale=self.scale,
                                  kernel=self.kernel, raw_lse=raw_lse)  # fmt: skip
-        # pieces merge into their group's part (Note [Strided pieces]): one part per group
-        gather = self.mixing and not self.pieces
-        how = schedule(groups, self.b, segments, rows, self.q.device, gather=gather)
+        how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.mixing)
         if how is Schedule.GATHERED:  # one call for the pair on gathered rows
             q = gathered_blocks(gather_pair(self.q, groups))
             if batch.own:
@@ -356,23 +352,15 @@ class ForwardExecutor(Executor):
         by_pair: dict[int, list[Part]] = {}
         for part in parts:
             by_pair.setdefault(part.pair, []).append(part)
-        for pair, all_parts in by_pair.items():
-            mine = [p for p in all_parts if p.piece is None]
-            pieces = [p for p in all_parts if p.piece is not None]
+        for pair, mine in by_pair.items():
             running = self.running.pop(pair, None)
             if running is not None:  # same schedule, same shapes: part i onto partial i
                 for partial, part in zip(running, mine):
                     merge_(partial.out, partial.lse, part.out, part.lse)
                 mine = running
-            elif index < self.plan.pair_last_steps[pair] or pieces:
-                mine = [replace(p, out=p.out.float()) for p in mine]
-            # Note [Strided pieces]: a piece merges into its chunk of its group's partial
-            partials = {p.group: p for p in mine}
-            for part in pieces:
-                partial = partials[part.group]
-                views = (self.piece(x, part.piece) for x in (partial.out, partial.lse))
-                merge_(*views, part.out, part.lse)
             if index < self.plan.pair_last_steps[pair]:
+                if running is None:
+                    mine = [replace(p, out=p.out.float()) for p in mine]
                 self.running[pair] = mine
             else:
                 self.kept += [replace(p, out=p.out.to(self.q.dtype)) for p in mine]
