@@ -97,6 +97,22 @@ def test_zigzag_strided_path_matches_definition(segs, rates, strided, world_size
         assert grad_report.ok, grad_report.line()
 
 
+def test_a_piece_that_overwrites_instead_of_merging_is_caught(monkeypatch):
+    """Note [Strided pieces]: each piece's result merges into its chunk of the running
+    result; the mutant that overwrites it loses the other pieces' keys."""
+    from ringsim.gpu.executor import forward as executor
+
+    def overwrite(out, lse, block_out, block_lse):
+        out.copy_(block_out)
+        lse.copy_(block_lse)
+
+    monkeypatch.setattr(executor, "merge_", overwrite)
+    case = Case(1, 64, 4, 8, (16, 64), (1, 2), True, "longnet", 2, layout="zigzag")
+    q, k, v = case.inputs(seed=1)
+    out, lse, _ = torch_ring(case, q, k, v)
+    assert not check_case(case, out, lse, q, k, v).ok
+
+
 def test_torch_ring_float32_within_spec():
     for i, case in enumerate(ring_cases([3, 4], per_size=4, seed=2)):
         q, k, v = case.inputs(seed=i, dtype=np.float32)
