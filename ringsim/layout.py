@@ -9,16 +9,21 @@ offsets, masks, the plan) is defined on global positions, whatever the layout.
   holds chunk j then chunk 2P-1-j. Under causal masking the contiguous layout gives the
   last rank the most work (its queries see every key before them) and the first the least;
   pairing an early chunk with a late one evens that out (Note [Why zigzag balances]).
+  At P = 1 both layouts hold the whole sequence in order.
 
 Note [Why zigzag balances]
 --------------------------
 Causal attention over a segment of m chunks of s positions: the queries of the chunk at
-index i (0-based) inside the segment score ``i*s*s`` full pairs plus ``s*(s+1)/2`` on the
-diagonal. With the contiguous layout rank j's work grows with j. With zigzag, a segment that
-is a whole number of chunks and starts on an even chunk boundary holds, for every chunk at
-index i, the chunk at index m-1-i on the same rank's other half (where the segment includes
-the mirrored chunks), so each rank's indices sum to ``m-1``: equal work. ``Trace.work``
-measures it per rank; the tests hold it within 10% of the mean.
+index i of the segment score ``i*s*s + s*(s+1)/2`` pairs (the chunks before it, and the
+diagonal). Work grows with i, so in the contiguous layout it grows with the rank. In the
+zigzag layout a segment of m whole chunks in the first half (chunks ``k*m .. k*m+m-1``,
+ranks in that order) has a mirror in the second half (chunks ``2P-1-k*m-(m-1) ..
+2P-1-k*m``) held by the same ranks in reverse order: the rank with the chunk at index i in
+one holds the chunk at index ``m-1-i`` in the other. Its two indices sum to ``m - 1``
+whatever the rank, and so does its work. A segment across the middle is its own mirror,
+each of its ranks holding both chunks; plain attention (m = 2P) is that case. Segments
+shorter than a chunk are balanced in any layout. :meth:`ringsim.trace.Trace.work`
+measures it; the tests hold it within 10% of the mean for P = 2..8.
 
 :func:`shard` and :func:`unshard` cut a global array into a rank's shard and put the shards
 back together, for NumPy arrays and torch tensors alike (no import of torch here: a tensor's
