@@ -70,7 +70,7 @@ def test_zigzag_strided_path_matches_definition(segs, rates, strided, world_size
     a segment longer than a chunk as pieces; forward and gradients match the definition,
     causal and not, one batch entry or two (views of the accumulators either way)."""
     from ringsim.config import make_config
-    from ringsim.gpu.executor.forward import strided as uses_strided
+    from ringsim.gpu.executor.base import strided as uses_strided
     from ringsim.plan import rank_plan
     from ringsim.reference.parity import check_gradients
 

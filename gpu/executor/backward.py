@@ -44,7 +44,7 @@ from ringsim.gradrelay import HomeAdds
 from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
 
 from ..kernels import Kernel, accumulator_dtype, block_backward
-from .forward import Executor
+from .base import Executor
 from .layout import (
     batch_blocks,
     batch_index,
@@ -240,8 +240,9 @@ class BackwardExecutor(HomeAdds, Executor):
             sides.join()
 
     def _piece_grads(self, batch: TaskBatch, held, shares) -> None:
-        """Note [Strided pieces]: each task of a batch off the diagonal, one call per group:
-        dq into the query chunk's view, dK/dV added into the share of the block's piece."""
+        """Note [Strided pieces] (:mod:`ringsim.gpu.executor.base`): each task of a batch off
+        the diagonal, one call per group: dq into the query chunk's view, dK/dV added into
+        the share of the block's piece."""
         groups = self.groups(batch.pair)
         width = self.widths[batch.pair]
         small = schedule(groups, self.b, 1, width // self.rates[batch.pair], self.q.device,

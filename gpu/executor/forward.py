@@ -17,9 +17,9 @@ gathered layout ``(b, m, H, d)`` (every head of the pair, K then V): one buffer 
 read by the kernels as it is.
 
 **Other** configurations (a ragged last segment, r not dividing w', segments crossing shard
-boundaries at odd places, segments longer than a zigzag chunk: :func:`strided`) gather the
-rows of each batch by index: one call per set of
-pattern groups with equal row counts over the rank's own rows
+boundaries at odd places: :func:`~ringsim.gpu.executor.base.strided`) gather the rows of
+each batch by index: one call per set of pattern groups with equal row counts over the
+rank's own rows
 (:class:`ringsim.batches.RowBatch`), one per task and group on blocks received.
 
 Results combine one of two ways:
@@ -30,30 +30,6 @@ Results combine one of two ways:
   running state; the last busy step writes q's dtype, earlier ones a float32 running out;
 - **accumulate** (everywhere else): each result is merged into float32 accumulators
   (float64 for float64 input) with the stable LSE merge, through strided views or by index.
-
-Note [Strided pieces]
----------------------
-In the zigzag layout (:mod:`ringsim.layout`) a rank's shard is two chunks of s rows, and
-the strided views serve it when the configuration is aligned on chunks (:func:`strided`).
-The local width of a pair is ``W = min(w', s)``: a segment inside a chunk is a segment of
-the views, as in a contiguous shard; a longer one is whole chunks, so each chunk of the
-shard is one block of the views (S = 2). The plan cuts such blocks into *pieces* (Note
-[Pieces] in :mod:`ringsim.plan`), and the executor follows it:
-
-- the diagonal batch (each piece against itself) runs on the views of the whole shard, one
-  call per group, as any own batch;
-- a task off the diagonal (a piece of the rank's queries against one piece of a block, its
-  own other piece or one received) runs on the view of its query chunk (:meth:`Executor.piece`)
-  and one piece of the block, one call per group;
-- a block is one gathered ``(b, m, H, d)`` tensor of K and one of V per piece, and a piece
-  no rank further along needs travels as 0 rows; the backward adds each task's dK/dV into
-  its piece of the block's share, and a share that comes home into the chunk's view.
-
-Results combine by accumulation. Feeding the pieces to the one mix instead (each merged in
-float32 into its chunk of its group's partial, a pair's calls one per group) measured
-slower on 2 H200s at 256K for LongNet's (c): 33.1 ms forward against 17.0 (the mix then
-read one part per group, 23 in all, where the contiguous ring gathers a small pair into
-one call and one part).
 
 Note [The lse layout]
 ---------------------
@@ -76,11 +52,12 @@ from dataclasses import replace
 import torch
 
 from ringsim.batches import RowBatch, task_row_batches
-from ringsim.comm.base import Payload, Recv
-from ringsim.config import DilatedConfig, PatternGroup
-from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
+from ringsim.comm.base import Payload
+from ringsim.config import DilatedConfig
+from ringsim.plan import BlockAction, RankPlan, TaskBatch
 
 from ..kernels import Kernel, accumulator_dtype, attend
+from .base import Executor
 from .layout import (
     batch_blocks,
     batch_index,
@@ -97,128 +74,6 @@ from .layout import (
 from .merge import merge_, merge_into, mix_reason
 from .part import Part
 from .schedule import Schedule, SideStreams, schedule
-
-
-def strided(config: DilatedConfig, plan: RankPlan) -> bool:
-    """Whether the strided views serve this rank (Note [Two layouts, two combiners]): spec
-    §5's aligned case, on the chunks the rank holds (Note [Strided pieces]): each ``w'``
-    divides n; each ``w'`` up to a chunk's length s divides s, each longer one is whole
-    chunks; each r divides its ``w'`` and s (contiguous: s = c)."""
-    if len(plan.chunks) == 1:
-        return config.is_aligned(plan.seq_len, plan.world_size)
-    n, s = plan.seq_len, len(plan.chunks[0])
-    for w, r in zip(config.effective_segment_lengths(n), config.dilation_rates):
-        if n % w or w % r or s % r or (s % w if w <= s else w % s):
-            return False
-    return True
-
-
-class Executor:
-    """What the forward and backward executors share: the rank's tensors, its plan, which
-    layout runs (Note [Two layouts, two combiners]) and the ring's messages in it.
-
-    Args:
-        q, k, v: the rank's ``(b, c, h, d)`` shards (the whole tensors at P = 1).
-        plan: the rank's :class:`~ringsim.plan.RankPlan`.
-        config, kernel: the configuration and the kernel that runs.
-    """
-
-    def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel) -> None:
-        self.q, self.k, self.v, self.plan, self.kernel = q, k, v, plan, kernel
-        self.b, self.c, self.h, self.d = q.shape
-        self.aligned = strided(config, plan)
-        self.scale = config.scale(self.d)
-        self.span = self.c // len(plan.chunks)  # a chunk's rows: the longest local segment
-        self.widths = config.effective_segment_lengths(self.span)  # local widths W
-        # Note [Strided pieces]: some pair's segments span chunks, so blocks have pieces
-        longest = max(config.effective_segment_lengths(plan.seq_len))
-        self.pieces = self.aligned and len(plan.chunks) > 1 and longest > self.span
-        self.rates = config.dilation_rates
-
-    def groups(self, pair: int) -> tuple[PatternGroup, ...]:
-        return self.plan.groups[pair]
-
-    # --- the ring's messages (RingParts.own_blocks, message, expected) ----------------------
-
-    def chunk_of(self, rows: range) -> int:
-        """Which chunk of the shard holds ``rows`` (global positions)."""
-        return self.plan.local(rows).start // self.span
-
-    def piece(self, blocks: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Blocks ``(b*S, H, m, ...)`` of a pair whose segments are whole chunks (S = the
-        rank's chunks): the blocks ``(b, H, m, ...)`` of one chunk, a view."""
-        return blocks.unflatten(0, (self.b, -1))[:, chunk]
-
-    def own_block(self, pair: int, slots: tuple[range, ...]) -> Payload:
-        """The rank's own K/V block of a sub-ring of ``pair``, its rows ``slots``
-        (:func:`ringsim.tasks.own_slots`): the gathered layout ``(b, m, H, d)`` of K and of
-        V (aligned; one of each per piece, Note [Strided pieces]), or each slot's rows
-        ``(b, H, m, d)``."""
-        groups = self.groups(pair)
-        if self.aligned and not self.pieces:
-            return (gather_pair(self.k, groups), gather_pair(self.v, groups))
-        if self.aligned:
-            chunks = [self.chunk_of(slots[i]) for i in range(0, len(slots), len(groups))]
-            halves = [slice(i * self.span, (i + 1) * self.span) for i in chunks]
-            return tuple(gather_pair(x[:, h], groups) for x in (self.k, self.v) for h in halves)
-        heads = [groups[i % len(groups)].heads for i in range(len(slots))]
-        local = [self.plan.local(rows) for rows in slots]
-        keys = tuple(select(self.k, r, h) for r, h in zip(local, heads))
-        values = tuple(select(self.v, r, h) for r, h in zip(local, heads))
-        return keys + values
-
-    def message(self, block: Payload, transfer: Transfer) -> Payload:
-        """What ``transfer`` sends of a held block (or of its dK/dV): the block itself, or,
-        for a ragged ring, each group's rows with pruned groups as 0 rows."""
-        if self.aligned:  # one K and one V per piece; a piece is pruned whole (0 rows)
-            kept = self._pieces_sent(transfer)
-            if not self.pieces and not all(kept):
-                raise ValueError(f"message: aligned transfer with pruned groups: {transfer}")
-            return tuple(a if sent else a[:, :0] for a, sent in zip(block, kept * 2))
-        return tuple(a if len(r) else a[:, :, :0] for a, r in zip(block, transfer.rows * 2))
-
-    def _pieces_sent(self, transfer: Transfer) -> list[bool]:
-        """Whether each piece of an aligned transfer has rows (its groups are pruned alike)."""
-        groups = len(self.groups(transfer.subring.pair))
-        return [bool(transfer.rows[i]) for i in range(0, len(transfer.rows), groups)]
-
-    def expected(self, transfer: Transfer) -> Recv:
-        """The receive of ``transfer`` (q's dtype; the backward relay changes the dtype)."""
-        groups = self.groups(transfer.subring.pair)
-        if self.aligned:  # the gathered layout, one K and one V per piece
-            heads, step = sum(len(g.heads) for g in groups), len(groups)
-            rows = (len(transfer.rows[i]) for i in range(0, len(transfer.rows), step))
-            shapes = tuple((self.b, m, heads, self.d) for m in rows) * 2
-        else:
-            heads = (len(groups[i % len(groups)].heads) for i in range(len(transfer.rows)))
-            shapes = tuple((self.b, h, len(r), self.d) for r, h in zip(transfer.rows, heads)) * 2
-        return Recv(transfer.send_rank, transfer.subring.tag, shapes, self.q.dtype)
-
-    # --- the blocks of one batch ------------------------------------------------------------
-
-    def layout_of(self, batch: TaskBatch) -> tuple[int, int, int]:
-        """``(width, segments, rows)`` of an aligned batch: local width W, ``c / W`` segments
-        of ``W / r`` rows each."""
-        width = self.widths[batch.pair]
-        return width, self.c // width, width // self.rates[batch.pair]
-
-    def causal(self, batch: TaskBatch) -> bool:
-        """Whether the batch's blocks are the causal diagonal. Groups of one task differ
-        only where a group has no row (SKIP) or a single row (FULL: its diagonal), which the
-        causal kernel runs alike; no plan of the contiguous layout makes a MASKED block."""
-        if BlockAction.MASKED in batch.actions:
-            raise ValueError(f"executor: no kernel call takes a MASKED block: {batch}")
-        return BlockAction.CAUSAL in batch.actions
-
-    def key_blocks(self, batch: TaskBatch, held: dict[int, Payload], g: int):
-        """K and V blocks ``(b*S, H, m, d)`` of group g of an aligned batch: views of the
-        rank's own k, v, or of the gathered block received."""
-        groups = self.groups(batch.pair)
-        if batch.own:
-            return tuple(group_blocks(x, groups[g], self.span) for x in (self.k, self.v))
-        block = held[batch.tasks[0].subring.index]
-        heads = head_slices(groups)[g]
-        return tuple(gathered_blocks(x, heads) for x in block)
 
 
 class ForwardExecutor(Executor):
@@ -319,10 +174,11 @@ class ForwardExecutor(Executor):
         return parts
 
     def _piece_parts(self, batch: TaskBatch, held: dict[int, Payload]) -> list[Part]:
-        """Note [Strided pieces]: each task of a batch off the diagonal, one call per group:
-        its query chunk (a view) against one piece of a block (the gathered layout). One
-        after the other: on side streams (as :meth:`_aligned` runs small groups) the
-        forward of LongNet's (c) at 256K on 2 H200s took 25.6 ms instead of 15.6."""
+        """Note [Strided pieces] (:mod:`ringsim.gpu.executor.base`): each task of a batch off
+        the diagonal, one call per group: its query chunk (a view) against one piece of a
+        block (the gathered layout). One after the other: on side streams (as
+        :meth:`_aligned` runs small groups) the forward of LongNet's (c) at 256K on 2 H200s
+        took 25.6 ms instead of 15.6."""
         groups = self.groups(batch.pair)
         width, rate = self.widths[batch.pair], self.rates[batch.pair]
         parts = []

@@ -17,7 +17,7 @@ class Part:
     block ``bi*S + s``, head j, is local position ``s*width + i*rate + offsets[j]`` of head
     ``heads[j]`` in pair ``pair``; ``group`` is the pattern group (None for a call over a
     whole pair). ``piece``: a call on one chunk of a zigzag shard (Note [Strided pieces] in
-    :mod:`ringsim.gpu.executor.forward`), its blocks ``(b, H, m, d)``."""
+    :mod:`ringsim.gpu.executor.base`), its blocks ``(b, H, m, d)``."""
 
     pair: int
     width: int

@@ -27,7 +27,7 @@ from ringsim.tasks import own_slots
 from ringsim.trace import RankTrace
 
 from ..executor import BackwardExecutor, ForwardExecutor
-from ..executor.forward import Executor
+from ..executor.base import Executor
 from ..kernels import Kernel
 
 
