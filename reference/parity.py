@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ringsim.cases import Case
+from ringsim.layout import rank_chunks
 from ringsim.tolerance import max_abs_error, tolerance
 
 from .backward import dilated_attention_backward
@@ -58,20 +59,35 @@ def _ranges(rows: tuple[int, ...]) -> str:
 
 
 def compare(
-    out, lse, ref_out, ref_lse, *, world_size: int, tol: float, case: str = ""
+    out,
+    lse,
+    ref_out,
+    ref_lse,
+    *,
+    world_size: int,
+    tol: float,
+    case: str = "",
+    layout: str = "contiguous",
 ) -> ParityReport:
-    """Compare global ``out (b, n, h, d)`` / ``lse (b, h, n)`` with the definition's."""
+    """Compare global ``out (b, n, h, d)`` / ``lse (b, h, n)`` with the definition's; wrong
+    rows are reported by the rank that holds them in ``layout``."""
     row_err = np.zeros(out.shape[1])
     for n in range(out.shape[1]):
         row_err[n] = max(
             max_abs_error(out[:, n], ref_out[:, n]), max_abs_error(lse[..., n], ref_lse[..., n])
         )
     bad = np.flatnonzero(row_err > tol)
-    c = out.shape[1] // world_size
+    n = out.shape[1]
+    holder = {
+        position: rank
+        for rank in range(world_size)
+        for chunk in rank_chunks(layout, rank, n, world_size)
+        for position in chunk
+    }
     bad_rows: dict[int, tuple[int, ...]] = {}
     for row in bad:
-        bad_rows.setdefault(int(row) // c, ())
-        bad_rows[int(row) // c] += (int(row),)
+        bad_rows[holder[int(row)]] = (*bad_rows.get(holder[int(row)], ()), int(row))
+    bad_rows = dict(sorted(bad_rows.items()))
     return ParityReport(
         case, max_abs_error(out, ref_out), max_abs_error(lse, ref_lse), tol, bad_rows
     )
@@ -91,6 +107,7 @@ def check_case(case: Case, out, lse, q, k, v, on_head=None) -> ParityReport:
         world_size=case.world_size,
         tol=tolerance(q.dtype),
         case=case.describe(),
+        layout=case.layout,
     )
 
 

@@ -73,8 +73,8 @@ def random_case(
     """A random case whose seq_len is a multiple of ``world_size`` (zigzag: of ``2 *
     world_size``, so shards are even)."""
     c = int(rng.integers(1, max_shard + 1))
-    if layout != "contiguous":
-        c += c % 2
+    if layout != "contiguous":  # even, at most max_shard (or 2)
+        c = max(2, c - c % 2)
     n = c * world_size
     pairs = int(rng.integers(1, 4))
     mode = "grouped" if rng.random() < 0.35 else "longnet"

@@ -18,8 +18,9 @@ dK/dV can only be posted after it, and are waited for after computing step t+1.
 
 Note [Why the forward schedule is enough]
 -----------------------------------------
-A group's accumulator leaves a place exactly when the K/V rows of that group leave it (the
-plan's transfer rows), and stops where the K/V stop: each return transfer names the groups
+A slot's accumulator (one pattern group of one piece of the block, Note [Pieces] in
+:mod:`ringsim.plan`) leaves a place exactly when the K/V rows of that slot leave it (the
+plan's transfer rows), and stops where the K/V stop: each return transfer names the slots
 whose last place it is. So no place ever receives a gradient it has no block for, and every
 share reaches its owner exactly once: the mutant that drops the return trip loses the
 shares of every rank but the owner.

@@ -137,8 +137,9 @@ class Trace:
         return sum(e.nbytes for e in self.select(TraceAction.RECV, rank))
 
     def work(self, rank: int) -> int:
-        """The (query, key) scores ``rank`` computed, summed over heads: a ring step lasts as
-        long as its busiest rank, so this is how balance is measured (spec §5)."""
+        """The (query, key) scores ``rank`` computed over the whole run, summed over heads:
+        how balance between ranks is measured (spec §5). Per step, the events' ``pairs``
+        say the same for each step."""
         return sum(e.pairs for e in self.select(TraceAction.COMPUTE, rank))
 
     @property

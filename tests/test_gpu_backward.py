@@ -87,12 +87,13 @@ def test_simulated_ring_gradients_match_definition(world_size, kernel, layout):
     assert not failures, "\n".join(failures)
 
 
-def test_float32_gradients_within_spec():
-    for i, case in enumerate(ring_cases([1, 4], per_size=2, seed=5)):
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_float32_gradients_within_spec(layout):
+    for i, case in enumerate(ring_cases([1, 4], per_size=2, seed=5, layout=layout)):
         q, k, v, dout, _ = inputs(case, i, dtype=torch.float32)
         out = simulated_ring_dilated_attention(
             q, k, v, case.segment_lengths, case.dilation_rates, world_size=case.world_size,
-            **case.kwargs(),
+            **case.kwargs(), layout=layout,
         )  # fmt: skip
         grads = torch.autograd.grad((dout * out).sum(), (q, k, v))
         want = dense_gradients(case, *(x.detach().double().numpy() for x in (q, k, v, dout)))

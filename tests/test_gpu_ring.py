@@ -64,11 +64,12 @@ def test_simulated_torch_ring_matches_definition(world_size, kernel, layout):
     ],
 )
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_zigzag_strided_path_matches_definition(segs, rates, strided, world_size, batch):
+@pytest.mark.parametrize(("batch", "mode"), [(1, "longnet"), (2, "longnet"), (1, "grouped")])
+def test_zigzag_strided_path_matches_definition(segs, rates, strided, world_size, batch, mode):
     """Note [Strided pieces]: zigzag configurations aligned on chunks run on strided views,
     a segment longer than a chunk as pieces; forward and gradients match the definition,
-    causal and not, one batch entry or two (views of the accumulators either way)."""
+    causal and not, one batch entry or two (views of the accumulators either way), every
+    head on every pair or one head group per pair."""
     from ringsim.config import make_config
     from ringsim.gpu.executor.base import strided as uses_strided
     from ringsim.plan import rank_plan
@@ -76,18 +77,19 @@ def test_zigzag_strided_path_matches_definition(segs, rates, strided, world_size
 
     n = 64
     for causal in (False, True):
-        config = make_config(segs, rates, is_causal=causal)
-        plan = rank_plan(config, 4, n, world_size, 0, "zigzag")
+        config = make_config(segs, rates, is_causal=causal, mode=mode)
+        plan = rank_plan(config, 4 * len(segs), n, world_size, 0, "zigzag")
         # at P = 1 zigzag is the contiguous layout: strided when aligned
         want = strided if world_size > 1 else config.is_aligned(n)
         assert uses_strided(config, plan) is want
-        case = Case(batch, n, 4, 8, segs, rates, causal, "longnet", world_size, layout="zigzag")
+        heads = 4 * len(segs)
+        case = Case(batch, n, heads, 8, segs, rates, causal, mode, world_size, layout="zigzag")
         q, k, v = case.inputs(seed=3)
         dout = case.upstream(seed=3)
         tensors = [torch.from_numpy(x).requires_grad_() for x in (q, k, v)]
         out, lse = simulated_ring_dilated_attention(
             *tensors, segs, rates, world_size=world_size, is_causal=causal, layout="zigzag",
-            return_lse=True,
+            mode=mode, return_lse=True,
         )  # fmt: skip
         out.backward(torch.from_numpy(dout))
         report = check_case(case, out.detach().numpy(), lse.detach().numpy(), q, k, v)
@@ -113,8 +115,9 @@ def test_a_piece_that_overwrites_instead_of_merging_is_caught(monkeypatch):
     assert not check_case(case, out, lse, q, k, v).ok
 
 
-def test_torch_ring_float32_within_spec():
-    for i, case in enumerate(ring_cases([3, 4], per_size=4, seed=2)):
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_torch_ring_float32_within_spec(layout):
+    for i, case in enumerate(ring_cases([3, 4], per_size=4, seed=2, layout=layout)):
         q, k, v = case.inputs(seed=i, dtype=np.float32)
         out, lse, _ = torch_ring(case, q, k, v, dtype=torch.float32)
         report = check_case(case, out.astype(np.float32), lse.astype(np.float32), q, k, v)

@@ -122,6 +122,22 @@ def test_zigzag_plan_table_for_one_segment_over_every_rank():
     assert [s.ranks for s in rank_subrings(config, 8, 2, 0, "zigzag")] == [(0, 1)]
 
 
+def test_wrong_rows_are_blamed_on_the_rank_that_holds_them():
+    """Rank 1 holds rows 4-11 of 16 in the zigzag layout at P = 2; a message rank 0 sends
+    corrupted spoils them, and the report names rank 1 for all of them."""
+    from ringsim.comm import Fault, FaultKind
+    from ringsim.reference.parity import check_case
+
+    case = Case(1, 16, 2, 4, (16,), (1,), True, "longnet", 2, layout="zigzag")
+    q, k, v = case.inputs()
+    out, lse = ringsim.reference.ring_dilated_attention(
+        q, k, v, (16,), (1,), world_size=2, is_causal=True, layout="zigzag", return_lse=True,
+        faults=[Fault(FaultKind.CORRUPT, 0, 0)],
+    )  # fmt: skip
+    report = check_case(case, out, lse, q, k, v)
+    assert report.bad_rows == {1: tuple(range(4, 12))}, report.line()
+
+
 def _work(case: Case) -> list[int]:
     *_, trace = run_case(case, *case.inputs())
     return [trace.work(r) for r in range(case.world_size)]

@@ -66,8 +66,9 @@ def test_ring_backward_matches_definition(world_size, layout):
     assert not failures, "\n".join(failures)
 
 
-def test_ring_backward_float32_and_dlse():
-    cases = ring_cases([1, 3, 4], per_size=2, seed=8)
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_ring_backward_float32_and_dlse(layout):
+    cases = ring_cases([1, 3, 4], per_size=2, seed=8, layout=layout)
     assert not grad_failures(cases, dtype=np.float32)
     assert not grad_failures(cases, with_dlse=True)
 
