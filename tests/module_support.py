@@ -33,13 +33,15 @@ def by_hand(module, query, key, value, is_causal: bool) -> torch.Tensor:
         query, key, value = (x.transpose(0, 1) for x in (query, key, value))
     b, n, e = query.shape
 
-    def proj(linear, x):
-        y = x @ linear.weight.detach().T
-        return y if linear.bias is None else y + linear.bias.detach()
+    def proj(weight, bias, x):
+        y = x @ weight.detach().T
+        return y if bias is None else y + bias.detach()
 
     q, k, v = (
-        proj(lin, x).reshape(b, n, module.num_heads, -1)
-        for lin, x in ((module.q_proj, query), (module.k_proj, key), (module.v_proj, value))
+        proj(w, bias, x).reshape(b, n, module.num_heads, -1)
+        for w, bias, x in zip(
+            module.projection_weights(), module.projection_biases(), (query, key, value)
+        )
     )
     c = module.attention.config
     out = reference(
@@ -50,5 +52,5 @@ def by_hand(module, query, key, value, is_causal: bool) -> torch.Tensor:
     if norm is not None:
         mean, var = out.mean(-1, keepdim=True), out.var(-1, unbiased=False, keepdim=True)
         out = (out - mean) / torch.sqrt(var + norm.eps) * norm.weight.detach() + norm.bias.detach()
-    out = proj(module.out_proj, out)
+    out = proj(module.out_proj.weight, module.out_proj.bias, out)
     return out if module.batch_first else out.transpose(0, 1)

@@ -76,8 +76,8 @@ def test_multihead_matches_hand_computation(rng, batch_first, layer_norm, mode, 
 
 
 def test_magneto_sub_layer_norm_sits_before_out_proj(rng):
-    with_ln = RingMultiheadDilatedAttention(16, 2, (8,), (2,)).double()
-    without = RingMultiheadDilatedAttention(16, 2, (8,), (2,), layer_norm=False).double()
+    with_ln = RingMultiheadDilatedAttention(16, 2, (8,), (2,), layer_norm=True).double()
+    without = RingMultiheadDilatedAttention(16, 2, (8,), (2,)).double()  # the default
     norms = [m for m in with_ln.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert norms == [with_ln.sub_layer_norm] and norms[0].normalized_shape == (16,)
     assert not any(isinstance(m, torch.nn.LayerNorm) for m in without.modules())
@@ -86,7 +86,7 @@ def test_magneto_sub_layer_norm_sits_before_out_proj(rng):
     with_ln.sub_layer_norm.register_forward_hook(lambda m, i, o: seen.update(ln=o))
     with_ln.out_proj.register_forward_pre_hook(lambda m, i: seen.update(proj_in=i[0]))
     x = randn(rng, 1, 16, 16)
-    a, _ = with_ln(x, x, x)
+    a, _ = with_ln(x, x, x)  # (seq 1, batch 16): batch_first is False by default
     b, _ = without(x, x, x)
     assert torch.equal(seen["proj_in"], seen["ln"])  # out_proj reads the normalised output
     assert (a - b).abs().max() > 1e-3
@@ -97,8 +97,9 @@ def test_gamma_init_is_the_xavier_gain_of_v_and_out_projections():
     for gamma in (0.5, 1.0):
         torch.manual_seed(0)
         module = RingMultiheadDilatedAttention(512, 8, (64,), (1,), gamma_init=gamma)
-        stds[gamma] = {n: getattr(module, n).weight.std().item() for n in names}
-        assert all(torch.all(getattr(module, n).bias == 0) for n in names)
+        weights = (*module.projection_weights(), module.out_proj.weight)
+        stds[gamma] = {n: w.std().item() for n, w in zip(names, weights)}
+        assert torch.all(module.in_proj_bias == 0) and torch.all(module.out_proj.bias == 0)
     xavier = (2 / (512 + 512)) ** 0.5  # xavier std at gain 1
     for name in ("v_proj", "out_proj"):
         assert stds[0.5][name] / stds[1.0][name] == pytest.approx(0.5, rel=0.1)
@@ -110,7 +111,7 @@ def test_gamma_init_is_the_xavier_gain_of_v_and_out_projections():
 def module_gradients(rng, kernel: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(3)  # the projections' initial weights
     module = RingMultiheadDilatedAttention(
-        16, 4, (4, 12), (1, 3), kernel=kernel, dtype=torch.float64
+        16, 4, (4, 12), (1, 3), kernel=kernel, dtype=torch.float64, batch_first=True
     )
     randomise(module, seed=2)
     x = randn(rng, 2, 12, 16).requires_grad_()
@@ -176,9 +177,11 @@ def two_rank_main(rank: int, port: int) -> None:
         torch.manual_seed(4)
         ring = RingMultiheadDilatedAttention(
             24, 3, (8, 24), (1, 3), mode=mode, group="default", dtype=torch.float64,
-            layout=layout,
+            layout=layout, batch_first=True,
         )  # fmt: skip
-        whole = RingMultiheadDilatedAttention(24, 3, (8, 24), (1, 3), mode=mode).double()
+        whole = RingMultiheadDilatedAttention(
+            24, 3, (8, 24), (1, 3), mode=mode, batch_first=True
+        ).double()
         whole.load_state_dict(ring.state_dict())
         x = torch.randn(2, 24, 24, generator=gen, dtype=torch.float64)
         mine = ringsim.shard(x, rank, 2, layout=layout)  # segment [8, 16) crosses shards
@@ -206,3 +209,71 @@ def test_multihead_over_two_gloo_processes_matches_one_device():
             for process in context.processes:
                 process.kill()
             pytest.fail("two gloo ranks did not finish within 90 s")
+
+
+# --- nn.MultiheadAttention's state and defaults (the drop-in issue, item 1) -----------------
+
+
+@pytest.mark.parametrize("dims", [{}, {"kdim": 6, "vdim": 10}])
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dict_loads_both_ways_with_nn_multihead_attention(dims, bias):
+    ours = RingMultiheadDilatedAttention(16, 4, (8,), (1,), bias=bias, **dims)
+    theirs = torch.nn.MultiheadAttention(16, 4, bias=bias, **dims)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in theirs.state_dict().items()
+    }
+    ours.load_state_dict(theirs.state_dict())  # strict, both ways
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.batch_first is theirs.batch_first is False
+    assert ours.sub_layer_norm is None  # layer_norm=False by default, as theirs has none
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("dims", [{}, {"kdim": 6, "vdim": 10}])
+def test_one_full_segment_equals_nn_multihead_attention(rng, batch_first, is_causal, dims):
+    """w = (n,), r = (1,) is plain attention: the output is nn.MultiheadAttention's."""
+    n, e = 12, 16
+    theirs = torch.nn.MultiheadAttention(e, 4, batch_first=batch_first, **dims).double()
+    randomise(theirs, seed=4)
+    ours = RingMultiheadDilatedAttention(e, 4, (n,), (1,), batch_first=batch_first, **dims)
+    ours.double().load_state_dict(theirs.state_dict())
+
+    def shape(features):
+        return (2, n, features) if batch_first else (n, 2, features)
+
+    query = randn(rng, *shape(e))
+    key = randn(rng, *shape(dims.get("kdim", e)))
+    value = randn(rng, *shape(dims.get("vdim", e)))
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(n, dtype=torch.float64)
+    with torch.no_grad():
+        want, _ = theirs(query, key, value, need_weights=False,
+                         attn_mask=mask if is_causal else None, is_causal=is_causal)  # fmt: skip
+        got, _ = ours(query, key, value, is_causal=is_causal)
+    assert (got - want).abs().max().item() <= 1e-10
+
+
+def test_works_in_a_transformer_encoder_layer_in_eval_under_no_grad(rng):
+    """The layer's fast path reads in_proj_bias and would run dense attention with these
+    weights: it must not be taken (w = (6,) differs from dense attention here)."""
+    layer = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0,
+                                             batch_first=True).double().eval()  # fmt: skip
+    dense_out = None
+    x = randn(rng, 2, 12, 16)
+    with torch.no_grad():
+        dense_out = layer(x)
+        layer.self_attn = RingMultiheadDilatedAttention(16, 4, (6,), (1,), batch_first=True)
+        layer.self_attn.double().load_state_dict(torch.nn.MultiheadAttention(16, 4).state_dict())
+        out = layer(x)
+        attended, _ = layer.self_attn(x, x, x)
+        expected = layer.norm2(
+            (h := layer.norm1(x + attended)) + layer.linear2(layer.activation(layer.linear1(h)))
+        )
+    assert (out - expected).abs().max().item() <= 1e-10
+    assert (out - dense_out).abs().max().item() > 1e-3
+
+
+def test_extra_keys_are_refused_with_a_reason():
+    for name in ("add_bias_kv", "add_zero_attn"):
+        with pytest.raises(NotImplementedError, match=f"^{name}: an extra key"):
+            RingMultiheadDilatedAttention(8, 2, (4,), (1,), **{name: True})

@@ -30,7 +30,7 @@ def hybrid(**kwargs):
 
 
 def mha(**kwargs):
-    return RingMultiheadDilatedAttention(8, 2, (4,), (1,), **kwargs)
+    return RingMultiheadDilatedAttention(8, 2, (4,), (1,), batch_first=True, **kwargs)
 
 
 def call_mha(module=None, shapes=((1, 8, 8),) * 3, **kwargs):

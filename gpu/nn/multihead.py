@@ -1,9 +1,12 @@
 """Multihead ring dilated attention with the interface of ``nn.MultiheadAttention`` (spec §8).
 
-``query -> q_proj -> heads -> dilated attention -> [sub-LayerNorm] -> out_proj``. The
-sub-LayerNorm and the gain of the value and output projections are MAGNETO's (Wang et al.
-2022, "Foundation Transformers", as torchscale's ``inner_attn_ln``); MAGNETO puts no
-LayerNorm on q or k (pitfall 16).
+``query -> in-projection -> heads -> dilated attention -> [sub-LayerNorm] -> out_proj``.
+The parameters are ``nn.MultiheadAttention``'s, by name and shape (``in_proj_weight``
+``(3E, E)`` and ``in_proj_bias`` ``(3E)``, or ``q_proj_weight``, ``k_proj_weight``,
+``v_proj_weight`` when kdim or vdim differ from E; ``out_proj``), so a state dict loads
+either way. The optional sub-LayerNorm and the gain of the value and output projections are
+MAGNETO's (Wang et al. 2022, "Foundation Transformers", as torchscale's
+``inner_attn_ln``); MAGNETO puts no LayerNorm on q or k (pitfall 16).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numbers
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import Kernel
@@ -52,14 +56,23 @@ class RingMultiheadDilatedAttention(nn.Module):
         segment_lengths, dilation_rates, dropout, mode, softmax_scale, kernel, group,
             layout: as :class:`~ringsim.gpu.modules.RingDilatedAttention` (with a group,
             inputs and output are this rank's shards along the sequence, in ``layout``).
-        bias: biases in the four projections.
+        bias: biases in the in-projection (``in_proj_bias``) and ``out_proj``.
         layer_norm: MAGNETO's sub-LayerNorm ``(embed_dim)`` on the attention output, before
-            the output projection (``self.sub_layer_norm``; None when False).
-        gamma_init: the Xavier gain of ``v_proj`` and ``out_proj`` weights (MAGNETO's
-            gamma, applied whether or not ``layer_norm``); ``q_proj``/``k_proj`` get gain 1.
-        batch_first: True: tensors are ``(batch, seq, embed_dim)``; False:
-            ``(seq, batch, embed_dim)`` (transposed in and out).
+            the output projection (``self.sub_layer_norm``; None when False, the default,
+            as ``nn.MultiheadAttention`` has none).
+        gamma_init: the Xavier gain of the value projection's and ``out_proj``'s weights
+            (MAGNETO's gamma, applied whether or not ``layer_norm``); q and k get gain 1.
+        batch_first: True: tensors are ``(batch, seq, embed_dim)``; False (the default, as
+            ``nn.MultiheadAttention``'s): ``(seq, batch, embed_dim)``.
+        kdim, vdim: the features of key and value (default embed_dim), as
+            ``nn.MultiheadAttention``'s: other values make separate ``q_proj_weight``,
+            ``k_proj_weight``, ``v_proj_weight``.
+        add_bias_kv, add_zero_attn: must be False: an extra key appended to the sequence has
+            no position in the dilated pattern (``NotImplementedError``).
         device, dtype: of the parameters.
+
+    ``nn.TransformerEncoderLayer``'s fast path would run dense attention with these
+    weights: ``_qkv_same_embed_dim`` is False so that it is never taken.
     """
 
     def __init__(
@@ -71,9 +84,13 @@ class RingMultiheadDilatedAttention(nn.Module):
         *,
         dropout: float = 0.0,
         bias: bool = True,
-        layer_norm: bool = True,
+        layer_norm: bool = False,
         gamma_init: float = 1.0,
-        batch_first: bool = True,
+        batch_first: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
         mode: str = "longnet",
         softmax_scale: float | None = None,
         kernel: Kernel | str | None = None,
@@ -95,6 +112,17 @@ class RingMultiheadDilatedAttention(nn.Module):
         self.gamma_init = check_gain(gamma_init)
         check_bool("bias", bias)
         check_bool("layer_norm", layer_norm)
+        for name, value in (("add_bias_kv", add_bias_kv), ("add_zero_attn", add_zero_attn)):
+            if check_bool(name, value):
+                raise NotImplementedError(
+                    f"{name}: an extra key appended to the sequence has no position in the "
+                    f"dilated pattern; pass {name}=False"
+                )
+        self.kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
+        self.vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
+        self.qkv_same = self.kdim == embed_dim and self.vdim == embed_dim
+        #: read by nn.TransformerEncoderLayer: False keeps its dense fast path away
+        self._qkv_same_embed_dim = False
         device, dtype = check_device(device), check_dtype(dtype)
         self.attention = RingDilatedAttention(
             segment_lengths,
@@ -108,26 +136,52 @@ class RingMultiheadDilatedAttention(nn.Module):
         )
         self.attention.config.head_groups(num_heads)  # grouped mode: >= one head per pair
 
-        def linear() -> nn.Linear:
-            return nn.Linear(embed_dim, embed_dim, bias=bias, device=device, dtype=dtype)
+        factory = {"device": device, "dtype": dtype}
 
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (linear() for _ in range(4))
-        self.sub_layer_norm = (
-            nn.LayerNorm(embed_dim, device=device, dtype=dtype) if layer_norm else None
-        )
+        def weight(*shape) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, **factory))
+
+        e = embed_dim
+        if self.qkv_same:
+            self.in_proj_weight = weight(3 * e, e)
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                self.register_parameter(name, None)
+        else:
+            self.register_parameter("in_proj_weight", None)
+            self.q_proj_weight = weight(e, e)
+            self.k_proj_weight = weight(e, self.kdim)
+            self.v_proj_weight = weight(e, self.vdim)
+        if bias:
+            self.in_proj_bias = weight(3 * e)
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(e, e, bias=bias, **factory)
+        self.sub_layer_norm = nn.LayerNorm(e, **factory) if layer_norm else None
         self.reset_parameters()
 
+    def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q, k and v projection weights ``(E, E)``, ``(E, kdim)``, ``(E, vdim)`` (views
+        of ``in_proj_weight`` when kdim and vdim are E)."""
+        if self.in_proj_weight is not None:
+            return tuple(self.in_proj_weight.chunk(3))  # type: ignore[return-value]
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def projection_biases(self) -> tuple[torch.Tensor | None, ...]:
+        """The q, k and v projection biases ``(E)`` (views of ``in_proj_bias``), or Nones."""
+        if self.in_proj_bias is None:
+            return (None, None, None)
+        return tuple(self.in_proj_bias.chunk(3))
+
     def reset_parameters(self) -> None:
-        """Xavier-uniform weights (gain 1 for q/k, ``gamma_init`` for v/out), zero biases."""
-        for proj, gain in (
-            (self.q_proj, 1.0),
-            (self.k_proj, 1.0),
-            (self.v_proj, self.gamma_init),
-            (self.out_proj, self.gamma_init),
-        ):
-            nn.init.xavier_uniform_(proj.weight, gain=gain)
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+        """Xavier-uniform weights (gain 1 for q and k, ``gamma_init`` for v and out_proj),
+        each projection on its own ``(E, in)`` block; zero biases."""
+        with torch.no_grad():
+            for w, gain in zip(self.projection_weights(), (1.0, 1.0, self.gamma_init)):
+                nn.init.xavier_uniform_(w, gain=gain)
+            nn.init.xavier_uniform_(self.out_proj.weight, gain=self.gamma_init)
+            for b in (self.in_proj_bias, self.out_proj.bias):
+                if b is not None:
+                    nn.init.zeros_(b)
         if self.sub_layer_norm is not None:
             self.sub_layer_norm.reset_parameters()
 
@@ -143,19 +197,21 @@ class RingMultiheadDilatedAttention(nn.Module):
 
     def _check_inputs(self, query, key, value) -> None:
         layout = "(batch, seq, embed_dim)" if self.batch_first else "(seq, batch, embed_dim)"
-        for name, x in (("query", query), ("key", key), ("value", value)):
+        features = (("query", query, self.embed_dim), ("key", key, self.kdim),
+                    ("value", value, self.vdim))  # fmt: skip
+        for name, x, dim in features:
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-            if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            if x.dim() != 3 or x.shape[-1] != dim:
                 raise ValueError(
-                    f"{name}: expected a 3-d tensor {layout} with embed_dim={self.embed_dim}, "
+                    f"{name}: expected a 3-d tensor {layout} with {dim} features, "
                     f"got shape {tuple(x.shape)}"
                 )
         for name, x in (("key", key), ("value", value)):
-            if x.shape != query.shape:
+            if x.shape[:2] != query.shape[:2]:
                 raise ValueError(
-                    f"{name}: shape must equal query's (one sequence, spec §1), got "
-                    f"{tuple(x.shape)} and {tuple(query.shape)}"
+                    f"{name}: batch and sequence must equal query's (one sequence, spec §1), "
+                    f"got shape {tuple(x.shape)} and {tuple(query.shape)}"
                 )
 
     def forward(
@@ -199,9 +255,11 @@ class RingMultiheadDilatedAttention(nn.Module):
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         b, n, _ = query.shape
         heads = (b, n, self.num_heads, self.head_dim)
-        q = self.q_proj(query).reshape(heads)  # (b, n, h, d)
-        k = self.k_proj(key).reshape(heads)
-        v = self.v_proj(value).reshape(heads)
+        weights, biases = self.projection_weights(), self.projection_biases()
+        q, k, v = (
+            F.linear(x, w, bias).reshape(heads)  # (b, n, h, d)
+            for x, w, bias in zip((query, key, value), weights, biases)
+        )
         out = self.attention(q, k, v, is_causal).reshape(b, n, self.embed_dim)
         if self.sub_layer_norm is not None:
             out = self.sub_layer_norm(out)  # MAGNETO's sub-LN, before the output projection
@@ -214,7 +272,8 @@ class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
     :class:`RingMultiheadDilatedAttention`.
 
     ``dropout`` may be positional; the rest are keyword-only, because the seed's versions
-    ordered them differently.
+    ordered them differently. Its defaults are the seed's: ``layer_norm=True``,
+    ``batch_first=True`` (the class itself has ``nn.MultiheadAttention``'s).
 
     Args:
         embed_dim, num_heads, segment_lengths, dilation_rates, dropout: as
