@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ringsim.cases import Case
-from ringsim.layout import rank_chunks
+from ringsim.layout import chunk_length, chunk_owner
 from ringsim.tolerance import max_abs_error, tolerance
 
 from .backward import dilated_attention_backward
@@ -77,16 +77,11 @@ def compare(
             max_abs_error(out[:, n], ref_out[:, n]), max_abs_error(lse[..., n], ref_lse[..., n])
         )
     bad = np.flatnonzero(row_err > tol)
-    n = out.shape[1]
-    holder = {
-        position: rank
-        for rank in range(world_size)
-        for chunk in rank_chunks(layout, rank, n, world_size)
-        for position in chunk
-    }
+    s = chunk_length(layout, out.shape[1], world_size)
     bad_rows: dict[int, tuple[int, ...]] = {}
     for row in bad:
-        bad_rows[holder[int(row)]] = (*bad_rows.get(holder[int(row)], ()), int(row))
+        rank = chunk_owner(layout, int(row) // s, world_size)
+        bad_rows[rank] = (*bad_rows.get(rank, ()), int(row))
     bad_rows = dict(sorted(bad_rows.items()))
     return ParityReport(
         case, max_abs_error(out, ref_out), max_abs_error(lse, ref_lse), tol, bad_rows

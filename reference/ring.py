@@ -25,6 +25,7 @@ from ringsim.comm.base import Communicator, Payload, Recv
 from ringsim.config import check_flags, positions
 from ringsim.plan import BlockAction, RankPlan, Task, Transfer, rank_plan
 from ringsim.ringloop import TaskParts, run_ring
+from ringsim.tasks import slot_heads
 from ringsim.trace import RankTrace
 
 from .block import block_attention
@@ -47,8 +48,7 @@ class NumpyParts(TaskParts):
     scale: float
 
     def own_block(self, pair: int, slots: tuple[range, ...]) -> Payload:
-        groups = self.plan.groups[pair]
-        heads = [groups[i % len(groups)].heads for i in range(len(slots))]
+        heads = slot_heads(self.plan.groups[pair], len(slots))
         local = [positions(self.plan.local(rows)) for rows in slots]
         keys = tuple(select_rows(self.k, i, h) for i, h in zip(local, heads))
         values = tuple(select_rows(self.v, i, h) for i, h in zip(local, heads))
@@ -61,9 +61,8 @@ class NumpyParts(TaskParts):
     def expected(self, transfer: Transfer) -> Recv:
         b, _, _, d = self.q.shape
         groups = self.plan.groups[transfer.subring.pair]
-        shapes = tuple(
-            (b, len(r), len(groups[i % len(groups)].heads), d) for i, r in enumerate(transfer.rows)
-        )
+        heads = slot_heads(groups, len(transfer.rows))
+        shapes = tuple((b, len(r), len(h), d) for r, h in zip(transfer.rows, heads))
         return Recv(transfer.send_rank, transfer.subring.tag, shapes * 2, self.q.dtype)
 
     def attend_task(self, block: Payload, task: Task) -> None:

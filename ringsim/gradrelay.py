@@ -35,7 +35,7 @@ from typing import Protocol
 from ringsim.comm.base import Communicator, Payload, Recv, Request, Send, payload_nbytes
 from ringsim.comm.checksum import CorruptMessage
 from ringsim.plan import RankPlan, Transfer
-from ringsim.tasks import which_transfer
+from ringsim.tasks import slot_heads, which_transfer
 from ringsim.trace import Event, RankTrace, TraceAction
 
 
@@ -92,9 +92,8 @@ class HomeAdds:
     def add_home(self, grads: Payload, transfer: Transfer) -> None:
         groups = self.plan.groups[transfer.subring.pair]
         half = len(transfer.rows)  # K slots, then V slots (Note [Pieces] in ringsim.plan)
-        for i, rows in enumerate(transfer.rows):
+        for i, (rows, heads) in enumerate(zip(transfer.rows, slot_heads(groups, half))):
             if len(rows):
-                heads = groups[i % len(groups)].heads
                 self.add_rows(self.dk, rows, heads, grads[i])
                 self.add_rows(self.dv, rows, heads, grads[half + i])
 

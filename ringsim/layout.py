@@ -83,6 +83,20 @@ def rank_chunks(
     return tuple(range(i * s, (i + 1) * s) for i in (rank, 2 * world_size - 1 - rank))
 
 
+def chunk_length(layout: Layout | str, seq_len: int, world_size: int) -> int:
+    """The positions in one chunk: ``seq_len / P`` (contiguous; zigzag at P = 1), else
+    ``seq_len / (2P)``."""
+    return len(rank_chunks(layout, 0, seq_len, world_size)[0])
+
+
+def chunk_owner(layout: Layout | str, chunk: int, world_size: int) -> int:
+    """The rank that holds chunk ``chunk`` (chunks of :func:`chunk_length` positions, from
+    position 0): the inverse of :func:`rank_chunks`."""
+    if Layout(layout) is Layout.CONTIGUOUS or world_size == 1:
+        return chunk
+    return chunk if chunk < world_size else 2 * world_size - 1 - chunk
+
+
 def local_rows(chunks: tuple[range, ...], rows: range) -> range:
     """``rows`` (global positions inside one of ``chunks``) as indices into the local shard
     that holds ``chunks`` one after the other."""
@@ -135,11 +149,12 @@ def unshard(shards: Sequence, *, layout: Layout | str = "contiguous", axis: int 
     world_size = len(shards)
     if world_size == 0:
         raise ValueError("shards: expected one shard per rank, got none")
-    c = shards[0].shape[axis]
-    checked = check_layout(layout, c * world_size, world_size)
-    if checked is Layout.CONTIGUOUS:
-        return _concat(list(shards), axis)
-    s = c // 2
-    first = [_take(x, axis, range(0, s)) for x in shards]
-    second = [_take(x, axis, range(s, c)) for x in reversed(shards)]
-    return _concat(first + second, axis)
+    n = shards[0].shape[axis] * world_size
+    checked = check_layout(layout, n, world_size)
+    placed = {}  # global start of each chunk -> its rows in a shard
+    for rank, x in enumerate(shards):
+        local = 0
+        for chunk in rank_chunks(checked, rank, n, world_size):
+            placed[chunk.start] = _take(x, axis, range(local, local + len(chunk)))
+            local += len(chunk)
+    return _concat([placed[start] for start in sorted(placed)], axis)

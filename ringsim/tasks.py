@@ -15,7 +15,8 @@ from enum import Enum
 
 import numpy as np
 
-from ringsim.layout import Layout, rank_chunks
+from ringsim.config import PatternGroup, positions
+from ringsim.layout import Layout, chunk_length, chunk_owner
 
 
 class BlockAction(Enum):
@@ -45,9 +46,7 @@ def score_pairs(q_rows: range, k_rows: range, action: BlockAction) -> int:
         return 0
     if action is BlockAction.FULL:
         return len(q_rows) * len(k_rows)
-    keys = np.arange(k_rows.start, k_rows.stop, k_rows.step)
-    queries = np.arange(q_rows.start, q_rows.stop, q_rows.step)
-    return int(np.searchsorted(keys, queries, side="right").sum())
+    return int(np.searchsorted(positions(k_rows), positions(q_rows), side="right").sum())
 
 
 def subring_ranks(
@@ -55,13 +54,15 @@ def subring_ranks(
 ) -> tuple[int, ...]:
     """The ranks whose chunks meet the segment ``[start, stop)``, in the order of the first
     position each holds in it (the contiguous layout: consecutive ranks, ascending)."""
-    first: dict[int, int] = {}
-    for rank in range(world_size):
-        for chunk in rank_chunks(layout, rank, seq_len, world_size):
-            lo = max(chunk.start, start)
-            if lo < min(chunk.stop, stop):
-                first[rank] = min(first.get(rank, lo), lo)
-    return tuple(sorted(first, key=first.__getitem__))
+    s = chunk_length(layout, seq_len, world_size)
+    chunks = range(start // s, (stop - 1) // s + 1)  # ascending: first positions first
+    return tuple(dict.fromkeys(chunk_owner(layout, i, world_size) for i in chunks))
+
+
+def slot_heads(groups: Sequence[PatternGroup], slots: int) -> tuple[tuple[int, ...], ...]:
+    """The heads of each of ``slots`` slots of a block of a pair with ``groups``: slot i
+    carries group ``i % G`` (Note [Pieces] in :mod:`ringsim.plan`)."""
+    return tuple(groups[i % len(groups)].heads for i in range(slots))
 
 
 @dataclass(frozen=True)

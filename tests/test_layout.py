@@ -10,7 +10,7 @@ from ring_support import ZIGZAG_ALIGNED
 import ringsim
 from ringsim.cases import Case
 from ringsim.config import make_config
-from ringsim.layout import check_layout, local_rows, rank_chunks
+from ringsim.layout import check_layout, chunk_length, chunk_owner, local_rows, rank_chunks
 from ringsim.plan import rank_subrings, ring_plan, subring_ranks
 from ringsim.reference.simulate import run_case
 from ringsim.trace import closed_form_bytes
@@ -78,6 +78,23 @@ def test_every_ring_entry_point_refuses_a_zigzag_that_does_not_cut():
     with pytest.raises(ValueError, match="layout: expected one of"):
         ringsim.reference.ring_dilated_attention(q, q, q, (12,), (1,), world_size=4,
                                                  layout="diagonal")  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_chunk_owner_inverts_rank_chunks(layout, world_size):
+    """The plan finds sub-rings and the parity report finds a row's rank by chunk_owner; the
+    shards are cut by rank_chunks: they must say the same (pitfall 19)."""
+    n = 12 * world_size
+    s = chunk_length(layout, n, world_size)
+    held = {
+        chunk.start // s: rank
+        for rank in range(world_size)
+        for chunk in rank_chunks(layout, rank, n, world_size)
+        if len(chunk) == s
+    }
+    assert sorted(held) == list(range(n // s))  # every chunk, each of length s, once
+    assert all(chunk_owner(layout, i, world_size) == r for i, r in held.items())
 
 
 def test_local_rows_map_each_chunk_to_its_place_in_the_shard():

@@ -35,6 +35,7 @@ import torch
 from ringsim.comm.base import Payload, Recv
 from ringsim.config import DilatedConfig, PatternGroup
 from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
+from ringsim.tasks import slot_heads
 
 from ..kernels import Kernel
 from .layout import gather_pair, gathered_blocks, group_blocks, head_slices, select
@@ -102,7 +103,7 @@ class Executor:
             chunks = [self.chunk_of(slots[i]) for i in range(0, len(slots), len(groups))]
             halves = [slice(i * self.span, (i + 1) * self.span) for i in chunks]
             return tuple(gather_pair(x[:, h], groups) for x in (self.k, self.v) for h in halves)
-        heads = [groups[i % len(groups)].heads for i in range(len(slots))]
+        heads = slot_heads(groups, len(slots))
         local = [self.plan.local(rows) for rows in slots]
         keys = tuple(select(self.k, r, h) for r, h in zip(local, heads))
         values = tuple(select(self.v, r, h) for r, h in zip(local, heads))
@@ -131,8 +132,9 @@ class Executor:
             rows = (len(transfer.rows[i]) for i in range(0, len(transfer.rows), step))
             shapes = tuple((self.b, m, heads, self.d) for m in rows) * 2
         else:
-            heads = (len(groups[i % len(groups)].heads) for i in range(len(transfer.rows)))
-            shapes = tuple((self.b, h, len(r), self.d) for r, h in zip(transfer.rows, heads)) * 2
+            heads = slot_heads(groups, len(transfer.rows))
+            shapes = tuple((self.b, len(h), len(r), self.d) for r, h in zip(transfer.rows, heads))
+            shapes *= 2
         return Recv(transfer.send_rank, transfer.subring.tag, shapes, self.q.dtype)
 
     # --- the blocks of one batch ------------------------------------------------------------

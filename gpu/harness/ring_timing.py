@@ -18,6 +18,7 @@ from ringsim.config import DilatedConfig
 from ringsim.layout import Layout, shard
 from ringsim.plan import rank_plan
 from ringsim.ringloop import run_ring
+from ringsim.tasks import slot_heads
 
 from ..executor.forward import ForwardExecutor
 from ..kernels import Kernel
@@ -130,8 +131,8 @@ def sent_bytes(
 
     def nbytes(t) -> int:
         groups = plan.groups[t.subring.pair]  # slot i: group i % G (Note [Pieces])
-        heads = (len(groups[i % len(groups)].heads) for i in range(len(t.rows)))
-        return 2 * b * d * itemsize * sum(len(r) * g for r, g in zip(t.rows, heads))
+        heads = slot_heads(groups, len(t.rows))
+        return 2 * b * d * itemsize * sum(len(r) * len(h) for r, h in zip(t.rows, heads))
 
     total = sum(nbytes(t) for step in plan.steps for t in step.sends)
     block = max((sum(nbytes(t) for t in step.recvs) for step in plan.steps), default=0)

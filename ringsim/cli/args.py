@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from ringsim.layout import LAYOUTS
+
 if TYPE_CHECKING:
     from ringsim.cases import Case
 
@@ -131,7 +133,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--layout",
-        choices=("contiguous", "zigzag"),
+        choices=LAYOUTS,
         default="contiguous",
         help="which positions each rank holds: contiguous shards, or zigzag (rank j holds "
         "chunks j and 2P-1-j of 2P; balances causal work; 2P must divide --seq-len) "

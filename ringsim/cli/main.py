@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ringsim.cases import Case
 
 from ringsim.extras import MissingExtra
+from ringsim.layout import LAYOUTS
 
 from .args import (
     OPTION_NAMES,
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument(
         "--layout",
-        choices=("contiguous", "zigzag"),
+        choices=LAYOUTS,
         default="contiguous",
         help="which positions each rank of the ring paths holds (default: %(default)s)",
     )

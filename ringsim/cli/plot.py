@@ -90,7 +90,9 @@ def _prepare(args: argparse.Namespace) -> Case:
     """The configuration (as ``ringsim demo`` checks it), and the scaling world sizes."""
 
     case = config_case(args)
-    chunks = 1 if case.layout == "contiguous" else 2  # chunks per rank
+    from ringsim.layout import Layout
+
+    chunks = Layout(case.layout).chunks_per_rank
     if args.world_sizes is None:
         args.world_sizes = tuple(p for p in SCALING_WORLD_SIZES if case.seq_len % (chunks * p) == 0)
     bad = [p for p in args.world_sizes if case.seq_len % (chunks * p)]
