@@ -120,7 +120,6 @@ class RingMultiheadDilatedAttention(nn.Module):
                 )
         self.kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
         self.vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
-        self.qkv_same = self.kdim == embed_dim and self.vdim == embed_dim
         #: read by nn.TransformerEncoderLayer: False keeps its dense fast path away
         self._qkv_same_embed_dim = False
         device, dtype = check_device(device), check_dtype(dtype)
@@ -142,7 +141,7 @@ class RingMultiheadDilatedAttention(nn.Module):
             return nn.Parameter(torch.empty(*shape, **factory))
 
         e = embed_dim
-        if self.qkv_same:
+        if self.kdim == e and self.vdim == e:  # one fused in-projection, as torch's
             self.in_proj_weight = weight(3 * e, e)
             for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
                 self.register_parameter(name, None)
