@@ -147,3 +147,81 @@ def check_cases(
     rng = np.random.default_rng(seed)
     first = fixed_cases(world_size, layout) if fixed else []
     return first + [random_case(rng, world_size, layout=layout) for _ in range(count)]
+
+
+def _small(segment_lengths, dilation_rates, seq_len: int, **fields) -> Case:
+    """A single-process case with small defaults (2 heads of 4 dims, batch 1)."""
+    return Case(**{"batch": 1, "num_heads": 2, "head_dim": 4, **fields}, seq_len=seq_len,
+                segment_lengths=segment_lengths, dilation_rates=dilation_rates)  # fmt: skip
+
+
+#: Single-process configurations, each named for what it covers: every single-process mutant
+#: (:mod:`ringsim.conformance.mutants`) fails on some of them, and the conformance suite
+#: runs them first.
+PARITY_CASES: tuple[Case, ...] = (
+    _small((8,), (1,), 16, num_heads=2, seed=101, label="one pattern, r=1"),
+    _small((6, 12), (1, 2), 20, num_heads=3, is_causal=True, seed=102, label="causal, ragged, r>1"),
+    _small((10,), (3,), 30, num_heads=3, seed=103, label="r does not divide w"),
+    _small((7,), (3,), 16, num_heads=3, is_causal=True, seed=104, label="causal, r∤w, ragged"),
+    _small((4, 6), (6, 3), 14, num_heads=6, seed=105, label="r > w, empty rows"),
+    _small(
+        (4, 6),
+        (6, 3),
+        14,
+        num_heads=6,
+        is_causal=True,
+        mode="grouped",
+        seed=106,
+        label="r > w, grouped, causal",
+    ),
+    _small((64, 8), (2, 1), 24, num_heads=2, is_causal=True, seed=107, label="w > n, causal"),
+    _small(
+        (4, 8, 16),
+        (1, 2, 4),
+        28,
+        num_heads=5,
+        is_causal=True,
+        mode="grouped",
+        seed=108,
+        label="grouped, 5 heads / 3 pairs, causal, ragged",
+    ),
+    _small(
+        (3, 5, 7, 40),
+        (1, 2, 3, 5),
+        37,
+        num_heads=6,
+        batch=2,
+        mode="grouped",
+        seed=109,
+        label="4 pairs, grouped, batch 2",
+    ),
+    _small(
+        (5, 9, 13, 50),
+        (2, 3, 4, 7),
+        45,
+        num_heads=4,
+        batch=2,
+        is_causal=True,
+        seed=110,
+        label="4 pairs, longnet, batch 2, causal",
+    ),
+    _small((1, 3), (1, 2), 5, num_heads=2, head_dim=1, seed=111, label="w=1, head_dim 1"),
+    _small((2,), (1,), 1, num_heads=1, head_dim=3, is_causal=True, seed=112, label="seq_len 1"),
+    # lse in the thousands with gaps > 1e3 between the patterns of a row: exp(lse) overflows
+    # float64, so only the stable merge survives (pitfall 8). float64 only: at lse ~ 1e3
+    # one float32 ulp (6e-5) already exceeds the float32 tolerance.
+    _small(
+        (2, 16),
+        (1, 2),
+        16,
+        num_heads=2,
+        head_dim=16,
+        batch=2,
+        softmax_scale=100.0,
+        seed=113,
+        label="high dynamic range",
+    ),
+)
+
+#: Cases whose inputs only float64 can represent well enough for its tolerance.
+FLOAT64_ONLY = frozenset({"high dynamic range"})

@@ -334,6 +334,7 @@ def clear_plan_caches() -> None:
     as the mutant tests)."""
     rank_plan.cache_clear()
     _subring_schedule.cache_clear()
+    pair_groups.cache_clear()
 
 
 def ring_plan(

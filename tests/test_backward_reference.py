@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from grad_oracle import torch_gradients
 from hypothesis import given, settings
-from mutants import BACKWARD_MUTANTS
 from strategies import case as make_case
 from strategies import configs
 
 from ringsim.cases import Case
+from ringsim.conformance.mutants import BACKWARD_MUTANTS
 from ringsim.reference import dilated_attention
 from ringsim.reference.backward import (
     dilated_attention_backward,

@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from mutants import MUTANTS
-from ring_mutants import RING_MUTANTS
+
+from ringsim.conformance.mutants import MUTANTS
+from ringsim.conformance.ring_mutants import RING_MUTANTS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

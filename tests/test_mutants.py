@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mutants import BACKWARD_MUTANTS, MUTANTS
-from parity import PARITY_CASES
 
 import ringsim.reference
-from ringsim.cases import Case
+from ringsim.cases import PARITY_CASES, Case
 from ringsim.config import make_config
+from ringsim.conformance.mutants import BACKWARD_MUTANTS, MUTANTS
 from ringsim.reference import dense_dilated_attention
 from ringsim.reference.dense import masked_attention, pattern_mask
 from ringsim.reference.parity import function_failures

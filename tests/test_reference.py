@@ -12,10 +12,9 @@ import math
 import numpy as np
 import pytest
 from hypothesis import given
-from parity import PARITY_CASES
 from strategies import configs
 
-from ringsim.cases import Case, unit_normal
+from ringsim.cases import PARITY_CASES, Case, unit_normal
 from ringsim.config import Pattern, make_config, selected_in_segment
 from ringsim.reference import dense_dilated_attention, dilated_attention, pattern_mask
 from ringsim.reference.parity import function_failures

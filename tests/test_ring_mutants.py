@@ -4,8 +4,9 @@ it."""
 from __future__ import annotations
 
 import pytest
-from ring_mutants import RING_MUTANTS
 from ring_support import ring_suite_failures
+
+from ringsim.conformance.ring_mutants import RING_MUTANTS
 
 
 def test_ring_suite_passes_without_mutants():

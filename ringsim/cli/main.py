@@ -1,4 +1,4 @@
-"""The ``ringsim`` command line: ``demo``, ``verify`` and ``trace``.
+"""The ``ringsim`` command line: ``demo``, ``verify``, ``trace``, ``plot`` and ``conform``.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     ringsim demo --causal                 # the same under causal masking: blocks skipped
     ringsim verify --world-sizes 1,2,3,4  # every path against the definition
     ringsim trace --world-size 3 --step   # one configuration, step by step
+    ringsim conform mymodule:attention    # your own implementation against the definition
 
 This module only builds the parser (the options every command shares are in
 :mod:`ringsim.cli.args`); the commands live in :mod:`ringsim.cli.commands` (demo, trace),
@@ -39,6 +40,9 @@ from .args import (
     parse_seconds,
     parse_world_sizes,
 )
+from .conform import DESCRIPTION as CONFORM_DESCRIPTION
+from .conform import EPILOG as CONFORM_EPILOG
+from .conform import add_conform_arguments
 from .plot import add_plot_parser
 
 
@@ -58,6 +62,12 @@ def _run_verify(args: argparse.Namespace, case: None) -> int:
     from .verify import run_verify
 
     return run_verify(args)
+
+
+def _run_conform(args: argparse.Namespace, case: None) -> int:
+    from .conform import run_conform
+
+    return run_conform(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trace.set_defaults(prepare=config_case, func=_run_trace)
     add_plot_parser(sub)
+    conform = sub.add_parser(
+        "conform",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="check your own dilated attention (or ring) against the definition",
+        description=CONFORM_DESCRIPTION,
+        epilog=CONFORM_EPILOG,
+    )
+    add_conform_arguments(conform)
+    conform.set_defaults(prepare=None, func=_run_conform)
     return parser
 
 
@@ -207,6 +226,9 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"ringsim: error: {err}", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as err:  # ... what only the data shows, naming an option
+        if args.command == "conform" and isinstance(err, ValueError):  # options, the target
+            print(f"ringsim: error: {err}", file=sys.stderr)
+            return 2
         if not str(err).startswith(tuple(f"{name}:" for name in OPTION_NAMES)):
             raise
         print(f"ringsim: error: {cli_message(err)}", file=sys.stderr)

@@ -1,26 +1,30 @@
-"""The mutant catalogue: each entry re-introduces one defect of docs/pitfalls.md into the reference.
+"""The mutant catalogue: each entry puts one defect of the pitfalls page back into the reference.
 
-A mutant is applied with ``pytest.MonkeyPatch`` to the name where the reference *uses* it
-(``ringsim.reference.dilated.merge_stable``, not ``ringsim.reference.merge.merge_stable``),
-so the dense-mask oracle, which shares none of these functions, stays correct.
-``test_mutants.py`` checks that the parity cases fail for every one of them.
+A mutant patches the name where the reference *uses* it (``ringsim.reference.dilated.
+merge_stable``, not ``ringsim.reference.merge.merge_stable``), so the dense-mask definition,
+which shares none of these functions, stays correct. Two users:
 
-Not catalogued, because they cannot apply to a single process: pitfall 1 (shard-local
-positions) and 9-12, 15 (the ring). Equivalent here, so left out: a causal mask on compacted
-indices for both queries and keys (the compaction is monotone inside one block) and a
--1e10 sentinel inside block attention (every selected query sees at least itself).
+- the test suite, which shows that its parity checks fail for every mutant (``apply`` takes
+  pytest's ``monkeypatch``);
+- the conformance suite (:mod:`ringsim.conformance`), which runs the reference under each
+  mutant (:func:`applied`) to say which known defect a user's wrong output matches.
 
-:data:`BACKWARD_MUTANTS` break only gradients (pitfall 14), so the forward parity cannot
-kill them: ``test_backward_reference.py`` checks that the gradient oracles do.
+Not catalogued here, because they cannot apply to a single process: pitfall 1 (shard-local
+positions) and 9-12, 15 (the ring: :mod:`ringsim.conformance.ring_mutants`). Equivalent here,
+so left out: a causal mask on compacted indices for both queries and keys (the compaction is
+monotone inside one block) and a -1e10 sentinel inside block attention (every selected query
+sees at least itself). Peer conventions that differ from the definition (torchscale's head
+blocks, per-group offsets) are in :mod:`ringsim.conformance.conventions`.
+
+:data:`BACKWARD_MUTANTS` break only gradients (pitfall 14), so a forward check cannot kill
+them; the gradient oracles do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
-import pytest
 
 from ringsim.config import Pattern, PatternGroup, segment_bounds, selected_in_segment
 from ringsim.reference.backward import mix_backward
@@ -29,16 +33,9 @@ from ringsim.reference.dilated import empty_result
 from ringsim.reference.merge import merge_naive, per_row
 from ringsim.reference.select import select_rows
 
+from .patching import Mutant, SetAttr
+
 DILATED = "ringsim.reference.dilated"
-
-
-@dataclass(frozen=True)
-class Mutant:
-    """One defect: the pitfall it re-introduces, what it does, and how to apply it."""
-
-    pitfall: int
-    description: str
-    apply: Callable[[pytest.MonkeyPatch], None]
 
 
 # --- pitfall 2: segments ignored ----------------------------------------------------------
@@ -199,9 +196,9 @@ def mix_backward_detached(
     return [(d_out, np.zeros_like(d_lse)) for d_out, d_lse in grads]
 
 
-def _patch(target: str, replacement: object) -> Callable[[pytest.MonkeyPatch], None]:
-    def apply(monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(target, replacement)  # raises if the target name is gone
+def _patch(target: str, replacement: object) -> Callable[[SetAttr], None]:
+    def apply(patcher: SetAttr) -> None:
+        patcher.setattr(target, replacement)  # raises if the target name is gone
 
     return apply
 

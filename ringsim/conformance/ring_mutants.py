@@ -1,15 +1,16 @@
-"""Ring mutants: each re-introduces one defect of docs/pitfalls.md of distributed implementations.
+"""Ring mutants: each puts back one defect of distributed implementations (the pitfalls page).
 
-Applied with ``pytest.MonkeyPatch`` where the ring uses the name; ``test_ring_mutants.py``
-shows :func:`ring_support.ring_suite_failures` (parity at P = 1..8 and the closed-form bytes)
-fails for each. The single-process mutants are in ``mutants.py``.
+Applied where the ring uses the name (:mod:`ringsim.conformance.patching`). The test suite
+shows that its ring suite (parity at P = 1..8 and the closed-form bytes) fails for each; the
+conformance suite runs the simulated ring under each to diagnose a user's ring. Two of them
+(full arrays everywhere, a world of one) leave the output right and show only in memory or
+bytes: no output can be matched to them. The single-process mutants are in
+:mod:`ringsim.conformance.mutants`.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
-from mutants import Mutant
 
 import ringsim.comm.traced
 import ringsim.plan
@@ -20,8 +21,10 @@ from ringsim.config import selected_range
 from ringsim.plan import SubRing
 from ringsim.reference.block import block_attention
 
+from .patching import Mutant, SetAttr
 
-def shard_relative(mp: pytest.MonkeyPatch) -> None:
+
+def shard_relative(mp: SetAttr) -> None:
     """pitfall 1: offsets counted from the start of the rank's shard, not the segment's."""
     mp.setattr(
         ringsim.plan,
@@ -30,7 +33,7 @@ def shard_relative(mp: pytest.MonkeyPatch) -> None:
     )
 
 
-def triangle_every_step(mp: pytest.MonkeyPatch) -> None:
+def triangle_every_step(mp: SetAttr) -> None:
     """pitfall 5: a triangular mask on every ring step, in compacted coordinates."""
 
     def attention(q, k, v, q_positions, k_positions, *, is_causal, scale):
@@ -47,7 +50,7 @@ def triangle_every_step(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(ringsim.reference.ring, "block_attention", attention)
 
 
-def one_buffer(mp: pytest.MonkeyPatch) -> None:
+def one_buffer(mp: SetAttr) -> None:
     """pitfall 9: send and receive in one buffer; the rank's outgoing block lands where
     the incoming one should (the deterministic outcome of the race)."""
     start = simulated.SimulatedCommunicator.start
@@ -68,12 +71,16 @@ def one_buffer(mp: pytest.MonkeyPatch) -> None:
     )
 
 
-def full_arrays_everywhere(mp: pytest.MonkeyPatch) -> None:
+def full_arrays_everywhere(mp: SetAttr) -> None:
     """pitfall 10: every rank gets the whole q (and k, v) instead of its shard."""
-    mp.setattr(ringsim.reference.simulate, "shard", lambda x, p: [x.copy() for _ in range(p)])
+
+    def whole(x, world_size, layout, axis=1):
+        return [x.copy() for _ in range(world_size)]
+
+    mp.setattr(ringsim.reference.simulate, "_shards", whole)
 
 
-def whole_group(mp: pytest.MonkeyPatch) -> None:
+def whole_group(mp: SetAttr) -> None:
     """pitfall 12: every segment's blocks go around all ranks, not only its sub-ring."""
 
     def every_rank_every_segment(config, seq_len, world_size, rank, layout="contiguous"):
@@ -90,17 +97,17 @@ def whole_group(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(ringsim.plan, "rank_subrings", every_rank_every_segment)
 
 
-def world_of_one(mp: pytest.MonkeyPatch) -> None:
+def world_of_one(mp: SetAttr) -> None:
     """pitfall 15: a simulated ring that quietly runs world size 1."""
     cluster = simulated.SimulatedCluster
     mp.setattr(
         ringsim.comm.traced,
         "SimulatedCluster",
-        lambda world_size, timeout: cluster(1, timeout=timeout),
+        lambda world_size, **options: cluster(1, **options),
     )
 
 
-def late_chunk_first(mp: pytest.MonkeyPatch) -> None:
+def late_chunk_first(mp: SetAttr) -> None:
     """pitfall 19: the plan reads a zigzag shard as chunk 2P-1-j then chunk j, the reverse
     of how the shards were cut."""
     real = ringsim.plan.rank_chunks
@@ -112,11 +119,26 @@ def late_chunk_first(mp: pytest.MonkeyPatch) -> None:
 
 
 RING_MUTANTS: dict[str, Mutant] = {
-    "shard-relative-dilation": Mutant(1, shard_relative.__doc__, shard_relative),
-    "triangle-every-step": Mutant(5, triangle_every_step.__doc__, triangle_every_step),
-    "one-buffer": Mutant(9, one_buffer.__doc__, one_buffer),
-    "full-arrays-everywhere": Mutant(10, full_arrays_everywhere.__doc__, full_arrays_everywhere),
-    "whole-group": Mutant(12, whole_group.__doc__, whole_group),
-    "world-of-one": Mutant(15, world_of_one.__doc__, world_of_one),
-    "late-chunk-first": Mutant(19, late_chunk_first.__doc__, late_chunk_first),
-}
+    "shard-relative-dilation": Mutant(
+        1, "dilation offsets counted from each rank's shard start, not the segment's",
+        shard_relative,
+    ),
+    "triangle-every-step": Mutant(
+        5, "a triangular causal mask on every ring step, in compacted coordinates",
+        triangle_every_step,
+    ),
+    "one-buffer": Mutant(
+        9, "one buffer for send and receive: the outgoing block stays where the incoming "
+        "one should land", one_buffer,
+    ),
+    "full-arrays-everywhere": Mutant(
+        10, "every rank holds the whole q, k and v, not its shard", full_arrays_everywhere
+    ),
+    "whole-group": Mutant(
+        12, "every segment's blocks sent around all ranks, not only its sub-ring", whole_group
+    ),
+    "world-of-one": Mutant(15, "a simulated ring that quietly runs world size 1", world_of_one),
+    "late-chunk-first": Mutant(
+        19, "a zigzag shard read as chunk 2P-1-j then chunk j", late_chunk_first
+    ),
+}  # fmt: skip

@@ -1,0 +1,172 @@
+"""Calling the function under test: its inputs in its backend, dtype and layout, its keyword
+arguments, a time limit, and what it returned, checked and brought back to float64 NumPy.
+
+Everything the suite compares is float64 NumPy in the definition's ``(b, n, h, d)`` layout,
+made from the very (rounded) inputs the function received, so a bf16 function is judged on
+its own inputs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ringsim.cases import Case
+
+from .options import Options
+
+
+class Unfit(Exception):
+    """What the function returned cannot be compared (wrong type, shape or dtype)."""
+
+
+class CaseTimeout(Exception):
+    """The function did not return within the case's time limit."""
+
+
+@dataclass
+class Outcome:
+    """What one call gave, in float64 NumPy, ``(b, n, h, d)`` (lse ``(b, h, n)``)."""
+
+    out: np.ndarray
+    lse: np.ndarray | None = None
+    grads: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+
+def within(seconds: float, work: Callable[[], Any]) -> Any:
+    """``work()`` on a helper thread, its result or its exception; :class:`CaseTimeout` if
+    it has not returned after ``seconds`` (the thread is left behind: Python cannot stop it,
+    so the caller runs no further case)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as err:  # handed to the caller, raised there
+            box["error"] = err
+
+    thread = threading.Thread(target=run, name="ringsim conformance case", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise CaseTimeout(f"did not return within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class Backend:
+    """Moves arrays between the suite (float64 NumPy, bnhd) and the function (its backend,
+    dtype, device and layout)."""
+
+    def __init__(self, options: Options, device: str | None = None) -> None:
+        self.options = options
+        self.device = device or options.device
+        if options.backend == "torch":
+            import torch
+
+            self.torch = torch
+            self.dtype = getattr(torch, options.dtype)
+        else:
+            self.dtype = np.dtype(options.dtype)
+
+    def _to_user_layout(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.swapaxes(1, 2)) if self.options.layout == "bhnd" else x
+
+    def _to_bnhd(self, x: np.ndarray) -> np.ndarray:
+        return x.swapaxes(1, 2) if self.options.layout == "bhnd" else x
+
+    def to_user(self, x: np.ndarray, requires_grad: bool = False) -> Any:
+        """``x (b, n, h, d)`` as the function takes it."""
+        x = self._to_user_layout(x)
+        if self.options.backend == "numpy":
+            return x.astype(self.dtype)
+        t = self.torch.from_numpy(x).to(device=self.device, dtype=self.dtype)
+        return t.requires_grad_(requires_grad)
+
+    def to_suite(self, x: Any, name: str, *, lse: bool = False) -> np.ndarray:
+        """A returned ``out`` (in the user's layout) or ``lse`` ``(b, h, n)`` as float64 bnhd."""
+        if self.options.backend == "torch":
+            if not isinstance(x, self.torch.Tensor):
+                raise Unfit(f"{name} is a {type(x).__name__}, expected a torch.Tensor")
+            array = x.detach().to("cpu", self.torch.float64).numpy()
+        else:
+            if not isinstance(x, np.ndarray):
+                raise Unfit(f"{name} is a {type(x).__name__}, expected a numpy.ndarray")
+            array = x.astype(np.float64)
+        return array if lse else self._to_bnhd(array)
+
+    def rounded(self, user: Any) -> np.ndarray:
+        """The float64 bnhd values of an input as the function received it."""
+        return self.to_suite(user, "input")
+
+    def dtype_name(self, x: Any) -> str:
+        return str(x.dtype).removeprefix("torch.")
+
+
+def call_kwargs(case: Case, options: Options) -> dict[str, Any]:
+    """The keyword arguments the function is declared to take (Options' docstring)."""
+    kwargs: dict[str, Any] = {}
+    if options.causal:
+        kwargs["is_causal"] = case.is_causal
+    if options.pass_mode:
+        kwargs["mode"] = case.mode
+    if options.scale:
+        kwargs["softmax_scale"] = case.softmax_scale
+    if options.layout_shard != "contiguous":
+        kwargs["layout"] = options.layout_shard
+    return kwargs
+
+
+def run(fn: Callable, backend: Backend, case: Case, qkv, dout=None) -> Outcome:
+    """Call ``fn`` on user tensors ``qkv``, check what it returned, and (with ``dout``, the
+    upstream gradient in the user's layout) run its backward. Raises :class:`Unfit`."""
+    options = backend.options
+    result = fn(*qkv, case.segment_lengths, case.dilation_rates, **call_kwargs(case, options))
+    if options.with_lse:
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+            raise Unfit(f"returned {_kind(result)}; returns='out,lse' expects (out, lse)")
+        out, lse = result
+    else:
+        if isinstance(result, (tuple, list)):
+            raise Unfit(f"returned {_kind(result)}; returns='out' expects out alone "
+                        "(declare returns='out,lse' for (out, lse))")  # fmt: skip
+        out, lse = result, None
+    want = tuple(qkv[0].shape)
+    b, h, n = (want[0], want[1], want[2]) if options.layout == "bhnd" else (want[0], want[2],
+                                                                             want[1])  # fmt: skip
+    _check_array(backend, out, "out", want, (backend.dtype_name(qkv[0]),))
+    if lse is not None:
+        _check_array(backend, lse, "lse", (b, h, n),
+                     ("float32", "float64", backend.dtype_name(qkv[0])))  # fmt: skip
+    grads = None
+    if dout is not None:
+        out.backward(dout)
+        missing = [name for name, x in zip("qkv", qkv) if x.grad is None]
+        if missing:
+            raise Unfit(f"no gradient reached {', '.join(missing)} (is the output detached?)")
+        grads = tuple(backend.to_suite(x.grad, f"d{name}") for name, x in zip("qkv", qkv))
+    return Outcome(
+        backend.to_suite(out, "out"),
+        None if lse is None else backend.to_suite(lse, "lse", lse=True),
+        grads,  # type: ignore[arg-type]
+    )
+
+
+def _kind(result: Any) -> str:
+    if isinstance(result, (tuple, list)):
+        return f"a {type(result).__name__} of {len(result)}"
+    return f"a {type(result).__name__}"
+
+
+def _check_array(backend: Backend, x: Any, name: str, shape: tuple, dtypes: tuple) -> None:
+    backend.to_suite(x, name, lse=True)  # the type check
+    if tuple(x.shape) != shape:
+        raise Unfit(f"{name} has shape {tuple(x.shape)}, expected {shape} "
+                    f"(layout={backend.options.layout!r})")  # fmt: skip
+    if backend.dtype_name(x) not in dtypes:
+        raise Unfit(f"{name} has dtype {backend.dtype_name(x)}, expected {' or '.join(dtypes)}")

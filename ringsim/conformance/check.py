@@ -1,0 +1,87 @@
+"""Checking a user's dilated attention against the definition: :func:`check`, for one device
+(the ring's ranks are in :mod:`ringsim.conformance.shard`), and the judgement of one case that
+both share."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from .calls import Backend, CaseTimeout, Outcome, Unfit, run, within
+from .judge import OnCase, judge, reproduce, target_name
+from .options import Options, inputs_seed, select_cases
+from .report import Report
+
+
+def check(fn: Callable, *, target: str | None = None, on_case: OnCase | None = None,
+          **options: Any) -> Report:  # fmt: skip
+    """Check ``fn`` against the dense-mask definition on the conformance cases.
+
+    Args:
+        fn: ``fn(q, k, v, segment_lengths, dilation_rates, **kwargs)`` returning ``out`` or
+            ``(out, lse)``; ``q, k, v`` are ``(b, n, h, d)`` (``layout="bhnd"``:
+            ``(b, h, n, d)``) and lse is ``(b, h, n)``. The keyword arguments it gets follow
+            from the options (:class:`~ringsim.conformance.options.Options`).
+        target: the name shown in the report and the reproduce lines (default: the
+            function's ``module:qualname`` where it can be imported).
+        on_case: progress, called after each case.
+        **options: the fields of :class:`~ringsim.conformance.options.Options`; with
+            ``kind="shard"`` every rank of an ``mpiexec`` or ``torchrun`` job calls this.
+    Returns:
+        The :class:`~ringsim.conformance.report.Report` (every rank gets rank 0's).
+    Raises:
+        ValueError: an option is invalid (before ``fn`` is called).
+    """
+    opts = Options(**options)
+    name = target or target_name(fn)
+    if opts.kind == "shard":
+        from .shard import check_shard
+
+        return check_shard(fn, opts, name, on_case)
+    backend = Backend(opts)
+    report = Report(name or "<function>", opts, world_size=1)
+    selected = select_cases(opts)
+    for done, (index, case) in enumerate(selected, start=1):
+        seed = inputs_seed(opts, index, case)
+        inputs = case.inputs(seed)
+        user = [backend.to_user(x, requires_grad=opts.grad) for x in inputs]
+        user_dout = backend.to_user(case.upstream(seed)) if opts.grad else None
+        outcome, problem = attempt(opts, functools.partial(run, fn, backend, case, user, user_dout))
+        rounded = [backend.rounded(x) for x in user]
+        dout = None if user_dout is None else backend.rounded(user_dout)
+        repro = reproduce(name, opts, index, 1)
+        report.results.append(judge(opts, index, case, seed, repro, rounded, dout, outcome,
+                                    problem))  # fmt: skip
+        if on_case is not None:
+            on_case(done, len(selected))
+        if isinstance(problem, HungCase):
+            report.not_run = len(selected) - done
+            break
+    return report
+
+
+def assert_conforms(fn: Callable, **options: Any) -> Report:
+    """:func:`check` for a test suite: raises ``AssertionError`` with the report's text
+    (table, reproduce lines, diagnosis) unless every case passes; returns the report."""
+    report = check(fn, **options)
+    if not report.ok:
+        raise AssertionError("\n" + report.text())
+    return report
+
+
+class HungCase(str):
+    """The problem text of a case that timed out (nothing can run after it)."""
+
+
+def attempt(options: Options, work: Callable[[], Outcome]) -> tuple[Outcome | None, str | None]:
+    """``work()`` within the time limit: its outcome, or the problem (exceptions from the
+    user's function are the case's result, reported, never hidden)."""
+    try:
+        return within(options.timeout, work), None
+    except CaseTimeout as err:
+        return None, HungCase(str(err))
+    except Unfit as err:
+        return None, str(err)
+    except Exception as err:  # the function under test failed: that is the case's result
+        return None, f"raised {type(err).__name__}: {err}"

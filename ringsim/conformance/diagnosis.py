@@ -1,0 +1,132 @@
+"""Which known wrong variant of the definition a failing output equals.
+
+For every failing case the reference is run again under each mutant of the catalogue (the
+pitfalls, single-process and ring, and peers' conventions) on the same inputs; a variant
+*matches* the case when the user's output is within the case's tolerance of the variant's
+while the variant itself differs from the definition there (a variant that is right on a
+case explains nothing). The summary names the variant that matches the most failing cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ringsim.cases import Case
+from ringsim.reference import dilated_attention
+from ringsim.reference.backward import dilated_attention_backward_chain
+from ringsim.reference.simulate import run_case
+from ringsim.tolerance import max_abs_error
+
+from .calls import Outcome
+from .conventions import CONVENTIONS
+from .mutants import BACKWARD_MUTANTS, MUTANTS
+from .patching import Mutant, applied
+from .ring_mutants import RING_MUTANTS
+
+#: Ring mutants whose outputs are right: they show in memory or bytes, never in an output.
+OUTPUT_INVISIBLE = frozenset({"full-arrays-everywhere", "world-of-one"})
+
+
+def forward_variants(kind: str) -> dict[str, Mutant]:
+    """The variants tried on a wrong forward: a ring's also include the ring mutants."""
+    found = {**MUTANTS, **CONVENTIONS}
+    if kind == "shard":
+        found |= {k: m for k, m in RING_MUTANTS.items() if k not in OUTPUT_INVISIBLE}
+    return found
+
+
+def _variant_forward(name: str, case: Case, q, k, v) -> tuple[np.ndarray, np.ndarray]:
+    if name in RING_MUTANTS:  # on the simulated cluster, at the case's world size
+        out, lse, _ = run_case(case, q, k, v, timeout=10.0)
+        return out, lse
+    return dilated_attention(
+        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs(), return_lse=True
+    )
+
+
+def _close(outcome: Outcome, out, lse, tol: float) -> bool:
+    if max_abs_error(outcome.out, out) > tol:
+        return False
+    return outcome.lse is None or max_abs_error(outcome.lse, lse) <= tol
+
+
+def forward_matches(
+    kind: str, case: Case, q, k, v, outcome: Outcome, definition, tol: float
+) -> tuple[str, ...]:
+    """Names of the variants whose (out, lse) on this case equal the user's and not the
+    definition's. A variant that cannot run on the case (the mutated ring may raise or
+    deadlock) matches nothing."""
+    found = []
+    for name, mutant in forward_variants(kind).items():
+        try:
+            with applied(mutant):
+                out, lse = _variant_forward(name, case, q, k, v)
+        except Exception:  # a broken variant is not a match; nothing of the user's is hidden
+            continue
+        if _close(outcome, out, lse, tol) and not _close(
+            replace(outcome, out=definition.out, lse=definition.lse), out, lse, tol
+        ):
+            found.append(name)
+    return tuple(found)
+
+
+def chain_gradients(case: Case, q, k, v, dout) -> tuple[np.ndarray, ...]:
+    """dq, dk, dv by the chain rule through the mix (where the backward mutants act)."""
+    args = (case.segment_lengths, case.dilation_rates)
+    out, lse = dilated_attention(q, k, v, *args, **case.kwargs(), return_lse=True)
+    return dilated_attention_backward_chain(q, k, v, out, lse, dout, *args, **case.kwargs())
+
+
+def gradient_matches(case: Case, q, k, v, dout, outcome: Outcome, tol: float) -> tuple[str, ...]:
+    """Names of the backward variants whose dq, dk, dv equal the user's."""
+    found = []
+    for name, mutant in BACKWARD_MUTANTS.items():
+        with applied(mutant):
+            grads = chain_gradients(case, q, k, v, dout)
+        assert outcome.grads is not None
+        if all(max_abs_error(g, w) <= tol for g, w in zip(outcome.grads, grads)):
+            found.append(name)
+    return tuple(found)
+
+
+def describe(name: str) -> str:
+    """``"<what the variant does> (pitfall N)"`` or ``"(<the peer's name>)"``."""
+    catalogue = {**MUTANTS, **CONVENTIONS, **RING_MUTANTS, **BACKWARD_MUTANTS}
+    mutant = catalogue[name]
+    return f"{mutant.description} ({mutant.source})"
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The variant that explains the most failing cases, and on how many of them."""
+
+    name: str | None
+    matched: int
+    failing: int
+
+    def line(self) -> str:
+        if self.failing == 0:
+            return "diagnosis: no failing case returned a result to compare"
+        if self.name is None:
+            return (
+                f"diagnosis: no known wrong variant matches the {self.failing} failing "
+                "case(s); look at the first wrong rows and heads in the table"
+            )
+        return (
+            f"diagnosis: your output equals the definition with {describe(self.name)} "
+            f"on {self.matched}/{self.failing} failing cases"
+        )
+
+
+def summarise(matches: list[tuple[str, ...]]) -> Diagnosis:
+    """``matches``: the variants matched by each failing case that returned a result."""
+    counts: dict[str, int] = {}
+    for names in matches:
+        for name in names:
+            counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        return Diagnosis(None, 0, len(matches))
+    best = max(counts, key=lambda n: counts[n])  # ties: the catalogue's order
+    return Diagnosis(best, counts[best], len(matches))

@@ -1,0 +1,227 @@
+"""The conformance suite on one device: right functions pass, every mutant and peer convention
+wrapped as someone else's function fails with its own diagnosis, options do what they say,
+and misbehaving functions (raise, wrong shape or dtype, NaN, hang) fail with the reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import conform_targets as targets
+import pytest
+
+from ringsim.conformance import Options, assert_conforms, check
+from ringsim.conformance.conventions import CONVENTIONS
+from ringsim.conformance.mutants import MUTANTS
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = Path(targets.__file__)
+BOTH = {"returns": "out,lse", "modes": ("longnet", "grouped")}
+
+
+def test_the_reference_passes_every_case_in_both_modes():
+    report = check(targets.correct, **BOTH, cases=10)
+    assert report.ok, report.text()
+    assert {r.case.mode for r in report.results} == {"longnet", "grouped"}
+    assert {r.case.is_causal for r in report.results} == {False, True}
+    assert report.line().startswith("PASS conform conform_targets:correct kind=single")
+    assert report.diagnosis.failing == 0
+
+
+@pytest.mark.parametrize("name", sorted({**MUTANTS, **CONVENTIONS}))
+def test_every_mutant_fails_with_its_own_diagnosis(name):
+    report = check(targets.mutated(name), **BOTH, scale=True, cases=10)
+    assert not report.ok
+    diagnosis = report.diagnosis
+    assert diagnosis.name == name, report.text()
+    assert diagnosis.matched >= 1 and diagnosis.matched <= diagnosis.failing
+    assert f"on {diagnosis.matched}/{diagnosis.failing} failing cases" in diagnosis.line()
+
+
+def test_the_diagnosis_reads_as_a_sentence():
+    report = check(targets.mutated("offset_from_position_zero"), **BOTH)
+    line = report.diagnosis.line()
+    assert line.startswith("diagnosis: your output equals the definition with offsets counted")
+    assert "(pitfall 2)" in line
+    line = check(targets.mutated("torchscale-head-blocks"), **BOTH).diagnosis.line()
+    assert "(torchscale's dense_to_sparse)" in line
+
+
+def test_out_only_and_declared_returns_must_agree():
+    assert check(targets.out_only, cases=3).ok
+    report = check(targets.pair, cases=2)  # returns (out, lse) but declared out
+    assert not report.ok and "returns='out' expects out alone" in report.results[0].problem
+    report = check(targets.out_only, returns="out,lse", cases=2)
+    assert "expects (out, lse)" in report.results[0].problem
+
+
+def test_keywords_are_passed_only_when_declared():
+    seen = []
+
+    def plain(q, k, v, segment_lengths, dilation_rates):  # no keyword arguments at all
+        seen.append(True)
+        return targets.out_only(q, k, v, segment_lengths, dilation_rates)
+
+    report = check(plain, causal=False, cases=4)
+    assert report.ok, report.text()
+    assert all(not r.case.is_causal and r.case.mode == "longnet" for r in report.results)
+    assert all(r.case.softmax_scale is None for r in report.results) and seen
+
+
+def test_a_function_that_ignores_the_scale_fails_with_scale():
+    def ignores(q, k, v, segment_lengths, dilation_rates, *, is_causal, softmax_scale=None):
+        return targets.out_only(q, k, v, segment_lengths, dilation_rates, is_causal=is_causal)
+
+    assert check(ignores, cases=2).ok  # no softmax_scale passed, default inputs
+    assert not check(ignores, scale=True, cases=2).ok
+
+
+@pytest.mark.parametrize(
+    ("fn", "problem"),
+    [
+        (targets.raises, "raised RuntimeError: my kernel is not built"),
+        (targets.wrong_shape, "out has shape"),
+        (targets.wrong_dtype, "out has dtype float32, expected float64"),
+    ],
+)
+def test_misbehaving_functions_fail_with_the_reason(fn, problem):
+    report = check(fn, cases=1)
+    assert not report.ok
+    assert all(problem in r.problem for r in report.results), report.text()
+    assert "no known wrong variant" in report.diagnosis.line() or report.diagnosis.failing == 0
+
+
+def test_nan_is_an_infinite_error_on_the_rows_that_hold_it():
+    report = check(targets.nan_rows, cases=0)
+    wrong = report.failed[0]
+    assert wrong.out_error == float("inf")
+    assert wrong.rows[-1] == wrong.case.seq_len - 1
+
+
+def test_a_function_that_hangs_fails_its_case_and_stops():
+    targets.RELEASE.clear()
+    try:
+        report = check(targets.hangs, timeout=0.5, cases=3)
+    finally:
+        targets.RELEASE.set()
+    assert not report.ok and len(report.results) == 1
+    assert "did not return within 0.5 s" in report.results[0].problem
+    assert report.not_run > 0 and "not_run=" in report.line()
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"dtype": "bfloat16"}, "dtype:"),
+        ({"grad": True}, "grad:"),
+        ({"modes": "longnet,causal"}, "modes:"),
+        ({"kind": "ring"}, "kind:"),
+        ({"returns": "lse"}, "returns:"),
+        ({"layout": "nbhd"}, "layout:"),
+        ({"timeout": 0}, "timeout:"),
+        ({"device": "cuda"}, "device:"),
+        ({"layout_shard": "zigzag"}, "layout_shard:"),
+        ({"case": 10_000}, "case:"),
+    ],
+)
+def test_bad_options_are_named_before_the_function_runs(options, named):
+    called = []
+    with pytest.raises(ValueError, match=f"^{named}"):
+        check(lambda *a, **k: called.append(1), **options)
+    assert not called
+
+
+def test_reproduce_lines_run_the_one_case():
+    report = check(targets.mutated("ragged_tail_dropped"), **BOTH, cases=4)
+    first = report.failed[0]
+    assert first.repro == (
+        "ringsim conform conform_targets:attention --returns out,lse "
+        f"--modes longnet,grouped --cases 4 --case {first.index}"
+    ) or first.repro.startswith("ringsim.conformance.check(fn, ")
+    again = check(targets.mutated("ragged_tail_dropped"), **BOTH, cases=4, case=first.index)
+    assert [r.case for r in again.results] == [first.case]
+    assert again.results[0].out_error == first.out_error
+
+
+def test_json_report_is_strict_json(tmp_path):
+    report = check(targets.nan_rows, cases=1)
+    data = json.loads(report.dumps(), parse_constant=pytest.fail)  # no NaN/Infinity tokens
+    assert data["ok"] is False and data["line"] == report.line()
+    assert data["cases"][0]["out_error"] == "inf"
+    assert data["options"] == Options(cases=1).__dict__ | {"modes": ["longnet"]}
+
+
+def test_assert_conforms_raises_with_the_report():
+    assert assert_conforms(targets.correct, returns="out,lse", cases=1).ok
+    with pytest.raises(AssertionError, match="diagnosis: your output equals"):
+        assert_conforms(targets.mutated("unnormalised_merge"), returns="out,lse", cases=2)
+
+
+# --- torch ------------------------------------------------------------------------------------
+
+
+def test_torch_layout_and_gradients():
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import torch_module
+
+    for dtype in ("float64", "float32", "bfloat16"):
+        report = check(torch_module.attention, backend="torch", layout="bhnd", grad=True,
+                       dtype=dtype, cases=4)  # fmt: skip
+        assert report.ok, report.text()
+        assert all(r.grad_errors is not None for r in report.results)
+    wrong_layout = check(torch_module.attention, backend="torch", cases=1)  # bnhd declared
+    assert not wrong_layout.ok
+
+
+def test_gradients_with_detached_mixing_weights_are_diagnosed():
+    pytest.importorskip("torch")
+    assert check(targets.torch_reference, backend="torch", grad=True, cases=3).ok
+    report = check(targets.torch_detached_weights, backend="torch", grad=True, cases=3)
+    assert not report.ok
+    assert all(r.out_error <= r.tolerance for r in report.results)  # the forward is right
+    assert report.diagnosis.name == "detached_mixing_weights", report.text()
+    assert "gradients" in report.failed[0].where()
+
+
+# --- the command line and the examples ---------------------------------------------------
+
+
+def conform(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "ringsim.cli", "conform", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_cli_examples_pass_and_fail_with_a_diagnosis(tmp_path):
+    good = conform("examples/numpy_dilated.py:dilated_attention", "--returns", "out,lse",
+                   "--modes", "longnet,grouped", "--json", str(tmp_path / "r.json"))  # fmt: skip
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert good.stdout.splitlines()[-1].startswith("PASS conform examples/numpy_dilated.py")
+    assert json.loads((tmp_path / "r.json").read_text())["ok"] is True
+    bad = conform("examples/numpy_dilated.py:dilated_attention_offsets_from_zero",
+                  "--returns", "out,lse")  # fmt: skip
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    lines = bad.stdout.splitlines()
+    assert lines[-1].startswith("FAIL conform")
+    assert "offsets counted from position 0" in lines[-2] and "(pitfall 2)" in lines[-2]
+    repro = next(line.strip() for line in lines if line.strip().startswith("ringsim conform"))
+    one = conform(*repro.split()[2:])
+    assert one.returncode == 1 and "cases=1 failed=1" in one.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["examples/numpy_dilated.py:missing"], "has no missing"),
+        (["no_such_module:fn"], "cannot import no_such_module"),
+        (["examples/numpy_dilated.py"], "expected MODULE:FUNCTION"),
+        (["examples/numpy_dilated.py:dilated_attention", "--grad"], "grad:"),
+        (["examples/numpy_dilated.py:dilated_attention", "--cases", "-1"], "must be >= 0"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(args, message):
+    done = conform(*args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
