@@ -9,9 +9,10 @@ block's keys using the global positions of both, and merges the partial result i
 (out, lse) per pattern; at the end the patterns of each head are mixed by their log-sum-exps.
 Internals are float64; out is returned in the dtype of q, lse ``(batch, num_heads, c)`` float64.
 
-Check it with::
+Check it on 4 ranks with::
 
-    ringsim conform examples/mpi_ring.py:ring_attention --returns out,lse --backend mpi
+    mpiexec -n 4 python -m mpi4py -m ringsim.conform examples/mpi_ring.py:ring_attention \\
+        --kind shard --returns out,lse
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ bfloat16 inputs are computed in float32 and returned in their own dtype.
 
 Check it with::
 
-    ringsim conform examples/torch_module.py:attention --layout bhnd --backend torch
+    ringsim conform examples/torch_module.py:attention --layout bhnd --backend torch --grad
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ using the global positions of both and merges into a running (out, lse) per patt
 end the patterns of each head are mixed by their log-sum-exps. Computed in float64; out is
 returned in the dtype of q, lse ``(batch, num_heads, c)`` in float64.
 
-Check it with::
+Check it on 2 processes (gloo) with::
 
-    ringsim conform examples/torch_ring.py:ring_attention --returns out,lse --backend torch \\
-        --ring torch.distributed
+    torchrun --standalone --nproc-per-node 2 -m ringsim.conform \\
+        examples/torch_ring.py:ring_attention --kind shard --backend torch --returns out,lse
 """
 
 from __future__ import annotations

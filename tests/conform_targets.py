@@ -76,12 +76,13 @@ def hangs(q, k, v, segment_lengths, dilation_rates, **kwargs):
 # --- one rank of a ring -------------------------------------------------------------------
 
 
-def mpi_ring(q, k, v, segment_lengths, dilation_rates, *, layout="contiguous", **kwargs):
+def mpi_ring(q, k, v, segment_lengths, dilation_rates, *, layout="contiguous", timeout=20.0,
+             **kwargs):  # fmt: skip
     """ringsim's per-rank ring over mpi4py's COMM_WORLD, as a user's ring."""
     from ringsim.comm import MPICommunicator
 
     return ring_dilated_attention_shard(
-        q, k, v, segment_lengths, dilation_rates, comm=MPICommunicator(timeout=20.0),
+        q, k, v, segment_lengths, dilation_rates, comm=MPICommunicator(timeout=timeout),
         **kwargs, layout=layout, return_lse=True,
     )  # fmt: skip
 
@@ -104,7 +105,7 @@ def ring_raises_on_rank_one(q, k, v, segment_lengths, dilation_rates, **kwargs):
 
     if MPI.COMM_WORLD.Get_rank() == 1:
         raise RuntimeError("rank 1 lost its kernel")
-    return mpi_ring(q, k, v, segment_lengths, dilation_rates, **kwargs)
+    return mpi_ring(q, k, v, segment_lengths, dilation_rates, **kwargs, timeout=2.0)
 
 
 def ring_sleeps_on_rank_one(q, k, v, segment_lengths, dilation_rates, **kwargs):
