@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ringsim.conformance.conventions import CONVENTIONS
 from ringsim.conformance.mutants import MUTANTS
 from ringsim.conformance.ring_mutants import RING_MUTANTS
 
@@ -135,7 +136,7 @@ def assert_no_page_loads_from_the_network(out: Path) -> None:
 
 def test_mutant_catalogue_is_documented() -> None:
     text = (DOCS / "verification.md").read_text()
-    missing = [name for name in [*MUTANTS, *RING_MUTANTS] if f"`{name}`" not in text]
+    missing = [name for name in [*MUTANTS, *RING_MUTANTS, *CONVENTIONS] if f"`{name}`" not in text]
     assert not missing, f"docs/verification.md does not list the mutants {missing}"
 
 

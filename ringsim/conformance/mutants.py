@@ -226,12 +226,12 @@ MUTANTS: dict[str, Mutant] = {
     ),
     "inverted_mask": Mutant(
         4,
-        "True = attend mask applied as True = mask out",
+        "a True = attend mask applied as True = mask out",
         _patch("ringsim.reference.block.masked_scores", masked_scores_inverted),
     ),
     "causal_compacted_keys": Mutant(
         5,
-        "causal mask compares compacted key indices with global query positions",
+        "a causal mask that compares compacted key indices with global query positions",
         _patch(f"{DILATED}.block_attention", block_attention_compacted_keys),
     ),
     "sentinel_not_inf": Mutant(

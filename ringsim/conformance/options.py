@@ -30,27 +30,26 @@ MAX_SHARD = {"single": 32, "shard": 9}
 
 @dataclass(frozen=True)
 class Options:
-    """How to call the function under test, and which cases to run.
+    """How to call the function under test, and which cases to run (one field per option).
 
-    Attributes:
-        kind: ``"single"`` (global arrays) or ``"shard"`` (one rank of the user's own ring,
-            run under ``mpiexec`` or ``torchrun``).
-        backend: ``"numpy"`` arrays or ``"torch"`` tensors.
-        device: torch device (``"cpu"``, ``"cuda"``; a ring rank uses ``cuda:LOCAL_RANK``).
-        dtype: the inputs' dtype; the tolerance is that dtype's (the definition's own rule).
-        layout: the user's tensor layout, ``"bnhd"`` (batch, seq, heads, dim) or ``"bhnd"``.
-        returns: ``"out"`` or ``"out,lse"``: what the function returns.
-        modes: head modes the function implements; ``mode=`` is passed only when these name
-            more than ``"longnet"``.
-        causal: run causal cases too (``is_causal=`` is passed only when True).
-        cases: random cases after the fixed ones.
-        seed: the seed of the random cases and of every case's inputs.
-        scale: pass ``softmax_scale=`` (a value other than the default) in every case.
-        grad: torch only: compare dq, dk, dv with the reference backward.
-        timeout: seconds one case may take (a hang fails the case; a ring's ranks stop).
-        layout_shard: which positions each rank holds (``"contiguous"`` or ``"zigzag"``);
-            passed as ``layout=`` only when not contiguous.
-        case: run only the case of this index (what the reproduce lines use).
+    - ``kind``: ``"single"`` (global arrays) or ``"shard"`` (one rank of the user's own ring,
+      run under ``mpiexec`` or ``torchrun``).
+    - ``backend``: ``"numpy"`` arrays or ``"torch"`` tensors.
+    - ``device``: torch device (``"cpu"``, ``"cuda"``; a ring rank uses ``cuda:LOCAL_RANK``).
+    - ``dtype``: the inputs' dtype; the tolerance is that dtype's (the definition's own rule).
+    - ``layout``: the user's tensor layout, ``"bnhd"`` (batch, seq, heads, dim) or ``"bhnd"``.
+    - ``returns``: ``"out"`` or ``"out,lse"``: what the function returns.
+    - ``modes``: head modes the function implements; ``mode=`` is passed only when these name
+      more than ``"longnet"``.
+    - ``causal``: run causal cases too (``is_causal=`` is passed only when True).
+    - ``cases``: random cases after the fixed ones.
+    - ``seed``: the seed of the random cases and of every case's inputs.
+    - ``scale``: pass ``softmax_scale=`` (a value other than the default) in every case.
+    - ``grad``: torch only: compare dq, dk, dv with the reference backward.
+    - ``timeout``: seconds one case may take (a hang fails the case; a ring's ranks stop).
+    - ``layout_shard``: which positions each rank holds (``"contiguous"`` or ``"zigzag"``);
+      passed as ``layout=`` only when not contiguous.
+    - ``case``: run only the case of this index (what the reproduce lines use).
     """
 
     kind: str = "single"

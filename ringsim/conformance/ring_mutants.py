@@ -2,9 +2,10 @@
 
 Applied where the ring uses the name (:mod:`ringsim.conformance.patching`). The test suite
 shows that its ring suite (parity at P = 1..8 and the closed-form bytes) fails for each; the
-conformance suite runs the simulated ring under each to diagnose a user's ring. Two of them
-(full arrays everywhere, a world of one) leave the output right and show only in memory or
-bytes: no output can be matched to them. The single-process mutants are in
+conformance suite runs the simulated ring under the others to diagnose a user's ring. Three
+leave no mark on an output (whole group: the output is right, the bytes are not) or break the
+simulated ring itself (full arrays everywhere, a world of one), so no output can be matched
+to them. The single-process mutants are in
 :mod:`ringsim.conformance.mutants`.
 """
 
