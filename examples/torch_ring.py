@@ -25,7 +25,7 @@ import torch.distributed as dist
 def _mask(qpos, kpos, w, r, num_heads, n, is_causal):
     """(num_heads, cq, ck) mask of pattern (w, r, head mod r) between global positions."""
     w = min(w, n)
-    offsets = (torch.arange(num_heads) % r)[:, None]
+    offsets = (torch.arange(num_heads, device=qpos.device) % r)[:, None]
     qsel = (qpos % w % r)[None, :] == offsets  # (h, cq)
     ksel = (kpos % w % r)[None, :] == offsets  # (h, ck)
     mask = (qpos[:, None] // w == kpos[None, :] // w) & qsel[:, :, None] & ksel[:, None, :]
@@ -66,7 +66,7 @@ def ring_attention(q, k, v, segment_lengths, dilation_rates, is_causal=False):
     n = c * size
     scale = d**-0.5
     q64 = q.to(torch.float64)
-    qpos = rank * c + torch.arange(c)
+    qpos = rank * c + torch.arange(c, device=q.device)
     pairs = list(zip(segment_lengths, dilation_rates))
     run_out = [q64.new_zeros(b, c, h, d) for _ in pairs]
     run_lse = [q64.new_full((b, h, c), float("-inf")) for _ in pairs]
@@ -75,7 +75,7 @@ def ring_attention(q, k, v, segment_lengths, dilation_rates, is_causal=False):
     recv = torch.empty_like(kv)
     for step in range(size):
         source = (rank - step) % size  # the rank whose shard this block is
-        kpos = source * c + torch.arange(c)
+        kpos = source * c + torch.arange(c, device=q.device)
         scores = scale * torch.einsum("bxhd,byhd->bhxy", q64, kv[0])
         for i, (w, r) in enumerate(pairs):
             mask = _mask(qpos, kpos, w, r, h, n, is_causal)

@@ -165,3 +165,11 @@ def _torch_reference(backward_mutant: str | None):
 
 torch_reference = _torch_reference(None)
 torch_detached_weights = _torch_reference("detached_mixing_weights")
+
+
+def torch_single(q, k, v, segment_lengths, dilation_rates, **kwargs):
+    """ringsim.gpu's single-device path, as a user's function (any device)."""
+    from ringsim.gpu import dilated_attention as gpu_dilated_attention
+
+    return gpu_dilated_attention(q, k, v, segment_lengths, dilation_rates, **kwargs,
+                                 return_lse=True)  # fmt: skip

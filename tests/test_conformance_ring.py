@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from ringsim.conformance import Options
+from ringsim.conformance.calls import Outcome
+from ringsim.conformance.diagnosis import OUTPUT_INVISIBLE, summarise
+from ringsim.conformance.judge import judge
+from ringsim.conformance.options import inputs_seed, select_cases
+from ringsim.conformance.patching import applied
+from ringsim.conformance.ring_mutants import RING_MUTANTS
 from ringsim.launch import mpi_available, mpiexec_command, run_job
+from ringsim.reference.simulate import run_case
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = str(ROOT / "tests" / "conform_targets.py")
@@ -107,3 +115,23 @@ def test_torch_rings_pass_under_gloo(world_size):
                               "--cases", "3")  # fmt: skip
         assert ours.returncode == 0, ours.stdout + ours.stderr
         assert "grad err" in ours.stdout
+
+
+@pytest.mark.parametrize("name", sorted(set(RING_MUTANTS) - OUTPUT_INVISIBLE))
+def test_every_ring_mutant_as_a_users_ring_is_diagnosed(name):
+    """The simulated ring with the mutant in place plays the user's ring at P = 3; its
+    joined output, judged as the shard kind judges one, is diagnosed as that mutant."""
+    layout = "zigzag" if name == "late-chunk-first" else "contiguous"
+    options = Options(kind="shard", returns="out,lse", modes=("longnet", "grouped"),
+                      layout_shard=layout, cases=3)  # fmt: skip
+    matches = []
+    for index, case in select_cases(options, world_size=3):
+        seed = inputs_seed(options, index, case)
+        q, k, v = case.inputs(seed)
+        with applied(RING_MUTANTS[name]):
+            out, lse, _ = run_case(case, q, k, v, timeout=10.0)
+        result = judge(options, index, case, seed, "", (q, k, v), None, Outcome(out, lse), None)
+        if not result.ok:
+            matches.append(result.matches)
+    assert matches, f"{name} passed every case"
+    assert summarise(matches).name == name, matches

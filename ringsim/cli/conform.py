@@ -177,6 +177,9 @@ def run_conform(args: argparse.Namespace) -> int:
     report = check(fn, target=args.target, on_case=progress, **options)
     if _is_rank_zero(args):
         print(report.text(), flush=True)
+        if args.kind == "shard" and report.world_size == 1:
+            print("note: a ring of one rank; launch under mpiexec -n P or torchrun "
+                  "--nproc-per-node P to check P ranks", file=sys.stderr)  # fmt: skip
         if args.json:
             Path(args.json).write_text(report.dumps() + "\n")
     return 0 if report.ok else 1
