@@ -44,6 +44,9 @@ class Ranks:
     def bcast(self, obj: Any) -> Any:
         return self.comm.bcast(obj, root=0)
 
+    def close(self) -> None:
+        """Nothing to do: mpi4py finalises MPI at exit."""
+
     def abort(self, line: str) -> None:
         """Say ``line`` on stderr and stop every rank."""
         from ringsim.checks.abort import abort_all
@@ -61,7 +64,8 @@ class TorchRanks(Ranks):
         import torch
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        self.owned = not dist.is_initialized()
+        if self.owned:
             if device.startswith("cuda"):
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -77,6 +81,14 @@ class TorchRanks(Ranks):
         box = [obj]
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def close(self) -> None:
+        """Destroy the process group if this created it: a gloo group left to the
+        interpreter's exit can abort the process ("terminate called without an active
+        exception", seen at P = 3 in CI) after the verdict was printed."""
+        if self.owned:
+            self.dist.barrier()
+            self.dist.destroy_process_group()
 
     def abort(self, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -149,7 +161,9 @@ def check_shard(fn: Callable, options: Options, target: str | None,
             report.results.append(_judge_gathered(options, index, case, seed, repro, gathered))
             if on_case is not None:
                 on_case(done, len(selected))
-    return ranks.bcast(report if ranks.rank == 0 else None)
+    report = ranks.bcast(report if ranks.rank == 0 else None)
+    ranks.close()
+    return report
 
 
 def _attempt(fn, backend, case, user, user_dout, rank: int):
