@@ -54,7 +54,7 @@ from ringsim.config import (
 
 from .block import scaled_scores
 from .dilated import check_float, empty_result, pattern_attention
-from .select import select_rows
+from .select import kv_of, select_rows
 
 Grads = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -170,7 +170,7 @@ def validate_backward(q, k, v, out, lse, dout, dlse, segment_lengths, dilation_r
     """The checks every backward entry point makes before any work: the forward's (spec §7,
     ``kwargs`` as :func:`ringsim.config.validate` takes them), q floating point, and out,
     lse, dout, dlse shaped for q (:func:`check_backward_inputs`). Returns the configuration."""
-    config = validate(q, k, v, segment_lengths, dilation_rates, **kwargs)
+    config = validate(q, k, v, segment_lengths, dilation_rates, **kwargs, allow_gqa=True)
     check_float(q)
     check_backward_inputs(q, out, lse, dout, dlse)
     return config
@@ -195,13 +195,17 @@ def _group_backward(
     (chain form). Select / block backward / scatter-add, segment by segment.
     """
     heads = list(group.heads)
+    kv = kv_of(heads, q.shape[2], k)  # the K/V head each query head reads
     scale = config.scale(q.shape[-1])
     for seg_start, seg_stop in segment_bounds(group.pattern.segment_length, q.shape[1]):
         rows = selected_in_segment(group.pattern, seg_start, seg_start, seg_stop)
         if rows.size == 0:
             continue  # the offset falls past this (short) segment: nothing selected
         block_grads = block_attention_backward(
-            *(select_rows(x, rows, heads) for x in (q, k, v, out)),
+            select_rows(q, rows, heads),
+            select_rows(k, rows, kv),
+            select_rows(v, rows, kv),
+            select_rows(out, rows, heads),
             lse[:, heads][:, :, rows],
             select_rows(dout, rows, heads),
             rows,
@@ -210,9 +214,12 @@ def _group_backward(
             scale=scale,
             dlse=None if dlse is None else dlse[:, heads][:, :, rows],
         )
-        # rows are unique in a segment and heads in a group, so += adds each entry once
-        for total, part in zip(grads, block_grads):
-            total[:, rows[:, None], np.array(heads)[None, :]] += part
+        # rows are unique in a segment and heads in a group, so += adds each entry once;
+        # query heads that share a K/V head add into it one after another (np.add.at)
+        dq, dk, dv = block_grads
+        grads[0][:, rows[:, None], np.array(heads)[None, :]] += dq
+        for total, part in zip(grads[1:], (dk, dv)):
+            np.add.at(total, (slice(None), rows[:, None], np.array(kv)[None, :]), part)
 
 
 def dilated_attention_backward(
@@ -223,14 +230,16 @@ def dilated_attention_backward(
     """Gradients of :func:`~ringsim.reference.dilated.dilated_attention` (fused form).
 
     Args:
-        q, k, v: ``(batch, seq_len, num_heads, head_dim)``, float32 or float64, one dtype.
+        q, k, v: ``(batch, seq_len, num_heads, head_dim)``, float32 or float64, one dtype;
+            k and v may have fewer heads (grouped-query attention, as the forward).
         out: ``(batch, seq_len, num_heads, head_dim)`` and lse: ``(batch, num_heads, seq_len)``,
             what ``dilated_attention(..., return_lse=True)`` returned for these inputs.
         dout: ``(batch, seq_len, num_heads, head_dim)``, the gradient with respect to out.
         segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as in the forward.
         dlse: ``(batch, num_heads, seq_len)``, the gradient with respect to lse, or None.
     Returns:
-        dq, dk, dv ``(batch, seq_len, num_heads, head_dim)`` in q's dtype: the exact gradient,
+        dq shaped like q, dk and dv like k and v (summed over the query heads that share a
+        K/V head), in q's dtype: the exact gradient,
         through the mixing weights too. Every block sees the final out and lse (Note [one
         softmax over every pattern]), so the patterns' own results are never needed.
     Raises:
@@ -241,7 +250,7 @@ def dilated_attention_backward(
         q, k, v, out, lse, dout, dlse, segment_lengths, dilation_rates,
         is_causal=is_causal, mode=mode, softmax_scale=softmax_scale,
     )  # fmt: skip
-    grads = tuple(np.zeros_like(q) for _ in range(3))
+    grads = (np.zeros_like(q), np.zeros_like(k), np.zeros_like(v))
     with np.errstate(invalid="ignore", over="ignore"):  # NaN inputs propagate (spec §7)
         for group in config.pattern_groups(q.shape[2]):
             _group_backward(grads, q, k, v, out, lse, dout, dlse, group, config)
@@ -264,7 +273,7 @@ def dilated_attention_backward_chain(
     )  # fmt: skip
     b, n, h, d = q.shape
     groups = config.pattern_groups(h)
-    grads = tuple(np.zeros_like(q) for _ in range(3))
+    grads = (np.zeros_like(q), np.zeros_like(k), np.zeros_like(v))
     with np.errstate(invalid="ignore", over="ignore"):
         # 1. forward again, keeping each group's own (o_i, lse_i) on all h heads: the heads
         #    outside the group get (0, -inf), weight 0, so every head mixes over all groups.

@@ -85,7 +85,9 @@ def dense_dilated_attention(
 
     Each head's patterns give ``(o_i, lse_i)`` from their masks; the head output is
     ``sum_i exp(lse_i - L) o_i`` with ``L = log sum_i exp(lse_i)`` (LongNet eq. 10), and 0 with
-    ``L = -inf`` for a row no pattern gives a key. A key chosen twice counts twice.
+    ``L = -inf`` for a row no pattern gives a key. A key chosen twice counts twice. k and v
+    may have fewer heads than q, ``(b, n, h_kv, d)``: query head i reads K/V head
+    ``i // (h / h_kv)`` (grouped-query attention, spec §1).
     """
     config = validate(
         q,
@@ -96,6 +98,7 @@ def dense_dilated_attention(
         is_causal=is_causal,
         mode=mode,
         softmax_scale=softmax_scale,
+        allow_gqa=True,
     )
     for name, x in (("q", q), ("k", k), ("v", v)):  # any real float, computed in float64
         if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
@@ -105,6 +108,7 @@ def dense_dilated_attention(
             )
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     b, n, h, d = q.shape
+    ratio = h // k.shape[2]  # query heads per K/V head (grouped-query attention)
     scale = config.scale(d)
     out = np.zeros((b, n, h, d))
     lse = np.full((b, h, n), -np.inf)
@@ -113,8 +117,8 @@ def dense_dilated_attention(
             parts = [
                 masked_attention(
                     q[:, :, head],
-                    k[:, :, head],
-                    v[:, :, head],
+                    k[:, :, head // ratio],
+                    v[:, :, head // ratio],
                     pattern_mask(p, n, is_causal=config.is_causal),
                     scale,
                 )

@@ -25,7 +25,7 @@ from ringsim.config import (
 
 from .block import block_attention
 from .merge import merge_stable
-from .select import scatter_rows, select_rows
+from .select import kv_of, scatter_rows, select_rows
 
 FLOAT_DTYPES = (np.float32, np.float64)
 
@@ -59,10 +59,11 @@ def pattern_attention(
         rows = selected_in_segment(group.pattern, seg_start, seg_start, seg_stop)
         if rows.size == 0:
             continue  # the offset falls past this (short) segment: nothing selected
+        kv = kv_of(group.heads, q.shape[2], k)  # the K/V heads the group reads
         block_out, block_lse = block_attention(
             select_rows(q, rows, group.heads),
-            select_rows(k, rows, group.heads),
-            select_rows(v, rows, group.heads),
+            select_rows(k, rows, kv),
+            select_rows(v, rows, kv),
             rows,
             rows,
             is_causal=is_causal,
@@ -87,7 +88,9 @@ def dilated_attention(
     """Dilated attention on one process (spec §6).
 
     Args:
-        q, k, v: ``(batch, seq_len, num_heads, head_dim)``, float32 or float64, one dtype.
+        q, k, v: ``(batch, seq_len, num_heads, head_dim)``, float32 or float64, one dtype;
+            k and v may have fewer heads, a divisor of q's (query head h reads K/V head
+            ``h // (num_heads / num_kv_heads)``: grouped-query attention).
         segment_lengths, dilation_rates: positive ints, equal length (the pairs ``(w_i, r_i)``).
         is_causal: key y is visible to query x only if ``y <= x`` (global positions).
         mode: ``"longnet"`` (every head every pair) or ``"grouped"`` (spec §2).
@@ -107,6 +110,7 @@ def dilated_attention(
         is_causal=is_causal,
         mode=mode,
         softmax_scale=softmax_scale,
+        allow_gqa=True,
     )
     check_float(q)
     b, n, h, d = q.shape

@@ -22,10 +22,9 @@ import numpy as np
 
 from ringsim.agree import agreed_config
 from ringsim.comm.base import Communicator, Payload, Recv
-from ringsim.config import check_flags, positions
+from ringsim.config import check_flags, kv_heads, kv_ratio, positions
 from ringsim.plan import BlockAction, RankPlan, Task, Transfer, rank_plan
 from ringsim.ringloop import TaskParts, run_ring
-from ringsim.tasks import slot_heads
 from ringsim.trace import RankTrace
 
 from .block import block_attention
@@ -48,7 +47,7 @@ class NumpyParts(TaskParts):
     scale: float
 
     def own_block(self, pair: int, slots: tuple[range, ...]) -> Payload:
-        heads = slot_heads(self.plan.groups[pair], len(slots))
+        heads = self.plan.kv_slot_heads(pair, len(slots))
         local = [positions(self.plan.local(rows)) for rows in slots]
         keys = tuple(select_rows(self.k, i, h) for i, h in zip(local, heads))
         values = tuple(select_rows(self.v, i, h) for i, h in zip(local, heads))
@@ -60,10 +59,15 @@ class NumpyParts(TaskParts):
 
     def expected(self, transfer: Transfer) -> Recv:
         b, _, _, d = self.q.shape
-        groups = self.plan.groups[transfer.subring.pair]
-        heads = slot_heads(groups, len(transfer.rows))
+        heads = self.plan.kv_slot_heads(transfer.subring.pair, len(transfer.rows))
         shapes = tuple((b, len(r), len(h), d) for r, h in zip(transfer.rows, heads))
         return Recv(transfer.send_rank, transfer.subring.tag, shapes * 2, self.q.dtype)
+
+    def kv_index(self, group) -> list[int]:
+        """For each query head of ``group``, the index of the K/V head it reads among the
+        K/V heads a block of the group carries (all of them: 0, 1, ..., without GQA)."""
+        carried = kv_heads(group.heads, self.plan.kv_ratio)
+        return [carried.index(h // self.plan.kv_ratio) for h in group.heads]
 
     def attend_task(self, block: Payload, task: Task) -> None:
         groups = self.plan.groups[task.subring.pair]
@@ -74,10 +78,11 @@ class NumpyParts(TaskParts):
             q_local = positions(self.plan.local(task.q_rows[g]))
             heads = np.array(group.heads)
             keys, values = task.key_slots(g, len(block))
+            reads = self.kv_index(group)
             block_out, block_lse = block_attention(
                 select_rows(self.q, q_local, group.heads),
-                block[keys],
-                block[values],
+                block[keys][:, :, reads],
+                block[values][:, :, reads],
                 positions(task.q_rows[g]),
                 positions(task.k_rows[g]),
                 is_causal=action is not BlockAction.FULL,
@@ -109,7 +114,9 @@ def ring_dilated_attention_shard(
     Args:
         q, k, v: this rank's shards, ``(batch, seq_len / P, num_heads, head_dim)``, float32
             or float64, holding the global positions ``layout`` gives the rank
-            (:func:`ringsim.layout.shard` cuts them; contiguous: ``[j*c, (j+1)*c)``).
+            (:func:`ringsim.layout.shard` cuts them; contiguous: ``[j*c, (j+1)*c)``); k and v
+            may have fewer heads (grouped-query attention): each selected row then travels
+            once per K/V head.
         comm: any ringsim communicator (simulated cluster or MPI); P = ``comm.world_size``.
         segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
             :func:`ringsim.reference.dilated_attention`, with global positions.
@@ -127,8 +134,10 @@ def ring_dilated_attention_shard(
         comm, q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
         softmax_scale=softmax_scale,
         check_array=lambda x: (check_float(x), check_flags(return_lse=return_lse)), layout=layout,
+        allow_gqa=True,
     )  # fmt: skip
-    plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank, layout)
+    plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank, layout,
+                     kv_ratio(h, k.shape[2]))  # fmt: skip
     out, lse = empty_result(b, c, h, d, q.dtype)
     trace.hold("q, k, v, out, lse", sum(x.nbytes for x in (q, k, v, out, lse)))
     parts = NumpyParts(q, k, v, out, lse, plan, config.scale(d))

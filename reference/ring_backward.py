@@ -22,7 +22,7 @@ import numpy as np
 
 from ringsim.agree import agreed_config
 from ringsim.comm.base import Communicator, Payload
-from ringsim.config import positions
+from ringsim.config import kv_ratio, positions
 from ringsim.gradrelay import GradRelay, HomeAdds
 from ringsim.plan import BlockAction, Task, rank_plan
 from ringsim.ringloop import run_ring
@@ -62,10 +62,11 @@ class NumpyGradParts(HomeAdds, NumpyParts):
             q_local = self._local(task.q_rows[g])
             rows, cols = q_local[:, None], np.array(group.heads)[None, :]
             keys, values = task.key_slots(g, len(block))
-            dq, shares[keys], shares[values] = block_attention_backward(
+            reads = self.kv_index(group)
+            dq, dk, dv = block_attention_backward(
                 select_rows(self.q, q_local, group.heads),
-                block[keys],
-                block[values],
+                block[keys][:, :, reads],
+                block[values][:, :, reads],
                 select_rows(self.out, q_local, group.heads),
                 self.lse[:, cols.T, rows.T],
                 select_rows(self.dout, q_local, group.heads),
@@ -76,6 +77,8 @@ class NumpyGradParts(HomeAdds, NumpyParts):
                 dlse=None if self.dlse is None else self.dlse[:, cols.T, rows.T],
             )
             self.add_rows(self.dq, task.q_rows[g], group.heads, dq)
+            for slot, share in ((keys, dk), (values, dv)):  # query heads sharing a K/V head
+                np.add.at(shares[slot], (slice(None), slice(None), reads), share)
         return tuple(shares)
 
     def add_rows(self, total: np.ndarray, rows: range, heads: tuple[int, ...], share) -> None:
@@ -106,16 +109,17 @@ def ring_dilated_attention_shard_backward(
         dlse: the gradient with respect to lse, shaped like lse (None: lse unused).
         trace: a :class:`ringsim.trace.RankTrace` to record this rank's events in.
     Returns:
-        this rank's ``(dq, dk, dv)``, each shaped like q, in q's dtype.
+        this rank's ``(dq, dk, dv)``, shaped like q, k and v, in q's dtype.
     """
     trace = trace if trace is not None else RankTrace(comm.rank)
     config, (_, c, h, d) = agreed_config(
         comm, q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
-        softmax_scale=softmax_scale, layout=layout,
+        softmax_scale=softmax_scale, layout=layout, allow_gqa=True,
         check_array=lambda x: (check_float(x), check_backward_inputs(x, out, lse, dout, dlse)),
     )  # fmt: skip
-    plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank, layout)
-    grads = tuple(np.zeros_like(q) for _ in range(3))
+    plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank, layout,
+                     kv_ratio(h, k.shape[2]))  # fmt: skip
+    grads = (np.zeros_like(q), np.zeros_like(k), np.zeros_like(v))
     trace.hold("q, k, v, out, lse, dout", sum(x.nbytes for x in (q, k, v, out, lse, dout)))
     trace.hold("dq, dk, dv", sum(x.nbytes for x in grads))
     parts = NumpyGradParts(q, k, v, out, lse, plan, config.scale(d), dout, dlse, *grads)

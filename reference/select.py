@@ -18,6 +18,13 @@ def select_rows(x: np.ndarray, rows: np.ndarray, heads: tuple[int, ...] | list[i
     return x[:, rows][:, :, list(heads)]
 
 
+def kv_of(heads, num_heads: int, kv: np.ndarray) -> list[int]:
+    """The head of ``kv`` ``(b, n, h_kv, d)`` that each of query ``heads`` reads (of
+    ``num_heads``): ``h // (num_heads / h_kv)`` (grouped-query attention, spec §1)."""
+    ratio = num_heads // kv.shape[2]
+    return [h // ratio for h in heads]
+
+
 def scatter_rows(
     out: np.ndarray,
     lse: np.ndarray,

@@ -61,7 +61,8 @@ def ring_dilated_attention(
 
     Args:
         q, k, v: ``(batch, seq_len, num_heads, head_dim)``, float32 or float64;
-            ``seq_len % world_size == 0`` (zigzag: ``seq_len % (2 * world_size) == 0``).
+            ``seq_len % world_size == 0`` (zigzag: ``seq_len % (2 * world_size) == 0``); k
+            and v may have fewer heads (grouped-query attention).
         world_size: the number of simulated ranks P.
         segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
             :func:`ringsim.reference.dilated_attention`.
@@ -84,7 +85,7 @@ def ring_dilated_attention(
     check_flags(return_lse=return_lse, return_trace=return_trace, checksums=checksums)
     config = validate(
         q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
-        softmax_scale=softmax_scale, world_size=world_size,
+        softmax_scale=softmax_scale, world_size=world_size, allow_gqa=True,
     )  # fmt: skip
     check_float(q)
     check_layout(layout, q.shape[1], world_size)

@@ -78,6 +78,7 @@ def agreed_config(
     softmax_scale: float | None,
     check_array: Callable[[Any], None],
     layout: Layout | str = Layout.CONTIGUOUS,
+    allow_gqa: bool = False,
 ) -> tuple[DilatedConfig, tuple[int, int, int, int]]:
     """Check this rank's shards, configuration and layout, then :func:`agree` with every
     rank.
@@ -94,14 +95,15 @@ def agreed_config(
             mode=mode,
             softmax_scale=softmax_scale,
         )
-        shape = check_qkv(q, k, v)
+        shape = check_qkv(q, k, v, allow_gqa=allow_gqa)
         check_array(q)
         config.head_groups(shape[2])
         layout = check_layout(layout, shape[1] * comm.world_size, comm.world_size)
         description = (
             f"w={config.segment_lengths} r={config.dilation_rates} "
             f"{config.mode.value} causal={config.is_causal} "
-            f"scale={config.softmax_scale} shard={shape} {q.dtype} on {_device_type(q)} "
+            f"scale={config.softmax_scale} shard={shape} kv_heads={k.shape[2]} {q.dtype} "
+            f"on {_device_type(q)} "
             f"layout={layout.value}"
         )
     except (TypeError, ValueError, NotImplementedError) as err:

@@ -35,6 +35,7 @@ class Case:
     seed: int = 0  # the default seed of :meth:`inputs`
     label: str = ""  # what the case is for, in reports
     layout: str = "contiguous"  # which positions each rank holds (ringsim.layout)
+    num_kv_heads: int | None = None  # fewer K/V heads than query heads (grouped-query)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -44,10 +45,19 @@ class Case:
         """Keyword arguments shared by every ``dilated_attention`` entry point."""
         return dict(is_causal=self.is_causal, mode=self.mode, softmax_scale=self.softmax_scale)
 
+    @property
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        """k's and v's shape: q's, with ``num_kv_heads`` heads when set."""
+        heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        return (self.batch, self.seq_len, heads, self.head_dim)
+
     def inputs(self, seed: int | None = None, dtype=np.float64) -> tuple[np.ndarray, ...]:
-        """Unit-normal q, k, v of this case's shape, from ``seed`` (default ``self.seed``)."""
-        return unit_normal(np.random.default_rng(self.seed if seed is None else seed), self.shape,
-                           dtype)  # fmt: skip
+        """Unit-normal q, k, v of this case's shapes, from ``seed`` (default ``self.seed``)."""
+        rng = np.random.default_rng(self.seed if seed is None else seed)
+        if self.num_kv_heads is None:
+            return unit_normal(rng, self.shape, dtype)
+        (q,) = unit_normal(rng, self.shape, dtype, count=1)
+        return (q, *unit_normal(rng, self.kv_shape, dtype, count=2))
 
     def upstream(self, seed: int | None = None, dtype=np.float64) -> np.ndarray:
         """A unit-normal gradient of the loss with respect to out, ``(b, n, h, d)``, for the
@@ -60,6 +70,7 @@ class Case:
         scale = "" if self.softmax_scale is None else f" scale={self.softmax_scale}"
         label = f"[{self.label}] " if self.label else ""
         layout = "" if self.layout == "contiguous" else f" {self.layout}"
+        layout += "" if self.num_kv_heads is None else f" kv_heads={self.num_kv_heads}"
         return (
             f"{label}P={self.world_size} n={self.seq_len} b={self.batch} h={self.num_heads} "
             f"d={self.head_dim} w={list(self.segment_lengths)} "
@@ -133,6 +144,19 @@ def device_cases(world_size: int) -> list[Case]:
         for w, r, mode in configs
         for causal in (False, True)
     ]
+
+
+def grouped_query(cases: list[Case], seed: int) -> list[Case]:
+    """The same cases with grouped-query attention: each gets 1 (MQA) to 3 K/V heads and
+    ``num_kv_heads * ratio`` query heads, ratio 1 to 3 (grouped mode: at least one head per
+    pair), drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for case in cases:
+        kv, ratio = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        heads = max(kv * ratio, kv * -(-len(case.segment_lengths) // kv))
+        out.append(replace(case, num_heads=heads, num_kv_heads=kv))
+    return out
 
 
 def check_cases(

@@ -250,11 +250,12 @@ def make_config(
     return DilatedConfig(seg, rates, mode_value, bool(is_causal), scale)
 
 
-def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int]:
+def check_qkv(q: Any, k: Any, v: Any, *, allow_gqa: bool = False) -> tuple[int, int, int, int]:
     """Check that q, k, v are 4-d ``(batch, seq_len, num_heads, head_dim)`` and alike.
 
-    Works on anything with ``ndim``, ``shape`` and ``dtype`` (NumPy arrays, torch tensors).
-    Returns the shape.
+    With ``allow_gqa``, k and v may have fewer heads than q (grouped-query attention, spec
+    §1): a number of K/V heads that divides q's. Works on anything with ``ndim``, ``shape``
+    and ``dtype`` (NumPy arrays, torch tensors). Returns q's shape.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not all(hasattr(x, a) for a in ("ndim", "shape", "dtype")):
@@ -264,18 +265,45 @@ def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int]:
                 f"{name}: must be 4-dimensional (batch, seq_len, num_heads, head_dim), "
                 f"got shape {tuple(x.shape)}"
             )
+    q_shape, k_shape = tuple(q.shape), tuple(k.shape)
     for name, x in (("k", k), ("v", v)):
-        if tuple(x.shape) != tuple(q.shape):
-            raise ValueError(
-                f"{name}: shape must equal q's, got {tuple(x.shape)} and {tuple(q.shape)}"
-            )
+        x_shape = tuple(x.shape)
+        same_but_heads = x_shape[:2] + x_shape[3:] == q_shape[:2] + q_shape[3:]
+        if not same_but_heads or (x_shape[2] != q_shape[2] and not allow_gqa):
+            raise ValueError(f"{name}: shape must equal q's, got {x_shape} and {q_shape}"
+                             + ("" if not same_but_heads else GQA_NOT_HERE))  # fmt: skip
+    if tuple(v.shape) != k_shape:
+        raise ValueError(f"v: shape must equal k's, got {tuple(v.shape)} and {k_shape}")
+    if k_shape[2] < 1 or q_shape[2] % k_shape[2]:
+        raise ValueError(
+            f"k: the number of K/V heads must divide q's (grouped-query attention), got "
+            f"{k_shape[2]} K/V heads for {q_shape[2]} query heads"
+        )
+    for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name}: dtype must equal q's, got {x.dtype} and {q.dtype}")
-    shape = tuple(int(s) for s in q.shape)
+    shape = tuple(int(s) for s in q_shape)
     for axis, size in zip(("batch", "seq_len", "num_heads", "head_dim"), shape):
         if size < 1:
             raise ValueError(f"q: {axis} must be >= 1, got shape {shape}")
     return shape  # type: ignore[return-value]
+
+
+#: Why a path that has not got grouped-query attention yet refuses fewer K/V heads.
+GQA_NOT_HERE = (
+    " (fewer K/V heads than query heads, grouped-query attention, is supported by "
+    "ringsim.reference; the torch backend does not have it yet)"
+)
+
+
+def kv_ratio(num_heads: int, num_kv_heads: int) -> int:
+    """Query heads per K/V head: query head h reads K/V head ``h // kv_ratio`` (spec §1)."""
+    return num_heads // num_kv_heads
+
+
+def kv_heads(heads: Sequence[int], ratio: int) -> tuple[int, ...]:
+    """The K/V heads that query ``heads`` read, each once, in order."""
+    return tuple(sorted({h // ratio for h in heads}))
 
 
 def check_flags(**flags: Any) -> None:
@@ -311,8 +339,10 @@ def validate(
     mode: str | Mode = "longnet",
     softmax_scale: float | None = None,
     world_size: int = 1,
+    allow_gqa: bool = False,
 ) -> DilatedConfig:
-    """Every spec §7 check for global q, k, v; returns the frozen configuration."""
+    """Every spec §7 check for global q, k, v; returns the frozen configuration.
+    ``allow_gqa``: k and v may have fewer heads than q (:func:`check_qkv`)."""
     config = make_config(
         segment_lengths,
         dilation_rates,
@@ -320,7 +350,7 @@ def validate(
         mode=mode,
         softmax_scale=softmax_scale,
     )
-    _, seq_len, num_heads, _ = check_qkv(q, k, v)
+    _, seq_len, num_heads, _ = check_qkv(q, k, v, allow_gqa=allow_gqa)
     config.head_groups(num_heads)  # raises for grouped mode with too few heads
     check_world_size(seq_len, world_size)
     return config

@@ -35,7 +35,7 @@ from typing import Protocol
 from ringsim.comm.base import Communicator, Payload, Recv, Request, Send, payload_nbytes
 from ringsim.comm.checksum import CorruptMessage
 from ringsim.plan import RankPlan, Transfer
-from ringsim.tasks import slot_heads, which_transfer
+from ringsim.tasks import which_transfer
 from ringsim.trace import Event, RankTrace, TraceAction
 
 
@@ -90,9 +90,9 @@ class HomeAdds:
         return tuple(x + y for x, y in zip(a, b))
 
     def add_home(self, grads: Payload, transfer: Transfer) -> None:
-        groups = self.plan.groups[transfer.subring.pair]
         half = len(transfer.rows)  # K slots, then V slots (Note [Pieces] in ringsim.plan)
-        for i, (rows, heads) in enumerate(zip(transfer.rows, slot_heads(groups, half))):
+        heads_of = self.plan.kv_slot_heads(transfer.subring.pair, half)
+        for i, (rows, heads) in enumerate(zip(transfer.rows, heads_of)):
             if len(rows):
                 self.add_rows(self.dk, rows, heads, grads[i])
                 self.add_rows(self.dv, rows, heads, grads[half + i])

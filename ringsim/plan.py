@@ -60,6 +60,7 @@ from ringsim.tasks import (
     TaskBatch,
     Transfer,
     block_action,
+    slot_heads,
     step_batches,
     subring_ranks,
 )
@@ -94,6 +95,12 @@ class RankPlan:
     steps: tuple[RankStep, ...]
     returns: tuple[Transfer, ...] = ()
     layout: Layout = Layout.CONTIGUOUS
+    kv_ratio: int = 1  # query heads per K/V head (grouped-query attention, spec §1)
+
+    def kv_slot_heads(self, pair: int, slots: int) -> tuple[tuple[int, ...], ...]:
+        """The K/V heads each of ``slots`` slots of a block of ``pair`` carries: those its
+        group's query heads read, each once (:func:`ringsim.tasks.slot_heads`)."""
+        return slot_heads(self.groups[pair], slots, self.kv_ratio)
 
     @functools.cached_property
     def chunks(self) -> tuple[range, ...]:
@@ -293,10 +300,12 @@ def rank_plan(
     world_size: int,
     rank: int,
     layout: Layout | str = Layout.CONTIGUOUS,
+    kv_ratio: int = 1,
 ) -> RankPlan:
     """The schedule of one rank: its transfers and tasks, step by step (cached: the torch
     ring asks for it at every call). ``layout``: which positions each rank holds
-    (:mod:`ringsim.layout`; ``seq_len`` must cut into its chunks)."""
+    (:mod:`ringsim.layout`; ``seq_len`` must cut into its chunks); ``kv_ratio``: query heads
+    per K/V head, which sets the heads each message carries."""
     layout = check_layout(layout, seq_len, world_size)
     groups = pair_groups(config, num_heads)
     sends: dict[int, list[Transfer]] = {}
@@ -326,7 +335,7 @@ def rank_plan(
         )
         for t in range(num_steps)
     )
-    return RankPlan(rank, world_size, seq_len, groups, steps, tuple(returns), layout)
+    return RankPlan(rank, world_size, seq_len, groups, steps, tuple(returns), layout, kv_ratio)
 
 
 def clear_plan_caches() -> None:

@@ -15,7 +15,7 @@ from enum import Enum
 
 import numpy as np
 
-from ringsim.config import PatternGroup, positions
+from ringsim.config import PatternGroup, kv_heads, positions
 from ringsim.layout import Layout, chunk_length, chunk_owner
 
 
@@ -59,10 +59,13 @@ def subring_ranks(
     return tuple(dict.fromkeys(chunk_owner(layout, i, world_size) for i in chunks))
 
 
-def slot_heads(groups: Sequence[PatternGroup], slots: int) -> tuple[tuple[int, ...], ...]:
-    """The heads of each of ``slots`` slots of a block of a pair with ``groups``: slot i
-    carries group ``i % G`` (Note [Pieces] in :mod:`ringsim.plan`)."""
-    return tuple(groups[i % len(groups)].heads for i in range(slots))
+def slot_heads(
+    groups: Sequence[PatternGroup], slots: int, kv_ratio: int = 1
+) -> tuple[tuple[int, ...], ...]:
+    """The K/V heads of each of ``slots`` slots of a block of a pair with ``groups``: slot i
+    carries group ``i % G`` (Note [Pieces] in :mod:`ringsim.plan`), once per K/V head its
+    query heads read (``kv_ratio`` query heads per K/V head; 1: the group's own heads)."""
+    return tuple(kv_heads(groups[i % len(groups)].heads, kv_ratio) for i in range(slots))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ringsim.config import DilatedConfig
+from ringsim.config import DilatedConfig, kv_heads, kv_ratio
 
 
 class TraceAction(str, Enum):
@@ -196,29 +196,33 @@ def closed_form_bytes(
     rank: int,
     itemsize: int = 8,
     layout: str = "contiguous",
+    num_kv_heads: int | None = None,
 ) -> int:
     """spec §5's closed form: the K/V bytes ``rank`` sends in the forward of an aligned
     configuration, computed from the formula alone (no plan), to check the plan and the
-    trace against. ``layout="zigzag"``: Note [Zigzag bytes]."""
+    trace against. ``layout="zigzag"``: Note [Zigzag bytes]. ``num_kv_heads`` (grouped-query
+    attention): a message carries each selected row once per K/V head its heads read."""
+    kv = num_heads if num_kv_heads is None else num_kv_heads
     if layout == "zigzag":
         return _zigzag_bytes(config, num_heads, batch, head_dim, seq_len, world_size, rank,
-                             itemsize)  # fmt: skip
+                             itemsize, kv)  # fmt: skip
     c = seq_len // world_size
     total = 0
-    for w_eff, r, heads in _pairs(config, num_heads, seq_len):
+    for w_eff, r, heads in _pairs(config, num_heads, seq_len, kv):
         g = w_eff // c  # the sub-ring's ranks; the rank's place in it:
         messages = _one_piece_messages((rank * c % w_eff) // c, g, config.is_causal)
-        total += 2 * messages * batch * len(heads) * (c // r) * head_dim * itemsize
+        total += 2 * messages * batch * heads * (c // r) * head_dim * itemsize
     return total
 
 
-def _pairs(config: DilatedConfig, num_heads: int, seq_len: int):
-    """``(w', r, heads)`` of every pair."""
-    return zip(
-        config.effective_segment_lengths(seq_len),
-        config.dilation_rates,
-        config.head_groups(num_heads),
-    )
+def _pairs(config: DilatedConfig, num_heads: int, seq_len: int, num_kv_heads: int):
+    """``(w', r, H)`` of every pair, H the head rows a message carries per selected row: the
+    pair's heads, or with grouped-query attention the K/V heads each offset's heads read."""
+    ratio = kv_ratio(num_heads, num_kv_heads)
+    carried = [0] * config.num_pairs
+    for group in config.pattern_groups(num_heads):
+        carried[group.pair] += len(kv_heads(group.heads, ratio))
+    return zip(config.effective_segment_lengths(seq_len), config.dilation_rates, carried)
 
 
 def _one_piece_messages(place: int, g: int, is_causal: bool) -> int:
@@ -230,7 +234,8 @@ def _one_piece_messages(place: int, g: int, is_causal: bool) -> int:
     return place + 1 if place < g - 1 else 0
 
 
-def _zigzag_bytes(config, num_heads, batch, head_dim, seq_len, world_size, rank, itemsize):
+def _zigzag_bytes(config, num_heads, batch, head_dim, seq_len, world_size, rank, itemsize,
+                  num_kv_heads):  # fmt: skip
     """Note [Zigzag bytes]
     ----------------------
     With 2P chunks of ``s = n / 2P`` positions, an aligned configuration (each ``w' <= s``
@@ -252,17 +257,18 @@ def _zigzag_bytes(config, num_heads, batch, head_dim, seq_len, world_size, rank,
       ``g - 1`` early pieces and ``g - 1`` late ones less one, unless it is the last place
       (the one whose next is place 0).
 
-    A piece carries ``s / r`` rows of each of the pair's H heads: ``batch * H * (s / r) *
-    head_dim`` elements of K and as many of V.
+    A piece carries ``s / r`` rows of each of the pair's H heads (with grouped-query attention,
+    H counts K/V heads: those each offset's heads read): ``batch * H * (s / r) * head_dim``
+    elements of K and as many of V.
     """
     p, s = world_size, seq_len // (2 * world_size)
     chunks = (rank, 2 * p - 1 - rank)
     total = 0
-    for w_eff, r, heads in _pairs(config, num_heads, seq_len):
+    for w_eff, r, heads in _pairs(config, num_heads, seq_len, num_kv_heads):
         m = w_eff // s
         if m <= 1:
             continue
-        piece = 2 * batch * len(heads) * (s // r) * head_dim * itemsize  # K and V
+        piece = 2 * batch * heads * (s // r) * head_dim * itemsize  # K and V
         middle = p // m if p % m else None  # the segment across the middle, if any
         pieces = 0
         for chunk in chunks:

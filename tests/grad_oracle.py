@@ -26,16 +26,17 @@ def torch_gradients(case: Case, q, k, v, dout, dlse) -> tuple[np.ndarray, ...]:
     config = make_config(case.segment_lengths, case.dilation_rates, **case.kwargs())
     tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
     n, inf = case.seq_len, float("inf")
+    ratio = case.num_heads // k.shape[2]  # query heads per K/V head (grouped-query)
     scale = config.scale(case.head_dim)
     outs, lses = [], []
     for head, patterns in enumerate(config.head_patterns(case.num_heads)):
-        scores = scale * torch.einsum("bxd,byd->bxy", tq[:, :, head], tk[:, :, head])
+        scores = scale * torch.einsum("bxd,byd->bxy", tq[:, :, head], tk[:, :, head // ratio])
         parts, has_keys = [], []
         for pattern in patterns:
             mask = torch.from_numpy(pattern_mask(pattern, n, is_causal=case.is_causal))
             has_key = mask.any(-1)  # (n,)
             safe = torch.where(mask, scores, torch.where(has_key[:, None], -inf, 0.0))
-            o_i = torch.softmax(safe, -1) @ tv[:, :, head]  # (b, n, d)
+            o_i = torch.softmax(safe, -1) @ tv[:, :, head // ratio]  # (b, n, d)
             lse_i = torch.logsumexp(safe, -1)  # (b, n)
             parts.append(
                 (torch.where(has_key[:, None], o_i, 0.0), torch.where(has_key, lse_i, -inf))

@@ -55,6 +55,18 @@ def test_mpi_zigzag_ring_matches_definition(world_size):
     assert line.startswith("PASS parity") and line.endswith("layout=zigzag"), line
 
 
+@pytest.mark.parametrize(
+    ("world_size", "layout"), [(2, "contiguous"), (3, "zigzag"), (4, "contiguous")]
+)
+def test_mpi_ring_with_grouped_query_attention(world_size, layout):
+    """Fewer K/V heads than query heads: forward and backward over MPI (dK/dV summed over
+    the query heads that share a K/V head, then home)."""
+    result = parity(world_size, "--cases", "5", "--seed", "6", "--gqa", "--layout", layout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("PASS parity") and line.endswith(" gqa"), line
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 def test_mpi_trace_equals_simulated_trace_in_each_layout(layout, tmp_path):
     path = tmp_path / "trace.json"

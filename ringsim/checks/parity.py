@@ -32,7 +32,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from ringsim.cases import Case, check_cases
+from ringsim.cases import Case, check_cases, grouped_query
 from ringsim.cli.args import OneLineParser, parse_count, parse_seconds
 from ringsim.comm import (
     ChecksummedCommunicator,
@@ -94,14 +94,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="contiguous",
         help="which positions each rank holds (zigzag: shards of even length)",
     )
+    parser.add_argument(
+        "--gqa",
+        action="store_true",
+        help="grouped-query attention: every case with 1 to 3 K/V heads shared by the heads",
+    )
     parser.add_argument("--trace-out", default=None, help="write the first case's trace")
     return parser.parse_args(argv)
 
 
 def cases_for(args: argparse.Namespace, world_size: int) -> list[Case]:
-    return check_cases(
+    cases = check_cases(
         world_size, args.cases, args.seed, fixed=not args.no_fixed, layout=args.layout
     )
+    return grouped_query(cases, args.seed) if args.gqa else cases
 
 
 def run_case(comm, case: Case, seed: int, dtype, disagree: bool):
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         print(
             f"{verdict} parity world_size={comm.world_size} configurations={len(cases)} "
             f"failed={failed} max_error={worst:.3e} max_grad_error={worst_grad:.3e} "
-            f"dtype={dtype} layout={args.layout}",
+            f"dtype={dtype} layout={args.layout}" + (" gqa" if args.gqa else ""),
             flush=True,
         )
     finish(1 if failed else 0)  # the same status on every rank
