@@ -173,3 +173,10 @@ def torch_single(q, k, v, segment_lengths, dilation_rates, **kwargs):
 
     return gpu_dilated_attention(q, k, v, segment_lengths, dilation_rates, **kwargs,
                                  return_lse=True)  # fmt: skip
+
+
+def kv_heads_modulo(q, k, v, segment_lengths, dilation_rates, **kwargs):
+    """Grouped-query attention with the wrong K/V head: query head h reads h % H_kv."""
+    reps = q.shape[2] // k.shape[2]
+    k, v = (np.tile(x, (1, 1, reps, 1)) for x in (k, v))
+    return correct(q, k, v, segment_lengths, dilation_rates, **kwargs)

@@ -225,3 +225,16 @@ def test_cli_bad_input_exits_2_with_one_line(args, message):
     done = conform(*args)
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_grouped_query_attention_is_checked_when_declared():
+    report = check(targets.correct, **BOTH, gqa=True, cases=6)
+    assert report.ok, report.text()
+    assert any(r.case.num_kv_heads < r.case.num_heads for r in report.results)
+    assert "kv_heads=" in report.results[0].case.describe()
+    assert not check(targets.kv_heads_modulo, **BOTH, gqa=True, cases=6).ok
+    sys.path.insert(0, str(ROOT / "examples"))
+    import numpy_dilated  # written for k, v with q's heads
+
+    report = check(numpy_dilated.dilated_attention, gqa=True, cases=2)
+    assert not report.ok and any("raised" in (r.problem or "") for r in report.results)

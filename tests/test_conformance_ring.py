@@ -54,6 +54,15 @@ def test_an_mpi4py_ring_passes_at_every_world_size(world_size):
 
 @needs_mpi
 @pytest.mark.mpi
+def test_a_ring_with_grouped_query_attention():
+    done = under_mpiexec(3, f"{TARGETS}:mpi_ring", "--returns", "out,lse", "--gqa",
+                         "--modes", "longnet,grouped", "--cases", "4")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "kv_heads=" in done.stdout and last_line(done).startswith("PASS conform")
+
+
+@needs_mpi
+@pytest.mark.mpi
 @pytest.mark.parametrize(
     ("target", "layout", "pitfall"),
     [

@@ -112,6 +112,11 @@ def add_conform_arguments(parser: argparse.ArgumentParser) -> None:
         help="time limit of one case (default: %(default)s)",
     )
     add(
+        "--gqa",
+        action="store_true",
+        help="grouped-query attention: k and v with fewer heads than q in every case",
+    )
+    add(
         "--layout-shard",
         choices=LAYOUTS,
         default="contiguous",

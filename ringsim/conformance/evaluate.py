@@ -55,6 +55,8 @@ def tolerances(options: Options, case: Case, q, k, v, definition: Definition, do
     from ringsim.gpu.harness.check_support import naive_dilated
 
     dtype = getattr(torch, options.dtype)
+    ratio = q.shape[2] // k.shape[2]  # the plain formula reads K/V repeated per query head
+    k, v = (np.repeat(x, ratio, axis=2) for x in (k, v))
     tensors = [torch.from_numpy(x).to(dtype).requires_grad_(dout is not None) for x in (q, k, v)]
     out, lse = naive_dilated(
         *tensors, case.segment_lengths, case.dilation_rates, **case.kwargs(), dtype=dtype
@@ -66,10 +68,9 @@ def tolerances(options: Options, case: Case, q, k, v, definition: Definition, do
     grad = 0.0
     if dout is not None and definition.grads is not None:
         out.backward(torch.from_numpy(dout).to(dtype))
-        grad = max(
-            max_abs_error(t.grad.double().numpy(), want)
-            for t, want in zip(tensors, definition.grads)
-        )
+        found = [t.grad.double().numpy() for t in tensors]
+        found[1:] = [g.reshape(*g.shape[:2], -1, ratio, g.shape[3]).sum(3) for g in found[1:]]
+        grad = max(max_abs_error(g, want) for g, want in zip(found, definition.grads))
     return Tolerances(low_precision_bound(naive), low_precision_bound(grad, "grad"))
 
 

@@ -14,7 +14,14 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from ringsim.cases import FLOAT64_ONLY, PARITY_CASES, Case, fixed_cases, random_case
+from ringsim.cases import (
+    FLOAT64_ONLY,
+    PARITY_CASES,
+    Case,
+    fixed_cases,
+    grouped_query,
+    random_case,
+)
 from ringsim.layout import LAYOUTS
 
 KINDS = ("single", "shard")
@@ -47,6 +54,8 @@ class Options:
     - ``scale``: pass ``softmax_scale=`` (a value other than the default) in every case.
     - ``grad``: torch only: compare dq, dk, dv with the reference backward.
     - ``timeout``: seconds one case may take (a hang fails the case; a ring's ranks stop).
+    - ``gqa``: grouped-query attention: k and v of every case get fewer heads than q (1 to
+      3, dividing q's); the function reads K/V head ``h // (H / H_kv)`` for query head h.
     - ``layout_shard``: which positions each rank holds (``"contiguous"`` or ``"zigzag"``);
       passed as ``layout=`` only when not contiguous.
     - ``case``: run only the case of this index (what the reproduce lines use).
@@ -65,6 +74,7 @@ class Options:
     scale: bool = False
     grad: bool = False
     timeout: float = 60.0
+    gqa: bool = False
     layout_shard: str = "contiguous"
     case: int | None = None
 
@@ -139,8 +149,9 @@ def select_cases(options: Options, world_size: int = 1) -> list[tuple[int, Case]
     (segments inside a shard, across shards, the whole sequence, ragged, empty rows), then
     random ones. Cases the options exclude are dropped: other modes, causal ones with
     ``causal=False``, float64-only ones in float32 or lower; every case gets a softmax scale
-    other than the default with ``scale=True`` and none without. Case i's inputs come from
-    :func:`inputs_seed`.
+    other than the default with ``scale=True`` and none without; with ``gqa=True`` every case
+    has fewer K/V heads than query heads (:func:`ringsim.cases.grouped_query`). Case i's
+    inputs come from :func:`inputs_seed`.
     """
     rng = np.random.default_rng(options.seed)
     p = world_size if options.kind == "shard" else 1
@@ -160,6 +171,8 @@ def select_cases(options: Options, world_size: int = 1) -> list[tuple[int, Case]
         elif case.softmax_scale is not None:
             continue
         chosen.append(case)
+    if options.gqa:
+        chosen = grouped_query(chosen, options.seed)
     indexed = list(enumerate(chosen))
     if options.case is not None:
         if options.case >= len(chosen):
