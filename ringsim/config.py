@@ -292,7 +292,8 @@ def check_qkv(q: Any, k: Any, v: Any, *, allow_gqa: bool = False) -> tuple[int, 
 #: Why a path that has not got grouped-query attention yet refuses fewer K/V heads.
 GQA_NOT_HERE = (
     " (fewer K/V heads than query heads, grouped-query attention, is supported by "
-    "ringsim.reference; the torch backend does not have it yet)"
+    "ringsim.reference and by ringsim.gpu.dilated_attention on one device; the torch ring "
+    "does not have it yet)"
 )
 
 

@@ -133,10 +133,33 @@ def test_bad_kv_heads_are_named(kv_heads, v_heads, message):
         dilated_attention(q, k, v, (4,), (1,))
 
 
-def test_the_torch_backend_refuses_fewer_kv_heads_with_the_reason():
+def test_torch_on_one_device_takes_fewer_kv_heads_and_the_ring_refuses_them():
+    """ringsim.gpu on one device repeats K/V per query head (forward and gradients equal the
+    reference's); the torch ring names the reason it refuses them."""
     torch = pytest.importorskip("torch")
+    from ringsim.gpu import RingDilatedAttention, simulated_ring_dilated_attention
     from ringsim.gpu import dilated_attention as torch_dilated_attention
 
-    q, k = torch.zeros(1, 8, 4, 2), torch.zeros(1, 8, 2, 2)
-    with pytest.raises(ValueError, match=r"ringsim\.reference; the torch backend does not"):
-        torch_dilated_attention(q, k, k, (4,), (1,))
+    for i, case in enumerate(gqa_cases(1, count=4, seed=3)):
+        q, k, v = case.inputs(seed=i)
+        args = (case.segment_lengths, case.dilation_rates)
+        tensors = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+        out, lse = torch_dilated_attention(*tensors, *args, **case.kwargs(), return_lse=True)
+        want_out, want_lse = dilated_attention(q, k, v, *args, **case.kwargs(), return_lse=True)
+        assert max_abs_error(out.detach().numpy(), want_out) <= 1e-10
+        assert max_abs_error(lse.detach().numpy(), want_lse) <= 1e-10
+        dout = case.upstream(seed=i)
+        out.backward(torch.tensor(dout))
+        want = dilated_attention_backward(q, k, v, want_out, want_lse, dout, *args,
+                                          **case.kwargs())  # fmt: skip
+        for t, expect in zip(tensors, want):
+            assert t.grad.shape == expect.shape
+            assert max_abs_error(t.grad.numpy(), expect) <= 1e-10, case.describe()
+    module = RingDilatedAttention((4,), (1,))
+    q, k = (
+        torch.randn(1, 8, 4, 2, dtype=torch.float64),
+        torch.randn(1, 8, 2, 2, dtype=torch.float64),
+    )
+    assert module(q, k, k).shape == q.shape
+    with pytest.raises(ValueError, match=r"the torch ring does not have it yet"):
+        simulated_ring_dilated_attention(q, k, k, (4,), (1,), world_size=2)

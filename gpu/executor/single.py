@@ -92,7 +92,9 @@ def dilated_attention(
 
     Args:
         q, k, v: ``(batch, seq_len, num_heads, head_dim)`` floating-point tensors, one dtype
-            and device.
+            and device; k and v may have fewer heads, a divisor of q's (grouped-query
+            attention: :func:`repeat_kv` repeats them per query head, so K/V memory grows by
+            the ratio; the torch ring refuses fewer K/V heads for now).
         segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
             :func:`ringsim.reference.dilated_attention`.
         return_lse: also return lse ``(batch, num_heads, seq_len)``, float32 (float64 for
@@ -116,7 +118,9 @@ def dilated_attention(
         is_causal=is_causal,
         mode=mode,
         softmax_scale=softmax_scale,
+        allow_gqa=True,
     )
+    k, v = repeat_kv(q, k, v)
     q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale)
     if cuda_graph:
         from .graphs import graph_refusal, graphed_forward
@@ -129,6 +133,19 @@ def dilated_attention(
     check_differentiable(q, k, v, chosen)
     out, lse = DilatedFunction.apply(q, k, v, config, chosen)
     return (out, lse) if return_lse else out
+
+
+def repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """k, v with q's heads: each K/V head repeated for the query heads that read it
+    (grouped-query attention, spec §1; query head h reads K/V head ``h // ratio``).
+
+    On one device the kernels then see equal heads, at the cost of K/V memory times the
+    ratio; autograd sums the repeated heads' gradients into dk, dv. Equal heads: unchanged.
+    """
+    ratio = q.shape[2] // k.shape[2]
+    if ratio == 1:
+        return k, v
+    return k.repeat_interleave(ratio, dim=2), v.repeat_interleave(ratio, dim=2)
 
 
 def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel):

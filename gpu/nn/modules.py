@@ -220,8 +220,9 @@ class RingDilatedAttention(nn.Module):
     ) -> torch.Tensor:
         """Attend ``q, k, v (batch, seq_len, num_heads, head_dim)``, one float dtype and device.
 
-        With a group, ``seq_len`` is this rank's shard length. Returns out, same shape and
-        dtype as q (differentiable).
+        With a group, ``seq_len`` is this rank's shard length. Without one, k and v may have
+        fewer heads than q (grouped-query attention, :func:`ringsim.gpu.dilated_attention`).
+        Returns out, same shape and dtype as q (differentiable).
         """
         if self.training and self.dropout > 0:
             raise NotImplementedError(
@@ -230,7 +231,9 @@ class RingDilatedAttention(nn.Module):
             )
         c = self.config
         kwargs = {"is_causal": is_causal, "mode": c.mode.value, "softmax_scale": c.softmax_scale}
-        validate(q, k, v, c.segment_lengths, c.dilation_rates, **kwargs)  # before the kernel
+        one_device = self.group is None  # grouped-query attention: on one device only
+        validate(q, k, v, c.segment_lengths, c.dilation_rates, **kwargs,
+                 allow_gqa=one_device)  # before the kernel  # fmt: skip
         q, k, v, chosen = prepare(q, k, v, self.kernel, c.softmax_scale)
         args = (q, k, v, c.segment_lengths, c.dilation_rates)
         if self.group is None:
