@@ -69,7 +69,7 @@ def test_multihead_matches_hand_computation(rng, batch_first, layer_norm, mode, 
     randomise(module, seed=5)
     shape = (2, 21, 24) if batch_first else (21, 2, 24)
     query, key, value = (randn(rng, *shape) for _ in range(3))
-    out, weights = module(query, key, value, is_causal=is_causal)
+    out, weights = module(query, key, value, is_causal=is_causal, need_weights=False)
     assert weights is None and out.shape == shape
     expected = by_hand(module, query, key, value, is_causal)
     assert max_abs_error(out.detach().numpy(), expected.numpy()) <= tolerance("float64")
@@ -186,7 +186,7 @@ def two_rank_main(rank: int, port: int) -> None:
         x = torch.randn(2, 24, 24, generator=gen, dtype=torch.float64)
         mine = ringsim.shard(x, rank, 2, layout=layout)  # segment [8, 16) crosses shards
         with torch.no_grad():  # gradients over gloo: test_gpu_ring's distcheck runs
-            out, _ = ring(mine, mine, mine, is_causal=is_causal)
+            out, _ = ring(mine, mine, mine, is_causal=is_causal, need_weights=False)
             whole_out = whole(x, x, x, is_causal=is_causal)[0]
         expected = ringsim.shard(whole_out, rank, 2, layout=layout)
         err = (out - expected).abs().max().item()
@@ -277,3 +277,46 @@ def test_extra_keys_are_refused_with_a_reason():
     for name in ("add_bias_kv", "add_zero_attn"):
         with pytest.raises(NotImplementedError, match=f"^{name}: an extra key"):
             RingMultiheadDilatedAttention(8, 2, (4,), (1,), **{name: True})
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_need_weights_are_nn_multihead_attentions_at_one_full_segment(rng, average):
+    """need_weights=True (the default, as torch's): at w = n, r = 1 the weights are
+    nn.MultiheadAttention's, averaged or per head."""
+    n, e = 10, 16
+    theirs = torch.nn.MultiheadAttention(e, 4, batch_first=True).double()
+    randomise(theirs, seed=5)
+    ours = RingMultiheadDilatedAttention(e, 4, (n,), (1,), batch_first=True).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = randn(rng, 2, n, e)
+    want_out, want = theirs(x, x, x, average_attn_weights=average)
+    got_out, got = ours(x, x, x, average_attn_weights=average)
+    assert got.shape == want.shape == ((2, n, n) if average else (2, 4, n, n))
+    assert (got - want).abs().max().item() <= 1e-10
+    assert (got_out - want_out).abs().max().item() <= 1e-10
+
+
+def test_need_weights_times_v_is_the_output_for_dilated_patterns(rng):
+    """For any patterns, W @ v per head is the attention output (before the output
+    projection), rows of W sum to 1 or are 0 (a row with no key), and gradients flow."""
+    from ringsim.gpu.nn.weights import dilated_attention_weights
+
+    q, k, v = (randn(rng, 2, 14, 6, 3) for _ in range(3))
+    q.requires_grad_(True)
+    segs, rates = (4, 6, 14), (6, 3, 2)  # r > w: rows with no key
+    weights = dilated_attention_weights(q, k, segs, rates, is_causal=True)
+    out = torch.einsum("bhxy,byhd->bxhd", weights, v)
+    want = reference(q.detach(), k, v, segs, rates, is_causal=True)
+    assert max_abs_error(out.detach().numpy(), want) <= 1e-10
+    sums = weights.sum(-1)
+    assert ((sums - 1).abs() < 1e-12).logical_or(sums == 0).all() and (sums == 0).any()
+    weights.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_need_weights_on_a_ring_is_refused(world_of_one):
+    module = RingMultiheadDilatedAttention(8, 2, (4,), (1,), batch_first=True, group="default")
+    x = torch.randn(1, 8, 8)
+    assert module(x, x, x, need_weights=False)[1] is None
+    with pytest.raises(NotImplementedError, match="need_weights: a ring rank"):
+        module(x, x, x)

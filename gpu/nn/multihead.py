@@ -27,6 +27,7 @@ from .modules import (
     check_dtype,
     seed_arguments,
 )
+from .weights import dilated_attention_weights
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -219,11 +220,11 @@ class RingMultiheadDilatedAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = False,
+        need_weights: bool = True,
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend; the argument order is ``nn.MultiheadAttention.forward``'s.
 
         Args:
@@ -231,12 +232,17 @@ class RingMultiheadDilatedAttention(nn.Module):
                 not batch_first), one shape, the parameters' dtype and device.
             key_padding_mask, attn_mask: not supported: anything but None raises
                 ``NotImplementedError`` (for a causal mask use ``is_causal=True``).
-            need_weights: must be False (weights are never formed); True raises.
-            average_attn_weights: a bool; it only matters with need_weights, as in torch.
+            need_weights: also return the attention weights, as ``nn.MultiheadAttention``
+                does (its default, True): the exact dilated weights W with ``out = W @ v``
+                per head (:func:`~ringsim.gpu.nn.weights.dilated_attention_weights`), formed
+                densely: ``(batch, heads, seq, seq)``, O(heads x seq²) time and memory. Pass
+                False for long sequences (``nn.TransformerEncoderLayer`` does); with a group
+                (a ring) True raises, as a rank holds only its rows.
+            average_attn_weights: average the weights over heads: ``(batch, seq, seq)``.
             is_causal: causal masking by global position (unlike ``nn.MultiheadAttention``,
                 no ``attn_mask`` is needed).
         Returns:
-            ``(out, None)``, out shaped like query.
+            ``(out, weights)``, out shaped like query, weights None unless need_weights.
         """
         if key_padding_mask is not None:
             raise NotImplementedError("key_padding_mask: not supported; pass None")
@@ -244,9 +250,10 @@ class RingMultiheadDilatedAttention(nn.Module):
             raise NotImplementedError(
                 "attn_mask: not supported; pass None (use is_causal=True for a causal mask)"
             )
-        if check_bool("need_weights", need_weights):
+        if check_bool("need_weights", need_weights) and self.attention.group is not None:
             raise NotImplementedError(
-                "need_weights: attention weights are never formed; pass need_weights=False"
+                "need_weights: a ring rank holds its own rows only, and the weights span the "
+                "whole sequence; pass need_weights=False, or run without a group"
             )
         check_bool("average_attn_weights", average_attn_weights)
         self._check_inputs(query, key, value)
@@ -263,7 +270,14 @@ class RingMultiheadDilatedAttention(nn.Module):
         if self.sub_layer_norm is not None:
             out = self.sub_layer_norm(out)  # MAGNETO's sub-LN, before the output projection
         out = self.out_proj(out)
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        attn = None
+        if need_weights:
+            c = self.attention.config
+            attn = dilated_attention_weights(q, k, c.segment_lengths, c.dilation_rates,
+                                             is_causal=is_causal, mode=c.mode.value,
+                                             softmax_scale=c.softmax_scale)  # fmt: skip
+            attn = attn.mean(dim=1) if average_attn_weights else attn
+        return (out if self.batch_first else out.transpose(0, 1)), attn
 
 
 class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
@@ -312,3 +326,10 @@ class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
             **seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group),
         )
         self.ring_size = ring_size
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False,
+                attn_mask=None, average_attn_weights=True, is_causal=False):  # fmt: skip
+        """:meth:`RingMultiheadDilatedAttention.forward` with the seed's default: no weights
+        unless asked, so ``out, _ = mha(query, key, value)`` never forms ``seq x seq``."""
+        return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                               average_attn_weights, is_causal)  # fmt: skip
