@@ -38,7 +38,7 @@ def by_hand(module, query, key, value, is_causal: bool) -> torch.Tensor:
         return y if bias is None else y + bias.detach()
 
     q, k, v = (
-        proj(w, bias, x).reshape(b, n, module.num_heads, -1)
+        proj(w, bias, x).reshape(b, n, -1, module.head_dim)  # k, v: num_kv_heads heads
         for w, bias, x in zip(
             module.projection_weights(), module.projection_biases(), (query, key, value)
         )

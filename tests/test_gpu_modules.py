@@ -320,3 +320,34 @@ def test_need_weights_on_a_ring_is_refused(world_of_one):
     assert module(x, x, x, need_weights=False)[1] is None
     with pytest.raises(NotImplementedError, match="need_weights: a ring rank"):
         module(x, x, x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_query_multihead_is_projection_then_the_definition(rng, mode, kv_heads):
+    """num_kv_heads: K and V projected to fewer heads, each read by its block of query
+    heads; the output is the projections, then the definition with grouped-query attention,
+    then out_proj; the weights times v are the attention output; the state loads back."""
+    e, h, d, n = 24, 6, 4, 15
+    module = RingMultiheadDilatedAttention(e, h, (5, 15), (2, 3), num_kv_heads=kv_heads,
+                                           mode=mode, batch_first=True).double()  # fmt: skip
+    randomise(module, seed=7)
+    assert module.k_proj_weight.shape == (kv_heads * d, e) and module.in_proj_weight is None
+    assert module.in_proj_bias.shape == (e + 2 * kv_heads * d,)
+    x = randn(rng, 2, n, e)
+    out, weights = module(x, x, x, is_causal=True, average_attn_weights=False)
+    assert max_abs_error(out.detach().numpy(), by_hand(module, x, x, x, True).numpy()) <= 1e-10
+    assert weights.shape == (2, h, n, n)
+    again = RingMultiheadDilatedAttention(e, h, (5, 15), (2, 3), num_kv_heads=kv_heads,
+                                          mode=mode, batch_first=True).double()  # fmt: skip
+    again.load_state_dict(module.state_dict())
+    assert torch.equal(again(x, x, x, is_causal=True, need_weights=False)[0], out)
+
+
+def test_num_kv_heads_is_checked():
+    with pytest.raises(ValueError, match="num_kv_heads: must divide num_heads=6, got 4"):
+        RingMultiheadDilatedAttention(24, 6, (4,), (1,), num_kv_heads=4)
+    with pytest.raises(NotImplementedError, match="num_kv_heads: the torch ring"):
+        RingMultiheadDilatedAttention(24, 6, (4,), (1,), num_kv_heads=2, group="default")
+    same = RingMultiheadDilatedAttention(24, 6, (4,), (1,), num_kv_heads=6)
+    assert same.in_proj_weight is not None  # equal heads: nn.MultiheadAttention's state

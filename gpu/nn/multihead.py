@@ -68,6 +68,12 @@ class RingMultiheadDilatedAttention(nn.Module):
         kdim, vdim: the features of key and value (default embed_dim), as
             ``nn.MultiheadAttention``'s: other values make separate ``q_proj_weight``,
             ``k_proj_weight``, ``v_proj_weight``.
+        num_kv_heads: grouped-query attention (default num_heads): K and V are projected to
+            this many heads, a divisor of num_heads (1: multi-query), each read by
+            ``num_heads / num_kv_heads`` query heads; the projections are separate
+            (``k_proj_weight`` ``(num_kv_heads * head_dim, kdim)``) and ``in_proj_bias`` is
+            ``(embed_dim + 2 * num_kv_heads * head_dim)``. One device only for now: with a
+            group it raises (the torch ring does not take fewer K/V heads yet).
         add_bias_kv, add_zero_attn: must be False: an extra key appended to the sequence has
             no position in the dilated pattern (``NotImplementedError``).
         device, dtype: of the parameters.
@@ -90,6 +96,7 @@ class RingMultiheadDilatedAttention(nn.Module):
         batch_first: bool = False,
         kdim: int | None = None,
         vdim: int | None = None,
+        num_kv_heads: int | None = None,
         add_bias_kv: bool = False,
         add_zero_attn: bool = False,
         mode: str = "longnet",
@@ -121,6 +128,7 @@ class RingMultiheadDilatedAttention(nn.Module):
                 )
         self.kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
         self.vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
+        self.num_kv_heads = self._check_kv_heads(num_kv_heads, group)
         #: read by nn.TransformerEncoderLayer: False keeps its dense fast path away
         self._qkv_same_embed_dim = False
         device, dtype = check_device(device), check_dtype(dtype)
@@ -141,36 +149,52 @@ class RingMultiheadDilatedAttention(nn.Module):
         def weight(*shape) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape, **factory))
 
-        e = embed_dim
-        if self.kdim == e and self.vdim == e:  # one fused in-projection, as torch's
+        e, e_kv = embed_dim, self.num_kv_heads * self.head_dim
+        if self.kdim == e and self.vdim == e and e_kv == e:  # one fused in-projection, as torch's
             self.in_proj_weight = weight(3 * e, e)
             for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
                 self.register_parameter(name, None)
         else:
             self.register_parameter("in_proj_weight", None)
             self.q_proj_weight = weight(e, e)
-            self.k_proj_weight = weight(e, self.kdim)
-            self.v_proj_weight = weight(e, self.vdim)
+            self.k_proj_weight = weight(e_kv, self.kdim)
+            self.v_proj_weight = weight(e_kv, self.vdim)
         if bias:
-            self.in_proj_bias = weight(3 * e)
+            self.in_proj_bias = weight(e + 2 * e_kv)
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(e, e, bias=bias, **factory)
         self.sub_layer_norm = nn.LayerNorm(e, **factory) if layer_norm else None
         self.reset_parameters()
 
+    def _check_kv_heads(self, num_kv_heads: Any, group: Any) -> int:
+        if num_kv_heads is None:
+            return self.num_heads
+        kv = check_positive_int("num_kv_heads", num_kv_heads)
+        if self.num_heads % kv:
+            raise ValueError(f"num_kv_heads: must divide num_heads={self.num_heads}, got {kv}")
+        if kv != self.num_heads and group is not None:
+            raise NotImplementedError(
+                "num_kv_heads: the torch ring does not take fewer K/V heads than query heads "
+                "yet; run without a group, or with num_kv_heads=num_heads"
+            )
+        return kv
+
     def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The q, k and v projection weights ``(E, E)``, ``(E, kdim)``, ``(E, vdim)`` (views
-        of ``in_proj_weight`` when kdim and vdim are E)."""
+        """The q, k and v projection weights ``(E, E)``, ``(E_kv, kdim)``, ``(E_kv, vdim)``
+        (views of ``in_proj_weight`` when kdim, vdim and ``E_kv = num_kv_heads * head_dim``
+        are E)."""
         if self.in_proj_weight is not None:
             return tuple(self.in_proj_weight.chunk(3))  # type: ignore[return-value]
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
     def projection_biases(self) -> tuple[torch.Tensor | None, ...]:
-        """The q, k and v projection biases ``(E)`` (views of ``in_proj_bias``), or Nones."""
+        """The q, k and v projection biases ``(E)``, ``(E_kv)``, ``(E_kv)`` (views of
+        ``in_proj_bias``), or Nones."""
         if self.in_proj_bias is None:
             return (None, None, None)
-        return tuple(self.in_proj_bias.chunk(3))
+        e_kv = self.num_kv_heads * self.head_dim
+        return tuple(self.in_proj_bias.split([self.embed_dim, e_kv, e_kv]))
 
     def reset_parameters(self) -> None:
         """Xavier-uniform weights (gain 1 for q and k, ``gamma_init`` for v and out_proj),
@@ -260,11 +284,11 @@ class RingMultiheadDilatedAttention(nn.Module):
         if not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         b, n, _ = query.shape
-        heads = (b, n, self.num_heads, self.head_dim)
+        heads = [(b, n, h, self.head_dim) for h in (self.num_heads, *[self.num_kv_heads] * 2)]
         weights, biases = self.projection_weights(), self.projection_biases()
         q, k, v = (
-            F.linear(x, w, bias).reshape(heads)  # (b, n, h, d)
-            for x, w, bias in zip((query, key, value), weights, biases)
+            F.linear(x, w, bias).reshape(shape)  # (b, n, h, d); k, v: num_kv_heads heads
+            for x, w, bias, shape in zip((query, key, value), weights, biases, heads)
         )
         out = self.attention(q, k, v, is_causal).reshape(b, n, self.embed_dim)
         if self.sub_layer_norm is not None:
