@@ -36,6 +36,7 @@ class Case:
     label: str = ""  # what the case is for, in reports
     layout: str = "contiguous"  # which positions each rank holds (ringsim.layout)
     num_kv_heads: int | None = None  # fewer K/V heads than query heads (grouped-query)
+    q_scale: float = 1.0  # q's inputs times this: large scores at the default softmax scale
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -55,9 +56,11 @@ class Case:
         """Unit-normal q, k, v of this case's shapes, from ``seed`` (default ``self.seed``)."""
         rng = np.random.default_rng(self.seed if seed is None else seed)
         if self.num_kv_heads is None:
-            return unit_normal(rng, self.shape, dtype)
-        (q,) = unit_normal(rng, self.shape, dtype, count=1)
-        return (q, *unit_normal(rng, self.kv_shape, dtype, count=2))
+            q, k, v = unit_normal(rng, self.shape)
+        else:
+            (q,) = unit_normal(rng, self.shape, count=1)
+            k, v = unit_normal(rng, self.kv_shape, count=2)
+        return tuple(x.astype(dtype) for x in (q * self.q_scale, k, v))
 
     def upstream(self, seed: int | None = None, dtype=np.float64) -> np.ndarray:
         """A unit-normal gradient of the loss with respect to out, ``(b, n, h, d)``, for the
@@ -71,6 +74,7 @@ class Case:
         label = f"[{self.label}] " if self.label else ""
         layout = "" if self.layout == "contiguous" else f" {self.layout}"
         layout += "" if self.num_kv_heads is None else f" kv_heads={self.num_kv_heads}"
+        layout += "" if self.q_scale == 1.0 else f" q*{self.q_scale:g}"
         return (
             f"{label}P={self.world_size} n={self.seq_len} b={self.batch} h={self.num_heads} "
             f"d={self.head_dim} w={list(self.segment_lengths)} "
@@ -155,7 +159,8 @@ def grouped_query(cases: list[Case], seed: int) -> list[Case]:
     for case in cases:
         kv, ratio = int(rng.integers(1, 4)), int(rng.integers(1, 4))
         heads = max(kv * ratio, kv * -(-len(case.segment_lengths) // kv))
-        out.append(replace(case, num_heads=heads, num_kv_heads=kv))
+        label = case.label if heads == case.num_heads else ""  # a label may count heads
+        out.append(replace(case, num_heads=heads, num_kv_heads=kv, label=label))
     return out
 
 
@@ -245,7 +250,20 @@ PARITY_CASES: tuple[Case, ...] = (
         seed=113,
         label="high dynamic range",
     ),
+    # the same scores at the default softmax scale (1/4 here): q times 400, for functions
+    # that take no softmax_scale
+    _small(
+        (2, 16),
+        (1, 2),
+        16,
+        num_heads=2,
+        head_dim=16,
+        batch=2,
+        q_scale=400.0,
+        seed=113,
+        label="high dynamic range, large q",
+    ),
 )
 
 #: Cases whose inputs only float64 can represent well enough for its tolerance.
-FLOAT64_ONLY = frozenset({"high dynamic range"})
+FLOAT64_ONLY = frozenset({"high dynamic range", "high dynamic range, large q"})

@@ -238,3 +238,90 @@ def test_grouped_query_attention_is_checked_when_declared():
 
     report = check(numpy_dilated.dilated_attention, gqa=True, cases=2)
     assert not report.ok and any("raised" in (r.problem or "") for r in report.results)
+
+
+# --- what a review found -----------------------------------------------------------------
+
+
+def test_a_function_that_changes_its_inputs_fails():
+    report = check(targets.zeroes_its_inputs, cases=1)
+    assert not report.ok
+    assert all("modified its inputs in place (q, k, v)" in r.problem for r in report.results)
+
+
+def test_sys_exit_in_the_function_is_a_failure():
+    report = check(targets.exits, cases=0)
+    assert not report.ok and "called sys.exit(0)" in report.results[0].problem
+
+
+def test_every_other_case_passes_views_that_are_not_contiguous():
+    report = check(targets.needs_contiguous, cases=2)
+    odd = [r for r in report.results if r.index % 2]
+    even = [r for r in report.results if not r.index % 2]
+    assert odd and all("must be contiguous" in r.problem for r in odd)
+    assert even and all(r.ok for r in even)
+    pytest.importorskip("torch")
+    grads = check(targets.torch_reference, backend="torch", grad=True, cases=2)
+    assert grads.ok, grads.text()  # gradients reach the inputs through the views
+
+
+def test_a_float32_lse_for_float64_inputs_is_refused_with_the_reason():
+    report = check(targets.float32_lse, returns="out,lse", cases=0)
+    assert "lse has dtype float32, expected float64" in report.results[0].problem
+
+
+def test_large_scores_at_the_default_scale_kill_the_naive_merge_without_scale():
+    report = check(targets.correct, returns="out,lse", cases=0)
+    assert any("large q" in r.case.describe() for r in report.results) and report.ok
+    wrong = check(targets.mutated("naive_merge"), returns="out,lse", cases=0)
+    assert "high dynamic range, large q" in [r.case.label for r in wrong.failed]
+    assert wrong.diagnosis.names == ("naive_merge",)
+
+
+def test_ties_in_the_diagnosis_are_all_named():
+    from ringsim.conformance.diagnosis import summarise
+
+    tie = summarise([("merge_nan_on_empty", "naive_merge")] * 2)
+    assert tie.names == ("merge_nan_on_empty", "naive_merge") and tie.matched == 2
+    assert "(pitfall 6), or with" in tie.line() and "(pitfall 8), on 2/2" in tie.line()
+
+
+def test_reproduce_lines_name_only_what_imports_back():
+    class Attention:
+        def forward(self, q, k, v, segment_lengths, dilation_rates, **kwargs):
+            return targets.out_only(q, k, v, segment_lengths, dilation_rates, **kwargs)
+
+    from ringsim.conformance.judge import target_name
+
+    assert target_name(Attention().forward) is None
+    assert target_name(targets.correct) == "conform_targets:correct"
+    assert Options(modes=["longnet", "grouped"]).argv() == ["--modes", "longnet,grouped"]
+
+
+def test_a_bad_torch_device_is_named():
+    pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"^device: not a torch device"):
+        check(targets.correct, backend="torch", device="bogus")
+
+
+def test_cli_import_errors_json_paths_and_hangs(tmp_path):
+    (tmp_path / "helpers.py").write_text("def helper():\n    return 1\n")
+    (tmp_path / "user.py").write_text(
+        "from helpers import helper\nfrom conform_targets import out_only as attention\n"
+    )
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    env_root = str(ROOT / "tests")
+    ok = conform(str(tmp_path / "user.py") + ":attention", "--cases", "0", cwd=Path(env_root))
+    assert ok.returncode == 0, ok.stdout + ok.stderr  # the file's folder is on the path
+    broken = conform(str(tmp_path / "broken.py") + ":f")
+    assert (
+        broken.returncode == 2
+        and "cannot import" in broken.stderr
+        and "SyntaxError" in broken.stderr
+    )
+    bad_json = conform("tests/conform_targets.py:out_only", "--json", "/nonexistent/r.json")
+    assert bad_json.returncode == 2 and "json: cannot write" in bad_json.stderr
+    assert "PASS" not in bad_json.stdout
+    hung = conform("tests/conform_targets.py:hangs", "--timeout", "1", "--cases", "0")
+    assert hung.returncode == 1, hung.stdout + hung.stderr  # not a crash at exit
+    assert "not_run=" in hung.stdout.splitlines()[-1]

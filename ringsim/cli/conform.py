@@ -138,22 +138,13 @@ def load_target(spec: str) -> Callable:
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"target: expected MODULE:FUNCTION, got {spec!r}")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise ValueError(f"target: no file {module_name}")
-        loader = importlib.util.spec_from_file_location(path.stem, path)
-        assert loader is not None and loader.loader is not None
-        module = importlib.util.module_from_spec(loader)
-        sys.modules[path.stem] = module  # for pickling and the function's own imports
-        loader.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path:  # as python -m does
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            raise ValueError(f"target: cannot import {module_name}: {err}") from err
+    try:
+        module = _import(module_name)
+    except ValueError:
+        raise
+    except Exception as err:  # the user's module failed to import: a bad target, named
+        raise ValueError(f"target: cannot import {module_name}: {type(err).__name__}: "
+                         f"{err}") from err  # fmt: skip
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -164,12 +155,38 @@ def load_target(spec: str) -> Callable:
     return obj
 
 
+def _import(module_name: str):
+    """A module by name (the current directory on the path, as ``python -m`` has it) or by
+    file (its folder on the path, as ``python file.py`` has it)."""
+    if not module_name.endswith(".py"):
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return importlib.import_module(module_name)
+    path = Path(module_name)
+    if not path.is_file():
+        raise ValueError(f"target: no file {module_name}")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # for pickling and the function's own imports
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_conform(args: argparse.Namespace) -> int:
     """Run the check the parsed options describe, print the report (rank 0), return the
     exit code."""
     from ringsim.conformance import check
 
     fn = load_target(args.target)
+    if args.json and _is_rank_zero(args):  # a path that cannot be written fails now, not after
+        try:
+            Path(args.json).write_text("")
+        except OSError as err:
+            raise ValueError(f"json: cannot write {args.json}: {err.strerror}") from None
     options = {k: v for k, v in vars(args).items()
                if k not in ("target", "json", "func", "prepare", "command")}  # fmt: skip
     interactive = sys.stderr.isatty()
@@ -187,6 +204,10 @@ def run_conform(args: argparse.Namespace) -> int:
                   "--nproc-per-node P to check P ranks", file=sys.stderr)  # fmt: skip
         if args.json:
             Path(args.json).write_text(report.dumps() + "\n")
+    if report.not_run:  # a thread still runs the case that hung, and cannot be stopped:
+        sys.stdout.flush()  # leave now, before the interpreter waits on it at exit
+        sys.stderr.flush()
+        os._exit(1)
     return 0 if report.ok else 1
 
 

@@ -8,6 +8,7 @@ its own inputs.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,11 +41,14 @@ class Outcome:
 def within(seconds: float, work: Callable[[], Any]) -> Any:
     """``work()`` on a helper thread, its result or its exception; :class:`CaseTimeout` if
     it has not returned after ``seconds`` (the thread is left behind: Python cannot stop it,
-    so the caller runs no further case)."""
+    so the caller runs no further case). The thread starts in the caller's torch state that
+    is per thread: the current CUDA device and whether gradients are on."""
     box: dict[str, Any] = {}
+    restore = _thread_state()
 
     def run() -> None:
         try:
+            restore()
             box["value"] = work()
         except BaseException as err:  # handed to the caller, raised there
             box["error"] = err
@@ -59,6 +63,22 @@ def within(seconds: float, work: Callable[[], Any]) -> Any:
     return box["value"]
 
 
+def _thread_state() -> Callable[[], None]:
+    """What a new thread must set to look like this one to a torch function."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return lambda: None
+    grad = torch.is_grad_enabled()
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+    def restore() -> None:
+        torch.set_grad_enabled(grad)
+        if device is not None:
+            torch.cuda.set_device(device)
+
+    return restore
+
+
 class Backend:
     """Moves arrays between the suite (float64 NumPy, bnhd) and the function (its backend,
     dtype, device and layout)."""
@@ -66,6 +86,7 @@ class Backend:
     def __init__(self, options: Options, device: str | None = None) -> None:
         self.options = options
         self.device = device or options.device
+        self._leaves: dict[int, Any] = {}  # id of a strided input view -> its buffer
         if options.backend == "torch":
             import torch
 
@@ -80,13 +101,34 @@ class Backend:
     def _to_bnhd(self, x: np.ndarray) -> np.ndarray:
         return x.swapaxes(1, 2) if self.options.layout == "bhnd" else x
 
-    def to_user(self, x: np.ndarray, requires_grad: bool = False) -> Any:
-        """``x (b, n, h, d)`` as the function takes it."""
+    def to_user(self, x: np.ndarray, requires_grad: bool = False, strided: bool = False) -> Any:
+        """``x (b, n, h, d)`` as the function takes it; ``strided``: as a view that is not
+        contiguous (the other layout's buffer, axes 1 and 2 swapped back), which code that
+        assumes contiguous inputs reads wrong. Gradients: :meth:`grad_of`."""
         x = self._to_user_layout(x)
+        if strided:
+            x = np.ascontiguousarray(x.swapaxes(1, 2))  # the buffer; the view swaps back
         if self.options.backend == "numpy":
-            return x.astype(self.dtype)
+            x = x.astype(self.dtype)
+            return x.swapaxes(1, 2) if strided else x
         t = self.torch.from_numpy(x).to(device=self.device, dtype=self.dtype)
-        return t.requires_grad_(requires_grad)
+        t.requires_grad_(requires_grad)
+        if not strided:
+            return t
+        view = t.transpose(1, 2)
+        self._leaves[id(view)] = t
+        return view
+
+    def start_case(self) -> None:
+        """Forget the previous case's input buffers."""
+        self._leaves.clear()
+
+    def grad_of(self, x: Any) -> Any:
+        """The gradient that reached input ``x`` (through its buffer if it is a view)."""
+        leaf = self._leaves.get(id(x))
+        if leaf is None:
+            return x.grad
+        return None if leaf.grad is None else leaf.grad.transpose(1, 2)
 
     def to_suite(self, x: Any, name: str, *, lse: bool = False) -> np.ndarray:
         """A returned ``out`` (in the user's layout) or ``lse`` ``(b, h, n)`` as float64 bnhd."""
@@ -122,11 +164,19 @@ def call_kwargs(case: Case, options: Options) -> dict[str, Any]:
     return kwargs
 
 
-def run(fn: Callable, backend: Backend, case: Case, qkv, dout=None) -> Outcome:
+def run(fn: Callable, backend: Backend, case: Case, qkv, dout=None, before=None) -> Outcome:
     """Call ``fn`` on user tensors ``qkv``, check what it returned, and (with ``dout``, the
-    upstream gradient in the user's layout) run its backward. Raises :class:`Unfit`."""
+    upstream gradient in the user's layout) run its backward. ``before``: the inputs'
+    float64 values before the call; an input changed in place is a failure (it would
+    otherwise be judged on what it changed them to). Raises :class:`Unfit`."""
     options = backend.options
     result = fn(*qkv, case.segment_lengths, case.dilation_rates, **call_kwargs(case, options))
+    if before is not None:
+        changed = [name for name, x, was in zip("qkv", qkv, before)
+                   if not np.array_equal(backend.rounded(x), was, equal_nan=True)]  # fmt: skip
+        if changed:
+            raise Unfit(f"modified its inputs in place ({', '.join(changed)}): the definition "
+                        "is judged on the inputs it was given")  # fmt: skip
     if options.with_lse:
         if not (isinstance(result, (tuple, list)) and len(result) == 2):
             raise Unfit(f"returned {_kind(result)}; returns='out,lse' expects (out, lse)")
@@ -139,17 +189,19 @@ def run(fn: Callable, backend: Backend, case: Case, qkv, dout=None) -> Outcome:
     want = tuple(qkv[0].shape)
     b, h, n = (want[0], want[1], want[2]) if options.layout == "bhnd" else (want[0], want[2],
                                                                              want[1])  # fmt: skip
-    _check_array(backend, out, "out", want, (backend.dtype_name(qkv[0]),))
-    if lse is not None:
-        _check_array(backend, lse, "lse", (b, h, n),
-                     ("float32", "float64", backend.dtype_name(qkv[0])))  # fmt: skip
+    dtype = backend.dtype_name(qkv[0])
+    _check_array(backend, out, "out", want, (dtype,), qkv[0])
+    if lse is not None:  # float64 inputs are held to 1e-10: a float32 lse cannot get there
+        lse_dtypes = ("float64",) if dtype == "float64" else ("float32", "float64", dtype)
+        _check_array(backend, lse, "lse", (b, h, n), lse_dtypes, qkv[0])
     grads = None
     if dout is not None:
         out.backward(dout)
-        missing = [name for name, x in zip("qkv", qkv) if x.grad is None]
+        found = [backend.grad_of(x) for x in qkv]
+        missing = [name for name, g in zip("qkv", found) if g is None]
         if missing:
             raise Unfit(f"no gradient reached {', '.join(missing)} (is the output detached?)")
-        grads = tuple(backend.to_suite(x.grad, f"d{name}") for name, x in zip("qkv", qkv))
+        grads = tuple(backend.to_suite(g, f"d{name}") for name, g in zip("qkv", found))
     return Outcome(
         backend.to_suite(out, "out"),
         None if lse is None else backend.to_suite(lse, "lse", lse=True),
@@ -163,8 +215,11 @@ def _kind(result: Any) -> str:
     return f"a {type(result).__name__}"
 
 
-def _check_array(backend: Backend, x: Any, name: str, shape: tuple, dtypes: tuple) -> None:
+def _check_array(backend: Backend, x: Any, name: str, shape: tuple, dtypes: tuple,
+                 like: Any) -> None:  # fmt: skip
     backend.to_suite(x, name, lse=True)  # the type check
+    if backend.options.backend == "torch" and x.device != like.device:
+        raise Unfit(f"{name} is on {x.device}, the inputs on {like.device}")
     if tuple(x.shape) != shape:
         raise Unfit(f"{name} has shape {tuple(x.shape)}, expected {shape} "
                     f"(layout={backend.options.layout!r})")  # fmt: skip

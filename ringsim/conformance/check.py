@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .calls import Backend, CaseTimeout, Outcome, Unfit, run, within
-from .judge import OnCase, judge, reproduce, target_name
+from .judge import OnCase, judge, reproduce, strided, target_name
 from .options import Options, inputs_seed, select_cases
 from .report import Report
 
@@ -44,12 +44,14 @@ def check(fn: Callable, *, target: str | None = None, on_case: OnCase | None = N
     selected = select_cases(opts)
     for done, (index, case) in enumerate(selected, start=1):
         seed = inputs_seed(opts, index, case)
-        inputs = case.inputs(seed)
-        user = [backend.to_user(x, requires_grad=opts.grad) for x in inputs]
+        backend.start_case()
+        user = [backend.to_user(x, requires_grad=opts.grad, strided=strided(index))
+                for x in case.inputs(seed)]  # fmt: skip
         user_dout = backend.to_user(case.upstream(seed)) if opts.grad else None
-        outcome, problem = attempt(opts, functools.partial(run, fn, backend, case, user, user_dout))
-        rounded = [backend.rounded(x) for x in user]
+        rounded = [backend.rounded(x) for x in user]  # before the call: judged on these
         dout = None if user_dout is None else backend.rounded(user_dout)
+        work = functools.partial(run, fn, backend, case, user, user_dout, rounded)
+        outcome, problem = attempt(opts, work)
         repro = reproduce(name, opts, index, 1)
         report.results.append(judge(opts, index, case, seed, repro, rounded, dout, outcome,
                                     problem))  # fmt: skip
@@ -83,5 +85,7 @@ def attempt(options: Options, work: Callable[[], Outcome]) -> tuple[Outcome | No
         return None, HungCase(str(err))
     except Unfit as err:
         return None, str(err)
+    except SystemExit as err:  # sys.exit() in the function must not end the check as a pass
+        return None, f"called sys.exit({err.code!r})"
     except Exception as err:  # the function under test failed: that is the case's result
         return None, f"raised {type(err).__name__}: {err}"

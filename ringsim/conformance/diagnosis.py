@@ -101,22 +101,29 @@ def describe(name: str) -> str:
 
 @dataclass(frozen=True)
 class Diagnosis:
-    """The variant that explains the most failing cases, and on how many of them."""
+    """The variants that explain the most failing cases (several when they tie: the cases
+    cannot tell them apart), and on how many of them."""
 
-    name: str | None
+    names: tuple[str, ...]
     matched: int
     failing: int
+
+    @property
+    def name(self) -> str | None:
+        """The variant named first (the catalogue's order among ties), or None."""
+        return self.names[0] if self.names else None
 
     def line(self) -> str:
         if self.failing == 0:
             return "diagnosis: no failing case returned a result to compare"
-        if self.name is None:
+        if not self.names:
             return (
                 f"diagnosis: no known wrong variant matches the {self.failing} failing "
                 "case(s); look at the first wrong rows and heads in the table"
             )
+        which = ", or with ".join(describe(name) for name in self.names)
         return (
-            f"diagnosis: your output equals the definition with {describe(self.name)} "
+            f"diagnosis: your output equals the definition with {which}, "
             f"on {self.matched}/{self.failing} failing cases"
         )
 
@@ -128,6 +135,6 @@ def summarise(matches: list[tuple[str, ...]]) -> Diagnosis:
         for name in names:
             counts[name] = counts.get(name, 0) + 1
     if not counts:
-        return Diagnosis(None, 0, len(matches))
-    best = max(counts, key=lambda n: counts[n])  # ties: the catalogue's order
-    return Diagnosis(best, counts[best], len(matches))
+        return Diagnosis((), 0, len(matches))
+    top = max(counts.values())
+    return Diagnosis(tuple(n for n in counts if counts[n] == top), top, len(matches))

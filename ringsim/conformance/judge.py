@@ -4,6 +4,7 @@ case again."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,12 @@ from .report import CaseResult
 
 #: Called after each case with (cases done, cases in all).
 OnCase = Callable[[int, int], None]
+
+
+def strided(index: int) -> bool:
+    """Every other case passes its inputs as views that are not contiguous (a transposed
+    buffer), as code in the other layout would."""
+    return index % 2 == 1
 
 
 def judge(options: Options, index: int, case: Case, seed: int, repro: str, inputs, dout,
@@ -48,7 +55,10 @@ def target_name(fn: Callable) -> str | None:
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
     if not module or module == "__main__" or "<" in qualname or not qualname:
         return None
-    return f"{module}:{qualname}"
+    found = sys.modules.get(module)
+    for part in qualname.split("."):  # the name must lead back to this very function
+        found = getattr(found, part, None)
+    return f"{module}:{qualname}" if found is fn else None
 
 
 def reproduce(target: str | None, options: Options, index: int, world_size: int,

@@ -81,6 +81,8 @@ class Options:
     def __post_init__(self) -> None:
         if isinstance(self.modes, str):
             object.__setattr__(self, "modes", tuple(self.modes.split(",")))
+        elif isinstance(self.modes, list):
+            object.__setattr__(self, "modes", tuple(self.modes))
         for name, allowed in (
             ("kind", KINDS),
             ("backend", BACKENDS),
@@ -104,6 +106,8 @@ class Options:
             raise ValueError("grad: gradients are checked with the torch backend (autograd)")
         if self.device != "cpu" and self.backend != "torch":
             raise ValueError(f"device: only the torch backend runs on {self.device!r}")
+        if self.backend == "torch":
+            _check_torch_device(self.device)
         if self.layout_shard != "contiguous" and self.kind != "shard":
             raise ValueError("layout_shard: a shard layout needs kind='shard'")
         for name in ("cases", "seed"):
@@ -139,6 +143,20 @@ class Options:
             else:
                 args += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
         return args
+
+
+def _check_torch_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: not a torch device: {device!r} ({err})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked, but CUDA is not available here")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} asked, but there are "
+                         f"{torch.cuda.device_count()} CUDA devices")  # fmt: skip
 
 
 def select_cases(options: Options, world_size: int = 1) -> list[tuple[int, Case]]:

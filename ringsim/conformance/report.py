@@ -115,6 +115,9 @@ class Report:
         errors += [r.lse_error for r in self.results if r.lse_error is not None]
         worst = max(errors, default=math.nan)
         not_run = f" not_run={self.not_run}" if self.not_run else ""
+        if self.options.grad:
+            grads = [max(r.grad_errors) for r in self.results if r.grad_errors is not None]
+            not_run += f" max_grad_error={max(grads, default=math.nan):.1e}"
         return (
             f"{'PASS' if self.ok else 'FAIL'} conform {self.target} kind={self.options.kind} "
             f"world_size={self.world_size} cases={len(self.results)} "

@@ -22,21 +22,27 @@ from typing import Any
 from ringsim.layout import shard, unshard
 
 from .calls import Backend, Outcome, Unfit, run
-from .judge import OnCase, judge, reproduce
+from .judge import OnCase, judge, reproduce, strided
 from .options import Options, inputs_seed, select_cases
 from .report import Report
 
 
 class Ranks:
-    """What the suite needs of the job: rank, size, all-gather, broadcast, stop everything."""
+    """What the suite needs of the job: rank, size, all-gather, broadcast, stop everything.
+
+    The suite talks on a communicator of its own (a duplicate of COMM_WORLD), so that its
+    messages never meet the user's ring's, even when a rank raised mid-ring."""
 
     launcher = "mpi"
 
     def __init__(self) -> None:
         from mpi4py import MPI
 
-        self.comm = MPI.COMM_WORLD
+        self.comm = MPI.COMM_WORLD.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
 
     def allgather(self, obj: Any) -> list[Any]:
         return self.comm.allgather(obj)
@@ -45,7 +51,8 @@ class Ranks:
         return self.comm.bcast(obj, root=0)
 
     def close(self) -> None:
-        """Nothing to do: mpi4py finalises MPI at exit."""
+        """Free the suite's communicator (mpi4py finalises MPI at exit)."""
+        self.comm.Free()
 
     def abort(self, line: str) -> None:
         """Say ``line`` on stderr and stop every rank."""
@@ -70,25 +77,28 @@ class TorchRanks(Ranks):
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         self.dist = dist
+        self.group = dist.new_group()  # the suite's own messages (see Ranks)
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
+
+    def barrier(self) -> None:
+        self.dist.barrier(group=self.group)
 
     def allgather(self, obj: Any) -> list[Any]:
         gathered: list[Any] = [None] * self.size
-        self.dist.all_gather_object(gathered, obj)
+        self.dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
 
     def bcast(self, obj: Any) -> Any:
         box = [obj]
-        self.dist.broadcast_object_list(box, src=0)
+        self.dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def close(self) -> None:
-        """Destroy the process group if this created it: a gloo group left to the
-        interpreter's exit can abort the process ("terminate called without an active
-        exception", seen at P = 3 in CI) after the verdict was printed."""
-        if self.owned:
-            self.dist.barrier()
-            self.dist.destroy_process_group()
+        """Destroy the suite's group, and the default one if this created it: a gloo group
+        left to the interpreter's exit can abort the process ("terminate called without an
+        active exception", seen at P = 3 in CI) after the verdict was printed."""
+        self.dist.barrier(group=self.group)
+        self.dist.destroy_process_group(self.group if not self.owned else None)
 
     def abort(self, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -145,16 +155,19 @@ def check_shard(fn: Callable, options: Options, target: str | None,
                              layout=options.layout_shard)  # fmt: skip
     for done, (index, case) in enumerate(selected, start=1):
         seed = inputs_seed(options, index, case)
-        user = [backend.to_user(mine(x), requires_grad=options.grad) for x in case.inputs(seed)]
+        backend.start_case()
+        user = [backend.to_user(mine(x), requires_grad=options.grad, strided=strided(index))
+                for x in case.inputs(seed)]  # fmt: skip
         user_dout = backend.to_user(mine(case.upstream(seed))) if options.grad else None
+        rounded = [backend.rounded(x) for x in user]  # before the call: judged on these
+        dout = None if user_dout is None else backend.rounded(user_dout)
         say = (
             f"FAIL conform {name}: case {index} did not finish within {options.timeout:g} s "
             f"on rank {ranks.rank} (a rank raised, or the ring hangs); every rank stops"
         )
+        ranks.barrier()  # the clock starts when every rank is here (rank 0 judged the last)
         with watchdog(options.timeout, say, ranks):
-            outcome, problem = _attempt(fn, backend, case, user, user_dout, ranks.rank)
-            rounded = [backend.rounded(x) for x in user]
-            dout = None if user_dout is None else backend.rounded(user_dout)
+            outcome, problem = _attempt(fn, backend, case, user, user_dout, rounded, ranks.rank)
             gathered = ranks.allgather((outcome, problem, rounded, dout))
         if ranks.rank == 0:
             repro = reproduce(target, options, index, ranks.size, ranks.launcher)
@@ -166,11 +179,15 @@ def check_shard(fn: Callable, options: Options, target: str | None,
     return report
 
 
-def _attempt(fn, backend, case, user, user_dout, rank: int):
+def _attempt(fn, backend, case, user, user_dout, rounded, rank: int):
     try:
-        return run(fn, backend, case, user, user_dout), None
+        return run(fn, backend, case, user, user_dout, rounded), None
     except Unfit as err:
         return None, str(err)
+    except SystemExit as err:  # as on one device: a failure, said now
+        problem = f"called sys.exit({err.code!r})"
+        print(f"rank {rank}: {problem}", file=sys.stderr, flush=True)
+        return None, problem
     except Exception as err:  # the function under test failed: the case's result, said now
         problem = f"raised {type(err).__name__}: {err}"
         print(f"rank {rank}: {problem}", file=sys.stderr, flush=True)
