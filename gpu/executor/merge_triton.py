@@ -13,6 +13,8 @@ decides when it runs (:func:`ringsim.gpu.merge.fused_merge_reason`).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -64,8 +66,10 @@ def fused_merge_(
     block_d = triton.next_power_of_2(d)
     block_r = max(1, 4096 // block_d)
     grid = (triton.cdiv(rows, block_r),)
-    _merge_kernel[grid](
-        out, lse, block_out, block_lse, rows, nh, m, d,
-        *out.stride()[:3], *lse.stride(), *block_out.stride()[:3], *block_lse.stride(),
-        BLOCK_R=block_r, BLOCK_D=block_d,
-    )  # fmt: skip
+    on_device = torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()
+    with on_device:  # out's device, whichever is current
+        _merge_kernel[grid](
+            out, lse, block_out, block_lse, rows, nh, m, d,
+            *out.stride()[:3], *lse.stride(), *block_out.stride()[:3], *block_lse.stride(),
+            BLOCK_R=block_r, BLOCK_D=block_d,
+        )  # fmt: skip

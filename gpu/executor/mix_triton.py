@@ -38,7 +38,6 @@ Triton). On CPU tensors the kernel runs only under Triton's interpreter
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from collections.abc import Sequence
@@ -241,8 +240,10 @@ def _run(kernel, parts, widths, rates, out: torch.Tensor, lse: torch.Tensor | No
     lse_args = () if lse is None else (lse,)
     strides = (*out.stride()[:3], *(() if lse is None else lse.stride()))
     # Triton's interpreter (the CPU tests) patches its language module while it runs a
-    # kernel, so the simulated cluster's rank threads take turns there
-    with _INTERPRETED if not out.is_cuda else contextlib.nullcontext():
+    # kernel, so the simulated cluster's rank threads take turns there; on a GPU the launch
+    # goes to out's device, whichever is current (tensors on cuda:1 with cuda:0 current
+    # raised "Pointer argument cannot be accessed from Triton")
+    with _INTERPRETED if not out.is_cuda else torch.cuda.device(out.device):
         kernel[grid](
             table, out, *lse_args, n, h, d, *strides,
             WIDTHS=tuple(widths), RATES=tuple(rates), VEC=vec, BLOCK_N=block_n, BLOCK_D=block_d,
