@@ -184,6 +184,12 @@ def _small(segment_lengths, dilation_rates, seq_len: int, **fields) -> Case:
                 segment_lengths=segment_lengths, dilation_rates=dilation_rates)  # fmt: skip
 
 
+#: lse in the thousands with gaps > 1e3 between the patterns of a row: exp(lse) overflows
+#: float64, so only the stable merge survives (pitfall 8). float64 only: at lse ~ 1e3 one
+#: float32 ulp (6e-5) already exceeds the float32 tolerance.
+HIGH_DYNAMIC_RANGE = _small((2, 16), (1, 2), 16, num_heads=2, head_dim=16, batch=2,
+                            softmax_scale=100.0, seed=113, label="high dynamic range")  # fmt: skip
+
 #: Single-process configurations, each named for what it covers: every single-process mutant
 #: (:mod:`ringsim.conformance.mutants`) fails on some of them, and the conformance suite
 #: runs them first.
@@ -236,34 +242,12 @@ PARITY_CASES: tuple[Case, ...] = (
     ),
     _small((1, 3), (1, 2), 5, num_heads=2, head_dim=1, seed=111, label="w=1, head_dim 1"),
     _small((2,), (1,), 1, num_heads=1, head_dim=3, is_causal=True, seed=112, label="seq_len 1"),
-    # lse in the thousands with gaps > 1e3 between the patterns of a row: exp(lse) overflows
-    # float64, so only the stable merge survives (pitfall 8). float64 only: at lse ~ 1e3
-    # one float32 ulp (6e-5) already exceeds the float32 tolerance.
-    _small(
-        (2, 16),
-        (1, 2),
-        16,
-        num_heads=2,
-        head_dim=16,
-        batch=2,
-        softmax_scale=100.0,
-        seed=113,
-        label="high dynamic range",
-    ),
+    HIGH_DYNAMIC_RANGE,
     # the same scores at the default softmax scale (1/4 here): q times 400, for functions
     # that take no softmax_scale
-    _small(
-        (2, 16),
-        (1, 2),
-        16,
-        num_heads=2,
-        head_dim=16,
-        batch=2,
-        q_scale=400.0,
-        seed=113,
-        label="high dynamic range, large q",
-    ),
-)
+    replace(HIGH_DYNAMIC_RANGE, softmax_scale=None, q_scale=400.0,
+            label="high dynamic range, large q"),
+)  # fmt: skip
 
 #: Cases whose inputs only float64 can represent well enough for its tolerance.
 FLOAT64_ONLY = frozenset({"high dynamic range", "high dynamic range, large q"})
