@@ -7,6 +7,7 @@ configuration — simulated or under MPI — give equal traces.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -113,7 +114,12 @@ class Trace:
     def select(
         self, action: TraceAction | str | None = None, rank: int | None = None
     ) -> list[Event]:
-        """Events of one action and/or one rank."""
+        """Events of one action and/or one rank (a rank the run did not have raises
+        ``ValueError``: it would otherwise read as a rank that did nothing)."""
+        if rank is not None and not (
+            isinstance(rank, numbers.Integral) and 0 <= rank < self.world_size
+        ):
+            raise ValueError(f"rank: the trace has ranks 0..{self.world_size - 1}, got {rank!r}")
         return [
             e
             for e in self.events

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from ring_support import WORLD_SIZES, byte_failures, ring_cases, ring_failures, run_ring
 
-from ringsim.cases import Case, random_case
+from ringsim.cases import Case, fixed_cases, random_case
 from ringsim.comm import CommError, Fault, FaultKind
 from ringsim.reference import dilated_attention, ring_dilated_attention
 from ringsim.reference.parity import check_case
@@ -238,3 +238,13 @@ def test_simulated_ring_needs_neither_torch_nor_mpi():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_trace_refuses_a_rank_it_does_not_have():
+    """sent_bytes(7) of a 4-rank run read 0, as if rank 7 had sent nothing."""
+    case = fixed_cases(4)[1]
+    _, _, trace = run_ring(case, *case.inputs())
+    for call in (trace.sent_bytes, trace.work, lambda r: trace.select("send", r)):
+        with pytest.raises(ValueError, match=r"rank: the trace has ranks 0\.\.3, got 7"):
+            call(7)
+    assert trace.sent_bytes(np.int64(1)) == trace.sent_bytes(1)
