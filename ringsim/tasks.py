@@ -65,6 +65,8 @@ def slot_heads(
     """The K/V heads of each of ``slots`` slots of a block of a pair with ``groups``: slot i
     carries group ``i % G`` (Note [Pieces] in :mod:`ringsim.plan`), once per K/V head its
     query heads read (``kv_ratio`` query heads per K/V head; 1: the group's own heads)."""
+    if kv_ratio == 1:  # the group's heads as they are (the torch ring asks at every step)
+        return tuple(groups[i % len(groups)].heads for i in range(slots))
     return tuple(kv_heads(groups[i % len(groups)].heads, kv_ratio) for i in range(slots))
 
 
