@@ -47,13 +47,14 @@ import numpy as np
 from ringsim.config import (
     DilatedConfig,
     PatternGroup,
+    check_key_padding,
     segment_bounds,
     selected_in_segment,
     validate,
 )
 
-from .block import scaled_scores
-from .dilated import check_float, empty_result, pattern_attention
+from .block import allowed_keys, scaled_scores
+from .dilated import check_float, empty_result, padding, pattern_attention
 from .select import kv_of, select_rows
 
 Grads = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -72,6 +73,7 @@ def block_attention_backward(
     is_causal: bool,
     scale: float,
     dlse: np.ndarray | None = None,
+    key_padding: np.ndarray | None = None,
 ) -> Grads:
     """The backward of :func:`~ringsim.reference.block.block_attention` (FlashAttention's).
 
@@ -85,10 +87,11 @@ def block_attention_backward(
         is_causal: key y is visible to query x only if ``y <= x`` (global positions).
         scale: multiplies the scores.
         dlse: ``(b, h, m)``, the gradient with respect to lse, or None for 0.
+        key_padding: ``(b, l)`` bool, True where a key is padding (as the forward).
     Returns:
         dq ``(b, m, h, d)``, dk and dv ``(b, l, h, d)``, in q's dtype.
     """
-    allowed = k_positions[None, :] <= q_positions[:, None] if is_causal else None
+    allowed = allowed_keys(q_positions, k_positions, is_causal, key_padding)
     scores = scaled_scores("bmhd,blhd->bhml", q, k, scale, allowed)  # (b, h, m, l)
     # 1. the probabilities from the given lse; a row with lse = -inf has no allowed key (or
     #    no key in any pattern) and gets P = 0, not exp(-inf - -inf) = NaN.
@@ -187,6 +190,7 @@ def _group_backward(
     dlse: np.ndarray | None,
     group: PatternGroup,
     config: DilatedConfig,
+    key_padding: np.ndarray | None = None,
 ) -> None:
     """Add one pattern group's gradient into ``grads = (dq, dk, dv)`` ``(b, n, h, d)``.
 
@@ -213,6 +217,7 @@ def _group_backward(
             is_causal=config.is_causal,
             scale=scale,
             dlse=None if dlse is None else dlse[:, heads][:, :, rows],
+            **padding(key_padding, rows),
         )
         # rows are unique in a segment and heads in a group, so += adds each entry once;
         # query heads that share a K/V head add into it one after another (np.add.at)
@@ -226,6 +231,7 @@ def dilated_attention_backward(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, lse: np.ndarray,
     dout: np.ndarray, segment_lengths, dilation_rates, *, is_causal: bool = False,
     mode: str = "longnet", softmax_scale: float | None = None, dlse: np.ndarray | None = None,
+    key_padding_mask: np.ndarray | None = None,
 ) -> Grads:  # fmt: skip
     """Gradients of :func:`~ringsim.reference.dilated.dilated_attention` (fused form).
 
@@ -237,6 +243,7 @@ def dilated_attention_backward(
         dout: ``(batch, seq_len, num_heads, head_dim)``, the gradient with respect to out.
         segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as in the forward.
         dlse: ``(batch, num_heads, seq_len)``, the gradient with respect to lse, or None.
+        key_padding_mask: ``(batch, seq_len)`` bool, True = padding, as the forward took it.
     Returns:
         dq shaped like q, dk and dv like k and v (summed over the query heads that share a
         K/V head), in q's dtype: the exact gradient,
@@ -250,10 +257,11 @@ def dilated_attention_backward(
         q, k, v, out, lse, dout, dlse, segment_lengths, dilation_rates,
         is_causal=is_causal, mode=mode, softmax_scale=softmax_scale,
     )  # fmt: skip
+    pad = check_key_padding(key_padding_mask, q.shape[0], q.shape[1])
     grads = (np.zeros_like(q), np.zeros_like(k), np.zeros_like(v))
     with np.errstate(invalid="ignore", over="ignore"):  # NaN inputs propagate (spec §7)
         for group in config.pattern_groups(q.shape[2]):
-            _group_backward(grads, q, k, v, out, lse, dout, dlse, group, config)
+            _group_backward(grads, q, k, v, out, lse, dout, dlse, group, config, pad)
     return grads  # type: ignore[return-value]
 
 
@@ -261,6 +269,7 @@ def dilated_attention_backward_chain(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, lse: np.ndarray,
     dout: np.ndarray, segment_lengths, dilation_rates, *, is_causal: bool = False,
     mode: str = "longnet", softmax_scale: float | None = None, dlse: np.ndarray | None = None,
+    key_padding_mask: np.ndarray | None = None,
 ) -> Grads:  # fmt: skip
     """The same gradients as :func:`dilated_attention_backward`, by the chain rule in two
     stages: back through the mix, then back through each pattern's blocks. Same arguments.
@@ -271,6 +280,7 @@ def dilated_attention_backward_chain(
         q, k, v, out, lse, dout, dlse, segment_lengths, dilation_rates,
         is_causal=is_causal, mode=mode, softmax_scale=softmax_scale,
     )  # fmt: skip
+    pad = check_key_padding(key_padding_mask, q.shape[0], q.shape[1])
     b, n, h, d = q.shape
     groups = config.pattern_groups(h)
     grads = (np.zeros_like(q), np.zeros_like(k), np.zeros_like(v))
@@ -281,13 +291,14 @@ def dilated_attention_backward_chain(
         for group in groups:
             o_i, lse_i = empty_result(b, n, h, d, q.dtype)
             o_i[:, :, list(group.heads)], lse_i[:, list(group.heads)] = pattern_attention(
-                q, k, v, group, is_causal=config.is_causal, scale=config.scale(d)
-            )
+                q, k, v, group, is_causal=config.is_causal, scale=config.scale(d),
+                **({} if pad is None else {"key_padding": pad}),
+            )  # fmt: skip
             outs.append(o_i)
             lses.append(lse_i)
         # 2. back through the mix: (dout, dL) -> (do_i, dlse_i) for every group.
         mixed = mix_backward(outs, lses, out, lse, dout, dlse)
         # 3. back through each group's blocks, with its own result and upstream gradient.
         for group, o_i, lse_i, (do_i, dlse_i) in zip(groups, outs, lses, mixed):
-            _group_backward(grads, q, k, v, o_i, lse_i, do_i, dlse_i, group, config)
+            _group_backward(grads, q, k, v, o_i, lse_i, do_i, dlse_i, group, config, pad)
     return grads  # type: ignore[return-value]

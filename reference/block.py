@@ -42,6 +42,23 @@ def scaled_scores(
     return masked_scores(raw, allowed)
 
 
+def allowed_keys(
+    q_positions: np.ndarray,
+    k_positions: np.ndarray,
+    is_causal: bool,
+    key_padding: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """Which (query, key) pairs of a block may attend (True = attend, pitfall 4): causal by
+    global position (``y <= x``), and never a padded key (``key_padding (b, l)``, True =
+    padding, spec §1). ``(m, l)`` or ``(b, 1, m, l)``, broadcasting over the scores
+    ``(b, h, m, l)``; None when every pair may."""
+    allowed = k_positions[None, :] <= q_positions[:, None] if is_causal else None
+    if key_padding is None:
+        return allowed
+    keep = ~np.asarray(key_padding, dtype=bool)[:, None, None, :]  # (b, 1, 1, l)
+    return keep if allowed is None else keep & allowed
+
+
 def weighted_values(weights: np.ndarray, v: np.ndarray, spec: str) -> np.ndarray:
     """``np.einsum(spec, weights, v)`` (``spec`` sums over the keys) in which a key of weight
     0 contributes nothing even where its value is not finite (spec §7: only the rows that
@@ -71,6 +88,7 @@ def block_attention(
     *,
     is_causal: bool,
     scale: float,
+    key_padding: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax attention of the query rows over the key rows given.
 
@@ -80,11 +98,12 @@ def block_attention(
         k_positions: ``(l,)`` global positions of the key rows.
         is_causal: mask key y from query x unless ``y <= x`` (global positions).
         scale: multiplies the scores.
+        key_padding: ``(b, l)`` bool, True where a key is padding: never attended.
     Returns:
         block_out ``(b, m, h, d)`` and block_lse ``(b, h, m)`` in q's dtype; a row with no
         allowed key gives ``(0, -inf)`` (pitfall 6).
     """
-    allowed = k_positions[None, :] <= q_positions[:, None] if is_causal else None
+    allowed = allowed_keys(q_positions, k_positions, is_causal, key_padding)
     scores = scaled_scores("bmhd,blhd->bhml", q, k, scale, allowed)  # (b, h, m, l)
     with np.errstate(invalid="ignore", divide="ignore"):
         # 1. subtract each row's max so exp never overflows; an empty row's max is -inf,

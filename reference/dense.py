@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ringsim.config import Pattern, validate
+from ringsim.config import Pattern, check_key_padding, validate
 
 from .block import scaled_scores, weighted_values
 
@@ -41,7 +41,7 @@ def masked_attention(
     """Softmax attention of one head under a boolean mask, in float64.
 
     Args:
-        q, k, v: ``(b, n, d)``; mask: ``(n, n)`` bool, True = attend.
+        q, k, v: ``(b, n, d)``; mask: ``(n, n)`` (or ``(b, n, n)``) bool, True = attend.
     Returns:
         out ``(b, n, d)`` (0 on rows with no key) and lse ``(b, n)`` (-inf there).
     """
@@ -77,6 +77,7 @@ def dense_dilated_attention(
     mode: str = "longnet",
     softmax_scale: float | None = None,
     on_head: Callable[[int], None] | None = None,
+    key_padding_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The definition (spec §4): returns out ``(b, n, h, d)`` and lse ``(b, h, n)``, float64.
 
@@ -87,7 +88,8 @@ def dense_dilated_attention(
     ``sum_i exp(lse_i - L) o_i`` with ``L = log sum_i exp(lse_i)`` (LongNet eq. 10), and 0 with
     ``L = -inf`` for a row no pattern gives a key. A key chosen twice counts twice. k and v
     may have fewer heads than q, ``(b, n, h_kv, d)``: query head i reads K/V head
-    ``i // (h / h_kv)`` (grouped-query attention, spec §1).
+    ``i // (h / h_kv)`` (grouped-query attention, spec §1). ``key_padding_mask (b, n)``
+    bool, True = padding: a padded position is never a key of any pattern (spec §1).
     """
     config = validate(
         q,
@@ -108,6 +110,8 @@ def dense_dilated_attention(
             )
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     b, n, h, d = q.shape
+    pad = check_key_padding(key_padding_mask, b, n)
+    keep = None if pad is None else ~pad[:, None, :]  # (b, 1, n): the keys that stay
     ratio = h // k.shape[2]  # query heads per K/V head (grouped-query attention)
     scale = config.scale(d)
     out = np.zeros((b, n, h, d))
@@ -119,7 +123,8 @@ def dense_dilated_attention(
                     q[:, :, head],
                     k[:, :, head // ratio],
                     v[:, :, head // ratio],
-                    pattern_mask(p, n, is_causal=config.is_causal),
+                    pattern_mask(p, n, is_causal=config.is_causal)
+                    & (True if keep is None else keep),
                     scale,
                 )
                 for p in patterns

@@ -18,6 +18,7 @@ import numpy as np
 from ringsim.config import (
     PatternGroup,
     check_flags,
+    check_key_padding,
     segment_bounds,
     selected_in_segment,
     validate,
@@ -43,6 +44,12 @@ def empty_result(b: int, n: int, h: int, d: int, dtype) -> tuple[np.ndarray, np.
     return np.zeros((b, n, h, d), dtype=dtype), np.full((b, h, n), -np.inf, dtype=dtype)
 
 
+def padding(key_padding: np.ndarray | None, rows) -> dict:
+    """``{"key_padding": key_padding[:, rows]}``, or nothing without a mask (so that the
+    block functions' plain signature serves every call without one)."""
+    return {} if key_padding is None else {"key_padding": key_padding[:, rows]}
+
+
 def pattern_attention(
     q: np.ndarray,
     k: np.ndarray,
@@ -51,8 +58,10 @@ def pattern_attention(
     *,
     is_causal: bool,
     scale: float,
+    key_padding: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One pattern group over the whole sequence: out ``(b, n, H, d)``, lse ``(b, H, n)``."""
+    """One pattern group over the whole sequence: out ``(b, n, H, d)``, lse ``(b, H, n)``;
+    ``key_padding (b, n)``: True where a key is padding."""
     b, n, _, d = q.shape
     out, lse = empty_result(b, n, len(group.heads), d, q.dtype)  # step 1
     for seg_start, seg_stop in segment_bounds(group.pattern.segment_length, n):  # step 2
@@ -68,6 +77,7 @@ def pattern_attention(
             rows,
             is_causal=is_causal,
             scale=scale,
+            **padding(key_padding, rows),
         )
         scatter_rows(out, lse, rows, block_out, block_lse)
     return out, lse
@@ -84,6 +94,7 @@ def dilated_attention(
     mode: str = "longnet",
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    key_padding_mask: np.ndarray | None = None,
 ):
     """Dilated attention on one process (spec §6).
 
@@ -96,6 +107,8 @@ def dilated_attention(
         mode: ``"longnet"`` (every head every pair) or ``"grouped"`` (spec §2).
         softmax_scale: defaults to ``1/sqrt(head_dim)``.
         return_lse: also return the natural-log lse ``(batch, num_heads, seq_len)``.
+        key_padding_mask: ``(batch, seq_len)`` bool, True = padding: such a position is never
+            a key (spec §1); a row left with no key gives 0 and lse -inf.
     Returns:
         out ``(batch, seq_len, num_heads, head_dim)`` in q's dtype, and lse if asked (-inf on
         rows with no key, whose out is 0).
@@ -114,13 +127,15 @@ def dilated_attention(
     )
     check_float(q)
     b, n, h, d = q.shape
+    pad = check_key_padding(key_padding_mask, b, n)
     scale = config.scale(d)
     out, lse = empty_result(b, n, h, d, q.dtype)
     with np.errstate(invalid="ignore", over="ignore"):
         for group in config.pattern_groups(h):
             group_out, group_lse = pattern_attention(
-                q, k, v, group, is_causal=config.is_causal, scale=scale
-            )
+                q, k, v, group, is_causal=config.is_causal, scale=scale,
+                **({} if pad is None else {"key_padding": pad}),
+            )  # fmt: skip
             heads = list(group.heads)
             out[:, :, heads], lse[:, heads] = merge_stable(  # step 3
                 out[:, :, heads], lse[:, heads], group_out, group_lse

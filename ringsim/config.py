@@ -307,6 +307,24 @@ def kv_heads(heads: Sequence[int], ratio: int) -> tuple[int, ...]:
     return tuple(sorted({h // ratio for h in heads}))
 
 
+def check_key_padding(mask: Any, batch: int, seq_len: int) -> np.ndarray | None:
+    """``key_padding_mask`` (spec §1): None, or a bool array ``(batch, seq_len)`` (a ring
+    rank: its shard's rows), True = padding. Returns it as a NumPy bool array."""
+    if mask is None:
+        return None
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+        raise TypeError(
+            f"key_padding_mask: expected a NumPy bool array (True = padding), got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)}"
+        )
+    if mask.shape != (batch, seq_len):
+        raise ValueError(
+            f"key_padding_mask: shape must be (batch, seq_len) = {(batch, seq_len)}, got "
+            f"{mask.shape}"
+        )
+    return mask
+
+
 def check_flags(**flags: Any) -> None:
     """Each keyword (``return_lse=...``, ``return_trace=...``) is a bool: a string such as
     ``'yes'`` would otherwise be read as True."""

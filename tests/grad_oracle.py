@@ -15,7 +15,7 @@ from ringsim.config import make_config
 from ringsim.reference import pattern_mask
 
 
-def torch_gradients(case: Case, q, k, v, dout, dlse) -> tuple[np.ndarray, ...]:
+def torch_gradients(case: Case, q, k, v, dout, dlse, key_padding=None) -> tuple[np.ndarray, ...]:
     """out, lse and dq, dk, dv of ``<dout, out> + <dlse, lse>`` by torch autograd of spec §4.
 
     Per head and pattern a masked softmax gives ``(o_i, lse_i)``; the patterns mix with
@@ -34,12 +34,14 @@ def torch_gradients(case: Case, q, k, v, dout, dlse) -> tuple[np.ndarray, ...]:
         parts, has_keys = [], []
         for pattern in patterns:
             mask = torch.from_numpy(pattern_mask(pattern, n, is_causal=case.is_causal))
-            has_key = mask.any(-1)  # (n,)
-            safe = torch.where(mask, scores, torch.where(has_key[:, None], -inf, 0.0))
+            if key_padding is not None:  # (b, n, n): a padded key is never attended
+                mask = mask & ~torch.from_numpy(key_padding)[:, None, :]
+            has_key = mask.any(-1)  # (n,), or (b, n) with a key padding mask
+            safe = torch.where(mask, scores, torch.where(has_key[..., None], -inf, 0.0))
             o_i = torch.softmax(safe, -1) @ tv[:, :, head // ratio]  # (b, n, d)
             lse_i = torch.logsumexp(safe, -1)  # (b, n)
             parts.append(
-                (torch.where(has_key[:, None], o_i, 0.0), torch.where(has_key, lse_i, -inf))
+                (torch.where(has_key[..., None], o_i, 0.0), torch.where(has_key, lse_i, -inf))
             )
             has_keys.append(has_key)
         any_key = torch.stack(has_keys).any(0)  # (n,)
@@ -47,7 +49,7 @@ def torch_gradients(case: Case, q, k, v, dout, dlse) -> tuple[np.ndarray, ...]:
         total = torch.logsumexp(stacked, 0)  # L, (b, n)
         weights = torch.exp(stacked - total)  # not detached (pitfall 14)
         out = sum(w[..., None] * o_i for w, (o_i, _) in zip(weights, parts))
-        outs.append(torch.where(any_key[:, None], out, 0.0))
+        outs.append(torch.where(any_key[..., None], out, 0.0))
         lses.append(torch.where(any_key, total, -inf))
     out, lse = torch.stack(outs, 2), torch.stack(lses, 1)  # (b, n, h, d), (b, h, n)
     finite = torch.isfinite(lse)
@@ -60,9 +62,9 @@ def torch_gradients(case: Case, q, k, v, dout, dlse) -> tuple[np.ndarray, ...]:
     return (out.detach().numpy(), lse.detach().numpy(), *(g.numpy() for g in grads))
 
 
-def dense_gradients(case: Case, q, k, v, dout, dlse=None) -> tuple[np.ndarray, ...]:
+def dense_gradients(case: Case, q, k, v, dout, dlse=None, key_padding=None):
     """dq, dk, dv of ``<dout, out> + <dlse, lse>`` (float64) by :func:`torch_gradients`."""
     q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
     b, n, h, _ = q.shape
     dlse = np.zeros((b, h, n)) if dlse is None else np.asarray(dlse, dtype=np.float64)
-    return torch_gradients(case, q, k, v, dout, dlse)[2:]
+    return torch_gradients(case, q, k, v, dout, dlse, key_padding)[2:]
