@@ -22,7 +22,7 @@ import numpy as np
 
 from ringsim.agree import agreed_config
 from ringsim.comm.base import Communicator, Payload
-from ringsim.config import kv_ratio, positions
+from ringsim.config import check_key_padding, kv_ratio, positions
 from ringsim.gradrelay import GradRelay, HomeAdds
 from ringsim.plan import BlockAction, Task, rank_plan
 from ringsim.ringloop import run_ring
@@ -54,6 +54,7 @@ class NumpyGradParts(HomeAdds, NumpyParts):
     def attend_task(self, block: Payload, task: Task) -> Payload:
         """Block backward of every pattern group: dq here, the dK/dV share returned."""
         groups = self.plan.groups[task.subring.pair]
+        block, pads = self.kv_part(block)  # dK/dV only: the padding has no gradient
         shares = [np.zeros_like(a) for a in block]
         for g, group in enumerate(groups):
             action = task.actions[g]
@@ -75,6 +76,7 @@ class NumpyGradParts(HomeAdds, NumpyParts):
                 is_causal=action is not BlockAction.FULL,
                 scale=self.scale,
                 dlse=None if self.dlse is None else self.dlse[:, cols.T, rows.T],
+                **({"key_padding": pads[keys] > 0} if pads else {}),
             )
             self.add_rows(self.dq, task.q_rows[g], group.heads, dq)
             for slot, share in ((keys, dk), (values, dv)):  # query heads sharing a K/V head
@@ -87,7 +89,7 @@ class NumpyGradParts(HomeAdds, NumpyParts):
         total[:, self._local(rows)[:, None], np.array(heads)[None, :]] += share
 
     def zeros(self, block: Payload) -> Payload:
-        return tuple(np.zeros(a.shape, dtype=self.grad_dtype) for a in block)
+        return tuple(np.zeros(a.shape, dtype=self.grad_dtype) for a in self.kv_part(block)[0])
 
 
 def ring_dilated_attention_shard_backward(
@@ -95,6 +97,7 @@ def ring_dilated_attention_shard_backward(
     dout: np.ndarray, segment_lengths, dilation_rates, *, comm: Communicator,
     is_causal: bool = False, mode: str = "longnet", softmax_scale: float | None = None,
     dlse: np.ndarray | None = None, trace: RankTrace | None = None, layout: str = "contiguous",
+    key_padding_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """This rank's part of the backward of ring dilated attention.
 
@@ -104,8 +107,8 @@ def ring_dilated_attention_shard_backward(
         out, lse: what that forward returned on this rank: out ``(batch, seq_len / P,
             num_heads, head_dim)``, lse ``(batch, num_heads, seq_len / P)``.
         dout: the gradient of the loss with respect to out, shaped like out.
-        comm, segment_lengths, dilation_rates, is_causal, mode, softmax_scale, layout: as the
-            forward.
+        comm, segment_lengths, dilation_rates, is_causal, mode, softmax_scale, layout,
+            key_padding_mask: as the forward.
         dlse: the gradient with respect to lse, shaped like lse (None: lse unused).
         trace: a :class:`ringsim.trace.RankTrace` to record this rank's events in.
     Returns:
@@ -115,14 +118,17 @@ def ring_dilated_attention_shard_backward(
     config, (_, c, h, d) = agreed_config(
         comm, q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
         softmax_scale=softmax_scale, layout=layout, allow_gqa=True,
-        check_array=lambda x: (check_float(x), check_backward_inputs(x, out, lse, dout, dlse)),
+        check_array=lambda x: (check_float(x), check_backward_inputs(x, out, lse, dout, dlse),
+                               check_key_padding(key_padding_mask, *x.shape[:2])),
+        key_padding=key_padding_mask is not None,
     )  # fmt: skip
     plan = rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank, layout,
                      kv_ratio(h, k.shape[2]))  # fmt: skip
     grads = (np.zeros_like(q), np.zeros_like(k), np.zeros_like(v))
     trace.hold("q, k, v, out, lse, dout", sum(x.nbytes for x in (q, k, v, out, lse, dout)))
     trace.hold("dq, dk, dv", sum(x.nbytes for x in grads))
-    parts = NumpyGradParts(q, k, v, out, lse, plan, config.scale(d), dout, dlse, *grads)
+    parts = NumpyGradParts(q, k, v, out, lse, plan, config.scale(d), dout, dlse, *grads,
+                           key_padding=key_padding_mask)  # fmt: skip
     with np.errstate(invalid="ignore", over="ignore"):
         run_ring(comm, plan, parts, trace, q.dtype.itemsize, GradRelay(comm, plan, parts, trace))
     return grads

@@ -15,7 +15,7 @@ import numpy as np
 from ringsim.cases import Case
 from ringsim.comm.faults import Fault
 from ringsim.comm.traced import run_traced
-from ringsim.config import check_flags, validate
+from ringsim.config import check_flags, check_key_padding, validate
 from ringsim.layout import check_layout, shard, unshard
 
 from .backward import validate_backward
@@ -27,6 +27,13 @@ from .ring_backward import ring_dilated_attention_shard_backward
 def _shards(x: np.ndarray, world_size: int, layout: str, axis: int = 1) -> list[np.ndarray]:
     """Every rank's shard of ``x`` (:func:`ringsim.layout.shard`), rank 0 first."""
     return [shard(x, r, world_size, layout=layout, axis=axis) for r in range(world_size)]
+
+
+def _mask_shards(mask, q, world_size: int, layout: str) -> list:
+    """Every rank's shard of a global key padding mask (checked first), or Nones."""
+    if check_key_padding(mask, q.shape[0], q.shape[1]) is None:
+        return [None] * world_size
+    return _shards(mask, world_size, layout)
 
 
 def run_case(case: Case, q, k, v, *, timeout: float = 60.0):
@@ -56,6 +63,7 @@ def ring_dilated_attention(
     timeout: float = 60.0,
     checksums: bool = False,
     layout: str = "contiguous",
+    key_padding_mask: np.ndarray | None = None,
 ):
     """Ring dilated attention of global arrays on ``world_size`` simulated ranks (spec §6).
 
@@ -75,6 +83,8 @@ def ring_dilated_attention(
             (:class:`ringsim.comm.CorruptMessage`).
         layout: which positions each rank holds, ``"contiguous"`` or ``"zigzag"``
             (:mod:`ringsim.layout`); the results are in global order either way.
+        key_padding_mask: ``(batch, seq_len)`` bool, True = padding (spec §1); each rank
+            gets its shard, which travels with its keys.
     Returns:
         the gathered global out ``(batch, seq_len, num_heads, head_dim)`` [, lse][, trace].
     Raises:
@@ -90,6 +100,7 @@ def ring_dilated_attention(
     check_float(q)
     check_layout(layout, q.shape[1], world_size)
     shards = list(zip(*(_shards(x, world_size, layout) for x in (q, k, v))))
+    pads = _mask_shards(key_padding_mask, q, world_size, layout)
     del q, k, v  # from here on, every array a rank touches is its own shard
 
     def run_rank(comm, trace):
@@ -102,6 +113,7 @@ def ring_dilated_attention(
             return_lse=True,
             trace=trace,
             layout=layout,
+            key_padding_mask=pads[comm.rank],
         )
 
     results, trace = run_traced(
@@ -119,6 +131,7 @@ def ring_dilated_attention_backward(
     is_causal: bool = False, mode: str = "longnet", softmax_scale: float | None = None,
     dlse: np.ndarray | None = None, return_trace: bool = False, faults: Sequence[Fault] = (),
     timeout: float = 60.0, checksums: bool = False, layout: str = "contiguous",
+    key_padding_mask: np.ndarray | None = None,
 ):  # fmt: skip
     """The backward of :func:`ring_dilated_attention` on ``world_size`` simulated ranks.
 
@@ -130,7 +143,8 @@ def ring_dilated_attention_backward(
         dout: the gradient of the loss with respect to out, shaped like out.
         dlse: the gradient with respect to lse, shaped like lse (None: lse unused).
         return_trace: also return the :class:`ringsim.trace.Trace` of the backward run.
-        faults, timeout, checksums, layout: as :func:`ring_dilated_attention`.
+        faults, timeout, checksums, layout, key_padding_mask: as
+            :func:`ring_dilated_attention`.
     Returns:
         the gathered global ``(dq, dk, dv)`` [, trace].
     """
@@ -144,6 +158,7 @@ def ring_dilated_attention_backward(
     per_rank.append(_shards(lse, world_size, layout, axis=-1))
     per_rank.append(_shards(dout, world_size, layout))
     dlse_shards = [None] * world_size if dlse is None else _shards(dlse, world_size, layout, -1)
+    pads = _mask_shards(key_padding_mask, q, world_size, layout)
     shards = list(zip(*per_rank))
     del q, k, v, out, lse, dout, dlse  # from here on, every array a rank touches is its own
 
@@ -157,6 +172,7 @@ def ring_dilated_attention_backward(
             dlse=dlse_shards[comm.rank],
             trace=trace,
             layout=layout,
+            key_padding_mask=pads[comm.rank],
         )
 
     results, trace = run_traced(

@@ -79,6 +79,7 @@ def agreed_config(
     check_array: Callable[[Any], None],
     layout: Layout | str = Layout.CONTIGUOUS,
     allow_gqa: bool = False,
+    key_padding: bool = False,
 ) -> tuple[DilatedConfig, tuple[int, int, int, int]]:
     """Check this rank's shards, configuration and layout, then :func:`agree` with every
     rank.
@@ -104,7 +105,7 @@ def agreed_config(
             f"{config.mode.value} causal={config.is_causal} "
             f"scale={config.softmax_scale} shard={shape} kv_heads={k.shape[2]} {q.dtype} "
             f"on {_device_type(q)} "
-            f"layout={layout.value}"
+            f"layout={layout.value} key_padding={key_padding}"
         )
     except (TypeError, ValueError, NotImplementedError) as err:
         error = err

@@ -110,8 +110,12 @@ class GradRelay:
     pending_recvs: list[Transfer] = field(default_factory=list)
 
     def grad_recv(self, transfer: Transfer) -> Recv:
+        """dK/dV of ``transfer``: the K and V arrays of its block (a block may carry more
+        after them, its keys' padding, which has no gradient)."""
         recv = self.parts.expected(transfer)
-        return replace(recv, tag=transfer.subring.grad_tag, dtype=self.parts.grad_dtype)
+        shapes = recv.shapes[: 2 * len(transfer.rows)]
+        return replace(recv, shapes=shapes, tag=transfer.subring.grad_tag,
+                       dtype=self.parts.grad_dtype)  # fmt: skip
 
     def after_step(
         self, index: int, held: dict[int, Payload], shares: dict[int, Payload | None]

@@ -203,32 +203,37 @@ def closed_form_bytes(
     itemsize: int = 8,
     layout: str = "contiguous",
     num_kv_heads: int | None = None,
+    key_padding: bool = False,
 ) -> int:
     """spec §5's closed form: the K/V bytes ``rank`` sends in the forward of an aligned
     configuration, computed from the formula alone (no plan), to check the plan and the
     trace against. ``layout="zigzag"``: Note [Zigzag bytes]. ``num_kv_heads`` (grouped-query
-    attention): a message carries each selected row once per K/V head its heads read."""
+    attention): a message carries each selected row once per K/V head its heads read.
+    ``key_padding``: each selected row also carries its padding, one element per pattern
+    group (offset) of the pair."""
     kv = num_heads if num_kv_heads is None else num_kv_heads
+    widths = _row_widths(config, num_heads, seq_len, kv, head_dim, key_padding)
     if layout == "zigzag":
-        return _zigzag_bytes(config, num_heads, batch, head_dim, seq_len, world_size, rank,
-                             itemsize, kv)  # fmt: skip
+        return _zigzag_bytes(config, widths, batch, seq_len, world_size, rank, itemsize)
     c = seq_len // world_size
     total = 0
-    for w_eff, r, heads in _pairs(config, num_heads, seq_len, kv):
+    for w_eff, r, width in widths:
         g = w_eff // c  # the sub-ring's ranks; the rank's place in it:
         messages = _one_piece_messages((rank * c % w_eff) // c, g, config.is_causal)
-        total += 2 * messages * batch * heads * (c // r) * head_dim * itemsize
+        total += messages * batch * (c // r) * width * itemsize
     return total
 
 
-def _pairs(config: DilatedConfig, num_heads: int, seq_len: int, num_kv_heads: int):
-    """``(w', r, H)`` of every pair, H the head rows a message carries per selected row: the
-    pair's heads, or with grouped-query attention the K/V heads each offset's heads read."""
+def _row_widths(config: DilatedConfig, num_heads: int, seq_len: int, num_kv_heads: int,
+                head_dim: int, key_padding: bool) -> list[tuple[int, int, int]]:  # fmt: skip
+    """``(w', r, width)`` of every pair, width the elements a message carries per selected
+    row: K and V of each head row (the pair's heads, or with grouped-query attention the K/V
+    heads each offset's heads read), and with key padding one more per pattern group."""
     ratio = kv_ratio(num_heads, num_kv_heads)
-    carried = [0] * config.num_pairs
+    width = [0] * config.num_pairs
     for group in config.pattern_groups(num_heads):
-        carried[group.pair] += len(kv_heads(group.heads, ratio))
-    return zip(config.effective_segment_lengths(seq_len), config.dilation_rates, carried)
+        width[group.pair] += 2 * len(kv_heads(group.heads, ratio)) * head_dim + key_padding
+    return list(zip(config.effective_segment_lengths(seq_len), config.dilation_rates, width))
 
 
 def _one_piece_messages(place: int, g: int, is_causal: bool) -> int:
@@ -240,8 +245,7 @@ def _one_piece_messages(place: int, g: int, is_causal: bool) -> int:
     return place + 1 if place < g - 1 else 0
 
 
-def _zigzag_bytes(config, num_heads, batch, head_dim, seq_len, world_size, rank, itemsize,
-                  num_kv_heads):  # fmt: skip
+def _zigzag_bytes(config, widths, batch, seq_len, world_size, rank, itemsize):
     """Note [Zigzag bytes]
     ----------------------
     With 2P chunks of ``s = n / 2P`` positions, an aligned configuration (each ``w' <= s``
@@ -265,16 +269,17 @@ def _zigzag_bytes(config, num_heads, batch, head_dim, seq_len, world_size, rank,
 
     A piece carries ``s / r`` rows of each of the pair's H heads (with grouped-query attention,
     H counts K/V heads: those each offset's heads read): ``batch * H * (s / r) * head_dim``
-    elements of K and as many of V.
+    elements of K and as many of V (and with key padding ``batch * (s / r)`` more per
+    pattern group: :func:`_row_widths`).
     """
     p, s = world_size, seq_len // (2 * world_size)
     chunks = (rank, 2 * p - 1 - rank)
     total = 0
-    for w_eff, r, heads in _pairs(config, num_heads, seq_len, num_kv_heads):
+    for w_eff, r, width in widths:
         m = w_eff // s
         if m <= 1:
             continue
-        piece = 2 * batch * heads * (s // r) * head_dim * itemsize  # K and V
+        piece = batch * (s // r) * width * itemsize  # K and V (and the keys' padding)
         middle = p // m if p % m else None  # the segment across the middle, if any
         pieces = 0
         for chunk in chunks:

@@ -20,7 +20,9 @@ from ringsim.reference import (
     dilated_attention_backward_chain,
     pattern_mask,
 )
+from ringsim.reference.simulate import ring_dilated_attention, ring_dilated_attention_backward
 from ringsim.tolerance import max_abs_error
+from ringsim.trace import closed_form_bytes
 
 
 def cases(count: int = 12, seed: int = 0) -> list[Case]:
@@ -116,3 +118,67 @@ def test_a_bad_mask_is_named(mask, error, message):
         dilated_attention(q, q, q, (4,), (1,), key_padding_mask=mask)
     with pytest.raises(error, match=message):
         dense_dilated_attention(q, q, q, (4,), (1,), key_padding_mask=mask)
+
+
+# --- the ring: the mask travels with the keys ----------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_the_ring_matches_the_definition_forward_and_backward(world_size, layout):
+    rng = np.random.default_rng(world_size)
+    ring_cases = fixed_cases(world_size, layout) + [
+        random_case(rng, world_size, layout=layout) for _ in range(3)
+    ]
+    ring_cases += grouped_query(ring_cases[:3], world_size)
+    for i, case in enumerate(ring_cases):
+        q, k, v = case.inputs(seed=i)
+        pad = padding(case, i)
+        args = (case.segment_lengths, case.dilation_rates)
+        kwargs = {**case.kwargs(), "key_padding_mask": pad, "layout": layout}
+        out, lse = ring_dilated_attention(q, k, v, *args, world_size=world_size, **kwargs,
+                                          return_lse=True)  # fmt: skip
+        want_out, want_lse = dense_dilated_attention(q, k, v, *args, **case.kwargs(),
+                                                     key_padding_mask=pad)  # fmt: skip
+        assert max_abs_error(out, want_out) <= 1e-10, case.describe()
+        assert max_abs_error(lse, want_lse) <= 1e-10, case.describe()
+        dout = case.upstream(seed=i)
+        grads = ring_dilated_attention_backward(q, k, v, out, lse, dout, *args,
+                                                world_size=world_size, **kwargs)  # fmt: skip
+        want = dilated_attention_backward(q, k, v, want_out, want_lse, dout, *args,
+                                          **case.kwargs(), key_padding_mask=pad)  # fmt: skip
+        for got, expect in zip(grads, want):
+            assert max_abs_error(got, expect) <= 1e-10, case.describe()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_ring_bytes_with_the_mask_match_the_closed_form(layout, is_causal):
+    """Each selected row carries one padding value per pattern group, in q's dtype."""
+    w, r, n, p, h = ((8, 16, 32), (1, 2, 4), 32, 4, 4) if layout == "contiguous" else (
+        (24, 48), (1, 2), 48, 4, 4)  # fmt: skip
+    case = Case(2, n, h, 3, w, r, is_causal, world_size=p, layout=layout)
+    q, k, v = case.inputs()
+    _, trace = ring_dilated_attention(q, k, v, w, r, world_size=p, is_causal=is_causal,
+                                      layout=layout, key_padding_mask=padding(case, 0),
+                                      return_trace=True)  # fmt: skip
+    config = make_config(w, r, is_causal=is_causal)
+    for rank in range(p):
+        want = closed_form_bytes(config, h, 2, 3, n, p, rank, layout=layout, key_padding=True)
+        assert trace.sent_bytes(rank, grads=False) == want
+        assert want > closed_form_bytes(config, h, 2, 3, n, p, rank, layout=layout) or not want
+
+
+def test_ranks_that_disagree_on_the_mask_fail_together():
+    """One rank with a mask, the others without: every rank fails with one message."""
+    from ringsim.comm import SimulatedCluster
+    from ringsim.reference import ring_dilated_attention_shard
+
+    q = np.random.default_rng(0).standard_normal((1, 4, 2, 3))
+
+    def rank_fn(comm):
+        mask = np.zeros((1, 4), dtype=bool) if comm.rank == 1 else None
+        return ring_dilated_attention_shard(q, q, q, (8,), (1,), comm=comm, key_padding_mask=mask)
+
+    with pytest.raises(Exception, match="key_padding=True"):
+        SimulatedCluster(2, timeout=5.0).run(rank_fn)
