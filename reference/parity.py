@@ -88,12 +88,14 @@ def compare(
     )
 
 
-def check_case(case: Case, out, lse, q, k, v, on_head=None) -> ParityReport:
-    """Compare a run of ``case`` on inputs q, k, v with the definition (``on_head``: as
-    :func:`~ringsim.reference.dense_dilated_attention` takes it, for a progress bar)."""
+def check_case(case: Case, out, lse, q, k, v, on_head=None, key_padding_mask=None) -> ParityReport:
+    """Compare a run of ``case`` on inputs q, k, v (and the key padding it ran with) with
+    the definition (``on_head``: as :func:`~ringsim.reference.dense_dilated_attention`
+    takes it, for a progress bar)."""
     ref_out, ref_lse = dense_dilated_attention(
-        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs(), on_head=on_head
-    )
+        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs(), on_head=on_head,
+        key_padding_mask=key_padding_mask,
+    )  # fmt: skip
     return compare(
         out,
         lse,
@@ -168,22 +170,21 @@ class GradReport:
         )
 
 
-def reference_gradients(case: Case, q, k, v, dout) -> tuple[np.ndarray, ...]:
+def reference_gradients(case: Case, q, k, v, dout, key_padding_mask=None) -> tuple[np.ndarray, ...]:
     """dq, dk, dv of ``case`` in float64 (:func:`dilated_attention_backward`, itself tested
     against torch autograd of the dense-mask formula and against finite differences)."""
     q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
-    out, lse = dilated_attention(
-        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs(), return_lse=True
-    )
-    return dilated_attention_backward(
-        q, k, v, out, lse, dout, case.segment_lengths, case.dilation_rates, **case.kwargs()
-    )
+    kwargs = {**case.kwargs(), "key_padding_mask": key_padding_mask}
+    args = (case.segment_lengths, case.dilation_rates)
+    out, lse = dilated_attention(q, k, v, *args, **kwargs, return_lse=True)
+    return dilated_attention_backward(q, k, v, out, lse, dout, *args, **kwargs)
 
 
-def check_gradients(case: Case, grads, q, k, v, dout, tol: float | None = None) -> GradReport:
+def check_gradients(case: Case, grads, q, k, v, dout, tol: float | None = None,
+                    key_padding_mask=None) -> GradReport:  # fmt: skip
     """Compare ``grads = (dq, dk, dv)`` of ``case`` with the float64 reference backward;
     ``tol`` defaults to spec §9's bound for q's dtype."""
-    want = reference_gradients(case, q, k, v, dout)
+    want = reference_gradients(case, q, k, v, dout, key_padding_mask)
     errors = tuple(max_abs_error(g, w) for g, w in zip(grads, want))
     tol = tolerance(np.asarray(q).dtype) if tol is None else tol
     return GradReport(case.describe(), errors, tol)  # type: ignore[arg-type]

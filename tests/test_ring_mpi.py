@@ -58,13 +58,18 @@ def test_mpi_zigzag_ring_matches_definition(world_size):
 @pytest.mark.parametrize(
     ("world_size", "layout"), [(2, "contiguous"), (3, "zigzag"), (4, "contiguous")]
 )
-def test_mpi_ring_with_grouped_query_attention(world_size, layout):
-    """Fewer K/V heads than query heads: forward and backward over MPI (dK/dV summed over
-    the query heads that share a K/V head, then home)."""
+def test_mpi_ring_with_grouped_query_attention_and_key_padding(world_size, layout):
+    """Fewer K/V heads than query heads, then a key padding mask with them: forward and
+    backward over MPI (dK/dV summed over the query heads that share a K/V head, then home;
+    the padding travels with its keys)."""
     result = parity(world_size, "--cases", "5", "--seed", "6", "--gqa", "--layout", layout)
     assert result.returncode == 0, result.stdout + result.stderr
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith("PASS parity") and line.endswith(" gqa"), line
+    padded = parity(world_size, "--cases", "4", "--seed", "7", "--gqa", "--key-padding",
+                    "--layout", layout)  # fmt: skip
+    assert padded.returncode == 0, padded.stdout + padded.stderr
+    assert padded.stdout.strip().splitlines()[-1].endswith(" gqa key_padding")
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

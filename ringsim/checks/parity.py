@@ -95,6 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="which positions each rank holds (zigzag: shards of even length)",
     )
     parser.add_argument(
+        "--key-padding",
+        action="store_true",
+        help="every case with a random key padding mask (about a quarter of the keys)",
+    )
+    parser.add_argument(
         "--gqa",
         action="store_true",
         help="grouped-query attention: every case with 1 to 3 K/V heads shared by the heads",
@@ -110,13 +115,22 @@ def cases_for(args: argparse.Namespace, world_size: int) -> list[Case]:
     return grouped_query(cases, args.seed) if args.gqa else cases
 
 
-def run_case(comm, case: Case, seed: int, dtype, disagree: bool):
-    """This rank's shard of one case, forward then backward; returns
-    ``(out, lse, (dq, dk, dv), trace)`` (the trace of the forward)."""
+def key_padding(case: Case, seed: int) -> np.ndarray:
+    """The ``--key-padding`` mask of a case: ``(batch, seq_len)``, True for about a quarter
+    of the keys, from its own stream (seed + 20000)."""
+    rng = np.random.default_rng(seed + 20_000)
+    return rng.random((case.batch, case.seq_len)) < 0.25
+
+
+def run_case(comm, case: Case, seed: int, dtype, disagree: bool, pad=None):
+    """This rank's shard of one case, forward then backward (``pad``: the global key
+    padding mask, or None); returns ``(out, lse, (dq, dk, dv), trace)`` (the trace of the
+    forward)."""
     q, k, v = case.inputs(seed, dtype)  # the same global draw on every rank, then sliced
     mine = functools.partial(shard, rank=comm.rank, world_size=comm.world_size,
                              layout=case.layout)  # fmt: skip
     shards = [mine(x) for x in (q, k, v)]
+    mask = None if pad is None else mine(pad)
     dout = mine(case.upstream(seed, dtype))
     del q, k, v
     segments = tuple(w + 1 for w in case.segment_lengths) if disagree else case.segment_lengths
@@ -124,11 +138,12 @@ def run_case(comm, case: Case, seed: int, dtype, disagree: bool):
     args = (segments, case.dilation_rates)
     out, lse = ring_dilated_attention_shard(
         *shards, *args, comm=comm, **case.kwargs(), return_lse=True, trace=trace,
-        layout=case.layout,
+        layout=case.layout, key_padding_mask=mask,
     )  # fmt: skip
     grads = ring_dilated_attention_shard_backward(
-        *shards, out, lse, dout, *args, comm=comm, **case.kwargs(), layout=case.layout
-    )
+        *shards, out, lse, dout, *args, comm=comm, **case.kwargs(), layout=case.layout,
+        key_padding_mask=mask,
+    )  # fmt: skip
     return out, lse, grads, trace
 
 
@@ -157,7 +172,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         for i, case in enumerate(cases):
             disagree = args.disagree_rank == comm.rank
-            out, lse, grads, trace = run_case(comm, case, args.seed + i, dtype, disagree)
+            pad = key_padding(case, args.seed + i) if args.key_padding else None
+            out, lse, grads, trace = run_case(comm, case, args.seed + i, dtype, disagree, pad)
             # bounded by --timeout, like every wait: a stopped rank cannot hold the others
             gathered = comm.allgather((out, lse, grads, trace))
             if comm.rank == 0:
@@ -166,11 +182,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
                 layout = case.layout
                 report = check_case(
                     case, unshard(outs, layout=layout), unshard(lses, layout=layout, axis=-1),
-                    *inputs,
+                    *inputs, key_padding_mask=pad,
                 )  # fmt: skip
                 whole = [unshard([g[j] for g in rank_grads], layout=layout) for j in range(3)]
                 dout = case.upstream(args.seed + i, dtype)
-                grad_report = check_gradients(case, whole, *inputs, dout)
+                grad_report = check_gradients(case, whole, *inputs, dout, key_padding_mask=pad)
                 worst = max(worst, report.out_error, report.lse_error)
                 worst_grad = max(worst_grad, *grad_report.errors)
                 lines += [r.line() for r in (report, grad_report) if not r.ok]
@@ -191,7 +207,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
         print(
             f"{verdict} parity world_size={comm.world_size} configurations={len(cases)} "
             f"failed={failed} max_error={worst:.3e} max_grad_error={worst_grad:.3e} "
-            f"dtype={dtype} layout={args.layout}" + (" gqa" if args.gqa else ""),
+            f"dtype={dtype} layout={args.layout}"
+            + (" gqa" if args.gqa else "")
+            + (" key_padding" if args.key_padding else ""),
             flush=True,
         )
     finish(1 if failed else 0)  # the same status on every rank
