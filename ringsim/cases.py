@@ -68,6 +68,12 @@ class Case:
         rng = np.random.default_rng((self.seed if seed is None else seed) + 10_000)
         return unit_normal(rng, self.shape, dtype, count=1)[0]
 
+    def key_padding(self, seed: int | None = None) -> np.ndarray:
+        """A random key padding mask ``(batch, seq_len)``, True for about a quarter of the
+        keys, for the inputs of ``inputs(seed)`` (its own stream: seed + 20000)."""
+        rng = np.random.default_rng((self.seed if seed is None else seed) + 20_000)
+        return rng.random((self.batch, self.seq_len)) < 0.25
+
     def describe(self) -> str:
         causal = "causal" if self.is_causal else "full"
         scale = "" if self.softmax_scale is None else f" scale={self.softmax_scale}"

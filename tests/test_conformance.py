@@ -325,3 +325,11 @@ def test_cli_import_errors_json_paths_and_hangs(tmp_path):
     hung = conform("tests/conform_targets.py:hangs", "--timeout", "1", "--cases", "0")
     assert hung.returncode == 1, hung.stdout + hung.stderr  # not a crash at exit
     assert "not_run=" in hung.stdout.splitlines()[-1]
+
+
+def test_key_padding_masks_are_checked_when_declared():
+    assert check(targets.correct, **BOTH, key_padding=True, gqa=True, cases=6).ok
+    report = check(targets.ignores_padding, **BOTH, key_padding=True, cases=4)
+    assert not report.ok and report.diagnosis.names == ()
+    with pytest.raises(ValueError, match=r"^key_padding: the bf16/fp16 bound"):
+        check(targets.correct, backend="torch", dtype="bfloat16", key_padding=True)

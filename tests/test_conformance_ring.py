@@ -144,3 +144,12 @@ def test_every_ring_mutant_as_a_users_ring_is_diagnosed(name):
             matches.append(result.matches)
     assert matches, f"{name} passed every case"
     assert summarise(matches).name == name, matches
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_a_ring_with_key_padding():
+    done = under_mpiexec(3, f"{TARGETS}:mpi_ring", "--returns", "out,lse", "--key-padding",
+                         "--layout-shard", "zigzag", "--cases", "4")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert last_line(done).startswith("PASS conform")

@@ -115,13 +115,6 @@ def cases_for(args: argparse.Namespace, world_size: int) -> list[Case]:
     return grouped_query(cases, args.seed) if args.gqa else cases
 
 
-def key_padding(case: Case, seed: int) -> np.ndarray:
-    """The ``--key-padding`` mask of a case: ``(batch, seq_len)``, True for about a quarter
-    of the keys, from its own stream (seed + 20000)."""
-    rng = np.random.default_rng(seed + 20_000)
-    return rng.random((case.batch, case.seq_len)) < 0.25
-
-
 def run_case(comm, case: Case, seed: int, dtype, disagree: bool, pad=None):
     """This rank's shard of one case, forward then backward (``pad``: the global key
     padding mask, or None); returns ``(out, lse, (dq, dk, dv), trace)`` (the trace of the
@@ -172,7 +165,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         for i, case in enumerate(cases):
             disagree = args.disagree_rank == comm.rank
-            pad = key_padding(case, args.seed + i) if args.key_padding else None
+            pad = case.key_padding(args.seed + i) if args.key_padding else None
             out, lse, grads, trace = run_case(comm, case, args.seed + i, dtype, disagree, pad)
             # bounded by --timeout, like every wait: a stopped rank cannot hold the others
             gathered = comm.allgather((out, lse, grads, trace))

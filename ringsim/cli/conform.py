@@ -32,7 +32,7 @@ MODULE:FUNCTION is an importable name (the current directory is on the path) or 
 path/to/file.py:FUNCTION. FUNCTION(q, k, v, segment_lengths, dilation_rates, **kwargs)
 returns out or (out, lse); is_causal= is passed unless --no-causal, mode= only when --modes
 names more than longnet, softmax_scale= only with --scale, layout= only with a
---layout-shard other than contiguous."""
+--layout-shard other than contiguous, key_padding_mask= only with --key-padding."""
 
 EPILOG = """\
 examples:
@@ -110,6 +110,12 @@ def add_conform_arguments(parser: argparse.ArgumentParser) -> None:
         default=60.0,
         metavar="SECONDS",
         help="time limit of one case (default: %(default)s)",
+    )
+    add(
+        "--key-padding",
+        action="store_true",
+        help="pass key_padding_mask= (bool (batch, seq_len), True = padding; a ring rank: "
+        "its shard), about a quarter of the keys padded",
     )
     add(
         "--gqa",

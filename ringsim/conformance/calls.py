@@ -119,6 +119,14 @@ class Backend:
         self._leaves[id(view)] = t
         return view
 
+    def to_user_mask(self, mask: np.ndarray | None) -> Any:
+        """A key padding mask ``(b, n)`` bool as the function takes it (a copy)."""
+        if mask is None:
+            return None
+        if self.options.backend == "numpy":
+            return mask.copy()
+        return self.torch.from_numpy(mask.copy()).to(self.device)
+
     def start_case(self) -> None:
         """Forget the previous case's input buffers."""
         self._leaves.clear()
@@ -150,9 +158,12 @@ class Backend:
         return str(x.dtype).removeprefix("torch.")
 
 
-def call_kwargs(case: Case, options: Options) -> dict[str, Any]:
-    """The keyword arguments the function is declared to take (Options' docstring)."""
+def call_kwargs(case: Case, options: Options, mask: Any = None) -> dict[str, Any]:
+    """The keyword arguments the function is declared to take (Options' docstring);
+    ``mask``: the key padding mask as the function takes it."""
     kwargs: dict[str, Any] = {}
+    if options.key_padding:
+        kwargs["key_padding_mask"] = mask
     if options.causal:
         kwargs["is_causal"] = case.is_causal
     if options.pass_mode:
@@ -164,13 +175,15 @@ def call_kwargs(case: Case, options: Options) -> dict[str, Any]:
     return kwargs
 
 
-def run(fn: Callable, backend: Backend, case: Case, qkv, dout=None, before=None) -> Outcome:
+def run(fn: Callable, backend: Backend, case: Case, qkv, dout=None, before=None,
+        mask=None) -> Outcome:  # fmt: skip
     """Call ``fn`` on user tensors ``qkv``, check what it returned, and (with ``dout``, the
     upstream gradient in the user's layout) run its backward. ``before``: the inputs'
     float64 values before the call; an input changed in place is a failure (it would
     otherwise be judged on what it changed them to). Raises :class:`Unfit`."""
     options = backend.options
-    result = fn(*qkv, case.segment_lengths, case.dilation_rates, **call_kwargs(case, options))
+    kwargs = call_kwargs(case, options, mask)
+    result = fn(*qkv, case.segment_lengths, case.dilation_rates, **kwargs)
     if before is not None:
         changed = [name for name, x, was in zip("qkv", qkv, before)
                    if not np.array_equal(backend.rounded(x), was, equal_nan=True)]  # fmt: skip

@@ -50,11 +50,13 @@ def check(fn: Callable, *, target: str | None = None, on_case: OnCase | None = N
         user_dout = backend.to_user(case.upstream(seed)) if opts.grad else None
         rounded = [backend.rounded(x) for x in user]  # before the call: judged on these
         dout = None if user_dout is None else backend.rounded(user_dout)
-        work = functools.partial(run, fn, backend, case, user, user_dout, rounded)
+        pad = case.key_padding(seed) if opts.key_padding else None
+        work = functools.partial(run, fn, backend, case, user, user_dout, rounded,
+                                 backend.to_user_mask(pad))  # fmt: skip
         outcome, problem = attempt(opts, work)
         repro = reproduce(name, opts, index, 1)
         report.results.append(judge(opts, index, case, seed, repro, rounded, dout, outcome,
-                                    problem))  # fmt: skip
+                                    problem, pad))  # fmt: skip
         if on_case is not None:
             on_case(done, len(selected))
         if isinstance(problem, HungCase):

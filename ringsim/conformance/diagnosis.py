@@ -16,7 +16,7 @@ import numpy as np
 from ringsim.cases import Case
 from ringsim.reference import dilated_attention
 from ringsim.reference.backward import dilated_attention_backward_chain
-from ringsim.reference.simulate import run_case
+from ringsim.reference.simulate import ring_dilated_attention
 from ringsim.tolerance import max_abs_error
 
 from .calls import Outcome
@@ -38,13 +38,13 @@ def forward_variants(kind: str) -> dict[str, Mutant]:
     return found
 
 
-def _variant_forward(name: str, case: Case, q, k, v) -> tuple[np.ndarray, np.ndarray]:
+def _variant_forward(name: str, case: Case, q, k, v, pad) -> tuple[np.ndarray, np.ndarray]:
+    args = (q, k, v, case.segment_lengths, case.dilation_rates)
+    kwargs = {**case.kwargs(), "key_padding_mask": pad, "return_lse": True}
     if name in RING_MUTANTS:  # on the simulated cluster, at the case's world size
-        out, lse, _ = run_case(case, q, k, v, timeout=10.0)
-        return out, lse
-    return dilated_attention(
-        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs(), return_lse=True
-    )
+        return ring_dilated_attention(*args, **kwargs, world_size=case.world_size,
+                                      layout=case.layout, timeout=10.0)  # fmt: skip
+    return dilated_attention(*args, **kwargs)
 
 
 def _close(outcome: Outcome, out, lse, tol: float) -> bool:
@@ -54,7 +54,7 @@ def _close(outcome: Outcome, out, lse, tol: float) -> bool:
 
 
 def forward_matches(
-    kind: str, case: Case, q, k, v, outcome: Outcome, definition, tol: float
+    kind: str, case: Case, q, k, v, outcome: Outcome, definition, tol: float, pad=None
 ) -> tuple[str, ...]:
     """Names of the variants whose (out, lse) on this case equal the user's and not the
     definition's. A variant that cannot run on the case (the mutated ring may raise or
@@ -63,7 +63,7 @@ def forward_matches(
     for name, mutant in forward_variants(kind).items():
         try:
             with applied(mutant):
-                out, lse = _variant_forward(name, case, q, k, v)
+                out, lse = _variant_forward(name, case, q, k, v, pad)
         except Exception:  # a broken variant is not a match; nothing of the user's is hidden
             continue
         if _close(outcome, out, lse, tol) and not _close(
@@ -73,19 +73,21 @@ def forward_matches(
     return tuple(found)
 
 
-def chain_gradients(case: Case, q, k, v, dout) -> tuple[np.ndarray, ...]:
+def chain_gradients(case: Case, q, k, v, dout, pad=None) -> tuple[np.ndarray, ...]:
     """dq, dk, dv by the chain rule through the mix (where the backward mutants act)."""
     args = (case.segment_lengths, case.dilation_rates)
-    out, lse = dilated_attention(q, k, v, *args, **case.kwargs(), return_lse=True)
-    return dilated_attention_backward_chain(q, k, v, out, lse, dout, *args, **case.kwargs())
+    kwargs = {**case.kwargs(), "key_padding_mask": pad}
+    out, lse = dilated_attention(q, k, v, *args, **kwargs, return_lse=True)
+    return dilated_attention_backward_chain(q, k, v, out, lse, dout, *args, **kwargs)
 
 
-def gradient_matches(case: Case, q, k, v, dout, outcome: Outcome, tol: float) -> tuple[str, ...]:
+def gradient_matches(case: Case, q, k, v, dout, outcome: Outcome, tol: float,
+                     pad=None) -> tuple[str, ...]:  # fmt: skip
     """Names of the backward variants whose dq, dk, dv equal the user's."""
     found = []
     for name, mutant in BACKWARD_MUTANTS.items():
         with applied(mutant):
-            grads = chain_gradients(case, q, k, v, dout)
+            grads = chain_gradients(case, q, k, v, dout, pad)
         assert outcome.grads is not None
         if all(max_abs_error(g, w) <= tol for g, w in zip(outcome.grads, grads)):
             found.append(name)

@@ -31,11 +31,13 @@ class Definition:
     grads: tuple[np.ndarray, ...] | None = None
 
     @classmethod
-    def of(cls, case: Case, q, k, v, dout=None) -> Definition:
+    def of(cls, case: Case, q, k, v, dout=None, pad=None) -> Definition:
+        """``pad``: the key padding mask the function was given, or None."""
         out, lse = dense_dilated_attention(
-            q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs()
-        )
-        grads = None if dout is None else reference_gradients(case, q, k, v, dout)
+            q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs(),
+            key_padding_mask=pad,
+        )  # fmt: skip
+        grads = None if dout is None else reference_gradients(case, q, k, v, dout, pad)
         return cls(out, lse, grads)
 
 

@@ -27,11 +27,11 @@ def strided(index: int) -> bool:
 
 
 def judge(options: Options, index: int, case: Case, seed: int, repro: str, inputs, dout,
-          outcome: Outcome | None, problem: str | None) -> CaseResult:  # fmt: skip
+          outcome: Outcome | None, problem: str | None, pad=None) -> CaseResult:  # fmt: skip
     """One case's result: errors against the definition on the function's own (rounded)
     ``inputs``, and, if wrong, the known variants it matches."""
     q, k, v = inputs
-    definition = Definition.of(case, q, k, v, dout)
+    definition = Definition.of(case, q, k, v, dout, pad)
     tol = tolerances(options, case, q, k, v, definition, dout)
     base = CaseResult(index, case, seed, repro, tol.out, grad_tolerance=tol.grad if
                       options.grad else None)  # fmt: skip
@@ -44,9 +44,9 @@ def judge(options: Options, index: int, case: Case, seed: int, repro: str, input
     if result.ok:
         return result
     if found.rows:
-        matches = forward_matches(options.kind, case, q, k, v, outcome, definition, tol.out)
+        matches = forward_matches(options.kind, case, q, k, v, outcome, definition, tol.out, pad)
     else:
-        matches = gradient_matches(case, q, k, v, dout, outcome, tol.grad)
+        matches = gradient_matches(case, q, k, v, dout, outcome, tol.grad, pad)
     return CaseResult(**{**result.__dict__, "matches": matches})
 
 

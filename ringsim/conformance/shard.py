@@ -161,17 +161,21 @@ def check_shard(fn: Callable, options: Options, target: str | None,
         user_dout = backend.to_user(mine(case.upstream(seed))) if options.grad else None
         rounded = [backend.rounded(x) for x in user]  # before the call: judged on these
         dout = None if user_dout is None else backend.rounded(user_dout)
+        pad = case.key_padding(seed) if options.key_padding else None
+        mask = None if pad is None else backend.to_user_mask(mine(pad))
         say = (
             f"FAIL conform {name}: case {index} did not finish within {options.timeout:g} s "
             f"on rank {ranks.rank} (a rank raised, or the ring hangs); every rank stops"
         )
         ranks.barrier()  # the clock starts when every rank is here (rank 0 judged the last)
         with watchdog(options.timeout, say, ranks):
-            outcome, problem = _attempt(fn, backend, case, user, user_dout, rounded, ranks.rank)
+            outcome, problem = _attempt(fn, backend, case, user, user_dout, rounded, mask,
+                                        ranks.rank)  # fmt: skip
             gathered = ranks.allgather((outcome, problem, rounded, dout))
         if ranks.rank == 0:
             repro = reproduce(target, options, index, ranks.size, ranks.launcher)
-            report.results.append(_judge_gathered(options, index, case, seed, repro, gathered))
+            report.results.append(_judge_gathered(options, index, case, seed, repro, gathered,
+                                                  pad))  # fmt: skip
             if on_case is not None:
                 on_case(done, len(selected))
     report = ranks.bcast(report if ranks.rank == 0 else None)
@@ -179,9 +183,9 @@ def check_shard(fn: Callable, options: Options, target: str | None,
     return report
 
 
-def _attempt(fn, backend, case, user, user_dout, rounded, rank: int):
+def _attempt(fn, backend, case, user, user_dout, rounded, mask, rank: int):
     try:
-        return run(fn, backend, case, user, user_dout, rounded), None
+        return run(fn, backend, case, user, user_dout, rounded, mask), None
     except Unfit as err:
         return None, str(err)
     except SystemExit as err:  # as on one device: a failure, said now
@@ -194,7 +198,7 @@ def _attempt(fn, backend, case, user, user_dout, rounded, rank: int):
         return None, problem
 
 
-def _judge_gathered(options, index, case, seed, repro, gathered):
+def _judge_gathered(options, index, case, seed, repro, gathered, pad):
     """Rank 0: join every rank's shard of the outcome and judge the case."""
     layout = options.layout_shard
     problems = [f"rank {r}: {p}" for r, (_, p, _, _) in enumerate(gathered) if p is not None]
@@ -202,7 +206,8 @@ def _judge_gathered(options, index, case, seed, repro, gathered):
     inputs = [unshard([g[2][j] for g in gathered], layout=layout) for j in range(3)]
     dout = None if gathered[0][3] is None else unshard([g[3] for g in gathered], layout=layout)
     if problems:
-        return judge(options, index, case, seed, repro, inputs, dout, None, "; ".join(problems))
+        return judge(options, index, case, seed, repro, inputs, dout, None, "; ".join(problems),
+                     pad)  # fmt: skip
 
     def joined(shards, axis=1):
         return unshard(shards, layout=layout, axis=axis)
@@ -213,4 +218,4 @@ def _judge_gathered(options, index, case, seed, repro, gathered):
     if first.grads is not None:
         grads = tuple(joined([o.grads[j] for o in outcomes]) for j in range(3))
     outcome = Outcome(joined([o.out for o in outcomes]), lse, grads)  # type: ignore[arg-type]
-    return judge(options, index, case, seed, repro, inputs, dout, outcome, None)
+    return judge(options, index, case, seed, repro, inputs, dout, outcome, None, pad)
