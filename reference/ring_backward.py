@@ -107,8 +107,9 @@ def ring_dilated_attention_shard_backward(
         out, lse: what that forward returned on this rank: out ``(batch, seq_len / P,
             num_heads, head_dim)``, lse ``(batch, num_heads, seq_len / P)``.
         dout: the gradient of the loss with respect to out, shaped like out.
-        comm, segment_lengths, dilation_rates, is_causal, mode, softmax_scale, layout,
-            key_padding_mask: as the forward.
+        comm, segment_lengths, dilation_rates, is_causal, mode, softmax_scale, layout: as the
+            forward.
+        key_padding_mask: this rank's shard of the mask, as the forward took it.
         dlse: the gradient with respect to lse, shaped like lse (None: lse unused).
         trace: a :class:`ringsim.trace.RankTrace` to record this rank's events in.
     Returns:
