@@ -351,3 +351,27 @@ def test_num_kv_heads_is_checked():
         RingMultiheadDilatedAttention(24, 6, (4,), (1,), num_kv_heads=2, group="default")
     same = RingMultiheadDilatedAttention(24, 6, (4,), (1,), num_kv_heads=6)
     assert same.in_proj_weight is not None  # equal heads: nn.MultiheadAttention's state
+
+
+def test_a_causal_attn_mask_is_causal_masking_and_other_masks_are_refused(rng):
+    """nn.Transformer's causal masks (float -inf, or bool True, above the diagonal) mean
+    is_causal=True; inside nn.TransformerEncoderLayer with src_mask too."""
+    n, e = 12, 16
+    module = RingMultiheadDilatedAttention(e, 4, (6, 12), (1, 2), batch_first=True).double()
+    x = randn(rng, 2, n, e)
+    want = module(x, x, x, is_causal=True, need_weights=False)[0]
+    float_mask = torch.nn.Transformer.generate_square_subsequent_mask(n, dtype=torch.float64)
+    bool_mask = torch.ones(n, n, dtype=torch.bool).triu(1)
+    for mask in (float_mask, bool_mask):
+        got = module(x, x, x, attn_mask=mask, need_weights=False)[0]
+        assert torch.equal(got, want)
+    for wrong in (bool_mask.T, torch.zeros(n, n), bool_mask[:-1, :-1]):
+        with pytest.raises(NotImplementedError, match="attn_mask: only a causal"):
+            module(x, x, x, attn_mask=wrong)
+    layer = torch.nn.TransformerEncoderLayer(e, 4, dim_feedforward=32, dropout=0.0,
+                                             batch_first=True).double()  # fmt: skip
+    layer.self_attn = module
+    with torch.no_grad():
+        masked = layer(x, src_mask=float_mask, is_causal=True)
+        by_flag = layer.norm2(layer.norm1(x + want) + layer._ff_block(layer.norm1(x + want)))
+    assert (masked - by_flag).abs().max().item() <= 1e-12

@@ -33,6 +33,20 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 
+def is_causal_mask(mask: Any, seq_len: int) -> bool:
+    """Whether ``mask`` is ``nn.MultiheadAttention``'s causal ``attn_mask`` for ``seq_len``
+    positions: ``(seq_len, seq_len)``, masking exactly the keys after each query (bool True
+    there, or float ``-inf`` there and 0 elsewhere)."""
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (seq_len, seq_len):
+        return False
+    after = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, after))
+    if not mask.is_floating_point():
+        return False
+    return bool((mask[after] == -math.inf).all() and (mask[~after] == 0).all())
+
+
 def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {value!r}")
@@ -254,8 +268,13 @@ class RingMultiheadDilatedAttention(nn.Module):
         Args:
             query, key, value: ``(batch, seq, embed_dim)`` (``(seq, batch, embed_dim)`` if
                 not batch_first), one shape, the parameters' dtype and device.
-            key_padding_mask, attn_mask: not supported: anything but None raises
-                ``NotImplementedError`` (for a causal mask use ``is_causal=True``).
+            key_padding_mask: not supported yet: anything but None raises
+                ``NotImplementedError``.
+            attn_mask: None, or a causal mask as ``nn.MultiheadAttention`` takes it
+                (``(seq, seq)``: bool True above the diagonal, or float ``-inf`` there and 0
+                elsewhere, as ``nn.Transformer.generate_square_subsequent_mask`` makes it),
+                which is causal masking by global position (``is_causal=True``); any other
+                mask raises ``NotImplementedError``.
             need_weights: also return the attention weights, as ``nn.MultiheadAttention``
                 does (its default, True): the exact dilated weights W with ``out = W @ v``
                 per head (:func:`~ringsim.gpu.nn.weights.dilated_attention_weights`), formed
@@ -270,10 +289,6 @@ class RingMultiheadDilatedAttention(nn.Module):
         """
         if key_padding_mask is not None:
             raise NotImplementedError("key_padding_mask: not supported; pass None")
-        if attn_mask is not None:
-            raise NotImplementedError(
-                "attn_mask: not supported; pass None (use is_causal=True for a causal mask)"
-            )
         if check_bool("need_weights", need_weights) and self.attention.group is not None:
             raise NotImplementedError(
                 "need_weights: a ring rank holds its own rows only, and the weights span the "
@@ -281,6 +296,14 @@ class RingMultiheadDilatedAttention(nn.Module):
             )
         check_bool("average_attn_weights", average_attn_weights)
         self._check_inputs(query, key, value)
+        if attn_mask is not None:
+            if not is_causal_mask(attn_mask, query.shape[0 if not self.batch_first else 1]):
+                raise NotImplementedError(
+                    "attn_mask: only a causal (seq, seq) mask is supported (True or -inf above "
+                    "the diagonal): dilated attention has its own pattern; pass None, or "
+                    "is_causal=True"
+                )
+            is_causal = True
         if not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         b, n, _ = query.shape
