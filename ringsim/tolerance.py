@@ -47,14 +47,17 @@ def max_abs_error(actual: Any, expected: Any) -> float:
     A NaN on either side gives ``inf`` unless both sides are NaN at that element (a NaN
     input is expected to propagate, spec §7).
     """
+    diff = abs_errors(actual, expected)
+    return float(diff.max()) if diff.size else 0.0
+
+
+def abs_errors(actual: Any, expected: Any) -> np.ndarray:
+    """Element by element, the error :func:`max_abs_error` takes the largest of (float64)."""
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
     if a.shape != e.shape:
         raise ValueError(f"actual: shape {a.shape} differs from expected {e.shape}")
-    if a.size == 0:
-        return 0.0
     same = (a == e) | (np.isnan(a) & np.isnan(e))  # covers -inf == -inf
     with np.errstate(invalid="ignore"):
         diff = np.where(same, 0.0, np.abs(a - e))
-    diff = np.where(np.isnan(diff), np.inf, diff)
-    return float(diff.max())
+    return np.where(np.isnan(diff), np.inf, diff)

@@ -63,6 +63,34 @@ def within(seconds: float, work: Callable[[], Any]) -> Any:
     return box["value"]
 
 
+class HungCase(str):
+    """The problem text of a case that timed out (nothing can run after it)."""
+
+
+def attempt(
+    work: Callable[[], Outcome],
+    timeout: float | None = None,
+    say: Callable[[str], None] | None = None,
+) -> tuple[Outcome | None, str | None]:
+    """``work()``: its outcome, or the problem (exceptions from the user's function are the
+    case's result, reported, never hidden). ``timeout``: run it on a helper thread
+    (:func:`within`; a ring's ranks run it on their own, under a watchdog); ``say``: told
+    at once when the function raised or exited (a ring rank's others may be left waiting)."""
+    try:
+        return (work() if timeout is None else within(timeout, work)), None
+    except CaseTimeout as err:
+        return None, HungCase(str(err))
+    except Unfit as err:
+        return None, str(err)
+    except SystemExit as err:  # sys.exit() in the function must not end the check as a pass
+        problem = f"called sys.exit({err.code!r})"
+    except Exception as err:  # the function under test failed: that is the case's result
+        problem = f"raised {type(err).__name__}: {err}"
+    if say is not None:
+        say(problem)
+    return None, problem
+
+
 def _thread_state() -> Callable[[], None]:
     """What a new thread must set to look like this one to a torch function."""
     torch = sys.modules.get("torch")
@@ -140,15 +168,19 @@ class Backend:
 
     def to_suite(self, x: Any, name: str, *, lse: bool = False) -> np.ndarray:
         """A returned ``out`` (in the user's layout) or ``lse`` ``(b, h, n)`` as float64 bnhd."""
+        self.check_type(x, name)
         if self.options.backend == "torch":
-            if not isinstance(x, self.torch.Tensor):
-                raise Unfit(f"{name} is a {type(x).__name__}, expected a torch.Tensor")
             array = x.detach().to("cpu", self.torch.float64).numpy()
         else:
-            if not isinstance(x, np.ndarray):
-                raise Unfit(f"{name} is a {type(x).__name__}, expected a numpy.ndarray")
             array = x.astype(np.float64)
         return array if lse else self._to_bnhd(array)
+
+    def check_type(self, x: Any, name: str) -> None:
+        """``x`` is an array of the backend (:class:`Unfit` names what it is instead)."""
+        kind = self.torch.Tensor if self.options.backend == "torch" else np.ndarray
+        if not isinstance(x, kind):
+            raise Unfit(f"{name} is a {type(x).__name__}, expected a "
+                        f"{kind.__module__.split('.')[0]}.{kind.__name__}")  # fmt: skip
 
     def rounded(self, user: Any) -> np.ndarray:
         """The float64 bnhd values of an input as the function received it."""
@@ -230,7 +262,7 @@ def _kind(result: Any) -> str:
 
 def _check_array(backend: Backend, x: Any, name: str, shape: tuple, dtypes: tuple,
                  like: Any) -> None:  # fmt: skip
-    backend.to_suite(x, name, lse=True)  # the type check
+    backend.check_type(x, name)
     if backend.options.backend == "torch" and x.device != like.device:
         raise Unfit(f"{name} is on {x.device}, the inputs on {like.device}")
     if tuple(x.shape) != shape:

@@ -8,7 +8,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from .calls import Backend, CaseTimeout, Outcome, Unfit, run, within
+from .calls import Backend, HungCase, attempt, run
 from .judge import OnCase, judge, reproduce, strided, target_name
 from .options import Options, inputs_seed, select_cases
 from .report import Report
@@ -53,7 +53,7 @@ def check(fn: Callable, *, target: str | None = None, on_case: OnCase | None = N
         pad = case.key_padding(seed) if opts.key_padding else None
         work = functools.partial(run, fn, backend, case, user, user_dout, rounded,
                                  backend.to_user_mask(pad))  # fmt: skip
-        outcome, problem = attempt(opts, work)
+        outcome, problem = attempt(work, opts.timeout)
         repro = reproduce(name, opts, index, 1)
         report.results.append(judge(opts, index, case, seed, repro, rounded, dout, outcome,
                                     problem, pad))  # fmt: skip
@@ -72,22 +72,3 @@ def assert_conforms(fn: Callable, **options: Any) -> Report:
     if not report.ok:
         raise AssertionError("\n" + report.text())
     return report
-
-
-class HungCase(str):
-    """The problem text of a case that timed out (nothing can run after it)."""
-
-
-def attempt(options: Options, work: Callable[[], Outcome]) -> tuple[Outcome | None, str | None]:
-    """``work()`` within the time limit: its outcome, or the problem (exceptions from the
-    user's function are the case's result, reported, never hidden)."""
-    try:
-        return within(options.timeout, work), None
-    except CaseTimeout as err:
-        return None, HungCase(str(err))
-    except Unfit as err:
-        return None, str(err)
-    except SystemExit as err:  # sys.exit() in the function must not end the check as a pass
-        return None, f"called sys.exit({err.code!r})"
-    except Exception as err:  # the function under test failed: that is the case's result
-        return None, f"raised {type(err).__name__}: {err}"

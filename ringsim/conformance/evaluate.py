@@ -16,7 +16,7 @@ import numpy as np
 from ringsim.cases import Case
 from ringsim.reference import dense_dilated_attention
 from ringsim.reference.parity import reference_gradients
-from ringsim.tolerance import low_precision_bound, max_abs_error, tolerance
+from ringsim.tolerance import abs_errors, low_precision_bound, max_abs_error, tolerance
 
 from .calls import Outcome
 from .options import Options
@@ -90,18 +90,12 @@ class Errors:
 def errors(outcome: Outcome, definition: Definition, tol: float) -> Errors:
     """Compare an outcome with the definition; rows and heads whose out (or lse) error
     exceeds ``tol``."""
-    with np.errstate(invalid="ignore"):  # inf - inf: handled by `same` below
-        out_err = np.abs(outcome.out - definition.out)
-    same = (outcome.out == definition.out) | (np.isnan(outcome.out) & np.isnan(definition.out))
-    out_err = np.where(same, 0.0, np.nan_to_num(out_err, nan=np.inf))
+    out_err = abs_errors(outcome.out, definition.out)
     by_row_head = out_err.max(axis=(0, 3), initial=0.0)  # (n, h)
     lse_error = None
     if outcome.lse is not None:
-        lse_error = max_abs_error(outcome.lse, definition.lse)
-        with np.errstate(invalid="ignore"):
-            diff = np.abs(outcome.lse - definition.lse)
-        same = (outcome.lse == definition.lse) | np.isnan(outcome.lse) & np.isnan(definition.lse)
-        diff = np.where(same, 0.0, np.nan_to_num(diff, nan=np.inf))
+        diff = abs_errors(outcome.lse, definition.lse)
+        lse_error = float(diff.max(initial=0.0))
         by_row_head = np.maximum(by_row_head, diff.max(axis=0, initial=0.0).T)
     grads = None
     if outcome.grads is not None and definition.grads is not None:

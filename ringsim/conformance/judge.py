@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from ringsim.cases import Case
@@ -36,18 +37,17 @@ def judge(options: Options, index: int, case: Case, seed: int, repro: str, input
     base = CaseResult(index, case, seed, repro, tol.out, grad_tolerance=tol.grad if
                       options.grad else None)  # fmt: skip
     if outcome is None:
-        return CaseResult(**{**base.__dict__, "problem": str(problem)})
+        return replace(base, problem=str(problem))
     found = errors(outcome, definition, tol.out)
-    result = CaseResult(**{**base.__dict__, "out_error": found.out, "lse_error": found.lse,
-                           "grad_errors": found.grads, "rows": found.rows,
-                           "heads": found.heads})  # fmt: skip
+    result = replace(base, out_error=found.out, lse_error=found.lse, grad_errors=found.grads,
+                     rows=found.rows, heads=found.heads)  # fmt: skip
     if result.ok:
         return result
     if found.rows:
         matches = forward_matches(options.kind, case, q, k, v, outcome, definition, tol.out, pad)
     else:
         matches = gradient_matches(case, q, k, v, dout, outcome, tol.grad, pad)
-    return CaseResult(**{**result.__dict__, "matches": matches})
+    return replace(result, matches=matches)
 
 
 def target_name(fn: Callable) -> str | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ringsim.layout import shard, unshard
 
-from .calls import Backend, Outcome, Unfit, run
+from .calls import Backend, Outcome, attempt, run
 from .judge import OnCase, judge, reproduce, strided
 from .options import Options, inputs_seed, select_cases
 from .report import Report
@@ -169,8 +169,8 @@ def check_shard(fn: Callable, options: Options, target: str | None,
         )
         ranks.barrier()  # the clock starts when every rank is here (rank 0 judged the last)
         with watchdog(options.timeout, say, ranks):
-            outcome, problem = _attempt(fn, backend, case, user, user_dout, rounded, mask,
-                                        ranks.rank)  # fmt: skip
+            work = functools.partial(run, fn, backend, case, user, user_dout, rounded, mask)
+            outcome, problem = attempt(work, say=functools.partial(_say, ranks.rank))
             gathered = ranks.allgather((outcome, problem, rounded, dout))
         if ranks.rank == 0:
             repro = reproduce(target, options, index, ranks.size, ranks.launcher)
@@ -183,19 +183,8 @@ def check_shard(fn: Callable, options: Options, target: str | None,
     return report
 
 
-def _attempt(fn, backend, case, user, user_dout, rounded, mask, rank: int):
-    try:
-        return run(fn, backend, case, user, user_dout, rounded, mask), None
-    except Unfit as err:
-        return None, str(err)
-    except SystemExit as err:  # as on one device: a failure, said now
-        problem = f"called sys.exit({err.code!r})"
-        print(f"rank {rank}: {problem}", file=sys.stderr, flush=True)
-        return None, problem
-    except Exception as err:  # the function under test failed: the case's result, said now
-        problem = f"raised {type(err).__name__}: {err}"
-        print(f"rank {rank}: {problem}", file=sys.stderr, flush=True)
-        return None, problem
+def _say(rank: int, problem: str) -> None:
+    print(f"rank {rank}: {problem}", file=sys.stderr, flush=True)
 
 
 def _judge_gathered(options, index, case, seed, repro, gathered, pad):
