@@ -190,6 +190,42 @@ class Backend:
         return str(x.dtype).removeprefix("torch.")
 
 
+@dataclass
+class CaseInputs:
+    """One case's inputs: as the function gets them (``user``, ``user_dout``, ``mask``) and
+    as the suite judges them (float64 bnhd ``rounded``, ``dout``; the global ``pad``)."""
+
+    user: list
+    user_dout: Any
+    mask: Any
+    rounded: list
+    dout: np.ndarray | None
+    pad: np.ndarray | None
+
+
+def case_inputs(backend: Backend, index: int, case: Case, seed: int,
+                cut: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> CaseInputs:  # fmt: skip
+    """The inputs of case ``index`` from ``seed`` (``cut``: a ring rank's shard of each);
+    every other case as views that are not contiguous (:func:`strided`)."""
+    options = backend.options
+    backend.start_case()
+    user = [backend.to_user(cut(x), requires_grad=options.grad, strided=strided(index))
+            for x in case.inputs(seed)]  # fmt: skip
+    user_dout = backend.to_user(cut(case.upstream(seed))) if options.grad else None
+    pad = case.key_padding(seed) if options.key_padding else None
+    return CaseInputs(
+        user, user_dout, None if pad is None else backend.to_user_mask(cut(pad)),
+        [backend.rounded(x) for x in user],  # before the call: judged on these
+        None if user_dout is None else backend.rounded(user_dout), pad,
+    )  # fmt: skip
+
+
+def strided(index: int) -> bool:
+    """Every other case passes its inputs as views that are not contiguous (a transposed
+    buffer), as code in the other layout would."""
+    return index % 2 == 1
+
+
 def call_kwargs(case: Case, options: Options, mask: Any = None) -> dict[str, Any]:
     """The keyword arguments the function is declared to take (Options' docstring);
     ``mask``: the key padding mask as the function takes it."""

@@ -8,8 +8,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from .calls import Backend, HungCase, attempt, run
-from .judge import OnCase, judge, reproduce, strided, target_name
+from .calls import Backend, HungCase, attempt, case_inputs, run
+from .judge import OnCase, judge, reproduce, target_name
 from .options import Options, inputs_seed, select_cases
 from .report import Report
 
@@ -44,19 +44,12 @@ def check(fn: Callable, *, target: str | None = None, on_case: OnCase | None = N
     selected = select_cases(opts)
     for done, (index, case) in enumerate(selected, start=1):
         seed = inputs_seed(opts, index, case)
-        backend.start_case()
-        user = [backend.to_user(x, requires_grad=opts.grad, strided=strided(index))
-                for x in case.inputs(seed)]  # fmt: skip
-        user_dout = backend.to_user(case.upstream(seed)) if opts.grad else None
-        rounded = [backend.rounded(x) for x in user]  # before the call: judged on these
-        dout = None if user_dout is None else backend.rounded(user_dout)
-        pad = case.key_padding(seed) if opts.key_padding else None
-        work = functools.partial(run, fn, backend, case, user, user_dout, rounded,
-                                 backend.to_user_mask(pad))  # fmt: skip
+        x = case_inputs(backend, index, case, seed)
+        work = functools.partial(run, fn, backend, case, x.user, x.user_dout, x.rounded, x.mask)
         outcome, problem = attempt(work, opts.timeout)
         repro = reproduce(name, opts, index, 1)
-        report.results.append(judge(opts, index, case, seed, repro, rounded, dout, outcome,
-                                    problem, pad))  # fmt: skip
+        report.results.append(judge(opts, index, case, seed, repro, x.rounded, x.dout, outcome,
+                                    problem, x.pad))  # fmt: skip
         if on_case is not None:
             on_case(done, len(selected))
         if isinstance(problem, HungCase):

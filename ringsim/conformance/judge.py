@@ -21,12 +21,6 @@ from .report import CaseResult
 OnCase = Callable[[int, int], None]
 
 
-def strided(index: int) -> bool:
-    """Every other case passes its inputs as views that are not contiguous (a transposed
-    buffer), as code in the other layout would."""
-    return index % 2 == 1
-
-
 def judge(options: Options, index: int, case: Case, seed: int, repro: str, inputs, dout,
           outcome: Outcome | None, problem: str | None, pad=None) -> CaseResult:  # fmt: skip
     """One case's result: errors against the definition on the function's own (rounded)

@@ -21,8 +21,8 @@ from typing import Any
 
 from ringsim.layout import shard, unshard
 
-from .calls import Backend, Outcome, attempt, run
-from .judge import OnCase, judge, reproduce, strided
+from .calls import Backend, Outcome, attempt, case_inputs, run
+from .judge import OnCase, judge, reproduce
 from .options import Options, inputs_seed, select_cases
 from .report import Report
 
@@ -155,27 +155,21 @@ def check_shard(fn: Callable, options: Options, target: str | None,
                              layout=options.layout_shard)  # fmt: skip
     for done, (index, case) in enumerate(selected, start=1):
         seed = inputs_seed(options, index, case)
-        backend.start_case()
-        user = [backend.to_user(mine(x), requires_grad=options.grad, strided=strided(index))
-                for x in case.inputs(seed)]  # fmt: skip
-        user_dout = backend.to_user(mine(case.upstream(seed))) if options.grad else None
-        rounded = [backend.rounded(x) for x in user]  # before the call: judged on these
-        dout = None if user_dout is None else backend.rounded(user_dout)
-        pad = case.key_padding(seed) if options.key_padding else None
-        mask = None if pad is None else backend.to_user_mask(mine(pad))
+        x = case_inputs(backend, index, case, seed, cut=mine)
         say = (
             f"FAIL conform {name}: case {index} did not finish within {options.timeout:g} s "
             f"on rank {ranks.rank} (a rank raised, or the ring hangs); every rank stops"
         )
         ranks.barrier()  # the clock starts when every rank is here (rank 0 judged the last)
         with watchdog(options.timeout, say, ranks):
-            work = functools.partial(run, fn, backend, case, user, user_dout, rounded, mask)
+            work = functools.partial(run, fn, backend, case, x.user, x.user_dout, x.rounded,
+                                     x.mask)  # fmt: skip
             outcome, problem = attempt(work, say=functools.partial(_say, ranks.rank))
-            gathered = ranks.allgather((outcome, problem, rounded, dout))
+            gathered = ranks.allgather((outcome, problem, x.rounded, x.dout))
         if ranks.rank == 0:
             repro = reproduce(target, options, index, ranks.size, ranks.launcher)
             report.results.append(_judge_gathered(options, index, case, seed, repro, gathered,
-                                                  pad))  # fmt: skip
+                                                  x.pad))  # fmt: skip
             if on_case is not None:
                 on_case(done, len(selected))
     report = ranks.bcast(report if ranks.rank == 0 else None)
