@@ -18,6 +18,7 @@ from .single import (
     dilated_attention,
     dilated_backward,
     dilated_forward,
+    key_bias,
     needs_grad,
     prepare,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "dilated_attention",
     "dilated_backward",
     "dilated_forward",
+    "key_bias",
     "needs_grad",
     "prepare",
 ]

@@ -92,12 +92,12 @@ class BackwardExecutor(HomeAdds, Executor):
         lse, dlse: ``(b, h, c)``: the forward's lse and its gradient (None: the loss does
             not read lse); read through their ``(b, c, h)`` views, rows then heads like out
             (Note [The lse layout] in :mod:`ringsim.gpu.executor.forward`).
-        plan, config, kernel: as the forward ran.
+        plan, config, kernel, pad: as the forward ran.
     """
 
     def __init__(self, q, k, v, out, lse, dout, dlse, plan: RankPlan, config: DilatedConfig,
-                 kernel: Kernel) -> None:  # fmt: skip
-        super().__init__(q, k, v, plan, config, kernel)
+                 kernel: Kernel, pad: torch.Tensor | None = None) -> None:  # fmt: skip
+        super().__init__(q, k, v, plan, config, kernel, pad)
         self.out, self.dout = out, dout
         self.dlse = None if dlse is None else dlse.transpose(1, 2)
         # the kernels read +inf on rows with no key (Note [Backward with the final out and lse])
@@ -197,9 +197,10 @@ class BackwardExecutor(HomeAdds, Executor):
         if sides:
             sides.join()
 
-    def _grads(self, batch: TaskBatch, blocks, k, v):
+    def _grads(self, batch: TaskBatch, blocks, k, v, bias=None):
         """The block backward (:func:`~ringsim.gpu.kernels.block_backward`: the entry point
-        checked the inputs once) of the query blocks ``blocks(x)`` against ``k, v``."""
+        checked the inputs once) of the query blocks ``blocks(x)`` against ``k, v`` (and the
+        key bias ``bias``, Note [Key masks])."""
         return block_backward(
             blocks(self.q),
             k,
@@ -211,6 +212,7 @@ class BackwardExecutor(HomeAdds, Executor):
             scale=self.scale,
             kernel=self.kernel,
             dlse=None if self.dlse is None else blocks(self.dlse).contiguous(),
+            bias=bias,
         )
 
     def _aligned(self, batch: TaskBatch, held, shares) -> None:
@@ -281,7 +283,8 @@ class BackwardExecutor(HomeAdds, Executor):
         for rb in task_row_batches(batch, self.groups(batch.pair), self.plan.chunks):
             rows, heads = batch_index(rb, self.q.device)
             blocks = functools.partial(batch_blocks, batch=rb, rows=rows, heads=heads)
-            grads = self._grads(batch, blocks, blocks(self.k), blocks(self.v))
+            bias = None if self.pad is None else blocks(self.pad).transpose(-1, -2)
+            grads = self._grads(batch, blocks, blocks(self.k), blocks(self.v), bias)
             for total, part in zip((self.dq, self.dk, self.dv), grads):
                 total[:, rows, heads] += unblock(part, self.b)
 
@@ -296,9 +299,9 @@ class BackwardExecutor(HomeAdds, Executor):
                 rows = task.q_rows[g]
                 local = self.plan.local(rows)
                 blocks = functools.partial(select, rows=local, heads=group.heads)
-                keys, values = task.key_slots(g, len(block))
+                keys, values = task.key_slots(g, self.kv_len(block))
                 dq, share[keys], share[values] = self._grads(
-                    batch, blocks, block[keys], block[values]
+                    batch, blocks, *self.slot_blocks(task, g, block)
                 )
                 self.add_rows(self.dq, rows, group.heads, dq)
             mine = tuple(x.to(self.grad_dtype) for x in share)
@@ -308,7 +311,9 @@ class BackwardExecutor(HomeAdds, Executor):
     # --- the relay's parts (GradParts) -------------------------------------------------------
 
     def zeros(self, block: Payload) -> Payload:
-        return tuple(torch.zeros(a.shape, dtype=self.grad_dtype, device=a.device) for a in block)
+        """Zero dK/dV shaped like ``block``'s K and V slots (a key bias has no gradient)."""
+        kv = block[: self.kv_len(block)]
+        return tuple(torch.zeros(a.shape, dtype=self.grad_dtype, device=a.device) for a in kv)
 
     def add(self, a: Payload, b: Payload) -> Payload:
         for x, y in zip(a, b):  # a is this rank's own share: added in place

@@ -63,12 +63,15 @@ class Executor:
         q, k, v: the rank's ``(b, c, h, d)`` shards (the whole tensors at P = 1).
         plan: the rank's :class:`~ringsim.plan.RankPlan`.
         config, kernel: the configuration and the kernel that runs.
+        pad: the rank's key bias ``(b, c, h, 1)`` in q's dtype (Note [Key masks]), or None.
     """
 
-    def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel) -> None:
+    def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel,
+                 pad: torch.Tensor | None = None) -> None:  # fmt: skip
         self.q, self.k, self.v, self.plan, self.kernel = q, k, v, plan, kernel
         self.b, self.c, self.h, self.d = q.shape
-        self.aligned = strided(config, plan)
+        self.pad = pad  # Note [Key masks]: (b, c, h, 1) or None
+        self.aligned = pad is None and strided(config, plan)
         self.scale = config.scale(self.d)
         self.span = self.c // len(plan.chunks)  # a chunk's rows: the longest local segment
         self.widths = config.effective_segment_lengths(self.span)  # local widths W
@@ -105,9 +108,21 @@ class Executor:
             return tuple(gather_pair(x[:, h], groups) for x in (self.k, self.v) for h in halves)
         heads = slot_heads(groups, len(slots))
         local = [self.plan.local(rows) for rows in slots]
-        keys = tuple(select(self.k, r, h) for r, h in zip(local, heads))
-        values = tuple(select(self.v, r, h) for r, h in zip(local, heads))
-        return keys + values
+        tensors = (self.k, self.v) if self.pad is None else (self.k, self.v, self.pad)
+        return tuple(select(x, r, h) for x in tensors for r, h in zip(local, heads))
+
+    def kv_len(self, block: Payload) -> int:
+        """How many of a block's arrays are K and V slots (the rest: their key bias, Note
+        [Key masks])."""
+        return len(block) if self.pad is None else 2 * len(block) // 3
+
+    def slot_blocks(self, task, g: int, block: Payload):
+        """Group g's K, V ``(b, H, m, d)`` and key bias ``(b, H, 1, m)`` (None without a mask)
+        of a gathered-rows block payload (Note [Pieces] in :mod:`ringsim.plan`)."""
+        kv = self.kv_len(block)
+        keys, values = task.key_slots(g, kv)
+        bias = None if self.pad is None else block[kv + keys].transpose(-1, -2)
+        return block[keys], block[values], bias
 
     def message(self, block: Payload, transfer: Transfer) -> Payload:
         """What ``transfer`` sends of a held block (or of its dK/dV): the block itself, or,
@@ -117,7 +132,8 @@ class Executor:
             if not self.pieces and not all(kept):
                 raise ValueError(f"message: aligned transfer with pruned groups: {transfer}")
             return tuple(a if sent else a[:, :0] for a, sent in zip(block, kept * 2))
-        return tuple(a if len(r) else a[:, :, :0] for a, r in zip(block, transfer.rows * 2))
+        copies = len(block) // len(transfer.rows)  # K, V[, bias] (Note [Key masks])
+        return tuple(a if len(r) else a[:, :, :0] for a, r in zip(block, transfer.rows * copies))
 
     def _pieces_sent(self, transfer: Transfer) -> list[bool]:
         """Whether each piece of an aligned transfer has rows (its groups are pruned alike)."""
@@ -133,8 +149,10 @@ class Executor:
             shapes = tuple((self.b, m, heads, self.d) for m in rows) * 2
         else:
             heads = slot_heads(groups, len(transfer.rows))
-            shapes = tuple((self.b, len(h), len(r), self.d) for r, h in zip(transfer.rows, heads))
-            shapes *= 2
+            slots = tuple(zip(transfer.rows, heads))
+            shapes = tuple((self.b, len(h), len(r), self.d) for r, h in slots) * 2
+            if self.pad is not None:  # each slot's key bias (Note [Key masks])
+                shapes += tuple((self.b, len(h), len(r), 1) for r, h in slots)
         return Recv(transfer.send_rank, transfer.subring.tag, shapes, self.q.dtype)
 
     # --- the blocks of one batch ------------------------------------------------------------

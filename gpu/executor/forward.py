@@ -80,8 +80,9 @@ class ForwardExecutor(Executor):
     """The forward of one rank (module docstring): :meth:`run` each step, then
     :meth:`finish`."""
 
-    def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel) -> None:
-        super().__init__(q, k, v, plan, config, kernel)
+    def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel,
+                 pad: torch.Tensor | None = None) -> None:  # fmt: skip
+        super().__init__(q, k, v, plan, config, kernel, pad)
         self.mixing = self.aligned and not self.pieces and mix_reason(q) is None
         b, c, h, d = q.shape
         # lse stored (b, h, c), written through its (b, c, h) view (Note [The lse layout])
@@ -237,7 +238,7 @@ class ForwardExecutor(Executor):
         causal = self.causal(batch)
         for rows in task_row_batches(batch, self.groups(batch.pair), self.plan.chunks):
             attend_rows(self.q, self.k, self.v, self.out, self.lse, rows, causal=causal,
-                        scale=self.scale, kernel=self.kernel)  # fmt: skip
+                        scale=self.scale, kernel=self.kernel, pad=self.pad)  # fmt: skip
 
     def _received(self, batch: TaskBatch, held: dict[int, Payload]) -> None:
         """A ragged batch on blocks received (or on another piece of the rank's own block):
@@ -250,14 +251,15 @@ class ForwardExecutor(Executor):
                 if batch.actions[g] is BlockAction.SKIP:
                     continue
                 local = self.plan.local(task.q_rows[g])
-                keys, values = task.key_slots(g, len(block))
+                keys, values, bias = self.slot_blocks(task, g, block)
                 out, lse = attend(
                     select(self.q, local, group.heads),
-                    block[keys],
-                    block[values],
+                    keys,
+                    values,
                     causal=causal,
                     scale=self.scale,
                     kernel=self.kernel,
+                    bias=bias,
                 )
                 rows = range_index(local, self.q.device)[:, None]  # (m, 1)
                 heads = heads_index(group.heads, self.q.device)[None, :]  # (1, H)
@@ -265,15 +267,18 @@ class ForwardExecutor(Executor):
                 merge_into(self.out, self.lse, rows, heads, block_out, block_lse)
 
 
-def attend_rows(q, k, v, out, lse, batch: RowBatch, *, causal: bool, scale: float, kernel) -> None:
-    """Attend one row batch (rows: indices into q, k, v) and merge it into ``out (b, n, h,
-    d)``, ``lse (b, n, h)``."""
+def attend_rows(q, k, v, out, lse, batch: RowBatch, *, causal: bool, scale: float, kernel,
+                pad: torch.Tensor | None = None) -> None:  # fmt: skip
+    """Attend one row batch (rows: indices into q, k, v, and ``pad``, the key bias ``(b, n,
+    h, 1)`` if any) and merge it into ``out (b, n, h, d)``, ``lse (b, n, h)``."""
     rows, heads = batch_index(batch, q.device)
+    bias = None if pad is None else batch_blocks(pad, batch, rows, heads).transpose(-1, -2)
     block_out, block_lse = attend(
         *(batch_blocks(x, batch, rows, heads) for x in (q, k, v)),
         causal=causal,
         scale=scale,
         kernel=kernel,
+        bias=bias,
     )
     b = q.shape[0]
     merge_into(out, lse, rows, heads, unblock(block_out, b), unblock(block_lse, b))

@@ -41,15 +41,48 @@ def check_tensor(q, k=None, v=None) -> None:
             raise ValueError(f"{name}: must be on q's device ({q.device}), got {x.device}")
 
 
+def key_bias(mask, q: torch.Tensor) -> torch.Tensor | None:
+    """``key_padding_mask`` as the executor takes it (Note [Key masks] in
+    :mod:`ringsim.gpu.executor.base`): None, or ``(b, n, h, 1)`` in q's dtype, each key's
+    bias repeated per head of q ``(b, n, h, d)``.
+
+    The mask is ``(b, n)`` on q's device: bool, True = padding (bias ``-inf``: never a key),
+    or float, added to the scores of each key as ``nn.MultiheadAttention`` adds a float
+    ``key_padding_mask`` (``-inf`` = never a key; NaN and ``+inf`` are refused).
+    """
+    if mask is None:
+        return None
+    b, n, h, _ = q.shape
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"key_padding_mask: expected bool or float, got {mask.dtype}")
+    if tuple(mask.shape) != (b, n):
+        raise ValueError(
+            f"key_padding_mask: shape must be (batch, seq_len) = {(b, n)}, got {tuple(mask.shape)}"
+        )
+    if mask.device != q.device:
+        raise ValueError(f"key_padding_mask: must be on q's device ({q.device}), got {mask.device}")
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(b, n, dtype=q.dtype, device=q.device).masked_fill(mask, -torch.inf)
+    else:
+        if bool((torch.isnan(mask) | (mask == torch.inf)).any()):
+            raise ValueError("key_padding_mask: a float mask must not hold NaN or +inf")
+        bias = mask.detach().to(q.dtype)
+    return bias[:, :, None, None].expand(b, n, h, 1).contiguous()
+
+
 #: The largest softmax_scale the torch backend takes: its fast kernels compute the scores in
 #: float32, where a larger scale is infinite and every score NaN.
 MAX_SCALE = float(torch.finfo(torch.float32).max)
 
 
-def prepare(q, k, v, requested: Kernel | str | None, softmax_scale: float | None):
+def prepare(q, k, v, requested: Kernel | str | None, softmax_scale: float | None, *,
+            masked: bool = False):  # fmt: skip
     """Every entry point's inputs, before any work: q checked (:func:`check_tensor`), the
     scale within :data:`MAX_SCALE`, q, k, v :func:`~ringsim.gpu.kernels.realigned`, and the
-    kernel chosen for them. Returns ``(q, k, v, kernel)``."""
+    kernel chosen for them (one that takes a key mask if ``masked``). Returns ``(q, k, v,
+    kernel)``."""
     check_tensor(q, k, v)
     if softmax_scale is not None and abs(softmax_scale) > MAX_SCALE:
         raise ValueError(
@@ -57,7 +90,7 @@ def prepare(q, k, v, requested: Kernel | str | None, softmax_scale: float | None
             "in which the torch kernels compute the scores"
         )
     q, k, v = (realigned(x) for x in (q, k, v))
-    return q, k, v, choose_kernel(q, requested, k, v)
+    return q, k, v, choose_kernel(q, requested, k, v, masked=masked)
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -87,6 +120,7 @@ def dilated_attention(
     return_lse: bool = False,
     kernel: Kernel | str | None = None,
     cuda_graph: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
 ):
     """Dilated attention on one device (spec §6).
 
@@ -105,6 +139,11 @@ def dilated_attention(
         cuda_graph: replay the forward as a CUDA graph (:mod:`ringsim.gpu.executor.graphs`): one
             launch instead of dozens, for a host too slow to issue them. Forward only,
             CUDA, aligned configurations; otherwise ``ValueError`` says why.
+        key_padding_mask: ``(batch, seq_len)`` on q's device: bool, True = padding (such a
+            position is never a key of any pattern; a row left with no key gives 0), or
+            float, added to every score of each key (:func:`key_bias`). Runs the
+            gathered-rows path and a kernel that takes a mask (efficient on CUDA, math or
+            flash_cpu on the CPU: Note [The kernel choice]).
     Returns:
         out ``(batch, seq_len, num_heads, head_dim)`` in q's dtype [, lse].
     """
@@ -121,7 +160,10 @@ def dilated_attention(
         allow_gqa=True,
     )
     k, v = repeat_kv(q, k, v)
-    q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale)
+    pad = key_bias(key_padding_mask, q)
+    q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale, masked=pad is not None)
+    if cuda_graph and pad is not None:
+        raise ValueError("cuda_graph: the graphed forward takes no key_padding_mask")
     if cuda_graph:
         from .graphs import graph_refusal, graphed_forward
 
@@ -131,7 +173,7 @@ def dilated_attention(
         out, lse = graphed_forward(dilated_forward, q, k, v, config, chosen)
         return (out, lse) if return_lse else out
     check_differentiable(q, k, v, chosen)
-    out, lse = DilatedFunction.apply(q, k, v, config, chosen)
+    out, lse = DilatedFunction.apply(q, k, v, config, chosen, pad)
     return (out, lse) if return_lse else out
 
 
@@ -148,27 +190,28 @@ def repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return k.repeat_interleave(ratio, dim=2), v.repeat_interleave(ratio, dim=2)
 
 
-def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel):
+def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel, pad=None):
     """The forward on one device, no autograd: out ``(b, n, h, d)`` in q's dtype and the
-    lse ``(b, h, n)``, float32 or float64."""
+    lse ``(b, h, n)``, float32 or float64. ``pad``: the key bias (:func:`key_bias`)."""
     _, n, h, _ = q.shape
     plan = rank_plan(config, h, n, 1, 0)
-    executor = ForwardExecutor(q, k, v, plan, config, kernel)
+    executor = ForwardExecutor(q, k, v, plan, config, kernel, pad)
     executor.run(0, plan.steps[0].batches, {})
     return executor.finish()
 
 
-def dilated_backward(q, k, v, out, lse, dout, dlse, config: DilatedConfig, kernel: Kernel):
+def dilated_backward(q, k, v, out, lse, dout, dlse, config: DilatedConfig, kernel: Kernel,
+                     pad=None):  # fmt: skip
     """dq, dk, dv of dilated attention on one device, in q's dtype.
 
     Args:
         q, k, v, out, dout: ``(b, n, h, d)``; out is the forward's (final) output.
         lse, dlse: ``(b, h, n)``, the forward's lse and its gradient (None: lse unused).
-        config, kernel: as the forward ran.
+        config, kernel, pad: as the forward ran.
     """
     _, n, h, _ = q.shape
     plan = rank_plan(config, h, n, 1, 0)
-    executor = BackwardExecutor(q, k, v, out, lse, dout, dlse, plan, config, kernel)
+    executor = BackwardExecutor(q, k, v, out, lse, dout, dlse, plan, config, kernel, pad)
     executor.run(0, plan.steps[0].batches, {})
     return executor.finish()
 
@@ -203,17 +246,18 @@ def restore(ctx, dout, dlse):
 
 
 class DilatedFunction(torch.autograd.Function):
-    """Dilated attention on one device: ``apply(q, k, v, config, kernel) -> (out, lse)``."""
+    """Dilated attention on one device:
+    ``apply(q, k, v, config, kernel, pad) -> (out, lse)`` (pad: :func:`key_bias`, or None)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, config: DilatedConfig, kernel: Kernel):
-        """:func:`dilated_forward`; keeps q, k, v, out and lse."""
-        ctx.config, ctx.kernel = config, kernel
-        return keep(ctx, q, k, v, *dilated_forward(q, k, v, config, kernel))
+    def forward(ctx, q, k, v, config: DilatedConfig, kernel: Kernel, pad=None):
+        """:func:`dilated_forward`; keeps q, k, v, out and lse (and the key bias)."""
+        ctx.config, ctx.kernel, ctx.pad = config, kernel, pad
+        return keep(ctx, q, k, v, *dilated_forward(q, k, v, config, kernel, pad))
 
     @staticmethod
     def backward(ctx, dout, dlse):
         """:func:`dilated_backward`: dq, dk, dv."""
         refuse_double_backward()
-        grads = dilated_backward(*restore(ctx, dout, dlse), ctx.config, ctx.kernel)
-        return (*grads, None, None)
+        grads = dilated_backward(*restore(ctx, dout, dlse), ctx.config, ctx.kernel, ctx.pad)
+        return (*grads, None, None, None)

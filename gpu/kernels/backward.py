@@ -50,6 +50,10 @@ Per-kernel details (checked against PyTorch's aten sources; each op is called wi
 - cuDNN's backward of a non-causal block of ``L % 128 == 64`` keys runs flash's backward
   (:func:`backward_kernel`).
 - flash_cpu: takes any strides; lse in float64 for float64 inputs, else float32.
+- a key mask (``bias (B, H, 1, L)``, as the forward took it): math adds it to the scores,
+  the efficient and flash_cpu kernels read it as their mask (padded as the forward pads it,
+  :func:`~ringsim.gpu.kernels.forward.padded_bias`); a masked key gets ``P = 0``, so no
+  gradient, and a row with no key at all has ``L = +inf`` as above.
 - flex: FlexAttention's backward recomputes its own lse, so it cannot take the final one.
 """
 
@@ -70,6 +74,7 @@ from .choice import (
     capability,
     choose_kernel,
 )
+from .forward import padded_bias
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 aten = torch.ops.aten
@@ -88,6 +93,7 @@ def attend_backward(
     kernel: Kernel | str,
     allowed: torch.Tensor | None = None,
     dlse: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> Grads:
     """One block's share of the gradient of attention with the final ``out`` and ``lse``.
 
@@ -106,6 +112,8 @@ def attend_backward(
         kernel: which backward runs; MATH is the explicit formula, FLEX has none.
         allowed: ``(M, L)`` bool, True = attend (a general mask); MATH only.
         dlse: ``(B, H, M)`` gradient of the loss w.r.t. lse; MATH only.
+        bias: ``(B, H, 1, L)`` the key mask the forward added to the scores (q's dtype);
+            the kernels whose capability allows ``masked`` only.
     Returns:
         ``dq (B, H, M, D)``, ``dk, dv (B, H, L, D)``: the fused kernels' own dtype (q's),
         float32 (float64 for float64 input) from MATH. Callers add them into float32
@@ -130,7 +138,7 @@ def attend_backward(
             raise NotImplementedError(
                 f"dlse: kernel {kernel.value} cannot add a gradient w.r.t. lse; use kernel='math'"
             )
-        choose_kernel(q, kernel, k, v)  # ValueError with the reason if it cannot run
+        choose_kernel(q, kernel, k, v, masked=bias is not None)  # ValueError: the reason
         if causal and q.shape[-2] != k.shape[-2]:  # flash aligns a non-square mask bottom-right
             raise ValueError(f"causal: needs a square block, got M={q.shape[-2]}, L={k.shape[-2]}")
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -139,13 +147,14 @@ def attend_backward(
     # Note [Backward with the final out and lse]: a row with no key gets P = exp(s - inf) = 0
     lse = torch.where(torch.isneginf(lse), math.inf, lse)
     if allowed is not None:
-        return _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse)
+        return _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse, bias)
     return block_backward(q, k, v, out, lse, dout, causal=causal, scale=scale, kernel=kernel,
-                          dlse=dlse)  # fmt: skip
+                          dlse=dlse, bias=bias)  # fmt: skip
 
 
 def block_backward(q, k, v, out, lse, dout, *, causal: bool, scale: float, kernel: Kernel,
-                   dlse: torch.Tensor | None = None) -> Grads:  # fmt: skip
+                   dlse: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None) -> Grads:  # fmt: skip
     """:func:`attend_backward` without its checks, for a caller that made them once (the step
     executor, which runs dozens of blocks of one checked configuration): the same arguments,
     except that ``lse`` must already read ``+inf`` (not ``-inf``) on rows with no key, and
@@ -156,14 +165,17 @@ def block_backward(q, k, v, out, lse, dout, *, causal: bool, scale: float, kerne
         )
     kernel = backward_kernel(kernel, q, k, causal)
     if kernel is Kernel.MATH:
-        return _math(q, k, v, out, lse, dout, causal, scale, None, dlse)
+        return _math(q, k, v, out, lse, dout, causal, scale, None, dlse, bias)
+    if bias is not None and kernel not in (Kernel.EFFICIENT, Kernel.FLASH_CPU):
+        raise ValueError(f"bias: kernel {kernel.value} takes no key mask")
     acc = accumulator_dtype(q.dtype)
     out, dout, lse = out.to(q.dtype), dout.to(q.dtype), lse.to(acc)
     per_call = blocks_per_call(q, k, v, out, dout)
+    xs = (q, k, v, out, lse, dout) + (() if bias is None else (bias,))
     if q.shape[0] <= per_call:
-        return _FUSED[kernel](q, k, v, out, lse, dout, causal, scale)
-    chunks = zip(*(x.split(per_call) for x in (q, k, v, out, lse, dout)))
-    grads = [_FUSED[kernel](*chunk, causal, scale) for chunk in chunks]
+        return _FUSED[kernel](*xs[:6], causal, scale, *xs[6:])
+    chunks = zip(*(x.split(per_call) for x in xs))
+    grads = [_FUSED[kernel](*c[:6], causal, scale, *c[6:]) for c in chunks]
     return tuple(torch.cat(xs) for xs in zip(*grads))
 
 
@@ -183,11 +195,13 @@ def backward_kernel(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, causal: bo
     return chosen
 
 
-def _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse) -> Grads:
+def _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse, bias=None) -> Grads:
     """The Note's formula with plain ops, scores in float32 (float64 for float64 input)."""
     acc = accumulator_dtype(q.dtype)
     q, k, v, out, dout, lse = (x.to(acc) for x in (q, k, v, out, dout, lse))
     scores = scale * torch.matmul(q, k.transpose(-1, -2))  # (B, H, M, L)
+    if bias is not None:
+        scores = scores + bias.to(acc)
     if allowed is None and causal:
         m, l_ = scores.shape[-2:]
         allowed = torch.ones(m, l_, dtype=torch.bool, device=q.device).tril()
@@ -224,20 +238,24 @@ def _cudnn(q, k, v, out, lse, dout, causal, scale) -> Grads:
     return aten._scaled_dot_product_cudnn_attention_backward(*args, scale=scale)
 
 
-def _efficient(q, k, v, out, lse, dout, causal, scale) -> Grads:
+def _efficient(q, k, v, out, lse, dout, causal, scale, bias=None) -> Grads:
     m = q.shape[-2]
     padded = lse.new_full((*lse.shape[:-1], -(-m // 32) * 32), math.inf)  # (B, H, M_32)
     padded[..., :m] = lse
     out = out.transpose(1, 2).contiguous().transpose(1, 2)  # (B, M, H, D) in memory
-    # attn_bias, philox seed/offset: None (no bias, dropout 0); no grad for the bias
-    args = (dout, q, k, v, None, out, padded, None, None, 0.0, [True, True, True, False], causal)
+    mask = None if bias is None else padded_bias(bias, m)
+    # philox seed/offset: None (dropout 0); no grad for the bias
+    args = (dout, q, k, v, mask, out, padded, None, None, 0.0, [True, True, True, False], causal)
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(*args, scale=scale)
     return dq, dk, dv
 
 
-def _flash_cpu(q, k, v, out, lse, dout, causal, scale) -> Grads:
+def _flash_cpu(q, k, v, out, lse, dout, causal, scale, bias=None) -> Grads:
     args = (dout, q, k, v, out, lse, 0.0, causal)  # lse float64 for float64 input, else float32
-    return aten._scaled_dot_product_flash_attention_for_cpu_backward(*args, scale=scale)
+    mask = None if bias is None else padded_bias(bias, q.shape[-2])
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *args, attn_mask=mask, scale=scale
+    )
 
 
 _FUSED = {

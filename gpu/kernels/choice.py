@@ -38,6 +38,12 @@ otherwise takes is a check below, with the report it comes from:
   (:func:`~ringsim.gpu.kernels.backward_kernel`).
 - flash aligns a causal mask of a non-square block bottom-right, cuDNN top-left: the plan
   only ever asks for the square diagonal block, and the backward refuses anything else.
+- a key mask (``bias``: ``key_padding_mask``) runs the efficient kernel on CUDA, flash_cpu or
+  math on the CPU: PyTorch's flash kernel takes no mask, FlexAttention is not wired to one
+  here, and cuDNN's sm90 backward with a bias gave NaN dq on rows of very negative scores
+  (pytorch/pytorch#196678), which a padded row is. Rows whose keys are all masked come back
+  from the efficient and flash_cpu kernels with lse 0 (PyTorch returns 0 for a fully masked
+  row's output); :func:`~ringsim.gpu.kernels.attend` sets them to out 0, lse ``-inf`` itself.
 - rows whose scores are all very negative, and rows with no key, are covered by the CUDA
   tests (``tests/test_gpu_kernels_cuda.py``) for every kernel, forward and backward; cuDNN's
   sm90 backward gave NaN dq there on a non-causal ``s_kv % 128 == 64`` block (above), and
@@ -85,10 +91,22 @@ def blocks_per_call(*xs: torch.Tensor) -> int:
     return most
 
 
-def capability(kernel: Kernel, q: torch.Tensor, *others: torch.Tensor) -> str | None:
+#: Why each kernel takes no key mask (``bias``), Note [The kernel choice].
+NO_MASK = {
+    "flash": "PyTorch's flash kernel takes no mask",
+    "cudnn": "cuDNN's sm90 backward with a bias gave NaN gradients (pytorch/pytorch#196678)",
+    "flex": "FlexAttention is not wired to a key mask here",
+}
+
+
+def capability(
+    kernel: Kernel, q: torch.Tensor, *others: torch.Tensor, masked: bool = False
+) -> str | None:
     """Why ``kernel`` cannot run on tensors like ``q`` ``(B, H, M, D)`` (and ``others``, such as
-    k and v, where their layout matters); None if it can."""
+    k and v, where their layout matters), with a key mask if ``masked``; None if it can."""
     cuda, d = q.is_cuda, q.shape[-1]
+    if masked and kernel.value in NO_MASK:
+        return f"{kernel.value} takes no key mask: {NO_MASK[kernel.value]}"
     if kernel is Kernel.MATH:
         return None if q.is_floating_point() else f"dtype {q.dtype} is not floating point"
     if kernel is Kernel.FLASH_CPU:
@@ -184,18 +202,21 @@ def as_kernel(requested: Kernel | str) -> Kernel:
 
 
 def choose_kernel(
-    q: torch.Tensor, requested: Kernel | str | None = None, *others: torch.Tensor
+    q: torch.Tensor,
+    requested: Kernel | str | None = None,
+    *others: torch.Tensor,
+    masked: bool = False,
 ) -> Kernel:
-    """The kernel for tensors like ``q`` (and ``others``, e.g. k and v): ``requested`` if it
-    can run (else ``ValueError`` with the reason), otherwise the first of
-    :func:`preference` that can."""
+    """The kernel for tensors like ``q`` (and ``others``, e.g. k and v; with a key mask if
+    ``masked``): ``requested`` if it can run (else ``ValueError`` with the reason), otherwise
+    the first of :func:`preference` that can."""
     if requested is not None:
         kernel = as_kernel(requested)
-        reason = capability(kernel, q, *others)
+        reason = capability(kernel, q, *others, masked=masked)
         if reason is not None:
             raise ValueError(f"kernel: {kernel.value} cannot run here: {reason}")
         return kernel
-    return next(k for k in preference(q.device) if capability(k, q, *others) is None)
+    return next(k for k in preference(q.device) if capability(k, q, *others, masked=masked) is None)
 
 
 def block_kernel(kernel: Kernel, keys: int) -> Kernel:

@@ -21,6 +21,9 @@ Kernel quirks normalised here:
 - FlashAttention-2 style kernels report ``+inf`` for a row with no key; any ``+inf`` lse is
   mapped to ``-inf`` (pitfall 6). With the plan's blocks no row is empty, but a caller may
   pass anything.
+- a key mask (``bias``, :func:`attend`): the efficient and flash_cpu kernels return lse 0
+  and out 0 on a row whose keys are all masked; such rows are set to lse ``-inf``
+  (:func:`no_key_rows`), as the math kernel makes them.
 - FlexAttention's frontend returns natural-log lse (its internal op works in base 2 and the
   frontend converts, pytorch PR #133159); the device check compares it with the math path.
 """
@@ -39,14 +42,17 @@ def _no_empty_plus_inf(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(lse == math.inf, -math.inf, lse)
 
 
-def math_attention(q, k, v, *, causal: bool, scale: float, allowed=None):
+def math_attention(q, k, v, *, causal: bool, scale: float, allowed=None, bias=None):
     """Softmax attention with plain ops; scores in float32 (float64 for float64 input).
 
     ``allowed (M, L)``, if given, is a general mask (True = attend) used instead of the
-    square causal one.
+    square causal one; ``bias (B, H, 1, L)``, if given, is added to the scores (a key mask:
+    :func:`attend`).
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = scale * torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))  # (B, H, M, L)
+    if bias is not None:
+        scores = scores + bias.to(acc)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, -math.inf)
     elif causal:
@@ -70,22 +76,60 @@ def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.where(touched > 0, math.nan, out)
 
 
-def attend(q, k, v, *, causal: bool, scale: float, kernel: Kernel, raw_lse: bool = False):
+def attend(q, k, v, *, causal: bool, scale: float, kernel: Kernel, raw_lse: bool = False,
+           bias: torch.Tensor | None = None):  # fmt: skip
     """Run ``kernel`` on ``(B, H, M, D)`` blocks; returns ``(out, lse)`` as described above.
 
     ``raw_lse``: leave a ``+inf`` lse as the kernel returned it (one launch less), for a
     caller that reads ``+inf`` as an empty row itself (:mod:`ringsim.gpu.executor.mix_triton`).
+    ``bias``: ``(B, H, 1, L)`` in q's dtype, added to every row's scores of each key: a key
+    mask (0 = attend, ``-inf`` = never; ``key_padding_mask``), taken by the kernels whose
+    :func:`~ringsim.gpu.kernels.capability` allows ``masked``. A row whose keys are all
+    ``-inf`` gets out 0 and lse ``-inf``.
     """
     kernel = block_kernel(kernel, k.shape[-2])
     if q.shape[0] > MAX_BLOCKS and kernel is not Kernel.MATH and q.is_cuda:
+        biases = (None,) * q.shape[0] if bias is None else bias.split(MAX_BLOCKS)
+        call = functools.partial(attend, causal=causal, scale=scale, kernel=kernel,
+                                 raw_lse=raw_lse)  # fmt: skip
         parts = [
-            attend(*chunk, causal=causal, scale=scale, kernel=kernel, raw_lse=raw_lse)
-            for chunk in zip(*(x.split(MAX_BLOCKS) for x in (q, k, v)))
+            call(*chunk, bias=part)
+            for *chunk, part in zip(*(x.split(MAX_BLOCKS) for x in (q, k, v)), biases)
         ]
         return tuple(torch.cat(xs) for xs in zip(*parts))
+    if bias is None:
+        return _attend(q, k, v, causal, scale, kernel, raw_lse)
+    out, lse = _attend(q, k, v, causal, scale, kernel, raw_lse, bias)
+    empty = no_key_rows(bias, causal, q.shape[-2])
+    return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, -math.inf)
+
+
+def no_key_rows(bias: torch.Tensor, causal: bool, rows: int) -> torch.Tensor:
+    """``(B, H, M)`` bool: the rows of a block with key bias ``bias (B, H, 1, L)`` that have
+    no key (every key they may attend is ``-inf``; causal: keys 0..i of row i)."""
+    kept = ~torch.isneginf(bias[..., 0, :])  # (B, H, L)
+    if causal:
+        return kept.cumsum(-1)[..., :rows] == 0
+    return (~kept.any(-1, keepdim=True)).expand(*kept.shape[:-1], rows)
+
+
+def padded_bias(bias: torch.Tensor, rows: int) -> torch.Tensor:
+    """``bias (B, H, 1, L)`` as the fused kernels read a mask: ``(B, H, M, L)`` with stride 0
+    over rows, its storage's last dim padded to a multiple of 16 (the efficient kernel's
+    alignment, as PyTorch's own ``scaled_dot_product_attention`` pads it)."""
+    length = bias.shape[-1]
+    storage = bias.new_zeros(*bias.shape[:-1], -(-length // 16) * 16)
+    storage[..., :length] = bias
+    return storage[..., :length].expand(*bias.shape[:2], rows, length)
+
+
+def _attend(q, k, v, causal, scale, kernel, raw_lse, bias=None):
     aten = torch.ops.aten
     if kernel is Kernel.MATH:
-        return math_attention(q, k, v, causal=causal, scale=scale)
+        return math_attention(q, k, v, causal=causal, scale=scale, bias=bias)
+    if bias is not None and kernel not in (Kernel.EFFICIENT, Kernel.FLASH_CPU):
+        raise ValueError(f"bias: kernel {kernel.value} takes no key mask")
+    mask = None if bias is None else padded_bias(bias, q.shape[-2])
     if kernel is Kernel.FLASH:
         out, lse, *_ = aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale
@@ -97,12 +141,12 @@ def attend(q, k, v, *, causal: bool, scale: float, kernel: Kernel, raw_lse: bool
         lse = lse.reshape(q.shape[:-1])
     elif kernel is Kernel.EFFICIENT:
         out, lse, *_ = aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scale
+            q, k, v, mask, True, 0.0, causal, scale=scale
         )
         lse = lse[..., : q.shape[-2]]
     elif kernel is Kernel.FLASH_CPU:
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale
+            q, k, v, 0.0, causal, attn_mask=mask, scale=scale
         )
     elif kernel is Kernel.FLEX:
         return _flex(q, k, v, causal=causal, scale=scale)

@@ -8,7 +8,9 @@ Dilated attention's output is linear in v: ``out(x) = sum_y W(x, y) v_y`` with
 of the patterns' ``lse_i`` (spec §4). :func:`dilated_attention_weights` forms W for every
 head: ``(b, h, n, n)``, O(h n²) time and memory, differentiable, so ``W @ v`` is the output
 the kernels compute without ever forming it. A row with no key is 0. For
-:class:`~ringsim.gpu.RingMultiheadDilatedAttention`'s ``need_weights=True``.
+:class:`~ringsim.gpu.RingMultiheadDilatedAttention`'s ``need_weights=True``, and its one
+exact path for a general ``attn_mask`` (:func:`masked_scores`: a bias on every score of a
+pair that a pattern attends).
 """
 
 from __future__ import annotations
@@ -31,6 +33,25 @@ def pattern_mask(pattern: Pattern, n: int, is_causal: bool, device) -> torch.Ten
     return mask.to(device)
 
 
+def score_bias(q: torch.Tensor, key_padding_mask=None, attn_mask=None) -> torch.Tensor | None:
+    """The bias on the scores ``(b, h, n, n)`` (broadcastable) of a key padding mask ``(b,
+    n)`` and an ``attn_mask`` ``(n, n)`` or ``(b * h, n, n)``, as ``nn.MultiheadAttention``
+    reads them: bool True = never attend (``-inf``), float = added. None if neither."""
+    b, n, h, _ = q.shape
+    bias = None
+    pair_shape = (1, 1, n, n) if attn_mask is not None and attn_mask.dim() == 2 else (b, h, n, n)
+    for mask, shape in ((key_padding_mask, (b, 1, 1, n)), (attn_mask, pair_shape)):
+        if mask is None:
+            continue
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                mask, -math.inf
+            )
+        mask = mask.to(q.dtype).reshape(shape)
+        bias = mask if bias is None else bias + mask
+    return bias
+
+
 def dilated_attention_weights(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -40,6 +61,8 @@ def dilated_attention_weights(
     is_causal: bool = False,
     mode: str = "longnet",
     softmax_scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The weights W ``(b, h, n, n)`` with ``out = W @ v`` per head (module docstring).
 
@@ -48,6 +71,11 @@ def dilated_attention_weights(
             (grouped-query attention: query head h reads K/V head ``h // ratio``).
         segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
             :func:`ringsim.gpu.dilated_attention`.
+        key_padding_mask: ``(batch, seq_len)``, bool True = padding or float added to each
+            key's scores, as :func:`ringsim.gpu.dilated_attention` takes it.
+        attn_mask: ``(seq_len, seq_len)`` or ``(batch * num_heads, seq_len, seq_len)``, bool
+            True = never attend or float added to the score of each (query, key) pair, as
+            ``nn.MultiheadAttention`` takes it; it applies where a pattern attends the pair.
     Returns:
         W in q's dtype; each row sums to 1, or is 0 where the query has no key.
     """
@@ -55,19 +83,22 @@ def dilated_attention_weights(
                          softmax_scale=softmax_scale)  # fmt: skip
     _, n, h, d = check_qkv(q, k, k, allow_gqa=True)
     ratio, scale = h // k.shape[2], config.scale(d)
+    bias = score_bias(q, key_padding_mask, attn_mask)
     masks: dict[Pattern, torch.Tensor] = {}
     heads = []
     for head, patterns in enumerate(config.head_patterns(h)):
         scores = scale * q[:, :, head] @ k[:, :, head // ratio].transpose(-1, -2)  # (b, n, n)
+        if bias is not None:
+            scores = scores + bias[:, min(head, bias.shape[1] - 1)]
         probs, lses = [], []
         for pattern in patterns:
             if pattern not in masks:
                 masks[pattern] = pattern_mask(pattern, n, config.is_causal, q.device)
-            mask = masks[pattern]
-            has_key = mask.any(-1)[:, None]  # (n, 1): rows with no key softmax over zeros
-            safe = torch.where(has_key, scores.masked_fill(~mask, -math.inf), 0.0)
+            masked = scores.masked_fill(~masks[pattern], -math.inf)
+            has_key = (masked > -math.inf).any(-1, keepdim=True)  # rows with no key: zeros
+            safe = torch.where(has_key, masked, 0.0)
             probs.append(torch.softmax(safe, -1) * has_key)
-            lses.append(torch.where(has_key[:, 0], torch.logsumexp(safe, -1), -math.inf))
+            lses.append(torch.where(has_key[..., 0], torch.logsumexp(safe, -1), -math.inf))
         lse = torch.stack(lses)  # (patterns, b, n)
         total = torch.logsumexp(lse, 0)
         total = torch.where(torch.isfinite(total), total, 0.0)  # no key anywhere: weights 0

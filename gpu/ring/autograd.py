@@ -22,23 +22,24 @@ from .rank import ring_backward, ring_forward
 
 class RingFunction(torch.autograd.Function):
     """One rank of the ring:
-    ``apply(q, k, v, config, comm, kernel, trace, backward_trace, layout)``."""
+    ``apply(q, k, v, config, comm, kernel, trace, backward_trace, layout, pad)`` (pad: the
+    rank's key bias, or None)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, config, comm, kernel, trace, backward_trace, layout):
+    def forward(ctx, q, k, v, config, comm, kernel, trace, backward_trace, layout, pad=None):
         """:func:`~ringsim.gpu.ring.rank.ring_forward` on this rank; keeps q, k, v, out and lse."""
         ctx.config, ctx.comm, ctx.kernel, ctx.trace = config, comm, kernel, backward_trace
-        ctx.layout = layout
-        return keep(ctx, q, k, v, *ring_forward(q, k, v, config, comm, kernel, trace, layout))
+        ctx.layout, ctx.pad = layout, pad
+        results = ring_forward(q, k, v, config, comm, kernel, trace, layout, pad)
+        return keep(ctx, q, k, v, *results)
 
     @staticmethod
     def backward(ctx, dout, dlse):
         """:func:`~ringsim.gpu.ring.rank.ring_backward` on this rank: dq, dk, dv."""
         refuse_double_backward()
-        grads = ring_backward(
-            *restore(ctx, dout, dlse), ctx.config, ctx.comm, ctx.kernel, ctx.trace, ctx.layout
-        )
-        return (*grads, None, None, None, None, None, None)
+        grads = ring_backward(*restore(ctx, dout, dlse), ctx.config, ctx.comm, ctx.kernel,
+                              ctx.trace, ctx.layout, ctx.pad)  # fmt: skip
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _shards(x: torch.Tensor, world_size: int, layout, dim: int = 1) -> list[torch.Tensor]:
@@ -48,17 +49,19 @@ def _shards(x: torch.Tensor, world_size: int, layout, dim: int = 1) -> list[torc
 
 class SimulatedRingFunction(torch.autograd.Function):
     """Global tensors over ``world_size`` simulated ranks:
-    ``apply(q, k, v, config, world_size, kernel, timeout, traces, layout) -> (out, lse)``;
-    ``traces`` (a list, or None) receives the forward's, then the backward's
-    :class:`ringsim.trace.Trace`."""
+    ``apply(q, k, v, config, world_size, kernel, timeout, traces, layout, pad) -> (out,
+    lse)``; ``traces`` (a list, or None) receives the forward's, then the backward's
+    :class:`ringsim.trace.Trace`; ``pad``: the global key bias ``(b, n, h, 1)``, or None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, config, world_size, kernel, timeout, traces, layout):
+    def forward(ctx, q, k, v, config, world_size, kernel, timeout, traces, layout, pad=None):
         """Every virtual rank's forward in the cluster's threads; keeps the global tensors."""
         shards = list(zip(*(_shards(x, world_size, layout) for x in (q, k, v))))
+        pads = [None] * world_size if pad is None else _shards(pad, world_size, layout)
 
         def run_rank(comm, trace):
-            return ring_forward(*shards[comm.rank], config, comm, kernel, trace, layout)
+            return ring_forward(*shards[comm.rank], config, comm, kernel, trace, layout,
+                                pads[comm.rank])  # fmt: skip
 
         results, trace = run_traced(world_size, run_rank, timeout=timeout)
         if traces is not None:
@@ -66,7 +69,7 @@ class SimulatedRingFunction(torch.autograd.Function):
         out = unshard([r[0] for r in results], layout=layout)
         lse = unshard([r[1] for r in results], layout=layout, axis=-1)  # (b, h, n)
         ctx.config, ctx.world_size, ctx.kernel = config, world_size, kernel
-        ctx.timeout, ctx.traces, ctx.layout = timeout, traces, layout
+        ctx.timeout, ctx.traces, ctx.layout, ctx.pads = timeout, traces, layout, pads
         return keep(ctx, q, k, v, out, lse)
 
     @staticmethod
@@ -90,10 +93,11 @@ class SimulatedRingFunction(torch.autograd.Function):
                 ctx.kernel,
                 trace,
                 layout,
+                ctx.pads[comm.rank],
             )
 
         results, trace = run_traced(p, run_rank, timeout=ctx.timeout)
         if ctx.traces is not None:
             ctx.traces.append(trace)
         grads = (unshard([r[i] for r in results], layout=layout) for i in range(3))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)

@@ -15,7 +15,7 @@ from ringsim.config import check_flags
 from ringsim.layout import check_layout
 from ringsim.trace import RankTrace
 
-from ..executor import check_differentiable, prepare
+from ..executor import check_differentiable, key_bias, prepare
 from ..kernels import Kernel
 from .autograd import RingFunction
 
@@ -37,6 +37,7 @@ def ring_dilated_attention(
     trace: RankTrace | None = None,
     backward_trace: RankTrace | None = None,
     layout: str = "contiguous",
+    key_padding_mask: torch.Tensor | None = None,
 ):
     """This rank's part of ring dilated attention, on local shards (spec §5, §6).
 
@@ -66,6 +67,9 @@ def ring_dilated_attention(
         backward_trace: another, for the events of the backward pass.
         layout: ``"contiguous"`` or ``"zigzag"`` (:mod:`ringsim.layout`; zigzag balances
             causal work), the same on every rank.
+        key_padding_mask: this rank's shard ``(batch, seq_len / P)`` of the mask, in
+            ``layout`` (:func:`ringsim.shard`), as :func:`ringsim.gpu.dilated_attention`
+            takes the whole one; every rank passes one, or none does (checked together).
     Returns:
         this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` in q's dtype [, lse],
         rows in the order of its shard.
@@ -82,17 +86,19 @@ def ring_dilated_attention(
         """Every check of this rank's input, kernel included, inside the agreement: a rank
         whose kernel cannot run fails with the others, not alone after they started."""
         check_flags(return_lse=return_lse)
-        prepared = prepare(x, k, v, kernel, softmax_scale)  # checks the tensors first
+        masked = key_padding_mask is not None
+        prepared = prepare(x, k, v, kernel, softmax_scale, masked=masked)  # tensors first
         check_differentiable(*prepared)
-        chosen.append(prepared)
+        chosen.append((*prepared, key_bias(key_padding_mask, x)))
 
     # devices, flags and the kernel (check_rank): every rank's verdict first
     config, _ = agreed_config(
         comm, q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
         softmax_scale=softmax_scale, check_array=check_rank, layout=layout,
+        key_padding=key_padding_mask is not None,
     )  # fmt: skip
-    q, k, v, kernel_run = chosen[0]
+    q, k, v, kernel_run, pad = chosen[0]
     out, lse = RingFunction.apply(
-        q, k, v, config, comm, kernel_run, trace, backward_trace, check_layout(layout)
+        q, k, v, config, comm, kernel_run, trace, backward_trace, check_layout(layout), pad
     )
     return (out, lse) if return_lse else out

@@ -8,7 +8,7 @@ from ringsim.config import check_flags, validate
 from ringsim.layout import check_layout
 from ringsim.trace import Trace
 
-from ..executor import check_differentiable, prepare
+from ..executor import check_differentiable, key_bias, prepare
 from ..kernels import Kernel
 from .autograd import SimulatedRingFunction
 
@@ -29,6 +29,7 @@ def simulated_ring_dilated_attention(
     kernel: Kernel | str | None = None,
     timeout: float = 120.0,
     layout: str = "contiguous",
+    key_padding_mask: torch.Tensor | None = None,
 ):
     """Ring dilated attention of global tensors on ``world_size`` simulated ranks.
 
@@ -42,6 +43,8 @@ def simulated_ring_dilated_attention(
             (zigzag: ``seq_len % (2 * world_size) == 0``).
         world_size, is_causal, mode, softmax_scale, kernel, layout: as in the ring and
             :func:`ringsim.gpu.dilated_attention`.
+        key_padding_mask: ``(batch, seq_len)``, as :func:`ringsim.gpu.dilated_attention`
+            takes it; each rank gets its shard.
         return_lse, return_trace: also return the lse ``(batch, num_heads, seq_len)`` and
             the forward's :class:`ringsim.trace.Trace`.
     Returns:
@@ -60,11 +63,21 @@ def simulated_ring_dilated_attention(
         world_size=world_size,
     )
     checked = check_layout(layout, q.shape[1], world_size)
-    q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale)
+    pad = key_bias(key_padding_mask, q)
+    q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale, masked=pad is not None)
     check_differentiable(q, k, v, chosen)
     traces: list[Trace] = []
     out, lse = SimulatedRingFunction.apply(
-        q, k, v, config, world_size, chosen, timeout, traces if return_trace else None, checked
+        q,
+        k,
+        v,
+        config,
+        world_size,
+        chosen,
+        timeout,
+        traces if return_trace else None,
+        checked,
+        pad,
     )
     extra = ((lse,) if return_lse else ()) + ((traces[0],) if return_trace else ())
     return (out, *extra) if extra else out
