@@ -12,6 +12,7 @@ import itertools
 import os
 import socket
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -353,9 +354,10 @@ def test_num_kv_heads_is_checked():
     assert same.in_proj_weight is not None  # equal heads: nn.MultiheadAttention's state
 
 
-def test_a_causal_attn_mask_is_causal_masking_and_other_masks_are_refused(rng):
+def test_a_causal_attn_mask_is_causal_masking(rng):
     """nn.Transformer's causal masks (float -inf, or bool True, above the diagonal) mean
-    is_causal=True; inside nn.TransformerEncoderLayer with src_mask too."""
+    is_causal=True, on the kernels' path; inside nn.TransformerEncoderLayer with src_mask
+    too."""
     n, e = 12, 16
     module = RingMultiheadDilatedAttention(e, 4, (6, 12), (1, 2), batch_first=True).double()
     x = randn(rng, 2, n, e)
@@ -365,9 +367,6 @@ def test_a_causal_attn_mask_is_causal_masking_and_other_masks_are_refused(rng):
     for mask in (float_mask, bool_mask):
         got = module(x, x, x, attn_mask=mask, need_weights=False)[0]
         assert torch.equal(got, want)
-    for wrong in (bool_mask.T, torch.zeros(n, n), bool_mask[:-1, :-1]):
-        with pytest.raises(NotImplementedError, match="attn_mask: only a causal"):
-            module(x, x, x, attn_mask=wrong)
     layer = torch.nn.TransformerEncoderLayer(e, 4, dim_feedforward=32, dropout=0.0,
                                              batch_first=True).double()  # fmt: skip
     layer.self_attn = module
@@ -375,3 +374,76 @@ def test_a_causal_attn_mask_is_causal_masking_and_other_masks_are_refused(rng):
         masked = layer(x, src_mask=float_mask, is_causal=True)
         by_flag = layer.norm2(layer.norm1(x + want) + layer._ff_block(layer.norm1(x + want)))
     assert (masked - by_flag).abs().max().item() <= 1e-12
+
+
+def masks_of(rng, b, h, n):
+    """A bool key padding mask (batch 0 keeps its first key) and attn masks of each kind
+    nn.MultiheadAttention takes: 2-d and 3-d, bool and float."""
+    pad = torch.from_numpy(rng.random((b, n)) < 0.3)
+    pad[:, 0] = False  # nn.MultiheadAttention gives NaN on a row with no key
+    pairs = torch.from_numpy(rng.random((n, n)) < 0.3).fill_diagonal_(False)
+    per_head = torch.from_numpy(rng.random((b * h, n, n)) < 0.3)
+    per_head[:, :, 0] = False
+    floats = torch.from_numpy(rng.standard_normal((n, n)))
+    return pad, [pairs, per_head, floats, floats.masked_fill(pairs, -torch.inf)]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_masks_at_one_full_segment_equal_nn_multihead_attention(rng, batch_first):
+    """w = (n,), r = (1,): key_padding_mask (bool and float) and every kind of attn_mask
+    give nn.MultiheadAttention's output and weights, forward and backward."""
+    n, e, h = 10, 16, 4
+    theirs = torch.nn.MultiheadAttention(e, h, batch_first=batch_first).double()
+    randomise(theirs, seed=6)
+    ours = RingMultiheadDilatedAttention(e, h, (n,), (1,), batch_first=batch_first).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = randn(rng, 2, n, e) if batch_first else randn(rng, n, 2, e)
+    pad, attn_masks = masks_of(rng, 2, h, n)
+    float_pad = torch.zeros(pad.shape, dtype=torch.float64).masked_fill(pad, -torch.inf)
+    for kpm in (None, pad, float_pad):
+        for mask in (None, *attn_masks):
+            with warnings.catch_warnings():  # torch: "mismatched key_padding_mask and ..."
+                warnings.simplefilter("ignore", UserWarning)
+                want = theirs(x, x, x, key_padding_mask=kpm, attn_mask=mask)
+            got = ours(x, x, x, key_padding_mask=kpm, attn_mask=mask)
+            for a, b in zip(got, want):
+                assert (a - b).abs().max().item() <= 1e-10, (kpm is None, mask is None)
+    xg = x.clone().requires_grad_()
+    ours(xg, xg, xg, key_padding_mask=pad, attn_mask=attn_masks[1])[0].sum().backward()
+    xt = x.clone().requires_grad_()
+    theirs(xt, xt, xt, key_padding_mask=pad, attn_mask=attn_masks[1])[0].sum().backward()
+    assert (xg.grad - xt.grad).abs().max().item() <= 1e-10
+
+
+def test_an_attn_mask_of_key_columns_equals_the_key_padding_path(rng):
+    """With dilated patterns, an attn_mask that masks whole key columns (the dense path)
+    equals key_padding_mask (the kernels' gathered-rows path): two implementations."""
+    n, e = 14, 24
+    module = RingMultiheadDilatedAttention(e, 6, (4, 7, 14), (1, 2, 7), batch_first=True)
+    module.double()
+    x = randn(rng, 3, n, e)
+    pad = torch.from_numpy(rng.random((3, n)) < 0.3)
+    pad[0] = True  # rows with no key: 0
+    columns = pad[:, None, :].expand(3, n, n).repeat_interleave(6, dim=0)  # (b*h, n, n)
+    for causal in (False, True):
+        by_pad = module(x, x, x, key_padding_mask=pad, need_weights=False, is_causal=causal)[0]
+        by_mask = module(x, x, x, attn_mask=columns, need_weights=False, is_causal=causal)[0]
+        assert module.last_kernel.value == "math"
+        assert (by_pad - by_mask).abs().max().item() <= 1e-12
+
+
+def test_masks_on_a_ring_module(world_of_one):
+    """With a group: key_padding_mask is the rank's shard; a general attn_mask is refused,
+    a causal one is causal masking."""
+    module = RingMultiheadDilatedAttention(8, 2, (4,), (1,), batch_first=True, group="default")
+    x = torch.randn(2, 8, 8, dtype=torch.float64)
+    module.double()
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[1, 2:] = True
+    alone = RingMultiheadDilatedAttention(8, 2, (4,), (1,), batch_first=True).double()
+    alone.load_state_dict(module.state_dict())
+    want = alone(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+    got = module(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+    assert (got - want).abs().max().item() <= 1e-12
+    with pytest.raises(NotImplementedError, match="attn_mask: a ring applies a causal mask"):
+        module(x, x, x, attn_mask=torch.zeros(8, 8, dtype=torch.bool), need_weights=False)

@@ -46,8 +46,10 @@ NO = NotImplementedError
 MASK = torch.zeros(1, 8, dtype=torch.bool)
 # (the argument the error names, the error, what raises it)
 REJECTED = [
-    ("key_padding_mask", NO, lambda: call_mha(key_padding_mask=MASK)),
-    ("attn_mask", NO, lambda: call_mha(attn_mask=MASK.expand(8, 8))),  # not causal
+    ("key_padding_mask", ValueError, lambda: call_mha(key_padding_mask=MASK.expand(2, 8))),
+    ("key_padding_mask", TypeError, lambda: call_mha(key_padding_mask=MASK.long())),
+    ("attn_mask", ValueError, lambda: call_mha(attn_mask=torch.zeros(7, 7, dtype=torch.bool))),
+    ("attn_mask", TypeError, lambda: call_mha(attn_mask=MASK.expand(8, 8).long())),
     ("dropout", NO, lambda: train_forward(att(dropout=0.1))),
     ("dropout", NO, lambda: call_mha(mha(dropout=0.1))),
     ("dropout", ValueError, lambda: att(dropout=1.5)),

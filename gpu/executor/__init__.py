@@ -14,6 +14,7 @@ from .part import Part
 from .single import (
     DilatedFunction,
     check_differentiable,
+    check_key_mask,
     check_tensor,
     dilated_attention,
     dilated_backward,
@@ -29,6 +30,7 @@ __all__ = [
     "ForwardExecutor",
     "Part",
     "check_differentiable",
+    "check_key_mask",
     "check_tensor",
     "dilated_attention",
     "dilated_backward",

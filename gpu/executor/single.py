@@ -53,6 +53,17 @@ def key_bias(mask, q: torch.Tensor) -> torch.Tensor | None:
     if mask is None:
         return None
     b, n, h, _ = q.shape
+    check_key_mask(mask, b, n, q.device)
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(b, n, dtype=q.dtype, device=q.device).masked_fill(mask, -torch.inf)
+    else:
+        bias = mask.detach().to(q.dtype)
+    return bias[:, :, None, None].expand(b, n, h, 1).contiguous()
+
+
+def check_key_mask(mask, b: int, n: int, device: torch.device) -> None:
+    """A ``key_padding_mask``: a ``(b, n)`` bool or float tensor on ``device``, a float one
+    without NaN or ``+inf``; errors name the argument."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"key_padding_mask: expected a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
@@ -61,15 +72,10 @@ def key_bias(mask, q: torch.Tensor) -> torch.Tensor | None:
         raise ValueError(
             f"key_padding_mask: shape must be (batch, seq_len) = {(b, n)}, got {tuple(mask.shape)}"
         )
-    if mask.device != q.device:
-        raise ValueError(f"key_padding_mask: must be on q's device ({q.device}), got {mask.device}")
-    if mask.dtype == torch.bool:
-        bias = torch.zeros(b, n, dtype=q.dtype, device=q.device).masked_fill(mask, -torch.inf)
-    else:
-        if bool((torch.isnan(mask) | (mask == torch.inf)).any()):
-            raise ValueError("key_padding_mask: a float mask must not hold NaN or +inf")
-        bias = mask.detach().to(q.dtype)
-    return bias[:, :, None, None].expand(b, n, h, 1).contiguous()
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask: must be on q's device ({device}), got {mask.device}")
+    if mask.is_floating_point() and bool((torch.isnan(mask) | (mask == torch.inf)).any()):
+        raise ValueError("key_padding_mask: a float mask must not hold NaN or +inf")
 
 
 #: The largest softmax_scale the torch backend takes: its fast kernels compute the scores in

@@ -215,27 +215,41 @@ class RingDilatedAttention(nn.Module):
             + (f", layout={self.layout.value!r}" if self.group is not None else "")
         )
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False
-    ) -> torch.Tensor:
-        """Attend ``q, k, v (batch, seq_len, num_heads, head_dim)``, one float dtype and device.
-
-        With a group, ``seq_len`` is this rank's shard length. Without one, k and v may have
-        fewer heads than q (grouped-query attention, :func:`ringsim.gpu.dilated_attention`).
-        Returns out, same shape and dtype as q (differentiable).
-        """
+    def check_dropout(self) -> None:
+        """Refuse dropout > 0 in training, which is not implemented yet."""
         if self.training and self.dropout > 0:
             raise NotImplementedError(
                 f"dropout: dropout on attention probabilities is not supported yet "
                 f"(dropout={self.dropout}); use dropout=0, or call .eval() for inference"
             )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend ``q, k, v (batch, seq_len, num_heads, head_dim)``, one float dtype and device.
+
+        With a group, ``seq_len`` is this rank's shard length. Without one, k and v may have
+        fewer heads than q (grouped-query attention, :func:`ringsim.gpu.dilated_attention`).
+        ``key_padding_mask``: ``(batch, seq_len)`` (a rank's shard with a group), bool True =
+        padding or float added to each key's scores, as
+        :func:`ringsim.gpu.dilated_attention` takes it.
+        Returns out, same shape and dtype as q (differentiable).
+        """
+        self.check_dropout()
         c = self.config
         kwargs = {"is_causal": is_causal, "mode": c.mode.value, "softmax_scale": c.softmax_scale}
         one_device = self.group is None  # grouped-query attention: on one device only
         validate(q, k, v, c.segment_lengths, c.dilation_rates, **kwargs,
                  allow_gqa=one_device)  # before the kernel  # fmt: skip
-        q, k, v, chosen = prepare(q, k, v, self.kernel, c.softmax_scale)
+        masked = key_padding_mask is not None
+        q, k, v, chosen = prepare(q, k, v, self.kernel, c.softmax_scale, masked=masked)
         args = (q, k, v, c.segment_lengths, c.dilation_rates)
+        kwargs["key_padding_mask"] = key_padding_mask
         if self.group is None:
             out = dilated_attention(*args, **kwargs, kernel=chosen)
         else:
@@ -288,7 +302,12 @@ class RingDilatedAttentionHybrid(RingDilatedAttention):
         self.ring_size = ring_size
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """As :meth:`RingDilatedAttention.forward`, after checking q's device and dtype."""
         check_tensor(q)
@@ -299,4 +318,4 @@ class RingDilatedAttentionHybrid(RingDilatedAttention):
             raise ValueError(f"device: the module was built for {want}, got q on {q.device}")
         if self.input_dtype is not None and q.dtype != self.input_dtype:
             raise TypeError(f"dtype: the module was built for {self.input_dtype}, got {q.dtype}")
-        return super().forward(q, k, v, is_causal)
+        return super().forward(q, k, v, is_causal, key_padding_mask)

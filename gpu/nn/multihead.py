@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..executor import check_key_mask
 from ..kernels import Kernel
 from .modules import (
     RingDilatedAttention,
@@ -252,6 +253,30 @@ class RingMultiheadDilatedAttention(nn.Module):
                     f"got shape {tuple(x.shape)} and {tuple(query.shape)}"
                 )
 
+    def _check_attn_mask(self, mask: Any, b: int, n: int, device) -> torch.Tensor:
+        """A general ``attn_mask`` (not causal): ``(n, n)`` or ``(b * heads, n, n)``, bool or
+        float, on the inputs' device; one device only."""
+        if self.attention.group is not None:
+            raise NotImplementedError(
+                "attn_mask: a ring applies a causal mask (is_causal) only: a general mask "
+                "spans every pair of the sequence; pass None or a causal mask, or run "
+                "without a group"
+            )
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"attn_mask: expected a torch.Tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"attn_mask: expected bool or float, got {mask.dtype}")
+        if tuple(mask.shape) not in ((n, n), (b * self.num_heads, n, n)):
+            raise ValueError(
+                f"attn_mask: shape must be (seq, seq) = {(n, n)} or (batch * num_heads, seq, "
+                f"seq) = {(b * self.num_heads, n, n)}, got {tuple(mask.shape)}"
+            )
+        if mask.device != device:
+            raise ValueError(
+                f"attn_mask: must be on the inputs' device ({device}), got {mask.device}"
+            )
+        return mask
+
     def forward(
         self,
         query: torch.Tensor,
@@ -268,13 +293,20 @@ class RingMultiheadDilatedAttention(nn.Module):
         Args:
             query, key, value: ``(batch, seq, embed_dim)`` (``(seq, batch, embed_dim)`` if
                 not batch_first), one shape, the parameters' dtype and device.
-            key_padding_mask: not supported yet: anything but None raises
-                ``NotImplementedError``.
-            attn_mask: None, or a causal mask as ``nn.MultiheadAttention`` takes it
+            key_padding_mask: ``(batch, seq)`` (with a group: this rank's shard of it), bool
+                True = padding or float added to each key's scores, as
+                ``nn.MultiheadAttention`` takes it: a padded position is never a key of any
+                pattern; a row left with no key gives 0 (before ``out_proj``).
+            attn_mask: None; or a causal mask as ``nn.MultiheadAttention`` takes it
                 (``(seq, seq)``: bool True above the diagonal, or float ``-inf`` there and 0
                 elsewhere, as ``nn.Transformer.generate_square_subsequent_mask`` makes it),
-                which is causal masking by global position (``is_causal=True``); any other
-                mask raises ``NotImplementedError``.
+                which is causal masking by global position (``is_causal=True``) on every
+                path; or any other ``(seq, seq)`` or ``(batch * heads, seq, seq)`` mask,
+                bool True = never attend or float added to the score of a (query, key)
+                pair, applied exactly where a pattern attends the pair. Such a mask runs the
+                dense weights (:func:`~ringsim.gpu.nn.weights.dilated_attention_weights`,
+                O(heads x seq²) time and memory, as ``nn.MultiheadAttention``'s own masked
+                path) on one device; with a group it raises ``NotImplementedError``.
             need_weights: also return the attention weights, as ``nn.MultiheadAttention``
                 does (its default, True): the exact dilated weights W with ``out = W @ v``
                 per head (:func:`~ringsim.gpu.nn.weights.dilated_attention_weights`), formed
@@ -287,8 +319,6 @@ class RingMultiheadDilatedAttention(nn.Module):
         Returns:
             ``(out, weights)``, out shaped like query, weights None unless need_weights.
         """
-        if key_padding_mask is not None:
-            raise NotImplementedError("key_padding_mask: not supported; pass None")
         if check_bool("need_weights", need_weights) and self.attention.group is not None:
             raise NotImplementedError(
                 "need_weights: a ring rank holds its own rows only, and the weights span the "
@@ -296,34 +326,46 @@ class RingMultiheadDilatedAttention(nn.Module):
             )
         check_bool("average_attn_weights", average_attn_weights)
         self._check_inputs(query, key, value)
+        b, n = query.shape[:2] if self.batch_first else query.shape[1::-1]
+        if key_padding_mask is not None:
+            check_key_mask(key_padding_mask, b, n, query.device)
+        pair_mask = None  # a general attn_mask: the dense path
         if attn_mask is not None:
-            if not is_causal_mask(attn_mask, query.shape[0 if not self.batch_first else 1]):
-                raise NotImplementedError(
-                    "attn_mask: only a causal (seq, seq) mask is supported (True or -inf above "
-                    "the diagonal): dilated attention has its own pattern; pass None, or "
-                    "is_causal=True"
-                )
-            is_causal = True
+            if is_causal_mask(attn_mask, n):
+                is_causal = True
+            else:
+                pair_mask = self._check_attn_mask(attn_mask, b, n, query.device)
         if not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        b, n, _ = query.shape
         heads = [(b, n, h, self.head_dim) for h in (self.num_heads, *[self.num_kv_heads] * 2)]
         weights, biases = self.projection_weights(), self.projection_biases()
         q, k, v = (
             F.linear(x, w, bias).reshape(shape)  # (b, n, h, d); k, v: num_kv_heads heads
             for x, w, bias, shape in zip((query, key, value), weights, biases, heads)
         )
-        out = self.attention(q, k, v, is_causal).reshape(b, n, self.embed_dim)
-        if self.sub_layer_norm is not None:
-            out = self.sub_layer_norm(out)  # MAGNETO's sub-LN, before the output projection
-        out = self.out_proj(out)
         attn = None
-        if need_weights:
+        if need_weights or pair_mask is not None:
+            self.attention.check_dropout()
             c = self.attention.config
             attn = dilated_attention_weights(q, k, c.segment_lengths, c.dilation_rates,
                                              is_causal=is_causal, mode=c.mode.value,
-                                             softmax_scale=c.softmax_scale)  # fmt: skip
+                                             softmax_scale=c.softmax_scale,
+                                             key_padding_mask=key_padding_mask,
+                                             attn_mask=pair_mask)  # fmt: skip
+        if pair_mask is None:
+            out = self.attention(q, k, v, is_causal, key_padding_mask)
+        else:  # the exact weights times v: the one path that applies any mask to each pair
+            values = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
+            out = (attn @ values.transpose(1, 2)).transpose(1, 2)  # (b, n, h, d)
+            self.attention.last_kernel = Kernel.MATH
+        out = out.reshape(b, n, self.embed_dim)
+        if self.sub_layer_norm is not None:
+            out = self.sub_layer_norm(out)  # MAGNETO's sub-LN, before the output projection
+        out = self.out_proj(out)
+        if attn is not None and need_weights:
             attn = attn.mean(dim=1) if average_attn_weights else attn
+        else:
+            attn = None
         return (out if self.batch_first else out.transpose(0, 1)), attn
 
 
