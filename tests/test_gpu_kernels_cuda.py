@@ -198,3 +198,56 @@ def test_tensors_past_two_to_the_31_elements():
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
         err, top = max_abs_err(g[:, -w:].transpose(1, 2), r), r.abs().max().item()
         assert err <= 2e-2 * top, f"{name} error {err:.2e}, largest {top:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("keys", [64, 200])  # a tile, and a ragged last tile
+def test_a_key_mask_on_the_efficient_kernel(dtype, causal, keys):
+    """Note [The kernel choice]: a key mask runs the efficient kernel. Its bias padded to 16;
+    rows whose keys are all masked come back as out 0, lse -inf (the kernel returns 0), and
+    their gradients are 0; the rest equals the float64 math kernel with the same bias."""
+    q, k, v = draw((3, 4, keys, 64), dtype, 7, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(keys)
+    mask = torch.rand(3, 1, 1, keys, device="cuda", generator=gen) < 0.3
+    mask[0] = True  # every key of the first block masked
+    mask[1, ..., : keys // 2] = True  # causal: the first half of the rows have no key
+    bias = torch.zeros(mask.shape, dtype=dtype, device="cuda").masked_fill(mask, -math.inf)
+    bias = bias.expand(3, 4, 1, keys)
+    assert capability(Kernel.EFFICIENT, q, masked=True) is None
+    assert "takes no key mask" in capability(Kernel.CUDNN, q, masked=True)
+    out, lse = attend(q, k, v, causal=causal, scale=0.125, kernel=Kernel.EFFICIENT, bias=bias)
+    want, want_lse = math_attention(*(x.double() for x in (q, k, v)), causal=causal,
+                                    scale=0.125, bias=bias.double())  # fmt: skip
+    assert torch.isneginf(lse[0]).all() and (out[0] == 0).all()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert max_abs_err(out, want) <= tol and max_abs_err(lse, want_lse) <= tol
+    dout = draw((3, 4, keys, 64), dtype, 8, "cuda")[0]
+    grads = attend_backward(q, k, v, out, lse, dout, causal=causal, scale=0.125,
+                            kernel=Kernel.EFFICIENT, bias=bias)  # fmt: skip
+    expect = attend_backward(*(x.double() for x in (q, k, v, want)), want_lse, dout.double(),
+                             causal=causal, scale=0.125, kernel=Kernel.MATH,
+                             bias=bias.double())  # fmt: skip
+    for got, ref in zip(grads, expect):
+        assert torch.isfinite(got).all()
+        assert max_abs_err(got, ref) <= 5 * tol
+    masked_keys = mask[:, :, 0].expand(3, 4, keys)
+    assert (grads[1][masked_keys] == 0).all() and (grads[2][masked_keys] == 0).all()
+
+
+def test_a_padded_batch_on_cuda_matches_the_definition():
+    """key_padding_mask through dilated_attention on CUDA (the efficient kernel), forward and
+    backward, in bf16 against the float64 segment-wise formula."""
+    q, k, v = draw((2, 1024, 8, 64), torch.bfloat16, 9, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(10)
+    pad = torch.rand(2, 1024, device="cuda", generator=gen) < 0.25
+    pad[0, 512:] = True
+    args = ((256, 512, 1024), (1, 2, 4))
+    out, lse = dilated_attention(q, k, v, *args, is_causal=True, return_lse=True,
+                                 key_padding_mask=pad)  # fmt: skip
+    ref = naive_dilated(*(x.double() for x in (q, k, v)), *args, is_causal=True, dense=False,
+                        key_padding_mask=pad)  # fmt: skip
+    low = naive_dilated(q, k, v, *args, is_causal=True, dense=False, key_padding_mask=pad)
+    assert max_abs_err(out, ref[0]) <= low_precision_bound(max_abs_err(low[0], ref[0]))
+    assert max_abs_err(lse, ref[1]) <= low_precision_bound(max_abs_err(low[1], ref[1]))

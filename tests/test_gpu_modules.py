@@ -425,11 +425,22 @@ def test_an_attn_mask_of_key_columns_equals_the_key_padding_path(rng):
     pad = torch.from_numpy(rng.random((3, n)) < 0.3)
     pad[0] = True  # rows with no key: 0
     columns = pad[:, None, :].expand(3, n, n).repeat_interleave(6, dim=0)  # (b*h, n, n)
+    after = torch.ones(n, n, dtype=torch.bool).triu(1)
     for causal in (False, True):
         by_pad = module(x, x, x, key_padding_mask=pad, need_weights=False, is_causal=causal)[0]
-        by_mask = module(x, x, x, attn_mask=columns, need_weights=False, is_causal=causal)[0]
+        mask = columns | after if causal else columns  # a mask holds the causal part itself
+        by_mask = module(x, x, x, attn_mask=mask, need_weights=False)[0]
         assert module.last_kernel.value == "math"
         assert (by_pad - by_mask).abs().max().item() <= 1e-12
+
+
+def test_is_causal_with_a_mask_that_is_not_causal_is_refused(rng):
+    """nn.MultiheadAttention takes is_causal as a hint that attn_mask is causal; eagerly it is
+    checked here, and a wrong hint named."""
+    module = RingMultiheadDilatedAttention(8, 2, (4,), (1,), batch_first=True)
+    x = torch.randn(1, 8, 8)
+    with pytest.raises(ValueError, match="attn_mask: is_causal=True says"):
+        module(x, x, x, attn_mask=torch.zeros(8, 8, dtype=torch.bool), is_causal=True)
 
 
 def test_masks_on_a_ring_module(world_of_one):

@@ -9,108 +9,24 @@ aligned configurations, gathered row batches and float32 accumulators otherwise.
 selected by global positions, so ragged segments, r > w and r not dividing w are exact (no
 mask is needed: every block is FULL or the square CAUSAL diagonal).
 
-:class:`DilatedFunction` is the autograd: the forward keeps ``(q, k, v, out, lse)``, the
-backward runs the kernels' own backward with the final out and lse (exact through the LSE
-mixing, spec §4) instead of differentiating the forward's merges.
+The autograd is the operator ``torch.ops.ringsim.dilated_attention``
+(:mod:`ringsim.gpu.executor.operator`): the forward keeps ``(q, k, v, out, lse)``, the
+backward runs the kernels' own backward with the final out and lse.
+
+Under ``torch.compile`` the checks here are traced (they read shapes, not data); those that
+read data (alignment, the kernel choice) run inside the operator, and a float
+``key_padding_mask`` is not searched for NaN there (one host sync, a graph break).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ringsim.config import DilatedConfig, check_flags, validate
-from ringsim.plan import rank_plan
+from ringsim.config import check_flags, validate
 
-from ..kernels import Kernel, choose_kernel, realigned
-from .backward import BackwardExecutor
-from .forward import ForwardExecutor
-
-
-def check_tensor(q, k=None, v=None) -> None:
-    """The torch backend takes floating-point torch tensors, k and v on q's device."""
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
-    if not q.is_floating_point():
-        raise TypeError(f"q: dtype must be floating point, got {q.dtype}")
-    for name, x in (("k", k), ("v", v)):
-        if x is None:
-            continue
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-        if x.device != q.device:
-            raise ValueError(f"{name}: must be on q's device ({q.device}), got {x.device}")
-
-
-def key_bias(mask, q: torch.Tensor) -> torch.Tensor | None:
-    """``key_padding_mask`` as the executor takes it (Note [Key masks] in
-    :mod:`ringsim.gpu.executor.base`): None, or ``(b, n, h, 1)`` in q's dtype, each key's
-    bias repeated per head of q ``(b, n, h, d)``.
-
-    The mask is ``(b, n)`` on q's device: bool, True = padding (bias ``-inf``: never a key),
-    or float, added to the scores of each key as ``nn.MultiheadAttention`` adds a float
-    ``key_padding_mask`` (``-inf`` = never a key; NaN and ``+inf`` are refused).
-    """
-    if mask is None:
-        return None
-    b, n, h, _ = q.shape
-    check_key_mask(mask, b, n, q.device)
-    if mask.dtype == torch.bool:
-        bias = torch.zeros(b, n, dtype=q.dtype, device=q.device).masked_fill(mask, -torch.inf)
-    else:
-        bias = mask.detach().to(q.dtype)
-    return bias[:, :, None, None].expand(b, n, h, 1).contiguous()
-
-
-def check_key_mask(mask, b: int, n: int, device: torch.device) -> None:
-    """A ``key_padding_mask``: a ``(b, n)`` bool or float tensor on ``device``, a float one
-    without NaN or ``+inf``; errors name the argument."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"key_padding_mask: expected a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"key_padding_mask: expected bool or float, got {mask.dtype}")
-    if tuple(mask.shape) != (b, n):
-        raise ValueError(
-            f"key_padding_mask: shape must be (batch, seq_len) = {(b, n)}, got {tuple(mask.shape)}"
-        )
-    if mask.device != device:
-        raise ValueError(f"key_padding_mask: must be on q's device ({device}), got {mask.device}")
-    if mask.is_floating_point() and bool((torch.isnan(mask) | (mask == torch.inf)).any()):
-        raise ValueError("key_padding_mask: a float mask must not hold NaN or +inf")
-
-
-#: The largest softmax_scale the torch backend takes: its fast kernels compute the scores in
-#: float32, where a larger scale is infinite and every score NaN.
-MAX_SCALE = float(torch.finfo(torch.float32).max)
-
-
-def prepare(q, k, v, requested: Kernel | str | None, softmax_scale: float | None, *,
-            masked: bool = False):  # fmt: skip
-    """Every entry point's inputs, before any work: q checked (:func:`check_tensor`), the
-    scale within :data:`MAX_SCALE`, q, k, v :func:`~ringsim.gpu.kernels.realigned`, and the
-    kernel chosen for them (one that takes a key mask if ``masked``). Returns ``(q, k, v,
-    kernel)``."""
-    check_tensor(q, k, v)
-    if softmax_scale is not None and abs(softmax_scale) > MAX_SCALE:
-        raise ValueError(
-            f"softmax_scale: {softmax_scale:g} is beyond float32's range ({MAX_SCALE:.3g}), "
-            "in which the torch kernels compute the scores"
-        )
-    q, k, v = (realigned(x) for x in (q, k, v))
-    return q, k, v, choose_kernel(q, requested, k, v, masked=masked)
-
-
-def needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def check_differentiable(q, k, v, kernel: Kernel) -> None:
-    """Refuse, before any work, a backward pass the kernel cannot run: FlexAttention has no
-    backward that takes an external lse (:func:`~ringsim.gpu.kernels.attend_backward`)."""
-    if needs_grad(q, k, v) and kernel is Kernel.FLEX:
-        raise NotImplementedError(
-            "kernel: flex has no backward from an external lse; use flash, cudnn, efficient "
-            "or math to train, or run under torch.no_grad()"
-        )
+from ..kernels import Kernel, as_kernel
+from .checks import check_differentiable, key_bias, needs_grad, prepare
+from .operator import dilated_forward, dilated_operator
 
 
 def dilated_attention(
@@ -166,6 +82,15 @@ def dilated_attention(
         allow_gqa=True,
     )
     k, v = repeat_kv(q, k, v)
+    fields = (list(config.segment_lengths), list(config.dilation_rates), config.is_causal,
+              config.mode.value, config.softmax_scale)  # fmt: skip
+    if torch.compiler.is_compiling() and not cuda_graph:  # data checks: inside the operator
+        pad = key_bias(key_padding_mask, q)
+        if kernel is not None:
+            check_differentiable(q, k, v, as_kernel(kernel))
+        requested = "" if kernel is None else as_kernel(kernel).value
+        out, lse = dilated_operator(q, k, v, pad, *fields, requested, return_lse)
+        return (out, lse) if return_lse else out
     pad = key_bias(key_padding_mask, q)
     q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale, masked=pad is not None)
     if cuda_graph and pad is not None:
@@ -179,7 +104,7 @@ def dilated_attention(
         out, lse = graphed_forward(dilated_forward, q, k, v, config, chosen)
         return (out, lse) if return_lse else out
     check_differentiable(q, k, v, chosen)
-    out, lse = DilatedFunction.apply(q, k, v, config, chosen, pad)
+    out, lse = dilated_operator(q, k, v, pad, *fields, chosen.value, return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -194,76 +119,3 @@ def repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     if ratio == 1:
         return k, v
     return k.repeat_interleave(ratio, dim=2), v.repeat_interleave(ratio, dim=2)
-
-
-def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel, pad=None):
-    """The forward on one device, no autograd: out ``(b, n, h, d)`` in q's dtype and the
-    lse ``(b, h, n)``, float32 or float64. ``pad``: the key bias (:func:`key_bias`)."""
-    _, n, h, _ = q.shape
-    plan = rank_plan(config, h, n, 1, 0)
-    executor = ForwardExecutor(q, k, v, plan, config, kernel, pad)
-    executor.run(0, plan.steps[0].batches, {})
-    return executor.finish()
-
-
-def dilated_backward(q, k, v, out, lse, dout, dlse, config: DilatedConfig, kernel: Kernel,
-                     pad=None):  # fmt: skip
-    """dq, dk, dv of dilated attention on one device, in q's dtype.
-
-    Args:
-        q, k, v, out, dout: ``(b, n, h, d)``; out is the forward's (final) output.
-        lse, dlse: ``(b, h, n)``, the forward's lse and its gradient (None: lse unused).
-        config, kernel, pad: as the forward ran.
-    """
-    _, n, h, _ = q.shape
-    plan = rank_plan(config, h, n, 1, 0)
-    executor = BackwardExecutor(q, k, v, out, lse, dout, dlse, plan, config, kernel, pad)
-    executor.run(0, plan.steps[0].batches, {})
-    return executor.finish()
-
-
-def refuse_double_backward() -> None:
-    """Every custom Function's backward starts here: its gradient is computed by the kernels,
-    not by differentiable torch ops, so a graph of it (``create_graph=True``, as
-    ``gradgradcheck`` and second-order methods build) would give wrong second derivatives.
-    Refused with the reason instead."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "double backward: dilated attention's backward is not differentiable "
-            "(create_graph=True); take second derivatives of ringsim.reference's NumPy "
-            "functions by finite differences, or call backward without create_graph"
-        )
-
-
-def keep(ctx, q, k, v, out, lse):
-    """Save what every backward needs; returns out and lse ``(b, h, n)``."""
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.set_materialize_grads(False)
-    return out, lse
-
-
-def restore(ctx, dout, dlse):
-    """``(q, k, v, out, lse, dout, dlse)`` as the backward functions take them: dout
-    contiguous (zeros when only lse was used), dlse ``(b, h, n)`` contiguous or None."""
-    q, k, v, out, lse = ctx.saved_tensors
-    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-    dlse = None if dlse is None else dlse.contiguous()
-    return q, k, v, out, lse, dout, dlse
-
-
-class DilatedFunction(torch.autograd.Function):
-    """Dilated attention on one device:
-    ``apply(q, k, v, config, kernel, pad) -> (out, lse)`` (pad: :func:`key_bias`, or None)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, config: DilatedConfig, kernel: Kernel, pad=None):
-        """:func:`dilated_forward`; keeps q, k, v, out and lse (and the key bias)."""
-        ctx.config, ctx.kernel, ctx.pad = config, kernel, pad
-        return keep(ctx, q, k, v, *dilated_forward(q, k, v, config, kernel, pad))
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        """:func:`dilated_backward`: dq, dk, dv."""
-        refuse_double_backward()
-        grads = dilated_backward(*restore(ctx, dout, dlse), ctx.config, ctx.kernel, ctx.pad)
-        return (*grads, None, None, None)

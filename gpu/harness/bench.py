@@ -1,7 +1,7 @@
 """Forward time of :func:`ringsim.gpu.dilated_attention` on one GPU, against what it replaces.
 
     python -m ringsim.gpu.harness.bench [--smoke] [--lengths 32768,65536] [--out DIR] [--budget S]
-        [--no-flex] [--no-naive] [--no-dense] [--dense-max N] [--kernel K]
+        [--no-flex] [--no-naive] [--no-dense] [--no-padded] [--dense-max N] [--kernel K]
 
 Problem: b=1, h=16, d=128, bf16, segment_lengths (2048, 4096, 8192, 16384, 32768),
 dilation_rates (1, 2, 4, 8, 16), longnet, causal and not, n = 32K .. 1M. Rows per (n, causal):
@@ -18,6 +18,9 @@ dilation_rates (1, 2, 4, 8, 16), longnet, causal and not, n = 32K .. 1M. Rows pe
   at 1M tokens takes 15 s): its throughput per head is flat once the grid fills the GPU
   (``n / 128`` row tiles per head), and the row's status says how many heads ran.
   ``vs_dense`` on ours is ours' useful TFLOP/s over this row's;
+- ours padded: ours with a ``key_padding_mask`` that pads nothing (the same output, compared):
+  the cost of the masked path (gathered rows and a kernel that takes a mask, Note [Key
+  masks] in :mod:`ringsim.gpu.executor.base`); ``ratio`` is its time over ours';
 - naive and flex: see :mod:`ringsim.gpu.harness.bench_baselines`; their output is compared with
   ours (max abs difference) so that every row computes the same function;
 - ours graph: ours with ``cuda_graph=True``, the forward replayed as one CUDA graph
@@ -154,6 +157,18 @@ def bench_length(n: int, args, problem: dict, device: torch.device, emit) -> Non
         emit(ours)
         emit(pre)
         emit(anchor)
+        padded = Result(n, causal, "ours padded", "", flops=flops)
+        if args.no_padded:
+            padded.status = "skipped: --no-padded"
+        else:
+            none = torch.zeros(b, n, dtype=torch.bool, device=device)
+            padded.kernel = choose_kernel(q, None, masked=True).value
+            padded_fn = functools.partial(dilated_attention, q, k, v, segs, rates,
+                                          is_causal=causal, key_padding_mask=none)  # fmt: skip
+            optional(padded, lambda f=padded_fn: f, device, args.budget, ours_out)
+            padded.ratio = None if padded.ms is None else padded.ms / ours.ms
+        emit(padded)
+        free(device)
         for name, kname, builder, why in rows:
             result = Result(n, causal, name, kname)
             if name == "dense" and not why and n > args.dense_max:
@@ -213,6 +228,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention row")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive row")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    parser.add_argument("--no-padded", action="store_true", help="skip the ours padded row")
     parser.add_argument("--dense-max", type=int, default=262144, help="longest dense row")
     parser.add_argument("--budget", type=float, help="seconds of timing per row (0.5; smoke 0)")
     parser.add_argument("--kernel", choices=[k.value for k in Kernel], help="default: auto")

@@ -15,6 +15,9 @@ Sections, each row one check on fresh seeded unit-normal inputs (never zeros):
    the simulated ring (P = 2, 4, 8) on one device, on aligned and ragged configurations.
 4. gradients: dq, dk, dv of the same paths on some of those configurations
    (:mod:`ringsim.gpu.harness.check_grad`, spec §9's 3x rule).
+5. masks: key padding (one device with every kernel that takes a mask, and the simulated
+   ring) and grouped-query attention, forward and gradients
+   (:mod:`ringsim.gpu.harness.check_masks`).
 
 Reference: the dense-mask definition in float64 up to ``dense_max`` (8192) rows, beyond it
 the float64 math path (``kernel="math"`` on float64 inputs), on the inputs already rounded to
@@ -47,6 +50,7 @@ from ringsim.tolerance import dtype_name, tolerance
 from ..executor import dilated_attention
 from ..kernels import Kernel, capability, choose_kernel
 from .check_grad import grad_rows
+from .check_masks import mask_rows
 from .check_rows import adapter_rows, emit, reference_rows
 from .check_support import (
     ROW_HEADER,
@@ -77,13 +81,22 @@ def make_plan(name: str) -> Plan:
     low, fp32 = ("bfloat16",), ("float32",)
     if name == "smoke":
         checks = (
-            Check("A", _case(96, (24, 48, 96), (1, 2, 4), h=4, d=16), (), (2, 4, 8), True, True),
+            Check(
+                "A",
+                _case(96, (24, 48, 96), (1, 2, 4), b=2, h=4, d=16),
+                (),
+                (2, 4, 8),
+                True,
+                True,
+                masks=True,
+            ),
             Check(
                 "B",
                 _case(90, (20, 50, 130), (1, 3, 5), True, "grouped", h=4, d=16),
                 (),
                 (3,),
                 grads=True,
+                masks=True,
             ),
             Check("C", _case(200, (40, 100), (2, 3), True, h=4, d=16), (), (4,)),
         )
@@ -92,7 +105,12 @@ def make_plan(name: str) -> Plan:
     every = ("bfloat16", "float16", "float32")
     checks = (
         Check(
-            "A", _case(4096, (1024, 2048, 4096), (1, 2, 4), b=2), low + fp32, (2, 4, 8), grads=True
+            "A",
+            _case(4096, (1024, 2048, 4096), (1, 2, 4), b=2),
+            low + fp32,
+            (2, 4, 8),
+            grads=True,
+            masks=True,
         ),
         Check("B", _case(4096, (1024, 2048, 4096), (1, 2, 4), True), (), (2, 4, 8), True, True),
         Check(
@@ -101,6 +119,7 @@ def make_plan(name: str) -> Plan:
             low,
             (2, 4, 8),
             grads=True,
+            masks=True,
         ),
         Check("D", _case(8190, (2000, 3000), (3, 2), scale=0.2), (), (2, 3)),
         Check("E", _case(1000, (6, 500), (8, 2), True), (), (2, 4, 8), grads=True),  # no-key rows
@@ -227,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("adapter", lambda: adapter_rows(plan, able, rows)),
         ("dilated/ring", lambda: dilated_rows(plan, able, rows, ring_function(args.smoke))),
         ("gradients", lambda: grad_rows(plan, able, rows, ring_function(args.smoke), emit)),
+        ("masks", lambda: mask_rows(plan, rows, ring_function(args.smoke), emit)),
     ):
         t0 = time.perf_counter()
         print(f"== {section}", flush=True)

@@ -42,6 +42,7 @@ class Check:
     rings: tuple[int, ...] = ()  # simulated ring world sizes
     ring_kernels: bool = False  # ring with every kernel in the first dtype, not only auto
     grads: bool = False  # also check dq, dk, dv (:mod:`ringsim.gpu.harness.check_grad`)
+    masks: bool = False  # key padding and fewer K/V heads (:mod:`ringsim.gpu.harness.check_masks`)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ def plain_attention(
 
     Args:
         q, k, v: ``(..., M, D)``, ``(..., L, D)``, ``(..., L, D)``, one dtype.
-        allowed: ``(M, L)`` bool, True = attend; None attends everything.
+        allowed: ``(M, L)`` bool (or broadcastable to the scores, e.g. ``(b, 1, M, L)``),
+            True = attend; None attends everything.
     Returns:
         out ``(..., M, D)`` (0 on a row with no key) and lse ``(..., M)`` (-inf there),
         both in q's dtype.
@@ -131,11 +133,14 @@ def naive_dilated(
     dtype: torch.dtype | None = None,
     dense: bool = True,
     masks: MaskCache | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """spec §3, §4 with every operation in ``dtype`` (default q's).
 
     Args:
-        q, k, v: ``(b, n, h, d)``, cast to ``dtype`` first.
+        q, k, v: ``(b, n, h, d)``, cast to ``dtype`` first; k, v may have fewer heads
+            (grouped-query attention: query head i reads K/V head ``i // (h / h_kv)``).
+        key_padding_mask: ``(b, n)`` bool, True = padding: never a key.
         dense: True builds each pattern's ``(n, n)`` mask (O(n^2) memory, one head at a
             time); False attends the selected rows of each segment (O(n w)).
         masks: an optional cache of the dense masks, reused across calls.
@@ -151,23 +156,30 @@ def naive_dilated(
         is_causal=is_causal,
         mode=mode,
         softmax_scale=softmax_scale,
+        allow_gqa=True,
     )
     dtype = q.dtype if dtype is None else dtype
     q, k, v = (x.to(dtype) for x in (q, k, v))
     b, n, h, d = q.shape
+    ratio = h // k.shape[2]
     scale = config.scale(d)
     outs = [torch.zeros_like(q) for _ in range(config.num_pairs)]
     lses = [torch.full((b, h, n), -math.inf, dtype=dtype, device=q.device) for _ in outs]
     for group in config.pattern_groups(h):
         chunks = [(head,) for head in group.heads] if dense else [group.heads]
         for rows, allowed in _blocks(group.pattern, n, config.is_causal, q.device, dense, masks):
+            if key_padding_mask is not None:  # (b, 1, m, m): the keys that stay
+                keep = ~key_padding_mask[:, rows][:, None, None, :]
+                allowed = keep if allowed is None else allowed & keep
             for chunk in chunks:
                 heads = torch.as_tensor(chunk, device=q.device)
 
                 def pick(x, rows=rows, heads=heads):  # (b, n, h, d) -> (b, H, m, d)
                     return x[:, rows][:, :, heads].transpose(1, 2)
 
-                o, lse = plain_attention(pick(q), pick(k), pick(v), allowed, scale)
+                kv = heads // ratio
+                o, lse = plain_attention(pick(q), pick(k, heads=kv), pick(v, heads=kv), allowed,
+                                         scale)  # fmt: skip
                 outs[group.pair][:, rows[:, None], heads[None, :]] = o.transpose(1, 2)
                 lses[group.pair][:, heads[:, None], rows[None, :]] = lse
     return mix_patterns(outs, lses)

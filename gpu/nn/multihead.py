@@ -307,6 +307,10 @@ class RingMultiheadDilatedAttention(nn.Module):
                 dense weights (:func:`~ringsim.gpu.nn.weights.dilated_attention_weights`,
                 O(heads x seq²) time and memory, as ``nn.MultiheadAttention``'s own masked
                 path) on one device; with a group it raises ``NotImplementedError``.
+                Telling a mask from the causal one reads it (one host sync); under
+                ``torch.compile`` pass ``is_causal=True`` with a causal mask (as
+                ``nn.Transformer`` layers do when told ``is_causal``): the hint is then
+                trusted, as ``nn.MultiheadAttention`` trusts it; eagerly it is checked.
             need_weights: also return the attention weights, as ``nn.MultiheadAttention``
                 does (its default, True): the exact dilated weights W with ``out = W @ v``
                 per head (:func:`~ringsim.gpu.nn.weights.dilated_attention_weights`), formed
@@ -315,7 +319,8 @@ class RingMultiheadDilatedAttention(nn.Module):
                 (a ring) True raises, as a rank holds only its rows.
             average_attn_weights: average the weights over heads: ``(batch, seq, seq)``.
             is_causal: causal masking by global position (unlike ``nn.MultiheadAttention``,
-                no ``attn_mask`` is needed).
+                no ``attn_mask`` is needed); with an ``attn_mask``, the hint that it is the
+                causal mask (above).
         Returns:
             ``(out, weights)``, out shaped like query, weights None unless need_weights.
         """
@@ -331,8 +336,15 @@ class RingMultiheadDilatedAttention(nn.Module):
             check_key_mask(key_padding_mask, b, n, query.device)
         pair_mask = None  # a general attn_mask: the dense path
         if attn_mask is not None:
-            if is_causal_mask(attn_mask, n):
+            if is_causal and torch.compiler.is_compiling():
+                pass  # the hint is trusted, as nn.MultiheadAttention trusts it
+            elif is_causal_mask(attn_mask, n):
                 is_causal = True
+            elif check_bool("is_causal", is_causal):
+                raise ValueError(
+                    "attn_mask: is_causal=True says attn_mask is the causal mask, but it is not; "
+                    "pass the causal mask, or is_causal=False to apply this one"
+                )
             else:
                 pair_mask = self._check_attn_mask(attn_mask, b, n, query.device)
         if not self.batch_first:

@@ -1,4 +1,5 @@
-"""Autograd for the ring (the single device's is :class:`ringsim.gpu.executor.DilatedFunction`).
+"""Autograd for the ring (the single device's is the operator of
+:mod:`ringsim.gpu.executor.operator`).
 
 - :class:`RingFunction`: one rank of the ring; its backward runs the ring again
   (:func:`ringsim.gpu.ring.rank.ring_backward`), so every rank must call backward.
@@ -16,7 +17,7 @@ import torch
 from ringsim.comm.traced import run_traced
 from ringsim.layout import shard, unshard
 
-from ..executor.single import keep, refuse_double_backward, restore
+from ..executor.operator import keep, refuse_double_backward, restore
 from .rank import ring_backward, ring_forward
 
 
