@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device session on the lent GPU machine: install, CUDA tests, NCCL parity, benchmarks.
 # Usage (from the repository root, on the GPU machine): bash scripts/gpu_session.sh STEPS...
-# STEPS: tests, check, distcheck, distcheck-zigzag, ring, ring-quick, bench, bench-backward,
-# profile, ncu-mix.
+# STEPS: tests, check, distcheck, distcheck-zigzag, ring, ring-quick, bench, bench-padded,
+# bench-backward, profile, ncu-mix.
 # Logs and results go
 # under $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
@@ -17,8 +17,9 @@ status=0
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    tests) python3 -m pytest -q -rf --tb=line tests/test_gpu_cuda.py tests/test_gpu_kernels_cuda.py \
-      tests/test_gpu_executor_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+    tests) python3 -m pytest -q -rf --tb=short tests/test_gpu_cuda.py tests/test_gpu_kernels_cuda.py \
+      tests/test_gpu_executor_cuda.py tests/test_gpu_key_padding.py tests/test_gpu_transformer.py \
+      2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     check) python3 -m ringsim.gpu.harness.check --out "$OUT" 2>&1 | tail -25 ;;
     distcheck)
       for dt in bfloat16 float16 float32; do
@@ -38,6 +39,8 @@ for step in "$@"; do
         2>&1 | tee "$OUT/bench_ring.log" | tail -45 ;;
     bench) python3 -m ringsim.gpu.harness.bench --no-flex --out "$OUT" 2>&1 | tee "$OUT/bench.log" \
       | tail -30 ;;
+    bench-padded) python3 -m ringsim.gpu.harness.bench --no-flex --no-naive --lengths 32768,262144 \
+      --out "$OUT/padded" 2>&1 | tee "$OUT/bench_padded.log" | tail -30 ;;
     bench-backward) python3 -m ringsim.gpu.harness.bench_backward --out "$OUT" 2>&1 \
       | tee "$OUT/bench_backward.log" | tail -30 ;;
     profile)

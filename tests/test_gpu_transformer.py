@@ -130,13 +130,20 @@ def test_a_model_trains_as_with_nn_multihead_attention():
         assert (a - b).abs().max().item() <= 1e-8, name
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
 @pytest.mark.parametrize("training", [True, False])
-def test_torch_compile_has_no_graph_break_and_no_recompile(training):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_torch_compile_has_no_graph_break_and_no_recompile(training, device):
     """Dilated patterns in an encoder layer: fullgraph=True (a graph break raises), three
-    calls with error_on_recompile, the eager output, and no warning from this package."""
-    layer = swapped(encoder_layer(), segments=(5, N), rates=(1, 2)).train(training).float()
-    x, pad, causal = inputs()
-    x = x.float()
+    calls with error_on_recompile, the eager output, and no warning from this package
+    (CUDA: bf16, the efficient kernel for the padding mask)."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    layer = swapped(encoder_layer(), segments=(5, N), rates=(1, 2)).train(training)
+    layer = layer.to(device, dtype)
+    x, pad, causal = (t.to(device) for t in inputs())
+    x = x.to(dtype)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -152,4 +159,4 @@ def test_torch_compile_has_no_graph_break_and_no_recompile(training):
     assert not ours, ours
     with torch.no_grad():
         want = layer(x, src_mask=causal, src_key_padding_mask=pad, is_causal=True)
-    assert (got.detach() - want).abs().max().item() <= 1e-5
+    assert (got.detach() - want).abs().max().item() <= (1e-5 if device == "cpu" else 5e-2)
