@@ -6,9 +6,9 @@ with the final out and lse (exact through the LSE mixing, spec §4) instead of
 differentiating the forward's merges. Registered as custom operators with fake
 implementations, so that ``torch.compile`` sees one opaque call of known output shapes: no
 graph break and no recompile for a fixed shape, however much host work (the plan, the kernel
-choice, the executor) runs inside. The operator's arguments are plain values (the configuration's fields, the kernel's name);
-every check that reads tensor data (16-byte alignment, the kernel choice) runs inside, on
-the real tensors.
+choice, the executor) runs inside. The operator's arguments are plain values (the
+configuration's fields, the kernel's name); every check that reads tensor data (16-byte
+alignment, the kernel choice) runs inside, on the real tensors.
 
 Note [The lse's gradient]
     A custom operator's backward is handed zeros for an output the loss does not read.
