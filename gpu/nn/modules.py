@@ -166,7 +166,8 @@ class RingDilatedAttention(nn.Module):
         kernel: a :class:`~ringsim.gpu.kernels.Kernel` (or its name) to use; default the
             fastest that can run on the inputs (:func:`~ringsim.gpu.kernels.choose_kernel`).
             One that cannot run raises ``ValueError`` in forward. ``last_kernel`` records
-            the kernel of the last successful forward.
+            the kernel of the last successful eager forward (under ``torch.compile`` the
+            choice is made inside the operator, on the real tensors, and not recorded).
         group: None: one device, q/k/v are whole sequences. ``"default"``: the default
             ``torch.distributed`` process group, looked up in forward. A ``ProcessGroup``:
             that group. With a group, q/k/v are this rank's shards (the positions ``layout``
@@ -246,10 +247,13 @@ class RingDilatedAttention(nn.Module):
         one_device = self.group is None  # grouped-query attention: on one device only
         validate(q, k, v, c.segment_lengths, c.dilation_rates, **kwargs,
                  allow_gqa=one_device)  # before the kernel  # fmt: skip
+        kwargs["key_padding_mask"] = key_padding_mask
+        if self.group is None and torch.compiler.is_compiling():  # the kernel: chosen inside
+            args = (q, k, v, c.segment_lengths, c.dilation_rates)
+            return dilated_attention(*args, **kwargs, kernel=self.kernel)
         masked = key_padding_mask is not None
         q, k, v, chosen = prepare(q, k, v, self.kernel, c.softmax_scale, masked=masked)
         args = (q, k, v, c.segment_lengths, c.dilation_rates)
-        kwargs["key_padding_mask"] = key_padding_mask
         if self.group is None:
             out = dilated_attention(*args, **kwargs, kernel=chosen)
         else:
