@@ -53,6 +53,7 @@ def test_check_smoke_passes_and_writes_json(tmp_path):
         "grad ref",
         "grad dilated",
         "grad ring",
+        *(f"{grad}{what}" for grad in ("", "grad ") for what in ("padding", "padding ring", "gqa")),
     }
     assert all(row["passed"] for row in report["rows"])
     assert {row["world_size"] for row in report["rows"] if row["path"] == "ring"} >= {2, 4, 8}
