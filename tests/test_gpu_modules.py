@@ -348,8 +348,6 @@ def test_grouped_query_multihead_is_projection_then_the_definition(rng, mode, kv
 def test_num_kv_heads_is_checked():
     with pytest.raises(ValueError, match="num_kv_heads: must divide num_heads=6, got 4"):
         RingMultiheadDilatedAttention(24, 6, (4,), (1,), num_kv_heads=4)
-    with pytest.raises(NotImplementedError, match="num_kv_heads: the torch ring"):
-        RingMultiheadDilatedAttention(24, 6, (4,), (1,), num_kv_heads=2, group="default")
     same = RingMultiheadDilatedAttention(24, 6, (4,), (1,), num_kv_heads=6)
     assert same.in_proj_weight is not None  # equal heads: nn.MultiheadAttention's state
 
@@ -441,6 +439,18 @@ def test_is_causal_with_a_mask_that_is_not_causal_is_refused(rng):
     x = torch.randn(1, 8, 8)
     with pytest.raises(ValueError, match="attn_mask: is_causal=True says"):
         module(x, x, x, attn_mask=torch.zeros(8, 8, dtype=torch.bool), is_causal=True)
+
+
+def test_grouped_query_on_a_ring_module(world_of_one, rng):
+    """num_kv_heads with a group: the ring sends K/V heads; the output is the one device's."""
+    kwargs = dict(num_kv_heads=2, batch_first=True)
+    ring = RingMultiheadDilatedAttention(24, 6, (5, 15), (2, 3), group="default", **kwargs)
+    alone = RingMultiheadDilatedAttention(24, 6, (5, 15), (2, 3), **kwargs).double()
+    ring.double().load_state_dict(alone.state_dict())
+    x = randn(rng, 2, 15, 24)
+    want = alone(x, x, x, is_causal=True, need_weights=False)[0]
+    got = ring(x, x, x, is_causal=True, need_weights=False)[0]
+    assert (got - want).abs().max().item() <= 1e-12
 
 
 def test_masks_on_a_ring_module(world_of_one):

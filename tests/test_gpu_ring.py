@@ -213,11 +213,14 @@ def test_torch_dist_communicator_needs_an_initialised_group():
 
 
 @pytest.mark.parametrize(
-    ("world_size", "layout"), [(2, "contiguous"), (3, "contiguous"), (4, "contiguous"),
-                               (3, "zigzag"), (4, "zigzag")],
+    ("world_size", "layout", "masks"),
+    [(2, "contiguous", ()), (3, "contiguous", ()), (4, "contiguous", ()), (3, "zigzag", ()),
+     (4, "zigzag", ()), (2, "contiguous", ("--gqa", "--key-padding")),
+     (3, "zigzag", ("--gqa", "--key-padding"))],
 )  # fmt: skip
-def test_gloo_ring_on_real_processes(world_size, layout):
-    """Forward and backward, one process per rank; gradients against the reference."""
+def test_gloo_ring_on_real_processes(world_size, layout, masks):
+    """Forward and backward, one process per rank; gradients against the reference (with
+    fewer K/V heads and a key padding mask: the masks)."""
     result = subprocess.run(
         [
             sys.executable,
@@ -233,6 +236,7 @@ def test_gloo_ring_on_real_processes(world_size, layout):
             "60",
             "--layout",
             layout,
+            *masks,
         ],
         capture_output=True,
         text=True,
@@ -241,7 +245,7 @@ def test_gloo_ring_on_real_processes(world_size, layout):
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"PASS distcheck backend=gloo world_size={world_size}" in result.stdout
     assert "max_grad_error=" in result.stdout
-    assert f"layout={layout}" in result.stdout
+    assert f"layout={layout} gqa={bool(masks)} key_padding={bool(masks)}" in result.stdout
 
 
 def test_distcheck_ends_a_dead_worker_in_one_line(monkeypatch, capsys):

@@ -1,13 +1,16 @@
-"""Grouped-query attention in the NumPy reference: k and v with fewer heads than q (spec §1).
+"""Grouped-query attention: k and v with fewer heads than q (spec §1).
 
 Every path against the dense-mask definition (which reads K/V head ``h // (H / H_kv)``
-directly): single process, the simulated ring at P = 1..8 in both layouts, the ring under
-MPI; gradients against torch autograd of the definition; the bytes a ring sends against the
-closed form, which counts each selected row once per K/V head; and the errors of a bad
-number of K/V heads, and of the paths that do not take them yet.
+directly): the NumPy reference single process, on the simulated ring at P = 1..8 in both
+layouts and under MPI; the torch backend on one device and its ring on the simulated
+cluster (real gloo processes: ``test_gpu_ring.py``); gradients against torch autograd of the
+definition; the bytes the NumPy and torch rings send against the closed form, which counts
+each selected row once per K/V head; and the errors of a bad number of K/V heads.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
@@ -54,6 +57,29 @@ def test_every_path_matches_the_definition(world_size, layout):
         out, lse, _ = run_case(case, q, k, v, timeout=20.0)
         ring = check_case(case, out, lse, q, k, v)
         assert ring.ok, ring.line()
+        if torch is not None:
+            out, lse, _ = torch_ring(case, q, k, v)
+            ring = check_case(case, out, lse, q, k, v)
+            assert ring.ok, "torch: " + ring.line()
+
+
+try:
+    import torch
+except ImportError:  # the NumPy paths run without torch
+    torch = None
+
+
+def torch_ring(case: Case, q, k, v):
+    """``case`` on the torch ring over the simulated cluster (math kernel, float64): global
+    out, lse and the trace; the gradients of <dout, out> are in the tensors' ``grad``."""
+    from ringsim.gpu import simulated_ring_dilated_attention
+
+    tensors = [torch.from_numpy(x) for x in (q, k, v)]
+    out, lse, trace = simulated_ring_dilated_attention(
+        *tensors, case.segment_lengths, case.dilation_rates, world_size=case.world_size,
+        **case.kwargs(), return_lse=True, return_trace=True, kernel="math", layout=case.layout,
+    )  # fmt: skip
+    return out.numpy(), lse.numpy(), trace
 
 
 def test_the_definition_reads_the_right_kv_head():
@@ -109,11 +135,15 @@ def test_ring_bytes_count_each_row_once_per_kv_head(aligned, is_causal):
     w, r, n, p, h, hk, mode, layout = aligned
     case = Case(2, n, h, 3, w, r, is_causal, mode, p, layout=layout, num_kv_heads=hk)
     q, k, v = case.inputs()
-    _, _, trace = run_case(case, q, k, v)
+    traces = {"numpy": run_case(case, q, k, v)[2]}
+    if torch is not None:
+        traces["torch"] = torch_ring(case, q, k, v)[2]
     config = make_config(w, r, is_causal=is_causal, mode=mode)
     for rank in range(p):
         want = closed_form_bytes(config, h, 2, 3, n, p, rank, layout=layout, num_kv_heads=hk)
-        assert trace.sent_bytes(rank) == want, rank
+        for name, trace in traces.items():
+            assert trace.sent_bytes(rank) == want, (name, rank)
+    trace = traces["numpy"]
     if r == (1,):  # one offset: every query head of a K/V head shares its rows
         full = closed_form_bytes(config, h, 2, 3, n, p, 0, layout=layout)
         assert trace.sent_bytes(0) * h == full * hk
@@ -133,33 +163,33 @@ def test_bad_kv_heads_are_named(kv_heads, v_heads, message):
         dilated_attention(q, k, v, (4,), (1,))
 
 
-def test_torch_on_one_device_takes_fewer_kv_heads_and_the_ring_refuses_them():
-    """ringsim.gpu on one device repeats K/V per query head (forward and gradients equal the
-    reference's); the torch ring names the reason it refuses them."""
-    torch = pytest.importorskip("torch")
-    from ringsim.gpu import RingDilatedAttention, simulated_ring_dilated_attention
+def test_torch_takes_fewer_kv_heads_on_one_device_and_on_the_ring():
+    """ringsim.gpu on one device repeats K/V per query head, its ring sends K/V heads
+    (Note [Fewer K/V heads]): forward and gradients equal the reference's, dk and dv shaped
+    like k and v."""
+    if torch is None:
+        pytest.skip("needs torch")
     from ringsim.gpu import dilated_attention as torch_dilated_attention
+    from ringsim.gpu import simulated_ring_dilated_attention
 
-    for i, case in enumerate(gqa_cases(1, count=4, seed=3)):
+    for i, case in enumerate(gqa_cases(1, count=4, seed=3) + gqa_cases(3, count=2, seed=4)):
         q, k, v = case.inputs(seed=i)
         args = (case.segment_lengths, case.dilation_rates)
-        tensors = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
-        out, lse = torch_dilated_attention(*tensors, *args, **case.kwargs(), return_lse=True)
         want_out, want_lse = dilated_attention(q, k, v, *args, **case.kwargs(), return_lse=True)
-        assert max_abs_error(out.detach().numpy(), want_out) <= 1e-10
-        assert max_abs_error(lse.detach().numpy(), want_lse) <= 1e-10
         dout = case.upstream(seed=i)
-        out.backward(torch.tensor(dout))
         want = dilated_attention_backward(q, k, v, want_out, want_lse, dout, *args,
                                           **case.kwargs())  # fmt: skip
-        for t, expect in zip(tensors, want):
-            assert t.grad.shape == expect.shape
-            assert max_abs_error(t.grad.numpy(), expect) <= 1e-10, case.describe()
-    module = RingDilatedAttention((4,), (1,))
-    q, k = (
-        torch.randn(1, 8, 4, 2, dtype=torch.float64),
-        torch.randn(1, 8, 2, 2, dtype=torch.float64),
-    )
-    assert module(q, k, k).shape == q.shape
-    with pytest.raises(ValueError, match=r"the torch ring does not have it yet"):
-        simulated_ring_dilated_attention(q, k, k, (4,), (1,), world_size=2)
+        ring = functools.partial(simulated_ring_dilated_attention, kernel="math",
+                                 world_size=case.world_size, layout=case.layout)  # fmt: skip
+        paths = {"ring": ring}
+        if case.world_size == 1:
+            paths["one device"] = torch_dilated_attention
+        for name, fn in paths.items():
+            tensors = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+            out, lse = fn(*tensors, *args, **case.kwargs(), return_lse=True)
+            assert max_abs_error(out.detach().numpy(), want_out) <= 1e-10, name
+            assert max_abs_error(lse.detach().numpy(), want_lse) <= 1e-10, name
+            out.backward(torch.tensor(dout))
+            for t, expect in zip(tensors, want):
+                assert t.grad.shape == expect.shape
+                assert max_abs_error(t.grad.numpy(), expect) <= 1e-10, (name, case.describe())

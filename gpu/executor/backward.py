@@ -109,7 +109,7 @@ class BackwardExecutor(HomeAdds, Executor):
             self.dq = self.dk = self.dv = None
         else:
             self.dq, self.dk, self.dv = (
-                torch.zeros(q.shape, dtype=self.grad_dtype, device=q.device) for _ in range(3)
+                torch.zeros(x.shape, dtype=self.grad_dtype, device=q.device) for x in (q, k, v)
             )
 
     def run(self, index: int, batches: tuple[TaskBatch, ...], held: dict[int, Payload]):
@@ -136,7 +136,7 @@ class BackwardExecutor(HomeAdds, Executor):
         """Bytes of dq, dk, dv as this executor holds them: float32 totals, or q's dtype when
         direct (the memory meter of the ring's trace)."""
         size = self.q.element_size() if self.direct else self.grad_dtype.itemsize
-        return 3 * self.q.numel() * size
+        return sum(x.numel() for x in (self.q, self.k, self.v)) * size
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv in q's dtype (each float32 total freed as it is cast: a lower peak)."""
@@ -283,10 +283,17 @@ class BackwardExecutor(HomeAdds, Executor):
         for rb in task_row_batches(batch, self.groups(batch.pair), self.plan.chunks):
             rows, heads = batch_index(rb, self.q.device)
             blocks = functools.partial(batch_blocks, batch=rb, rows=rows, heads=heads)
-            bias = None if self.pad is None else blocks(self.pad).transpose(-1, -2)
-            grads = self._grads(batch, blocks, blocks(self.k), blocks(self.v), bias)
-            for total, part in zip((self.dq, self.dk, self.dv), grads):
-                total[:, rows, heads] += unblock(part, self.b)
+            kv = heads if self.kv_ratio == 1 else heads // self.kv_ratio
+            keys = functools.partial(batch_blocks, batch=rb, rows=rows, heads=kv)
+            bias = None if self.pad is None else keys(self.pad).transpose(-1, -2)
+            grads = self._grads(batch, blocks, keys(self.k), keys(self.v), bias)
+            self.dq[:, rows, heads] += unblock(grads[0], self.b)
+            for total, part in zip((self.dk, self.dv), grads[1:]):
+                if self.kv_ratio == 1:
+                    total[:, rows, heads] += unblock(part, self.b)
+                else:  # query heads sharing a K/V head: the same index, added up
+                    values = unblock(part, self.b).permute(1, 2, 0, 3)  # (S*m, H, b, d)
+                    total.permute(1, 2, 0, 3).index_put_((rows, kv), values, accumulate=True)
 
     def _received(self, batch: TaskBatch, held, shares) -> None:
         groups = self.groups(batch.pair)
@@ -300,9 +307,8 @@ class BackwardExecutor(HomeAdds, Executor):
                 local = self.plan.local(rows)
                 blocks = functools.partial(select, rows=local, heads=group.heads)
                 keys, values = task.key_slots(g, self.kv_len(block))
-                dq, share[keys], share[values] = self._grads(
-                    batch, blocks, *self.slot_blocks(task, g, block)
-                )
+                dq, dk, dv = self._grads(batch, blocks, *self.slot_blocks(task, g, block))
+                share[keys], share[values] = (self.kv_sum(x, group.heads) for x in (dk, dv))
                 self.add_rows(self.dq, rows, group.heads, dq)
             mine = tuple(x.to(self.grad_dtype) for x in share)
             before = shares.get(task.subring.index)  # several pieces of one block add up

@@ -33,12 +33,18 @@ from __future__ import annotations
 import torch
 
 from ringsim.comm.base import Payload, Recv
-from ringsim.config import DilatedConfig, PatternGroup
+from ringsim.config import DilatedConfig, PatternGroup, kv_heads
 from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
-from ringsim.tasks import slot_heads
 
 from ..kernels import Kernel
-from .layout import gather_pair, gathered_blocks, group_blocks, head_slices, select
+from .layout import (
+    gather_pair,
+    gathered_blocks,
+    group_blocks,
+    head_slices,
+    heads_index,
+    select,
+)
 
 
 def strided(config: DilatedConfig, plan: RankPlan) -> bool:
@@ -60,18 +66,21 @@ class Executor:
     layout runs (Note [Two layouts, two combiners]) and the ring's messages in it.
 
     Args:
-        q, k, v: the rank's ``(b, c, h, d)`` shards (the whole tensors at P = 1).
+        q, k, v: the rank's ``(b, c, h, d)`` shards (the whole tensors at P = 1); k, v may
+            have ``h / plan.kv_ratio`` heads (Note [Fewer K/V heads]).
         plan: the rank's :class:`~ringsim.plan.RankPlan`.
         config, kernel: the configuration and the kernel that runs.
-        pad: the rank's key bias ``(b, c, h, 1)`` in q's dtype (Note [Key masks]), or None.
+        pad: the rank's key bias ``(b, c, h_kv, 1)`` in q's dtype (Note [Key masks]), or
+            None.
     """
 
     def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel,
                  pad: torch.Tensor | None = None) -> None:  # fmt: skip
         self.q, self.k, self.v, self.plan, self.kernel = q, k, v, plan, kernel
         self.b, self.c, self.h, self.d = q.shape
-        self.pad = pad  # Note [Key masks]: (b, c, h, 1) or None
-        self.aligned = pad is None and strided(config, plan)
+        self.pad = pad  # Note [Key masks]: (b, c, h_kv, 1) or None
+        self.kv_ratio = plan.kv_ratio  # Note [Fewer K/V heads]
+        self.aligned = pad is None and plan.kv_ratio == 1 and strided(config, plan)
         self.scale = config.scale(self.d)
         self.span = self.c // len(plan.chunks)  # a chunk's rows: the longest local segment
         self.widths = config.effective_segment_lengths(self.span)  # local widths W
@@ -106,7 +115,7 @@ class Executor:
             chunks = [self.chunk_of(slots[i]) for i in range(0, len(slots), len(groups))]
             halves = [slice(i * self.span, (i + 1) * self.span) for i in chunks]
             return tuple(gather_pair(x[:, h], groups) for x in (self.k, self.v) for h in halves)
-        heads = slot_heads(groups, len(slots))
+        heads = self.plan.kv_slot_heads(pair, len(slots))
         local = [self.plan.local(rows) for rows in slots]
         tensors = (self.k, self.v) if self.pad is None else (self.k, self.v, self.pad)
         return tuple(select(x, r, h) for x in tensors for r, h in zip(local, heads))
@@ -118,11 +127,35 @@ class Executor:
 
     def slot_blocks(self, task, g: int, block: Payload):
         """Group g's K, V ``(b, H, m, d)`` and key bias ``(b, H, 1, m)`` (None without a mask)
-        of a gathered-rows block payload (Note [Pieces] in :mod:`ringsim.plan`)."""
+        of a gathered-rows block payload (Note [Pieces] in :mod:`ringsim.plan`), one head
+        per query head of the group (Note [Fewer K/V heads])."""
         kv = self.kv_len(block)
         keys, values = task.key_slots(g, kv)
-        bias = None if self.pad is None else block[kv + keys].transpose(-1, -2)
-        return block[keys], block[values], bias
+        reads = self.kv_reads(self.groups(task.subring.pair)[g].heads)
+        x = [block[keys], block[values]] + ([] if self.pad is None else [block[kv + keys]])
+        if reads is not None:
+            x = [a.index_select(1, reads) for a in x]
+        bias = None if self.pad is None else x[2].transpose(-1, -2)
+        return x[0], x[1], bias
+
+    def kv_reads(self, heads: tuple[int, ...]) -> torch.Tensor | None:
+        """For each query head of ``heads``, the index of the K/V head it reads among those
+        a slot of theirs carries (Note [Fewer K/V heads]); None with equal heads."""
+        if self.kv_ratio == 1:
+            return None
+        carried = kv_heads(heads, self.kv_ratio)
+        reads = tuple(carried.index(h // self.kv_ratio) for h in heads)
+        return heads_index(reads, self.q.device)
+
+    def kv_sum(self, grad: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
+        """``grad (b, H, m, d)`` of the query heads ``heads``, summed into the K/V heads a slot
+        of theirs carries ``(b, H_kv, m, d)`` (itself with equal heads)."""
+        reads = self.kv_reads(heads)
+        if reads is None:
+            return grad
+        b, _, m, d = grad.shape
+        total = grad.new_zeros(b, len(kv_heads(heads, self.kv_ratio)), m, d)
+        return total.index_add_(1, reads, grad)
 
     def message(self, block: Payload, transfer: Transfer) -> Payload:
         """What ``transfer`` sends of a held block (or of its dK/dV): the block itself, or,
@@ -148,7 +181,7 @@ class Executor:
             rows = (len(transfer.rows[i]) for i in range(0, len(transfer.rows), step))
             shapes = tuple((self.b, m, heads, self.d) for m in rows) * 2
         else:
-            heads = slot_heads(groups, len(transfer.rows))
+            heads = self.plan.kv_slot_heads(transfer.subring.pair, len(transfer.rows))
             slots = tuple(zip(transfer.rows, heads))
             shapes = tuple((self.b, len(h), len(r), self.d) for r, h in slots) * 2
             if self.pad is not None:  # each slot's key bias (Note [Key masks])

@@ -23,10 +23,11 @@ def check_tensor(q, k=None, v=None) -> None:
             raise ValueError(f"{name}: must be on q's device ({q.device}), got {x.device}")
 
 
-def key_bias(mask, q: torch.Tensor) -> torch.Tensor | None:
+def key_bias(mask, q: torch.Tensor, heads: int | None = None) -> torch.Tensor | None:
     """``key_padding_mask`` as the executor takes it (Note [Key masks] in
     :mod:`ringsim.gpu.executor.base`): None, or ``(b, n, h, 1)`` in q's dtype, each key's
-    bias repeated per head of q ``(b, n, h, d)``.
+    bias repeated per head: of q ``(b, n, h, d)``, or ``heads`` of them (k's, on a ring with
+    fewer K/V heads).
 
     The mask is ``(b, n)`` on q's device: bool, True = padding (bias ``-inf``: never a key),
     or float, added to the scores of each key as ``nn.MultiheadAttention`` adds a float
@@ -35,6 +36,7 @@ def key_bias(mask, q: torch.Tensor) -> torch.Tensor | None:
     if mask is None:
         return None
     b, n, h, _ = q.shape
+    h = h if heads is None else heads
     check_key_mask(mask, b, n, q.device)
     if mask.dtype == torch.bool:
         bias = torch.zeros(b, n, dtype=q.dtype, device=q.device).masked_fill(mask, -torch.inf)

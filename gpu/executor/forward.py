@@ -238,7 +238,8 @@ class ForwardExecutor(Executor):
         causal = self.causal(batch)
         for rows in task_row_batches(batch, self.groups(batch.pair), self.plan.chunks):
             attend_rows(self.q, self.k, self.v, self.out, self.lse, rows, causal=causal,
-                        scale=self.scale, kernel=self.kernel, pad=self.pad)  # fmt: skip
+                        scale=self.scale, kernel=self.kernel, pad=self.pad,
+                        kv_ratio=self.kv_ratio)  # fmt: skip
 
     def _received(self, batch: TaskBatch, held: dict[int, Payload]) -> None:
         """A ragged batch on blocks received (or on another piece of the rank's own block):
@@ -268,13 +269,17 @@ class ForwardExecutor(Executor):
 
 
 def attend_rows(q, k, v, out, lse, batch: RowBatch, *, causal: bool, scale: float, kernel,
-                pad: torch.Tensor | None = None) -> None:  # fmt: skip
+                pad: torch.Tensor | None = None, kv_ratio: int = 1) -> None:  # fmt: skip
     """Attend one row batch (rows: indices into q, k, v, and ``pad``, the key bias ``(b, n,
-    h, 1)`` if any) and merge it into ``out (b, n, h, d)``, ``lse (b, n, h)``."""
+    h_kv, 1)`` if any; k, v with ``h / kv_ratio`` heads: Note [Fewer K/V heads] in
+    :mod:`ringsim.gpu.executor.base`) and merge it into ``out (b, n, h, d)``, ``lse (b, n,
+    h)``."""
     rows, heads = batch_index(batch, q.device)
-    bias = None if pad is None else batch_blocks(pad, batch, rows, heads).transpose(-1, -2)
+    kv = heads if kv_ratio == 1 else heads // kv_ratio
+    bias = None if pad is None else batch_blocks(pad, batch, rows, kv).transpose(-1, -2)
     block_out, block_lse = attend(
-        *(batch_blocks(x, batch, rows, heads) for x in (q, k, v)),
+        batch_blocks(q, batch, rows, heads),
+        *(batch_blocks(x, batch, rows, kv) for x in (k, v)),
         causal=causal,
         scale=scale,
         kernel=kernel,

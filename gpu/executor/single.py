@@ -50,7 +50,7 @@ def dilated_attention(
         q, k, v: ``(batch, seq_len, num_heads, head_dim)`` floating-point tensors, one dtype
             and device; k and v may have fewer heads, a divisor of q's (grouped-query
             attention: :func:`repeat_kv` repeats them per query head, so K/V memory grows by
-            the ratio; the torch ring refuses fewer K/V heads for now).
+            the ratio; the ring sends K/V heads instead).
         segment_lengths, dilation_rates, is_causal, mode, softmax_scale: as
             :func:`ringsim.reference.dilated_attention`.
         return_lse: also return lse ``(batch, num_heads, seq_len)``, float32 (float64 for

@@ -4,6 +4,7 @@ Launch::
 
     python -m ringsim.gpu.harness.distcheck --world-size 3 --cases 10             # gloo, CPU
     python -m ringsim.gpu.harness.distcheck --world-size 2 --backend nccl --dtype bfloat16
+    python -m ringsim.gpu.harness.distcheck --world-size 2 --gqa --key-padding  # the masks
 
 It starts ``--world-size`` processes on this machine (a free local port, a timeout on every
 collective), each running :func:`ringsim.gpu.ring_dilated_attention` on its own shards of
@@ -14,8 +15,11 @@ that can fail (spec §9): 1e-10 in float64, 2e-5 in float32, and in bf16/fp16 2x
 inputs, plus 1e-6. With NCCL the cases are sized for the GPU kernels
 (:func:`ringsim.cases.device_cases`: head_dim 64, segments inside a GPU, across GPUs and the
 whole sequence, both modes, causal and not, one ragged configuration); with gloo the small
-fixed and random cases of every check. Rank 0 prints one line per case and one verdict,
-PASS or FAIL; the exit code is non-zero on any failure.
+fixed and random cases of every check. ``--gqa`` gives each case fewer K/V heads (1 to 3,
+:func:`ringsim.cases.grouped_query`); ``--key-padding`` passes each rank its shard of a random
+key padding mask (a quarter of the keys, and all of batch element 0's second half). Rank 0
+prints one line per case and one verdict, PASS or FAIL; the exit code is non-zero on any
+failure.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ringsim.cases import check_cases, device_cases
+from ringsim.cases import check_cases, device_cases, grouped_query
 from ringsim.layout import LAYOUTS, shard, unshard
 from ringsim.tolerance import max_abs_error
 
@@ -71,7 +75,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="contiguous",
         help="which positions each rank holds (default: %(default)s)",
     )
+    parser.add_argument("--gqa", action="store_true", help="fewer K/V heads than query heads")
+    parser.add_argument("--key-padding", action="store_true", help="a key padding mask")
     return parser.parse_args(argv)
+
+
+def padding(case, seed: int) -> torch.Tensor:
+    """A random ``(batch, seq_len)`` mask, batch element 0's second half padded."""
+    mask = torch.from_numpy(case.key_padding(seed))
+    mask[0, case.seq_len // 2 :] = True
+    return mask
 
 
 def free_port() -> int:
@@ -100,6 +113,8 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
         cases = [replace(case, layout=args.layout) for case in device_cases(p)]
     else:
         cases = check_cases(p, args.cases, args.seed, layout=args.layout)
+    if args.gqa:
+        cases = grouped_query(cases, args.seed)
     failures, worst = [], [0.0, 0.0]
     for i, case in enumerate(cases):
         # every rank draws the same global inputs and keeps its shard, rounded to dtype
@@ -109,9 +124,10 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
         )
         mine = functools.partial(shard, rank=rank, world_size=p, layout=case.layout)
         shards = [mine(x).to(device).requires_grad_() for x in (q, k, v)]
+        pad = padding(case, args.seed + i) if args.key_padding else None
         out, lse = ring_dilated_attention(
             *shards, case.segment_lengths, case.dilation_rates, **case.kwargs(), return_lse=True,
-            layout=case.layout,
+            layout=case.layout, key_padding_mask=None if pad is None else mine(pad).to(device),
         )  # fmt: skip
         out.backward(mine(dout).to(device))
         mine_results = [x.detach().double().cpu().numpy() for x in (out, lse)]
@@ -123,7 +139,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
                 unshard([g[j] for g in gathered], layout=case.layout, axis=-1 if j == 1 else 1)
                 for j in range(5)
             ]
-            line, ok, errors = judge(case, got, (q, k, v, dout), dtype, device)
+            line, ok, errors = judge(case, got, (q, k, v, dout), dtype, device, pad)
             worst = [max(a, b) for a, b in zip(worst, errors)]
             print(line, flush=True)
             if not ok:
@@ -133,7 +149,8 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
         print(
             f"{verdict} distcheck backend={args.backend} world_size={p} dtype={args.dtype} "
             f"configurations={len(cases)} failed={len(failures)} max_error={worst[0]:.3e} "
-            f"max_grad_error={worst[1]:.3e} layout={args.layout}",
+            f"max_grad_error={worst[1]:.3e} layout={args.layout} gqa={args.gqa} "
+            f"key_padding={args.key_padding}",
             flush=True,
         )
     dist.barrier()
@@ -146,17 +163,18 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
     os._exit(1 if failures else 0)
 
 
-def judge(case, got, inputs, dtype: torch.dtype, device: torch.device):
+def judge(case, got, inputs, dtype: torch.dtype, device: torch.device, pad=None):
     """``(line, ok, (out/lse error, gradient error))`` of the gathered ``got = (out, lse, dq,
-    dk, dv)`` against the float64 definition on the rounded ``inputs = (q, k, v, dout)``,
-    with spec §9's bounds for ``dtype``."""
+    dk, dv)`` against the float64 definition on the rounded ``inputs = (q, k, v, dout)``
+    (and the key padding ``pad``), with spec §9's bounds for ``dtype``."""
     from ringsim.reference import dense_dilated_attention
     from ringsim.reference.parity import reference_gradients
 
     q, k, v, dout = (x.double().numpy() for x in inputs)
     args = (case.segment_lengths, case.dilation_rates)
-    ref = dense_dilated_attention(q, k, v, *args, **case.kwargs())
-    ref_grads = reference_gradients(case, q, k, v, dout)
+    mask = None if pad is None else pad.numpy()
+    ref = dense_dilated_attention(q, k, v, *args, **case.kwargs(), key_padding_mask=mask)
+    ref_grads = reference_gradients(case, q, k, v, dout, key_padding_mask=mask)
     err = (max_abs_error(got[0], ref[0]), max_abs_error(got[1], ref[1]))
     grad_err = (
         max_abs_error(got[2], ref_grads[0]),
@@ -165,12 +183,14 @@ def judge(case, got, inputs, dtype: torch.dtype, device: torch.device):
     naive_err = naive_grad_err = (0.0, 0.0)
     if is_low_precision(dtype):  # the plain formula in this dtype, on the same inputs
         x = [t.to(device) for t in inputs[:3]]
+        mask = None if pad is None else pad.to(device)
+        naive = functools.partial(naive_dilated, segment_lengths=args[0], dilation_rates=args[1],
+                                  **case.kwargs(), dense=False, key_padding_mask=mask)  # fmt: skip
         naive_err = tuple(
-            max_abs_error(a.double().cpu().numpy(), b)
-            for a, b in zip(naive_dilated(*x, *args, **case.kwargs(), dense=False), ref)
+            max_abs_error(a.double().cpu().numpy(), b) for a, b in zip(naive(*x), ref)
         )
         leaves = [t.requires_grad_() for t in x]
-        naive_out = naive_dilated(*leaves, *args, **case.kwargs(), dense=False)[0]
+        naive_out = naive(*leaves)[0]
         naive_grads = torch.autograd.grad(naive_out, leaves, inputs[3].to(device))
         errs = [max_abs_error(g.double().cpu().numpy(), w) for g, w in zip(naive_grads, ref_grads)]
         naive_grad_err = (errs[0], max(errs[1:]))

@@ -234,8 +234,8 @@ class RingDilatedAttention(nn.Module):
     ) -> torch.Tensor:
         """Attend ``q, k, v (batch, seq_len, num_heads, head_dim)``, one float dtype and device.
 
-        With a group, ``seq_len`` is this rank's shard length. Without one, k and v may have
-        fewer heads than q (grouped-query attention, :func:`ringsim.gpu.dilated_attention`).
+        With a group, ``seq_len`` is this rank's shard length. k and v may have fewer heads
+        than q (grouped-query attention, :func:`ringsim.gpu.dilated_attention`).
         ``key_padding_mask``: ``(batch, seq_len)`` (a rank's shard with a group), bool True =
         padding or float added to each key's scores, as
         :func:`ringsim.gpu.dilated_attention` takes it.
@@ -244,9 +244,8 @@ class RingDilatedAttention(nn.Module):
         self.check_dropout()
         c = self.config
         kwargs = {"is_causal": is_causal, "mode": c.mode.value, "softmax_scale": c.softmax_scale}
-        one_device = self.group is None  # grouped-query attention: on one device only
         validate(q, k, v, c.segment_lengths, c.dilation_rates, **kwargs,
-                 allow_gqa=one_device)  # before the kernel  # fmt: skip
+                 allow_gqa=True)  # before the kernel  # fmt: skip
         kwargs["key_padding_mask"] = key_padding_mask
         if self.group is None and torch.compiler.is_compiling():  # the kernel: chosen inside
             args = (q, k, v, c.segment_lengths, c.dilation_rates)

@@ -87,8 +87,8 @@ class RingMultiheadDilatedAttention(nn.Module):
             this many heads, a divisor of num_heads (1: multi-query), each read by
             ``num_heads / num_kv_heads`` query heads; the projections are separate
             (``k_proj_weight`` ``(num_kv_heads * head_dim, kdim)``) and ``in_proj_bias`` is
-            ``(embed_dim + 2 * num_kv_heads * head_dim)``. One device only for now: with a
-            group it raises (the torch ring does not take fewer K/V heads yet).
+            ``(embed_dim + 2 * num_kv_heads * head_dim)``. On a ring the messages carry K/V
+            heads, ``num_kv_heads / num_heads`` of the bytes.
         add_bias_kv, add_zero_attn: must be False: an extra key appended to the sequence has
             no position in the dilated pattern (``NotImplementedError``).
         device, dtype: of the parameters.
@@ -143,7 +143,7 @@ class RingMultiheadDilatedAttention(nn.Module):
                 )
         self.kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
         self.vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
-        self.num_kv_heads = self._check_kv_heads(num_kv_heads, group)
+        self.num_kv_heads = self._check_kv_heads(num_kv_heads)
         #: read by nn.TransformerEncoderLayer: False keeps its dense fast path away
         self._qkv_same_embed_dim = False
         device, dtype = check_device(device), check_dtype(dtype)
@@ -182,17 +182,12 @@ class RingMultiheadDilatedAttention(nn.Module):
         self.sub_layer_norm = nn.LayerNorm(e, **factory) if layer_norm else None
         self.reset_parameters()
 
-    def _check_kv_heads(self, num_kv_heads: Any, group: Any) -> int:
+    def _check_kv_heads(self, num_kv_heads: Any) -> int:
         if num_kv_heads is None:
             return self.num_heads
         kv = check_positive_int("num_kv_heads", num_kv_heads)
         if self.num_heads % kv:
             raise ValueError(f"num_kv_heads: must divide num_heads={self.num_heads}, got {kv}")
-        if kv != self.num_heads and group is not None:
-            raise NotImplementedError(
-                "num_kv_heads: the torch ring does not take fewer K/V heads than query heads "
-                "yet; run without a group, or with num_kv_heads=num_heads"
-            )
         return kv
 
     def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -54,7 +54,9 @@ def ring_dilated_attention(
     Args:
         q, k, v: this rank's shards ``(batch, seq_len / P, num_heads, head_dim)``, holding
             the global positions ``layout`` gives the rank (contiguous: ``[j*c, (j+1)*c)``;
-            :func:`ringsim.shard` cuts them).
+            :func:`ringsim.shard` cuts them); k and v may have fewer heads, a divisor of q's
+            (grouped-query attention: each message carries K/V heads, Note [Fewer K/V heads]
+            in :mod:`ringsim.gpu.executor.base`).
         group: the torch.distributed process group (default: the default group), used
             when ``comm`` is None.
         comm: any ringsim communicator instead (e.g. a simulated cluster's).
@@ -89,13 +91,13 @@ def ring_dilated_attention(
         masked = key_padding_mask is not None
         prepared = prepare(x, k, v, kernel, softmax_scale, masked=masked)  # tensors first
         check_differentiable(*prepared)
-        chosen.append((*prepared, key_bias(key_padding_mask, x)))
+        chosen.append((*prepared, key_bias(key_padding_mask, x, heads=k.shape[2])))
 
     # devices, flags and the kernel (check_rank): every rank's verdict first
     config, _ = agreed_config(
         comm, q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
         softmax_scale=softmax_scale, check_array=check_rank, layout=layout,
-        key_padding=key_padding_mask is not None,
+        allow_gqa=True, key_padding=key_padding_mask is not None,
     )  # fmt: skip
     q, k, v, kernel_run, pad = chosen[0]
     out, lse = RingFunction.apply(

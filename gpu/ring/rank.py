@@ -67,9 +67,10 @@ class StepParts:
         return self.executor.run(step.step, step.batches, held) or {}
 
 
-def _plan(config: DilatedConfig, q: torch.Tensor, comm: Communicator, layout: Layout):
+def _plan(config: DilatedConfig, q, k, comm: Communicator, layout: Layout):
     _, c, h, _ = q.shape
-    return rank_plan(config, h, c * comm.world_size, comm.world_size, comm.rank, layout)
+    n, p = c * comm.world_size, comm.world_size
+    return rank_plan(config, h, n, p, comm.rank, layout, kv_ratio=h // k.shape[2])
 
 
 def ring_forward(
@@ -87,7 +88,7 @@ def ring_forward(
     ``(b, h, c)``, float32 or float64; the shards hold the positions ``layout`` gives.
     ``pad``: this rank's key bias ``(b, c, h, 1)`` (Note [Key masks] in
     :mod:`ringsim.gpu.executor.base`), or None."""
-    plan = _plan(config, q, comm, layout)
+    plan = _plan(config, q, k, comm, layout)
     executor = ForwardExecutor(q, k, v, plan, config, kernel, pad)
     if trace is not None:
         trace.hold("q, k, v, out, lse", sum(x.nbytes for x in (q, k, v)) + executor.state_nbytes)
@@ -136,7 +137,7 @@ def ring_backward(
         trace: where this rank's backward events go (None: nowhere).
     """
     check_backward(comm, kernel, dlse)
-    plan = _plan(config, q, comm, layout)
+    plan = _plan(config, q, k, comm, layout)
     executor = BackwardExecutor(q, k, v, out, lse, dout, dlse, plan, config, kernel, pad)
     if trace is not None:
         trace.hold("q, k, v, out, lse, dout", sum(x.nbytes for x in (q, k, v, out, lse, dout)))

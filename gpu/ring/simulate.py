@@ -40,7 +40,8 @@ def simulated_ring_dilated_attention(
 
     Args:
         q, k, v: ``(batch, seq_len, num_heads, head_dim)``; ``seq_len % world_size == 0``
-            (zigzag: ``seq_len % (2 * world_size) == 0``).
+            (zigzag: ``seq_len % (2 * world_size) == 0``); k, v may have fewer heads
+            (grouped-query attention), as in the ring.
         world_size, is_causal, mode, softmax_scale, kernel, layout: as in the ring and
             :func:`ringsim.gpu.dilated_attention`.
         key_padding_mask: ``(batch, seq_len)``, as :func:`ringsim.gpu.dilated_attention`
@@ -61,9 +62,10 @@ def simulated_ring_dilated_attention(
         mode=mode,
         softmax_scale=softmax_scale,
         world_size=world_size,
+        allow_gqa=True,
     )
     checked = check_layout(layout, q.shape[1], world_size)
-    pad = key_bias(key_padding_mask, q)
+    pad = key_bias(key_padding_mask, q, heads=k.shape[2])
     q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale, masked=pad is not None)
     check_differentiable(q, k, v, chosen)
     traces: list[Trace] = []
