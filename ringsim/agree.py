@@ -80,6 +80,7 @@ def agreed_config(
     layout: Layout | str = Layout.CONTIGUOUS,
     allow_gqa: bool = False,
     key_padding: bool = False,
+    dropout: float = 0.0,
 ) -> tuple[DilatedConfig, tuple[int, int, int, int]]:
     """Check this rank's shards, configuration and layout, then :func:`agree` with every
     rank.
@@ -106,6 +107,7 @@ def agreed_config(
             f"scale={config.softmax_scale} shard={shape} kv_heads={k.shape[2]} {q.dtype} "
             f"on {_device_type(q)} "
             f"layout={layout.value} key_padding={key_padding}"
+            + (f" dropout={dropout}" if dropout else "")
         )
     except (TypeError, ValueError, NotImplementedError) as err:
         error = err

@@ -12,6 +12,7 @@ and nothing else of the package.
 from .backward import BackwardExecutor
 from .checks import (
     check_differentiable,
+    check_dropout_p,
     check_key_mask,
     check_tensor,
     key_bias,
@@ -28,6 +29,7 @@ __all__ = [
     "ForwardExecutor",
     "Part",
     "check_differentiable",
+    "check_dropout_p",
     "check_key_mask",
     "check_tensor",
     "dilated_attention",

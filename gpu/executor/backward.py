@@ -43,7 +43,7 @@ from ringsim.config import DilatedConfig, PatternGroup
 from ringsim.gradrelay import HomeAdds
 from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
 
-from ..kernels import Kernel, accumulator_dtype, block_backward
+from ..kernels import Dropout, Kernel, accumulator_dtype, block_backward
 from .base import Executor
 from .layout import (
     batch_blocks,
@@ -92,12 +92,16 @@ class BackwardExecutor(HomeAdds, Executor):
         lse, dlse: ``(b, h, c)``: the forward's lse and its gradient (None: the loss does
             not read lse); read through their ``(b, c, h)`` views, rows then heads like out
             (Note [The lse layout] in :mod:`ringsim.gpu.executor.forward`).
-        plan, config, kernel, pad: as the forward ran.
+        plan, config, kernel, pad, dropout: as the forward ran (dropout: the forward's
+            record, replayed).
     """
 
     def __init__(self, q, k, v, out, lse, dout, dlse, plan: RankPlan, config: DilatedConfig,
-                 kernel: Kernel, pad: torch.Tensor | None = None) -> None:  # fmt: skip
-        super().__init__(q, k, v, plan, config, kernel, pad)
+                 kernel: Kernel, pad: torch.Tensor | None = None,
+                 dropout: Dropout | None = None) -> None:  # fmt: skip
+        super().__init__(q, k, v, plan, config, kernel, pad, dropout)
+        if self.dropout is not None:
+            self.dropout.rewind()  # the forward's calls again, in its order
         self.out, self.dout = out, dout
         self.dlse = None if dlse is None else dlse.transpose(1, 2)
         # the kernels read +inf on rows with no key (Note [Backward with the final out and lse])
@@ -213,6 +217,7 @@ class BackwardExecutor(HomeAdds, Executor):
             kernel=self.kernel,
             dlse=None if self.dlse is None else blocks(self.dlse).contiguous(),
             bias=bias,
+            dropout=self.dropout,
         )
 
     def _aligned(self, batch: TaskBatch, held, shares) -> None:

@@ -36,7 +36,7 @@ from ringsim.comm.base import Payload, Recv
 from ringsim.config import DilatedConfig, PatternGroup, kv_heads
 from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
 
-from ..kernels import Kernel
+from ..kernels import Dropout, Kernel
 from .layout import (
     gather_pair,
     gathered_blocks,
@@ -72,15 +72,22 @@ class Executor:
         config, kernel: the configuration and the kernel that runs.
         pad: the rank's key bias ``(b, c, h_kv, 1)`` in q's dtype (Note [Key masks]), or
             None.
+        dropout: attention dropout, its calls' random states recorded by the forward and
+            replayed by the backward (Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`),
+            or None.
     """
 
     def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel,
-                 pad: torch.Tensor | None = None) -> None:  # fmt: skip
+                 pad: torch.Tensor | None = None,
+                 dropout: Dropout | None = None) -> None:  # fmt: skip
         self.q, self.k, self.v, self.plan, self.kernel = q, k, v, plan, kernel
         self.b, self.c, self.h, self.d = q.shape
         self.pad = pad  # Note [Key masks]: (b, c, h_kv, 1) or None
         self.kv_ratio = plan.kv_ratio  # Note [Fewer K/V heads]
-        self.aligned = pad is None and plan.kv_ratio == 1 and strided(config, plan)
+        # Note [Dropout]: the same calls in both passes, so the gathered-rows path
+        self.dropout = dropout if dropout is not None and dropout.p > 0 else None
+        general = pad is not None or plan.kv_ratio > 1 or self.dropout is not None
+        self.aligned = not general and strided(config, plan)
         self.scale = config.scale(self.d)
         self.span = self.c // len(plan.chunks)  # a chunk's rows: the longest local segment
         self.widths = config.effective_segment_lengths(self.span)  # local widths W

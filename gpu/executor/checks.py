@@ -69,12 +69,21 @@ def check_key_mask(mask, b: int, n: int, device: torch.device) -> None:
 MAX_SCALE = float(torch.finfo(torch.float32).max)
 
 
+def check_dropout_p(dropout_p) -> float:
+    """Attention dropout's probability: a float in ``[0, 1)`` (1 would scale by 1/0)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if not 0.0 <= float(dropout_p) < 1.0:  # NaN fails too
+        raise ValueError(f"dropout_p: must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
 def prepare(q, k, v, requested: Kernel | str | None, softmax_scale: float | None, *,
-            masked: bool = False):  # fmt: skip
+            masked: bool = False, dropout: bool = False):  # fmt: skip
     """Every entry point's inputs, before any work: q checked (:func:`check_tensor`), the
     scale within :data:`MAX_SCALE`, q, k, v :func:`~ringsim.gpu.kernels.realigned`, and the
-    kernel chosen for them (one that takes a key mask if ``masked``). Returns ``(q, k, v,
-    kernel)``."""
+    kernel chosen for them (one that takes a key mask if ``masked``, attention dropout if
+    ``dropout``). Returns ``(q, k, v, kernel)``."""
     check_tensor(q, k, v)
     if softmax_scale is not None and abs(softmax_scale) > MAX_SCALE:
         raise ValueError(
@@ -82,7 +91,7 @@ def prepare(q, k, v, requested: Kernel | str | None, softmax_scale: float | None
             "in which the torch kernels compute the scores"
         )
     q, k, v = (realigned(x) for x in (q, k, v))
-    return q, k, v, choose_kernel(q, requested, k, v, masked=masked)
+    return q, k, v, choose_kernel(q, requested, k, v, masked=masked, dropout=dropout)
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:

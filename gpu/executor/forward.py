@@ -56,7 +56,7 @@ from ringsim.comm.base import Payload
 from ringsim.config import DilatedConfig
 from ringsim.plan import BlockAction, RankPlan, TaskBatch
 
-from ..kernels import Kernel, accumulator_dtype, attend
+from ..kernels import Dropout, Kernel, accumulator_dtype, attend
 from .base import Executor
 from .layout import (
     batch_blocks,
@@ -81,8 +81,9 @@ class ForwardExecutor(Executor):
     :meth:`finish`."""
 
     def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel,
-                 pad: torch.Tensor | None = None) -> None:  # fmt: skip
-        super().__init__(q, k, v, plan, config, kernel, pad)
+                 pad: torch.Tensor | None = None,
+                 dropout: Dropout | None = None) -> None:  # fmt: skip
+        super().__init__(q, k, v, plan, config, kernel, pad, dropout)
         self.mixing = self.aligned and not self.pieces and mix_reason(q) is None
         b, c, h, d = q.shape
         # lse stored (b, h, c), written through its (b, c, h) view (Note [The lse layout])
@@ -239,7 +240,7 @@ class ForwardExecutor(Executor):
         for rows in task_row_batches(batch, self.groups(batch.pair), self.plan.chunks):
             attend_rows(self.q, self.k, self.v, self.out, self.lse, rows, causal=causal,
                         scale=self.scale, kernel=self.kernel, pad=self.pad,
-                        kv_ratio=self.kv_ratio)  # fmt: skip
+                        kv_ratio=self.kv_ratio, dropout=self.dropout)  # fmt: skip
 
     def _received(self, batch: TaskBatch, held: dict[int, Payload]) -> None:
         """A ragged batch on blocks received (or on another piece of the rank's own block):
@@ -261,6 +262,7 @@ class ForwardExecutor(Executor):
                     scale=self.scale,
                     kernel=self.kernel,
                     bias=bias,
+                    dropout=self.dropout,
                 )
                 rows = range_index(local, self.q.device)[:, None]  # (m, 1)
                 heads = heads_index(group.heads, self.q.device)[None, :]  # (1, H)
@@ -269,7 +271,8 @@ class ForwardExecutor(Executor):
 
 
 def attend_rows(q, k, v, out, lse, batch: RowBatch, *, causal: bool, scale: float, kernel,
-                pad: torch.Tensor | None = None, kv_ratio: int = 1) -> None:  # fmt: skip
+                pad: torch.Tensor | None = None, kv_ratio: int = 1,
+                dropout: Dropout | None = None) -> None:  # fmt: skip
     """Attend one row batch (rows: indices into q, k, v, and ``pad``, the key bias ``(b, n,
     h_kv, 1)`` if any; k, v with ``h / kv_ratio`` heads: Note [Fewer K/V heads] in
     :mod:`ringsim.gpu.executor.base`) and merge it into ``out (b, n, h, d)``, ``lse (b, n,
@@ -284,6 +287,7 @@ def attend_rows(q, k, v, out, lse, batch: RowBatch, *, causal: bool, scale: floa
         scale=scale,
         kernel=kernel,
         bias=bias,
+        dropout=dropout,
     )
     b = q.shape[0]
     merge_into(out, lse, rows, heads, unblock(block_out, b), unblock(block_lse, b))

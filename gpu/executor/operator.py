@@ -33,29 +33,31 @@ from .checks import prepare
 from .forward import ForwardExecutor
 
 
-def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel, pad=None):
+def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel, pad=None, dropout=None):
     """The forward on one device, no autograd: out ``(b, n, h, d)`` in q's dtype and the
     lse ``(b, h, n)``, float32 or float64. ``pad``: the key bias
-    (:func:`~ringsim.gpu.executor.checks.key_bias`)."""
+    (:func:`~ringsim.gpu.executor.checks.key_bias`); ``dropout``: a
+    :class:`~ringsim.gpu.kernels.Dropout` that records its calls' random states."""
     _, n, h, _ = q.shape
     plan = rank_plan(config, h, n, 1, 0)
-    executor = ForwardExecutor(q, k, v, plan, config, kernel, pad)
+    executor = ForwardExecutor(q, k, v, plan, config, kernel, pad, dropout)
     executor.run(0, plan.steps[0].batches, {})
     return executor.finish()
 
 
 def dilated_backward(q, k, v, out, lse, dout, dlse, config: DilatedConfig, kernel: Kernel,
-                     pad=None):  # fmt: skip
+                     pad=None, dropout=None):  # fmt: skip
     """dq, dk, dv of dilated attention on one device, in q's dtype.
 
     Args:
         q, k, v, out, dout: ``(b, n, h, d)``; out is the forward's (final) output.
         lse, dlse: ``(b, h, n)``, the forward's lse and its gradient (None: lse unused).
-        config, kernel, pad: as the forward ran.
+        config, kernel, pad, dropout: as the forward ran (dropout: its record, replayed).
     """
     _, n, h, _ = q.shape
     plan = rank_plan(config, h, n, 1, 0)
-    executor = BackwardExecutor(q, k, v, out, lse, dout, dlse, plan, config, kernel, pad)
+    executor = BackwardExecutor(q, k, v, out, lse, dout, dlse, plan, config, kernel, pad,
+                                dropout)  # fmt: skip
     executor.run(0, plan.steps[0].batches, {})
     return executor.finish()
 
@@ -169,3 +171,25 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd(
     "ringsim::dilated_attention", _backward, setup_context=_setup_context
 )
+
+
+class DropoutFunction(torch.autograd.Function):
+    """One device with attention dropout: ``apply(q, k, v, config, kernel, pad, dropout) ->
+    (out, lse)``. The operator above cannot carry the record of each call's random state
+    from its forward to its backward (Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`),
+    so this autograd function does, on ``ctx``; it runs eagerly (under ``torch.compile``, a
+    graph break)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, config: DilatedConfig, kernel: Kernel, pad, dropout):
+        """:func:`dilated_forward`; keeps q, k, v, out, lse and the dropout record."""
+        ctx.config, ctx.kernel, ctx.pad, ctx.dropout = config, kernel, pad, dropout
+        return keep(ctx, q, k, v, *dilated_forward(q, k, v, config, kernel, pad, dropout))
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        """:func:`dilated_backward` with the forward's masks: dq, dk, dv."""
+        refuse_double_backward()
+        grads = dilated_backward(*restore(ctx, dout, dlse), ctx.config, ctx.kernel, ctx.pad,
+                                 ctx.dropout)  # fmt: skip
+        return (*grads, None, None, None, None)

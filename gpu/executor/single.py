@@ -24,9 +24,9 @@ import torch
 
 from ringsim.config import check_flags, validate
 
-from ..kernels import Kernel, as_kernel
-from .checks import check_differentiable, key_bias, needs_grad, prepare
-from .operator import dilated_forward, dilated_operator
+from ..kernels import Dropout, Kernel, as_kernel
+from .checks import check_differentiable, check_dropout_p, key_bias, needs_grad, prepare
+from .operator import DropoutFunction, dilated_forward, dilated_operator
 
 
 def dilated_attention(
@@ -43,6 +43,7 @@ def dilated_attention(
     kernel: Kernel | str | None = None,
     cuda_graph: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ):
     """Dilated attention on one device (spec §6).
 
@@ -66,6 +67,13 @@ def dilated_attention(
             float, added to every score of each key (:func:`key_bias`). Runs the
             gathered-rows path and a kernel that takes a mask (efficient on CUDA, math or
             flash_cpu on the CPU: Note [The kernel choice]).
+        dropout_p: attention dropout, in ``[0, 1)``: each probability dropped with this
+            probability, the rest scaled by ``1 / (1 - dropout_p)``; the patterns mix with
+            the weights of the scores before dropout (Note [Dropout] in
+            :mod:`ringsim.gpu.kernels.dropout`). Reproducible under ``torch.manual_seed``.
+            It runs the gathered-rows path with flash, efficient or math, eagerly (under
+            ``torch.compile`` a graph break). Applied whenever > 0, as
+            ``scaled_dot_product_attention`` applies it: pass 0 in eval.
     Returns:
         out ``(batch, seq_len, num_heads, head_dim)`` in q's dtype [, lse].
     """
@@ -84,6 +92,10 @@ def dilated_attention(
     k, v = repeat_kv(q, k, v)
     fields = (list(config.segment_lengths), list(config.dilation_rates), config.is_causal,
               config.mode.value, config.softmax_scale)  # fmt: skip
+    dropout_p = check_dropout_p(dropout_p)
+    if dropout_p > 0:
+        return _with_dropout(q, k, v, config, kernel, key_padding_mask, dropout_p, return_lse,
+                             cuda_graph)  # fmt: skip
     if torch.compiler.is_compiling() and not cuda_graph:  # data checks: inside the operator
         pad = key_bias(key_padding_mask, q)
         if kernel is not None:
@@ -105,6 +117,18 @@ def dilated_attention(
         return (out, lse) if return_lse else out
     check_differentiable(q, k, v, chosen)
     out, lse = dilated_operator(q, k, v, pad, *fields, chosen.value, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _with_dropout(q, k, v, config, kernel, key_padding_mask, p: float, return_lse, cuda_graph):
+    """:func:`dilated_attention` with attention dropout (its argument checks made)."""
+    if cuda_graph:
+        raise ValueError("cuda_graph: the graphed forward takes no dropout")
+    pad = key_bias(key_padding_mask, q)
+    q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale, masked=pad is not None,
+                              dropout=True)  # fmt: skip
+    check_differentiable(q, k, v, chosen)
+    out, lse = DropoutFunction.apply(q, k, v, config, chosen, pad, Dropout(p))
     return (out, lse) if return_lse else out
 
 

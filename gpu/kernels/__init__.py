@@ -23,6 +23,7 @@ from .choice import (
     realigned,
     unaligned,
 )
+from .dropout import Dropout
 from .forward import attend, compiled_flex, math_attention
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_BLOCKS",
     "MAX_EXTENT",
     "PREFERENCE",
+    "Dropout",
     "Kernel",
     "accumulator_dtype",
     "as_kernel",

@@ -74,6 +74,7 @@ from .choice import (
     capability,
     choose_kernel,
 )
+from .dropout import Dropout, keep_scale
 from .forward import padded_bias
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -94,6 +95,7 @@ def attend_backward(
     allowed: torch.Tensor | None = None,
     dlse: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    dropout: Dropout | None = None,
 ) -> Grads:
     """One block's share of the gradient of attention with the final ``out`` and ``lse``.
 
@@ -114,6 +116,8 @@ def attend_backward(
         dlse: ``(B, H, M)`` gradient of the loss w.r.t. lse; MATH only.
         bias: ``(B, H, 1, L)`` the key mask the forward added to the scores (q's dtype);
             the kernels whose capability allows ``masked`` only.
+        dropout: the forward's :class:`~ringsim.gpu.kernels.dropout.Dropout`, replayed call
+            by call (Note [Dropout]).
     Returns:
         ``dq (B, H, M, D)``, ``dk, dv (B, H, L, D)``: the fused kernels' own dtype (q's),
         float32 (float64 for float64 input) from MATH. Callers add them into float32
@@ -138,7 +142,8 @@ def attend_backward(
             raise NotImplementedError(
                 f"dlse: kernel {kernel.value} cannot add a gradient w.r.t. lse; use kernel='math'"
             )
-        choose_kernel(q, kernel, k, v, masked=bias is not None)  # ValueError: the reason
+        dropping = dropout is not None and dropout.p > 0
+        choose_kernel(q, kernel, k, v, masked=bias is not None, dropout=dropping)
         if causal and q.shape[-2] != k.shape[-2]:  # flash aligns a non-square mask bottom-right
             raise ValueError(f"causal: needs a square block, got M={q.shape[-2]}, L={k.shape[-2]}")
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -147,14 +152,15 @@ def attend_backward(
     # Note [Backward with the final out and lse]: a row with no key gets P = exp(s - inf) = 0
     lse = torch.where(torch.isneginf(lse), math.inf, lse)
     if allowed is not None:
-        return _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse, bias)
+        keep = _keep(dropout, q, k) if dropout is not None and dropout.p > 0 else None
+        return _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse, bias, keep)
     return block_backward(q, k, v, out, lse, dout, causal=causal, scale=scale, kernel=kernel,
-                          dlse=dlse, bias=bias)  # fmt: skip
+                          dlse=dlse, bias=bias, dropout=dropout)  # fmt: skip
 
 
 def block_backward(q, k, v, out, lse, dout, *, causal: bool, scale: float, kernel: Kernel,
-                   dlse: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None) -> Grads:  # fmt: skip
+                   dlse: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   dropout: Dropout | None = None) -> Grads:  # fmt: skip
     """:func:`attend_backward` without its checks, for a caller that made them once (the step
     executor, which runs dozens of blocks of one checked configuration): the same arguments,
     except that ``lse`` must already read ``+inf`` (not ``-inf``) on rows with no key, and
@@ -164,19 +170,31 @@ def block_backward(q, k, v, out, lse, dout, *, causal: bool, scale: float, kerne
             f"dlse: kernel {kernel.value} cannot add a gradient w.r.t. lse; use kernel='math'"
         )
     kernel = backward_kernel(kernel, q, k, causal)
+    drop = dropout if dropout is not None and dropout.p > 0 else None
     if kernel is Kernel.MATH:
-        return _math(q, k, v, out, lse, dout, causal, scale, None, dlse, bias)
+        keep = None if drop is None else _keep(drop, q, k)
+        return _math(q, k, v, out, lse, dout, causal, scale, None, dlse, bias, keep)
     if bias is not None and kernel not in (Kernel.EFFICIENT, Kernel.FLASH_CPU):
         raise ValueError(f"bias: kernel {kernel.value} takes no key mask")
+    if drop is not None and kernel not in (Kernel.FLASH, Kernel.EFFICIENT):
+        raise ValueError(f"dropout: kernel {kernel.value} takes no dropout")
     acc = accumulator_dtype(q.dtype)
     out, dout, lse = out.to(q.dtype), dout.to(q.dtype), lse.to(acc)
-    per_call = blocks_per_call(q, k, v, out, dout)
-    xs = (q, k, v, out, lse, dout) + (() if bias is None else (bias,))
+    # with dropout, split as the forward split (Note [Dropout])
+    per_call = blocks_per_call(q, k, v) if drop else blocks_per_call(q, k, v, out, dout)
+    fused = functools.partial(_FUSED[kernel], causal=causal, scale=scale, dropout=drop)
     if q.shape[0] <= per_call:
-        return _FUSED[kernel](*xs[:6], causal, scale, *xs[6:])
-    chunks = zip(*(x.split(per_call) for x in xs))
-    grads = [_FUSED[kernel](*c[:6], causal, scale, *c[6:]) for c in chunks]
+        return fused(q, k, v, out, lse, dout, bias)
+    biases = (None,) * q.shape[0] if bias is None else bias.split(per_call)
+    chunks = zip(*(x.split(per_call) for x in (q, k, v, out, lse, dout)), biases)
+    grads = [fused(*c) for c in chunks]
     return tuple(torch.cat(xs) for xs in zip(*grads))
+
+
+def _keep(dropout: Dropout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The math kernel's ``mask / (1 - p)`` of the next forward call (Note [Dropout])."""
+    shape = (*q.shape[:-1], k.shape[-2])
+    return keep_scale(shape, dropout.replay(), dropout.p, accumulator_dtype(q.dtype), q.device)
 
 
 def backward_kernel(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, causal: bool) -> Kernel:
@@ -195,8 +213,10 @@ def backward_kernel(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, causal: bo
     return chosen
 
 
-def _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse, bias=None) -> Grads:
-    """The Note's formula with plain ops, scores in float32 (float64 for float64 input)."""
+def _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse, bias=None, keep=None) -> Grads:
+    """The Note's formula with plain ops, scores in float32 (float64 for float64 input);
+    ``keep``: dropout's ``mask / (1 - p)`` (Note [Dropout]: ``dV = (P Z)^T dO``,
+    ``dS = P (Z dP - D)``)."""
     acc = accumulator_dtype(q.dtype)
     q, k, v, out, dout, lse = (x.to(acc) for x in (q, k, v, out, dout, lse))
     scores = scale * torch.matmul(q, k.transpose(-1, -2))  # (B, H, M, L)
@@ -211,22 +231,25 @@ def _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse, bias=None) -> G
     delta = (dout * out).sum(-1)  # (B, H, M)
     if dlse is not None:
         delta = delta - dlse.to(acc)
-    ds = probs * (torch.matmul(dout, v.transpose(-1, -2)) - delta[..., None])  # (B, H, M, L)
+    dp = torch.matmul(dout, v.transpose(-1, -2))  # (B, H, M, L)
+    kept = probs if keep is None else probs * keep
+    ds = probs * ((dp if keep is None else dp * keep) - delta[..., None])
     dq = scale * torch.matmul(ds, k)
     dk = scale * torch.matmul(ds.transpose(-1, -2), q)
-    dv = torch.matmul(probs.transpose(-1, -2), dout)
+    dv = torch.matmul(kept.transpose(-1, -2), dout)
     return dq, dk, dv
 
 
-def _flash(q, k, v, out, lse, dout, causal, scale) -> Grads:
+def _flash(q, k, v, out, lse, dout, bias=None, *, causal, scale, dropout=None) -> Grads:
     # cum_seq_q/k None (dense, not varlen), philox seed/offset None (unread with dropout 0);
     # the op makes out and dout contiguous itself and reads lse as a dense (B, H, M)
     m, l_ = q.shape[-2], k.shape[-2]
-    args = (dout, q, k, v, out, lse.contiguous(), None, None, m, l_, 0.0, causal, None, None)
+    p, (seed, offset) = (0.0, (None, None)) if dropout is None else (dropout.p, dropout.replay())
+    args = (dout, q, k, v, out, lse.contiguous(), None, None, m, l_, p, causal, seed, offset)
     return aten._scaled_dot_product_flash_attention_backward(*args, scale=scale)
 
 
-def _cudnn(q, k, v, out, lse, dout, causal, scale) -> Grads:
+def _cudnn(q, k, v, out, lse, dout, bias=None, *, causal, scale, dropout=None) -> Grads:
     out, dout = _layout_like(out, q), _layout_like(dout, q)  # see the module docstring
     if _cudnn_ragged(q, k, v, out):  # the forward's (B, M, H, 1) stats in this mode
         stats = lse.transpose(1, 2).contiguous().transpose(1, 2)[..., None]
@@ -238,19 +261,21 @@ def _cudnn(q, k, v, out, lse, dout, causal, scale) -> Grads:
     return aten._scaled_dot_product_cudnn_attention_backward(*args, scale=scale)
 
 
-def _efficient(q, k, v, out, lse, dout, causal, scale, bias=None) -> Grads:
+def _efficient(q, k, v, out, lse, dout, bias=None, *, causal, scale, dropout=None) -> Grads:
     m = q.shape[-2]
     padded = lse.new_full((*lse.shape[:-1], -(-m // 32) * 32), math.inf)  # (B, H, M_32)
     padded[..., :m] = lse
     out = out.transpose(1, 2).contiguous().transpose(1, 2)  # (B, M, H, D) in memory
     mask = None if bias is None else padded_bias(bias, m)
-    # philox seed/offset: None (dropout 0); no grad for the bias
-    args = (dout, q, k, v, mask, out, padded, None, None, 0.0, [True, True, True, False], causal)
+    p, (seed, offset) = (0.0, (None, None)) if dropout is None else (dropout.p, dropout.replay())
+    # no grad for the bias
+    grads_wanted = [True, True, True, False]
+    args = (dout, q, k, v, mask, out, padded, seed, offset, p, grads_wanted, causal)
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(*args, scale=scale)
     return dq, dk, dv
 
 
-def _flash_cpu(q, k, v, out, lse, dout, causal, scale, bias=None) -> Grads:
+def _flash_cpu(q, k, v, out, lse, dout, bias=None, *, causal, scale, dropout=None) -> Grads:
     args = (dout, q, k, v, out, lse, 0.0, causal)  # lse float64 for float64 input, else float32
     mask = None if bias is None else padded_bias(bias, q.shape[-2])
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -91,6 +91,14 @@ def blocks_per_call(*xs: torch.Tensor) -> int:
     return most
 
 
+#: Why each kernel takes no dropout here (Note [Dropout] in :mod:`.dropout`).
+NO_DROPOUT = {
+    "cudnn": "cuDNN's SDPA dropout crashed in cuDNN 9.11-9.13 (pytorch/pytorch#163903) and "
+    "rounds p to a multiple of 1/16 in some kernels (pytorch/pytorch#174245)",
+    "flash_cpu": "PyTorch's CPU flash kernel does not support dropout > 0",
+    "flex": "FlexAttention is not wired to dropout here",
+}
+
 #: Why each kernel takes no key mask (``bias``), Note [The kernel choice].
 NO_MASK = {
     "flash": "PyTorch's flash kernel takes no mask",
@@ -100,13 +108,20 @@ NO_MASK = {
 
 
 def capability(
-    kernel: Kernel, q: torch.Tensor, *others: torch.Tensor, masked: bool = False
+    kernel: Kernel,
+    q: torch.Tensor,
+    *others: torch.Tensor,
+    masked: bool = False,
+    dropout: bool = False,
 ) -> str | None:
     """Why ``kernel`` cannot run on tensors like ``q`` ``(B, H, M, D)`` (and ``others``, such as
-    k and v, where their layout matters), with a key mask if ``masked``; None if it can."""
+    k and v, where their layout matters), with a key mask if ``masked``, with attention
+    dropout if ``dropout``; None if it can."""
     cuda, d = q.is_cuda, q.shape[-1]
     if masked and kernel.value in NO_MASK:
         return f"{kernel.value} takes no key mask: {NO_MASK[kernel.value]}"
+    if dropout and kernel.value in NO_DROPOUT:
+        return f"{kernel.value} takes no dropout: {NO_DROPOUT[kernel.value]}"
     if kernel is Kernel.MATH:
         return None if q.is_floating_point() else f"dtype {q.dtype} is not floating point"
     if kernel is Kernel.FLASH_CPU:
@@ -206,17 +221,19 @@ def choose_kernel(
     requested: Kernel | str | None = None,
     *others: torch.Tensor,
     masked: bool = False,
+    dropout: bool = False,
 ) -> Kernel:
     """The kernel for tensors like ``q`` (and ``others``, e.g. k and v; with a key mask if
-    ``masked``): ``requested`` if it can run (else ``ValueError`` with the reason), otherwise
-    the first of :func:`preference` that can."""
+    ``masked``, with attention dropout if ``dropout``): ``requested`` if it can run (else
+    ``ValueError`` with the reason), otherwise the first of :func:`preference` that can."""
+    needs = {"masked": masked, "dropout": dropout}
     if requested is not None:
         kernel = as_kernel(requested)
-        reason = capability(kernel, q, *others, masked=masked)
+        reason = capability(kernel, q, *others, **needs)
         if reason is not None:
             raise ValueError(f"kernel: {kernel.value} cannot run here: {reason}")
         return kernel
-    return next(k for k in preference(q.device) if capability(k, q, *others, masked=masked) is None)
+    return next(k for k in preference(q.device) if capability(k, q, *others, **needs) is None)
 
 
 def block_kernel(kernel: Kernel, keys: int) -> Kernel:

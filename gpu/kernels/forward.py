@@ -35,19 +35,22 @@ import math
 
 import torch
 
-from .choice import MAX_BLOCKS, Kernel, block_kernel
+from .choice import MAX_BLOCKS, Kernel, block_kernel, blocks_per_call
+from .dropout import Dropout, keep_scale
 
 
 def _no_empty_plus_inf(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(lse == math.inf, -math.inf, lse)
 
 
-def math_attention(q, k, v, *, causal: bool, scale: float, allowed=None, bias=None):
+def math_attention(q, k, v, *, causal: bool, scale: float, allowed=None, bias=None,
+                   keep=None):  # fmt: skip
     """Softmax attention with plain ops; scores in float32 (float64 for float64 input).
 
     ``allowed (M, L)``, if given, is a general mask (True = attend) used instead of the
     square causal one; ``bias (B, H, 1, L)``, if given, is added to the scores (a key mask:
-    :func:`attend`).
+    :func:`attend`); ``keep``, if given, multiplies the probabilities after the lse (dropout's
+    ``mask / (1 - p)``, Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`).
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = scale * torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))  # (B, H, M, L)
@@ -62,6 +65,8 @@ def math_attention(q, k, v, *, causal: bool, scale: float, allowed=None, bias=No
     lse = torch.logsumexp(scores, dim=-1)  # -inf on a row with no key
     probs = torch.exp(scores - lse[..., None])  # an empty row gives -inf - -inf = NaN ...
     probs = torch.where(torch.isneginf(lse)[..., None], 0.0, probs)  # ... so it gets 0
+    if keep is not None:
+        probs = probs * keep
     return weighted_values(probs, v.to(acc)).to(q.dtype), lse
 
 
@@ -77,7 +82,7 @@ def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q, k, v, *, causal: bool, scale: float, kernel: Kernel, raw_lse: bool = False,
-           bias: torch.Tensor | None = None):  # fmt: skip
+           bias: torch.Tensor | None = None, dropout: Dropout | None = None):  # fmt: skip
     """Run ``kernel`` on ``(B, H, M, D)`` blocks; returns ``(out, lse)`` as described above.
 
     ``raw_lse``: leave a ``+inf`` lse as the kernel returned it (one launch less), for a
@@ -85,21 +90,26 @@ def attend(q, k, v, *, causal: bool, scale: float, kernel: Kernel, raw_lse: bool
     ``bias``: ``(B, H, 1, L)`` in q's dtype, added to every row's scores of each key: a key
     mask (0 = attend, ``-inf`` = never; ``key_padding_mask``), taken by the kernels whose
     :func:`~ringsim.gpu.kernels.capability` allows ``masked``. A row whose keys are all
-    ``-inf`` gets out 0 and lse ``-inf``.
+    ``-inf`` gets out 0 and lse ``-inf``. ``dropout``: attention dropout; each call records
+    its random state there (Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`).
     """
     kernel = block_kernel(kernel, k.shape[-2])
-    if q.shape[0] > MAX_BLOCKS and kernel is not Kernel.MATH and q.is_cuda:
-        biases = (None,) * q.shape[0] if bias is None else bias.split(MAX_BLOCKS)
+    dropping = dropout is not None and dropout.p > 0
+    # with dropout, calls split as the backward splits them (Note [Dropout])
+    per_call = blocks_per_call(q, k, v) if dropping else MAX_BLOCKS
+    if q.shape[0] > per_call and kernel is not Kernel.MATH and q.is_cuda:
+        biases = (None,) * q.shape[0] if bias is None else bias.split(per_call)
         call = functools.partial(attend, causal=causal, scale=scale, kernel=kernel,
-                                 raw_lse=raw_lse)  # fmt: skip
+                                 raw_lse=raw_lse, dropout=dropout)  # fmt: skip
         parts = [
             call(*chunk, bias=part)
-            for *chunk, part in zip(*(x.split(MAX_BLOCKS) for x in (q, k, v)), biases)
+            for *chunk, part in zip(*(x.split(per_call) for x in (q, k, v)), biases)
         ]
         return tuple(torch.cat(xs) for xs in zip(*parts))
+    drop = dropout if dropping else None
     if bias is None:
-        return _attend(q, k, v, causal, scale, kernel, raw_lse)
-    out, lse = _attend(q, k, v, causal, scale, kernel, raw_lse, bias)
+        return _attend(q, k, v, causal, scale, kernel, raw_lse, None, drop)
+    out, lse = _attend(q, k, v, causal, scale, kernel, raw_lse, bias, drop)
     empty = no_key_rows(bias, causal, q.shape[-2])
     return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, -math.inf)
 
@@ -123,27 +133,41 @@ def padded_bias(bias: torch.Tensor, rows: int) -> torch.Tensor:
     return storage[..., :length].expand(*bias.shape[:2], rows, length)
 
 
-def _attend(q, k, v, causal, scale, kernel, raw_lse, bias=None):
+def _attend(q, k, v, causal, scale, kernel, raw_lse, bias=None, dropout=None):
     aten = torch.ops.aten
     if kernel is Kernel.MATH:
-        return math_attention(q, k, v, causal=causal, scale=scale, bias=bias)
+        keep = None
+        if dropout is not None:
+            seed = dropout.new_seed()
+            dropout.record(seed)
+            shape = (*q.shape[:-1], k.shape[-2])
+            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+            keep = keep_scale(shape, seed, dropout.p, acc, q.device)
+        return math_attention(q, k, v, causal=causal, scale=scale, bias=bias, keep=keep)
     if bias is not None and kernel not in (Kernel.EFFICIENT, Kernel.FLASH_CPU):
         raise ValueError(f"bias: kernel {kernel.value} takes no key mask")
+    if dropout is not None and kernel not in (Kernel.FLASH, Kernel.EFFICIENT):
+        raise ValueError(f"dropout: kernel {kernel.value} takes no dropout")
     mask = None if bias is None else padded_bias(bias, q.shape[-2])
+    p = 0.0 if dropout is None else dropout.p
     if kernel is Kernel.FLASH:
-        out, lse, *_ = aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, causal, False, scale=scale
+        out, lse, *_, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+            q, k, v, p, causal, False, scale=scale
         )
+        if dropout is not None:
+            dropout.record((seed, offset))
     elif kernel is Kernel.CUDNN:
         out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale
         )
         lse = lse.reshape(q.shape[:-1])
     elif kernel is Kernel.EFFICIENT:
-        out, lse, *_ = aten._scaled_dot_product_efficient_attention(
-            q, k, v, mask, True, 0.0, causal, scale=scale
+        out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask, True, p, causal, scale=scale
         )
         lse = lse[..., : q.shape[-2]]
+        if dropout is not None:
+            dropout.record((seed, offset))
     elif kernel is Kernel.FLASH_CPU:
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=mask, scale=scale

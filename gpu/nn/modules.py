@@ -158,9 +158,10 @@ class RingDilatedAttention(nn.Module):
 
     Args:
         segment_lengths, dilation_rates: positive ints, equal length (spec §1).
-        dropout: probability of dropping an attention probability (spec §4). Not implemented
-            yet for values > 0: forward raises ``NotImplementedError`` in training mode; in
-            eval mode dropout is the identity, so any value in ``[0, 1]`` runs there.
+        dropout: probability of dropping an attention probability in training mode (spec
+            §4; the kernels' own dropout, the patterns mixed with the weights before dropout:
+            Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`); values in ``[0, 1)`` run,
+            1 raises in training; eval mode applies none.
         mode: ``"longnet"`` or ``"grouped"`` (spec §2).
         softmax_scale: default ``1/sqrt(head_dim)``.
         kernel: a :class:`~ringsim.gpu.kernels.Kernel` (or its name) to use; default the
@@ -216,13 +217,10 @@ class RingDilatedAttention(nn.Module):
             + (f", layout={self.layout.value!r}" if self.group is not None else "")
         )
 
-    def check_dropout(self) -> None:
-        """Refuse dropout > 0 in training, which is not implemented yet."""
-        if self.training and self.dropout > 0:
-            raise NotImplementedError(
-                f"dropout: dropout on attention probabilities is not supported yet "
-                f"(dropout={self.dropout}); use dropout=0, or call .eval() for inference"
-            )
+    @property
+    def dropout_p(self) -> float:
+        """The dropout applied now: ``dropout`` in training mode, 0 in eval mode."""
+        return self.dropout if self.training else 0.0
 
     def forward(
         self,
@@ -241,17 +239,17 @@ class RingDilatedAttention(nn.Module):
         :func:`ringsim.gpu.dilated_attention` takes it.
         Returns out, same shape and dtype as q (differentiable).
         """
-        self.check_dropout()
         c = self.config
         kwargs = {"is_causal": is_causal, "mode": c.mode.value, "softmax_scale": c.softmax_scale}
         validate(q, k, v, c.segment_lengths, c.dilation_rates, **kwargs,
                  allow_gqa=True)  # before the kernel  # fmt: skip
         kwargs["key_padding_mask"] = key_padding_mask
-        if self.group is None and torch.compiler.is_compiling():  # the kernel: chosen inside
+        kwargs["dropout_p"] = self.dropout_p
+        if self.group is None and torch.compiler.is_compiling() and not kwargs["dropout_p"]:
             args = (q, k, v, c.segment_lengths, c.dilation_rates)
             return dilated_attention(*args, **kwargs, kernel=self.kernel)
-        masked = key_padding_mask is not None
-        q, k, v, chosen = prepare(q, k, v, self.kernel, c.softmax_scale, masked=masked)
+        needs = {"masked": key_padding_mask is not None, "dropout": self.dropout_p > 0}
+        q, k, v, chosen = prepare(q, k, v, self.kernel, c.softmax_scale, **needs)
         args = (q, k, v, c.segment_lengths, c.dilation_rates)
         if self.group is None:
             out = dilated_attention(*args, **kwargs, kernel=chosen)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..executor import check_key_mask
+from ..executor import check_dropout_p, check_key_mask
 from ..kernels import Kernel
 from .modules import (
     RingDilatedAttention,
@@ -311,7 +311,9 @@ class RingMultiheadDilatedAttention(nn.Module):
                 per head (:func:`~ringsim.gpu.nn.weights.dilated_attention_weights`), formed
                 densely: ``(batch, heads, seq, seq)``, O(heads x seq²) time and memory. Pass
                 False for long sequences (``nn.TransformerEncoderLayer`` does); with a group
-                (a ring) True raises, as a rank holds only its rows.
+                (a ring) True raises, as a rank holds only its rows. In training with
+                dropout the weights are dropped (as ``nn.MultiheadAttention`` returns them)
+                and the output is those weights times v.
             average_attn_weights: average the weights over heads: ``(batch, seq, seq)``.
             is_causal: causal masking by global position (unlike ``nn.MultiheadAttention``,
                 no ``attn_mask`` is needed); with an ``attn_mask``, the hint that it is the
@@ -351,15 +353,20 @@ class RingMultiheadDilatedAttention(nn.Module):
             for x, w, bias, shape in zip((query, key, value), weights, biases, heads)
         )
         attn = None
-        if need_weights or pair_mask is not None:
-            self.attention.check_dropout()
+        p = self.attention.dropout_p
+        # the dense weights: for them, for a mask of pairs, and for dropped weights returned
+        dense = pair_mask is not None or (need_weights and p > 0)
+        if need_weights or dense:
             c = self.attention.config
             attn = dilated_attention_weights(q, k, c.segment_lengths, c.dilation_rates,
                                              is_causal=is_causal, mode=c.mode.value,
                                              softmax_scale=c.softmax_scale,
                                              key_padding_mask=key_padding_mask,
                                              attn_mask=pair_mask)  # fmt: skip
-        if pair_mask is None:
+            if p > 0:
+                check_dropout_p(p)
+                attn = F.dropout(attn, p)  # the weights returned are the ones applied
+        if not dense:
             out = self.attention(q, k, v, is_causal, key_padding_mask)
         else:  # the exact weights times v: the one path that applies any mask to each pair
             values = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)

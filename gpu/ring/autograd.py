@@ -18,20 +18,23 @@ from ringsim.comm.traced import run_traced
 from ringsim.layout import shard, unshard
 
 from ..executor.operator import keep, refuse_double_backward, restore
+from ..kernels import Dropout
 from .rank import ring_backward, ring_forward
 
 
 class RingFunction(torch.autograd.Function):
     """One rank of the ring:
-    ``apply(q, k, v, config, comm, kernel, trace, backward_trace, layout, pad)`` (pad: the
-    rank's key bias, or None)."""
+    ``apply(q, k, v, config, comm, kernel, trace, backward_trace, layout, pad, dropout_p)``
+    (pad: the rank's key bias, or None; dropout_p: attention dropout's probability)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, config, comm, kernel, trace, backward_trace, layout, pad=None):
-        """:func:`~ringsim.gpu.ring.rank.ring_forward` on this rank; keeps q, k, v, out and lse."""
+    def forward(ctx, q, k, v, config, comm, kernel, trace, backward_trace, layout, pad=None,
+                dropout_p=0.0):  # fmt: skip
+        """:func:`~ringsim.gpu.ring.rank.ring_forward` on this rank; keeps q, k, v, out, lse
+        and the rank's dropout record."""
         ctx.config, ctx.comm, ctx.kernel, ctx.trace = config, comm, kernel, backward_trace
-        ctx.layout, ctx.pad = layout, pad
-        results = ring_forward(q, k, v, config, comm, kernel, trace, layout, pad)
+        ctx.layout, ctx.pad, ctx.dropout = layout, pad, Dropout(dropout_p)
+        results = ring_forward(q, k, v, config, comm, kernel, trace, layout, pad, ctx.dropout)
         return keep(ctx, q, k, v, *results)
 
     @staticmethod
@@ -39,8 +42,8 @@ class RingFunction(torch.autograd.Function):
         """:func:`~ringsim.gpu.ring.rank.ring_backward` on this rank: dq, dk, dv."""
         refuse_double_backward()
         grads = ring_backward(*restore(ctx, dout, dlse), ctx.config, ctx.comm, ctx.kernel,
-                              ctx.trace, ctx.layout, ctx.pad)  # fmt: skip
-        return (*grads, None, None, None, None, None, None, None)
+                              ctx.trace, ctx.layout, ctx.pad, ctx.dropout)  # fmt: skip
+        return (*grads, *[None] * 8)
 
 
 def _shards(x: torch.Tensor, world_size: int, layout, dim: int = 1) -> list[torch.Tensor]:
@@ -50,19 +53,22 @@ def _shards(x: torch.Tensor, world_size: int, layout, dim: int = 1) -> list[torc
 
 class SimulatedRingFunction(torch.autograd.Function):
     """Global tensors over ``world_size`` simulated ranks:
-    ``apply(q, k, v, config, world_size, kernel, timeout, traces, layout, pad) -> (out,
-    lse)``; ``traces`` (a list, or None) receives the forward's, then the backward's
-    :class:`ringsim.trace.Trace`; ``pad``: the global key bias ``(b, n, h, 1)``, or None."""
+    ``apply(q, k, v, config, world_size, kernel, timeout, traces, layout, pad, dropout_p) ->
+    (out, lse)``; ``traces`` (a list, or None) receives the forward's, then the backward's
+    :class:`ringsim.trace.Trace`; ``pad``: the global key bias ``(b, n, h, 1)``, or None;
+    ``dropout_p``: attention dropout's probability (each virtual rank keeps its record)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, config, world_size, kernel, timeout, traces, layout, pad=None):
+    def forward(ctx, q, k, v, config, world_size, kernel, timeout, traces, layout, pad=None,
+                dropout_p=0.0):  # fmt: skip
         """Every virtual rank's forward in the cluster's threads; keeps the global tensors."""
         shards = list(zip(*(_shards(x, world_size, layout) for x in (q, k, v))))
         pads = [None] * world_size if pad is None else _shards(pad, world_size, layout)
+        drops = [Dropout.seeded(dropout_p) for _ in range(world_size)]
 
         def run_rank(comm, trace):
             return ring_forward(*shards[comm.rank], config, comm, kernel, trace, layout,
-                                pads[comm.rank])  # fmt: skip
+                                pads[comm.rank], drops[comm.rank])  # fmt: skip
 
         results, trace = run_traced(world_size, run_rank, timeout=timeout)
         if traces is not None:
@@ -71,6 +77,7 @@ class SimulatedRingFunction(torch.autograd.Function):
         lse = unshard([r[1] for r in results], layout=layout, axis=-1)  # (b, h, n)
         ctx.config, ctx.world_size, ctx.kernel = config, world_size, kernel
         ctx.timeout, ctx.traces, ctx.layout, ctx.pads = timeout, traces, layout, pads
+        ctx.drops = drops
         return keep(ctx, q, k, v, out, lse)
 
     @staticmethod
@@ -95,10 +102,11 @@ class SimulatedRingFunction(torch.autograd.Function):
                 trace,
                 layout,
                 ctx.pads[comm.rank],
+                ctx.drops[comm.rank],
             )
 
         results, trace = run_traced(p, run_rank, timeout=ctx.timeout)
         if ctx.traces is not None:
             ctx.traces.append(trace)
         grads = (unshard([r[i] for r in results], layout=layout) for i in range(3))
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, *[None] * 8)

@@ -15,7 +15,7 @@ from ringsim.config import check_flags
 from ringsim.layout import check_layout
 from ringsim.trace import RankTrace
 
-from ..executor import check_differentiable, key_bias, prepare
+from ..executor import check_differentiable, check_dropout_p, key_bias, prepare
 from ..kernels import Kernel
 from .autograd import RingFunction
 
@@ -38,6 +38,7 @@ def ring_dilated_attention(
     backward_trace: RankTrace | None = None,
     layout: str = "contiguous",
     key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ):
     """This rank's part of ring dilated attention, on local shards (spec §5, §6).
 
@@ -72,6 +73,8 @@ def ring_dilated_attention(
         key_padding_mask: this rank's shard ``(batch, seq_len / P)`` of the mask, in
             ``layout`` (:func:`ringsim.shard`), as :func:`ringsim.gpu.dilated_attention`
             takes the whole one; every rank passes one, or none does (checked together).
+        dropout_p: attention dropout, as :func:`ringsim.gpu.dilated_attention` takes it; the
+            same on every rank (checked together); each rank draws its own masks.
     Returns:
         this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` in q's dtype [, lse],
         rows in the order of its shard.
@@ -88,8 +91,8 @@ def ring_dilated_attention(
         """Every check of this rank's input, kernel included, inside the agreement: a rank
         whose kernel cannot run fails with the others, not alone after they started."""
         check_flags(return_lse=return_lse)
-        masked = key_padding_mask is not None
-        prepared = prepare(x, k, v, kernel, softmax_scale, masked=masked)  # tensors first
+        masked, dropping = key_padding_mask is not None, check_dropout_p(dropout_p) > 0
+        prepared = prepare(x, k, v, kernel, softmax_scale, masked=masked, dropout=dropping)
         check_differentiable(*prepared)
         chosen.append((*prepared, key_bias(key_padding_mask, x, heads=k.shape[2])))
 
@@ -97,10 +100,20 @@ def ring_dilated_attention(
     config, _ = agreed_config(
         comm, q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, mode=mode,
         softmax_scale=softmax_scale, check_array=check_rank, layout=layout,
-        allow_gqa=True, key_padding=key_padding_mask is not None,
+        allow_gqa=True, key_padding=key_padding_mask is not None, dropout=dropout_p,
     )  # fmt: skip
     q, k, v, kernel_run, pad = chosen[0]
     out, lse = RingFunction.apply(
-        q, k, v, config, comm, kernel_run, trace, backward_trace, check_layout(layout), pad
+        q,
+        k,
+        v,
+        config,
+        comm,
+        kernel_run,
+        trace,
+        backward_trace,
+        check_layout(layout),
+        pad,
+        float(dropout_p),
     )
     return (out, lse) if return_lse else out

@@ -8,7 +8,7 @@ from ringsim.config import check_flags, validate
 from ringsim.layout import check_layout
 from ringsim.trace import Trace
 
-from ..executor import check_differentiable, key_bias, prepare
+from ..executor import check_differentiable, check_dropout_p, key_bias, prepare
 from ..kernels import Kernel
 from .autograd import SimulatedRingFunction
 
@@ -30,6 +30,7 @@ def simulated_ring_dilated_attention(
     timeout: float = 120.0,
     layout: str = "contiguous",
     key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ):
     """Ring dilated attention of global tensors on ``world_size`` simulated ranks.
 
@@ -46,6 +47,9 @@ def simulated_ring_dilated_attention(
             :func:`ringsim.gpu.dilated_attention`.
         key_padding_mask: ``(batch, seq_len)``, as :func:`ringsim.gpu.dilated_attention`
             takes it; each rank gets its shard.
+        dropout_p: attention dropout, as :func:`ringsim.gpu.dilated_attention` takes it
+            (Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout` says which masks are
+            reproducible here).
         return_lse, return_trace: also return the lse ``(batch, num_heads, seq_len)`` and
             the forward's :class:`ringsim.trace.Trace`.
     Returns:
@@ -66,7 +70,9 @@ def simulated_ring_dilated_attention(
     )
     checked = check_layout(layout, q.shape[1], world_size)
     pad = key_bias(key_padding_mask, q, heads=k.shape[2])
-    q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale, masked=pad is not None)
+    dropout_p = check_dropout_p(dropout_p)
+    q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale, masked=pad is not None,
+                              dropout=dropout_p > 0)  # fmt: skip
     check_differentiable(q, k, v, chosen)
     traces: list[Trace] = []
     out, lse = SimulatedRingFunction.apply(
@@ -80,6 +86,7 @@ def simulated_ring_dilated_attention(
         traces if return_trace else None,
         checked,
         pad,
+        dropout_p,
     )
     extra = ((lse,) if return_lse else ()) + ((traces[0],) if return_trace else ())
     return (out, *extra) if extra else out
