@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session on the lent GPU machine: install, CUDA tests, NCCL parity, benchmarks.
 # Usage (from the repository root, on the GPU machine): bash scripts/gpu_session.sh STEPS...
-# STEPS: tests, check, distcheck, distcheck-zigzag, ring, ring-quick, bench, bench-padded,
+# STEPS: tests, check, distcheck, distcheck-masks, distcheck-zigzag, ring, ring-quick, bench, bench-padded,
 # bench-backward, profile, ncu-mix.
 # Logs and results go
 # under $OUT (the device tool's output folder) or ./gpu-out.
@@ -26,6 +26,11 @@ for step in "$@"; do
       for dt in bfloat16 float16 float32; do
         python3 -m ringsim.gpu.harness.distcheck --world-size "$NGPU" --backend nccl --dtype $dt \
           2>&1 | tee "$OUT/distcheck_$dt.log" | tail -3
+      done ;;
+    distcheck-masks)
+      for dt in bfloat16 float32; do
+        python3 -m ringsim.gpu.harness.distcheck --world-size "$NGPU" --backend nccl --dtype $dt \
+          --gqa --key-padding 2>&1 | tee "$OUT/distcheck_masks_$dt.log" | tail -3
       done ;;
     distcheck-zigzag)
       for dt in bfloat16 float32; do
