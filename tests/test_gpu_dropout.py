@@ -181,7 +181,8 @@ def cuda_paths(kernel: str):
 def test_fused_dropout_mean_lse_and_reproducible(kernel, dtype, where):
     """The kernels' own dropout: the pre-dropout lse, reproducible under a seed (one
     device), and the mean output and gradients over 100 seeds equal those without dropout
-    within 5 standard errors plus the dtype's rounding."""
+    within 6 standard errors plus the dtype's rounding (a million elements: at 5, a few
+    exceed by chance, the t-distribution of 99 samples having heavy tails)."""
     fn = cuda_paths(kernel)[where]
     q, k, v = (t.cuda().to(dtype).requires_grad_() for t in inputs(LONG))
     dout = torch.from_numpy(LONG.upstream(seed=1)).cuda().to(dtype)
@@ -192,7 +193,8 @@ def test_fused_dropout_mean_lse_and_reproducible(kernel, dtype, where):
     for seed in range(100):
         torch.manual_seed(seed)
         out, lse = fn(q, k, v, dropout_p=0.2, return_lse=True)
-        assert torch.equal(lse, plain_lse)
+        # the pre-dropout lse (another path's calls: equal to float32 rounding)
+        torch.testing.assert_close(lse, plain_lse, atol=1e-4, rtol=0)
         grads = torch.autograd.grad(out, (q, k, v), dout)
         samples.append(torch.cat([out.flatten(), *(g.flatten() for g in grads)]).float())
     if where == "one device":
@@ -202,7 +204,7 @@ def test_fused_dropout_mean_lse_and_reproducible(kernel, dtype, where):
     stack = torch.stack(samples)
     error = (stack.mean(0) - want).abs()
     rounding = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    bound = 5 * stack.std(0) / len(samples) ** 0.5 + rounding * (1 + want.abs())
+    bound = 6 * stack.std(0) / len(samples) ** 0.5 + rounding * (1 + want.abs())
     assert (error <= bound).all(), float((error / bound).max())
 
 

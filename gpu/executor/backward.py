@@ -297,7 +297,7 @@ class BackwardExecutor(HomeAdds, Executor):
                 if self.kv_ratio == 1:
                     total[:, rows, heads] += unblock(part, self.b)
                 else:  # query heads sharing a K/V head: the same index, added up
-                    values = unblock(part, self.b).permute(1, 2, 0, 3)  # (S*m, H, b, d)
+                    values = unblock(part, self.b).to(total.dtype).permute(1, 2, 0, 3)
                     total.permute(1, 2, 0, 3).index_put_((rows, kv), values, accumulate=True)
 
     def _received(self, batch: TaskBatch, held, shares) -> None:

@@ -36,7 +36,7 @@ from ringsim.comm.base import Payload, Recv
 from ringsim.config import DilatedConfig, PatternGroup, kv_heads
 from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
 
-from ..kernels import Dropout, Kernel
+from ..kernels import Dropout, Kernel, accumulator_dtype
 from .layout import (
     gather_pair,
     gathered_blocks,
@@ -161,8 +161,9 @@ class Executor:
         if reads is None:
             return grad
         b, _, m, d = grad.shape
-        total = grad.new_zeros(b, len(kv_heads(heads, self.kv_ratio)), m, d)
-        return total.index_add_(1, reads, grad)
+        acc = accumulator_dtype(grad.dtype)  # the query heads' sum in float32 at least
+        total = grad.new_zeros(b, len(kv_heads(heads, self.kv_ratio)), m, d, dtype=acc)
+        return total.index_add_(1, reads, grad.to(acc))
 
     def message(self, block: Payload, transfer: Transfer) -> Payload:
         """What ``transfer`` sends of a held block (or of its dK/dV): the block itself, or,
