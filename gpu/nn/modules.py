@@ -40,11 +40,12 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_dropout(dropout: Any) -> float:
-    """A probability in ``[0, 1]``, as :class:`torch.nn.Dropout` takes."""
+    """A probability in ``[0, 1)``: attention dropout scales what it keeps by
+    ``1 / (1 - p)``, so 1 has no meaning."""
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-        raise TypeError(f"dropout: expected a float in [0, 1], got {dropout!r}")
-    if not 0.0 <= float(dropout) <= 1.0:  # NaN fails too
-        raise ValueError(f"dropout: must be in [0, 1], got {dropout}")
+        raise TypeError(f"dropout: expected a float in [0, 1), got {dropout!r}")
+    if not 0.0 <= float(dropout) < 1.0:  # NaN fails too
+        raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
     return float(dropout)
 
 
@@ -160,8 +161,8 @@ class RingDilatedAttention(nn.Module):
         segment_lengths, dilation_rates: positive ints, equal length (spec §1).
         dropout: probability of dropping an attention probability in training mode (spec
             §4; the kernels' own dropout, the patterns mixed with the weights before dropout:
-            Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`); values in ``[0, 1)`` run,
-            1 raises in training; eval mode applies none.
+            Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`), in ``[0, 1)``; eval mode
+            applies none.
         mode: ``"longnet"`` or ``"grouped"`` (spec §2).
         softmax_scale: default ``1/sqrt(head_dim)``.
         kernel: a :class:`~ringsim.gpu.kernels.Kernel` (or its name) to use; default the
