@@ -36,16 +36,25 @@ def pattern_mask(pattern: Pattern, seq_len: int, *, is_causal: bool = False) -> 
 
 
 def masked_attention(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    mask: np.ndarray,
+    scale: float,
+    bias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax attention of one head under a boolean mask, in float64.
 
     Args:
         q, k, v: ``(b, n, d)``; mask: ``(n, n)`` (or ``(b, n, n)``) bool, True = attend.
+        bias: ``(n, n)`` or ``(b, n, n)``, added to the allowed scores (``-inf``: not
+            attended), or None.
     Returns:
         out ``(b, n, d)`` (0 on rows with no key) and lse ``(b, n)`` (-inf there).
     """
     masked = scaled_scores("bxd,byd->bxy", q, k, scale, mask)
+    if bias is not None:
+        masked = masked + bias
     weights, lse = normalized(masked, axis=-1)  # lse -inf for a row with no key
     probs = np.where(mask, weights, 0.0)
     return weighted_values(probs, v, "bxy,byd->bxd"), lse  # a masked NaN stays out
@@ -78,6 +87,7 @@ def dense_dilated_attention(
     softmax_scale: float | None = None,
     on_head: Callable[[int], None] | None = None,
     key_padding_mask: np.ndarray | None = None,
+    attn_bias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The definition (spec §4): returns out ``(b, n, h, d)`` and lse ``(b, h, n)``, float64.
 
@@ -90,6 +100,9 @@ def dense_dilated_attention(
     may have fewer heads than q, ``(b, n, h_kv, d)``: query head i reads K/V head
     ``i // (h / h_kv)`` (grouped-query attention, spec §1). ``key_padding_mask (b, n)``
     bool, True = padding: a padded position is never a key of any pattern (spec §1).
+    ``attn_bias`` ``(n, n)`` or ``(b, h, n, n)``: a bias on the score of each (query, key)
+    pair, added where a pattern attends the pair (``-inf``: never attended; the multihead
+    module's ``attn_mask``, spec §1).
     """
     config = validate(
         q,
@@ -111,6 +124,7 @@ def dense_dilated_attention(
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     b, n, h, d = q.shape
     pad = check_key_padding(key_padding_mask, b, n)
+    pair_bias = check_attn_bias(attn_bias, b, h, n)
     keep = None if pad is None else ~pad[:, None, :]  # (b, 1, n): the keys that stay
     ratio = h // k.shape[2]  # query heads per K/V head (grouped-query attention)
     scale = config.scale(d)
@@ -126,6 +140,7 @@ def dense_dilated_attention(
                     pattern_mask(p, n, is_causal=config.is_causal)
                     & (True if keep is None else keep),
                     scale,
+                    None if pair_bias is None else pair_bias[:, head],
                 )
                 for p in patterns
             ]
@@ -137,3 +152,21 @@ def dense_dilated_attention(
             if on_head is not None:
                 on_head(head)
     return out, lse
+
+
+def check_attn_bias(bias, b: int, h: int, n: int) -> np.ndarray | None:
+    """``attn_bias`` as ``(1 or b, h, n, n)`` float64 (None stays None); a wrong shape or a
+    NaN or ``+inf`` entry raises ``ValueError`` naming it."""
+    if bias is None:
+        return None
+    bias = np.asarray(bias, dtype=np.float64)
+    if bias.shape == (n, n):
+        bias = np.broadcast_to(bias, (1, h, n, n))
+    elif bias.shape != (b, h, n, n):
+        raise ValueError(
+            f"attn_bias: shape must be (seq_len, seq_len) = {(n, n)} or (batch, num_heads, "
+            f"seq_len, seq_len) = {(b, h, n, n)}, got {bias.shape}"
+        )
+    if np.isnan(bias).any() or (bias == np.inf).any():
+        raise ValueError("attn_bias: must not hold NaN or +inf")
+    return bias

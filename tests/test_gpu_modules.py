@@ -468,3 +468,31 @@ def test_masks_on_a_ring_module(world_of_one):
     assert (got - want).abs().max().item() <= 1e-12
     with pytest.raises(NotImplementedError, match="attn_mask: a ring applies a causal mask"):
         module(x, x, x, attn_mask=torch.zeros(8, 8, dtype=torch.bool), need_weights=False)
+
+
+@pytest.mark.parametrize("kind", ["bool 2-d", "float 2-d", "bool per head", "float per head"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_an_attn_mask_matches_the_definition_with_a_pair_bias(rng, kind, is_causal):
+    """A general attn_mask on dilated patterns (the dense weights) against the NumPy
+    definition with the same bias on each pair (spec §1), with key padding too."""
+    from ringsim.gpu.nn.weights import dilated_attention_weights
+    from ringsim.reference import dense_dilated_attention
+
+    b, n, h, d = 2, 14, 6, 4
+    q, k, v = (randn(rng, b, n, h, d) for _ in range(3))
+    segs, rates = (4, 7, 14), (1, 2, 7)
+    shape = (n, n) if "2-d" in kind else (b * h, n, n)
+    if kind.startswith("bool"):
+        mask = torch.from_numpy(rng.random(shape) < 0.3)
+        bias = torch.zeros(shape, dtype=torch.float64).masked_fill(mask, -torch.inf)
+    else:
+        mask = bias = torch.from_numpy(rng.standard_normal(shape))
+    pad = torch.from_numpy(rng.random((b, n)) < 0.2)
+    weights = dilated_attention_weights(q, k, segs, rates, is_causal=is_causal,
+                                        key_padding_mask=pad, attn_mask=mask)  # fmt: skip
+    got = torch.einsum("bhxy,byhd->bxhd", weights, v)
+    pair = bias.numpy() if bias.dim() == 2 else bias.numpy().reshape(b, h, n, n)
+    want, _ = dense_dilated_attention(q.numpy(), k.numpy(), v.numpy(), segs, rates,
+                                      is_causal=is_causal, key_padding_mask=pad.numpy(),
+                                      attn_bias=pair)  # fmt: skip
+    assert max_abs_error(got.numpy(), want) <= 1e-12

@@ -182,3 +182,27 @@ def test_ranks_that_disagree_on_the_mask_fail_together():
 
     with pytest.raises(Exception, match="key_padding=True"):
         SimulatedCluster(2, timeout=5.0).run(rank_fn)
+
+
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [(np.zeros((7, 7)), r"attn_bias: shape must be"), (np.full((8, 8), np.nan), "NaN or \\+inf")],
+)
+def test_a_bad_pair_bias_is_named(bias, message):
+    q = np.zeros((1, 8, 2, 3))
+    with pytest.raises(ValueError, match=message):
+        dense_dilated_attention(q, q, q, (4,), (1,), attn_bias=bias)
+
+
+def test_a_pair_bias_of_key_columns_is_key_padding():
+    """-inf on the columns of padded keys is the key padding mask (two ways to the same
+    definition)."""
+    case = cases(1)[-1]
+    q, k, v = case.inputs()
+    pad = padding(case, 0)
+    args = (case.segment_lengths, case.dilation_rates)
+    columns = np.where(pad[:, None, None, :], -np.inf, 0.0)
+    columns = np.broadcast_to(columns, (case.batch, case.num_heads, case.seq_len, case.seq_len))
+    by_bias = dense_dilated_attention(q, k, v, *args, **case.kwargs(), attn_bias=columns)
+    by_pad = dense_dilated_attention(q, k, v, *args, **case.kwargs(), key_padding_mask=pad)
+    assert max(max_abs_error(a, b) for a, b in zip(by_bias, by_pad)) == 0.0
