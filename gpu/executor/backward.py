@@ -60,6 +60,7 @@ from .layout import (
 )
 from .merge import mix_reason
 from .part import Part
+from .pool import MemoryPool
 from .schedule import Schedule, SideStreams, schedule
 
 #: The bytes a head chunk's parts may hold at least (Note [Direct gradients]): below it,
@@ -98,8 +99,9 @@ class BackwardExecutor(HomeAdds, Executor):
 
     def __init__(self, q, k, v, out, lse, dout, dlse, plan: RankPlan, config: DilatedConfig,
                  kernel: Kernel, pad: torch.Tensor | None = None,
-                 dropout: Dropout | None = None) -> None:  # fmt: skip
-        super().__init__(q, k, v, plan, config, kernel, pad, dropout)
+                 dropout: Dropout | None = None,
+                 pool: MemoryPool | None = None) -> None:  # fmt: skip
+        super().__init__(q, k, v, plan, config, kernel, pad, dropout, pool)
         if self.dropout is not None:
             self.dropout.rewind()  # the forward's calls again, in its order
         self.out, self.dout = out, dout
@@ -113,7 +115,8 @@ class BackwardExecutor(HomeAdds, Executor):
             self.dq = self.dk = self.dv = None
         else:
             self.dq, self.dk, self.dv = (
-                torch.zeros(x.shape, dtype=self.grad_dtype, device=q.device) for x in (q, k, v)
+                self.buffer(name, x.shape, self.grad_dtype, fill=0.0)
+                for name, x in zip(("dq", "dk", "dv"), (q, k, v))
             )
 
     def run(self, index: int, batches: tuple[TaskBatch, ...], held: dict[int, Payload]):
@@ -146,7 +149,7 @@ class BackwardExecutor(HomeAdds, Executor):
         """dq, dk, dv in q's dtype (each float32 total freed as it is cast: a lower peak)."""
         totals = [self.dq, self.dk, self.dv]
         self.dq = self.dk = self.dv = None
-        return tuple(totals.pop(0).to(self.q.dtype) for _ in range(3))
+        return tuple(self.released(totals.pop(0).to(self.q.dtype)) for _ in range(3))
 
     def _direct(self, batches: tuple[TaskBatch, ...]) -> None:
         """Note [Direct gradients]: every batch's block gradients as parts, head chunk by head

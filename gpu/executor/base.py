@@ -45,6 +45,7 @@ from .layout import (
     heads_index,
     select,
 )
+from .pool import MemoryPool, buffer
 
 
 def strided(config: DilatedConfig, plan: RankPlan) -> bool:
@@ -75,12 +76,15 @@ class Executor:
         dropout: attention dropout, its calls' random states recorded by the forward and
             replayed by the backward (Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`),
             or None.
+        pool: where the working buffers come from (Note [The memory pool] in
+            :mod:`ringsim.gpu.executor.pool`), or None: allocated per call.
     """
 
     def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel,
-                 pad: torch.Tensor | None = None,
-                 dropout: Dropout | None = None) -> None:  # fmt: skip
+                 pad: torch.Tensor | None = None, dropout: Dropout | None = None,
+                 pool: MemoryPool | None = None) -> None:  # fmt: skip
         self.q, self.k, self.v, self.plan, self.kernel = q, k, v, plan, kernel
+        self.pool = pool  # Note [The memory pool]
         self.b, self.c, self.h, self.d = q.shape
         self.pad = pad  # Note [Key masks]: (b, c, h_kv, 1) or None
         self.kv_ratio = plan.kv_ratio  # Note [Fewer K/V heads]
@@ -95,6 +99,17 @@ class Executor:
         longest = max(config.effective_segment_lengths(plan.seq_len))
         self.pieces = self.aligned and len(plan.chunks) > 1 and longest > self.span
         self.rates = config.dilation_rates
+
+    def buffer(self, role, shape, dtype, fill: float | None = None) -> torch.Tensor:
+        """A working buffer on q's device (Note [The memory pool])."""
+        return buffer(self.pool, role, shape, dtype, self.q.device, fill)
+
+    def released(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as a result the caller may keep: a copy if it is a pooled buffer (the next
+        call would overwrite it), else itself."""
+        if self.pool is not None and self.pool.holds(x):
+            return x.clone(memory_format=torch.contiguous_format)
+        return x
 
     def groups(self, pair: int) -> tuple[PatternGroup, ...]:
         return self.plan.groups[pair]

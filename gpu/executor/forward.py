@@ -73,6 +73,7 @@ from .layout import (
 )
 from .merge import merge_, merge_into, mix_reason
 from .part import Part
+from .pool import MemoryPool
 from .schedule import Schedule, SideStreams, schedule
 
 
@@ -81,22 +82,22 @@ class ForwardExecutor(Executor):
     :meth:`finish`."""
 
     def __init__(self, q, k, v, plan: RankPlan, config: DilatedConfig, kernel: Kernel,
-                 pad: torch.Tensor | None = None,
-                 dropout: Dropout | None = None) -> None:  # fmt: skip
-        super().__init__(q, k, v, plan, config, kernel, pad, dropout)
+                 pad: torch.Tensor | None = None, dropout: Dropout | None = None,
+                 pool: MemoryPool | None = None) -> None:  # fmt: skip
+        super().__init__(q, k, v, plan, config, kernel, pad, dropout, pool)
         self.mixing = self.aligned and not self.pieces and mix_reason(q) is None
         b, c, h, d = q.shape
         # lse stored (b, h, c), written through its (b, c, h) view (Note [The lse layout])
         if self.mixing:
             self.out: torch.Tensor | None = None  # q's dtype, written by the last busy step
-            self.lse = torch.empty(b, h, c, dtype=torch.float32, device=q.device).transpose(1, 2)
+            self.lse = self.buffer("lse", (b, h, c), torch.float32).transpose(1, 2)
             self.kept: list[Part] = []  # final parts of pairs done, until the mix
             self.running: dict[int, list[Part]] = {}  # float32 partials of pairs not done
         else:
             acc = accumulator_dtype(q.dtype)
-            self.out = torch.zeros(b, c, h, d, dtype=acc, device=q.device)
+            self.out = self.buffer("out", (b, c, h, d), acc, fill=0.0)
             # rows first, so that group_blocks views it in place (Note [The lse layout])
-            self.lse = torch.full((b, c, h), -torch.inf, dtype=acc, device=q.device)
+            self.lse = self.buffer("lse rows", (b, c, h), acc, fill=-torch.inf)
 
     @property
     def state_nbytes(self) -> int:
@@ -135,11 +136,12 @@ class ForwardExecutor(Executor):
         """out ``(b, c, h, d)`` in q's dtype and lse ``(b, h, c)``, contiguous, float32
         (float64 for float64 input)."""
         if not self.mixing:  # the accumulator's rows-first lse, copied once (1/d of out)
-            return self.out.to(self.q.dtype), self.lse.transpose(1, 2).contiguous()
+            lse = self.lse.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+            return self.released(self.out.to(self.q.dtype)), lse
         if self.out is None:  # no step had work (a rank with no query rows)
             self.out = torch.zeros_like(self.q)
             self.lse.fill_(-torch.inf)
-        return self.out, self.lse.transpose(1, 2)
+        return self.out, self.released(self.lse.transpose(1, 2))
 
     def _aligned(self, batch: TaskBatch, held: dict[int, Payload]) -> list[Part]:
         groups = self.groups(batch.pair)

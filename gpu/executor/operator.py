@@ -31,33 +31,37 @@ from ..kernels import Kernel, accumulator_dtype
 from .backward import BackwardExecutor
 from .checks import prepare
 from .forward import ForwardExecutor
+from .pool import pool_of
 
 
-def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel, pad=None, dropout=None):
+def dilated_forward(q, k, v, config: DilatedConfig, kernel: Kernel, pad=None, dropout=None,
+                    pool=None):  # fmt: skip
     """The forward on one device, no autograd: out ``(b, n, h, d)`` in q's dtype and the
     lse ``(b, h, n)``, float32 or float64. ``pad``: the key bias
     (:func:`~ringsim.gpu.executor.checks.key_bias`); ``dropout``: a
-    :class:`~ringsim.gpu.kernels.Dropout` that records its calls' random states."""
+    :class:`~ringsim.gpu.kernels.Dropout` that records its calls' random states; ``pool``: a
+    :class:`~ringsim.gpu.executor.pool.MemoryPool` for the working buffers."""
     _, n, h, _ = q.shape
     plan = rank_plan(config, h, n, 1, 0)
-    executor = ForwardExecutor(q, k, v, plan, config, kernel, pad, dropout)
+    executor = ForwardExecutor(q, k, v, plan, config, kernel, pad, dropout, pool)
     executor.run(0, plan.steps[0].batches, {})
     return executor.finish()
 
 
 def dilated_backward(q, k, v, out, lse, dout, dlse, config: DilatedConfig, kernel: Kernel,
-                     pad=None, dropout=None):  # fmt: skip
+                     pad=None, dropout=None, pool=None):  # fmt: skip
     """dq, dk, dv of dilated attention on one device, in q's dtype.
 
     Args:
         q, k, v, out, dout: ``(b, n, h, d)``; out is the forward's (final) output.
         lse, dlse: ``(b, h, n)``, the forward's lse and its gradient (None: lse unused).
-        config, kernel, pad, dropout: as the forward ran (dropout: its record, replayed).
+        config, kernel, pad, dropout, pool: as the forward ran (dropout: its record,
+            replayed).
     """
     _, n, h, _ = q.shape
     plan = rank_plan(config, h, n, 1, 0)
     executor = BackwardExecutor(q, k, v, out, lse, dout, dlse, plan, config, kernel, pad,
-                                dropout)  # fmt: skip
+                                dropout, pool)  # fmt: skip
     executor.run(0, plan.steps[0].batches, {})
     return executor.finish()
 
@@ -99,32 +103,33 @@ def _config(segment_lengths, dilation_rates, is_causal, mode, softmax_scale) -> 
 torch.library.define(
     "ringsim::dilated_attention",
     "(Tensor q, Tensor k, Tensor v, Tensor? pad, int[] segment_lengths, int[] dilation_rates, "
-    "bool is_causal, str mode, float? softmax_scale, str kernel, bool lse_used) "
+    "bool is_causal, str mode, float? softmax_scale, str kernel, bool lse_used, int pool) "
     "-> (Tensor, Tensor)",
 )
 torch.library.define(
     "ringsim::dilated_attention_backward",
     "(Tensor q, Tensor k, Tensor v, Tensor? pad, Tensor out, Tensor lse, Tensor dout, "
     "Tensor? dlse, int[] segment_lengths, int[] dilation_rates, bool is_causal, str mode, "
-    "float? softmax_scale, str kernel) -> (Tensor, Tensor, Tensor)",
+    "float? softmax_scale, str kernel, int pool) -> (Tensor, Tensor, Tensor)",
 )
 
 
 @torch.library.impl("ringsim::dilated_attention", "default")
 def _forward(q, k, v, pad, segment_lengths, dilation_rates, is_causal, mode, softmax_scale,
-             kernel, lse_used):  # fmt: skip
+             kernel, lse_used, pool):  # fmt: skip
     """out ``(b, n, h, d)`` and lse ``(b, h, n)`` of validated inputs with equal heads (k, v
     repeated for grouped-query attention); ``kernel`` the name of the kernel asked for, ""
-    for the fastest that can run; ``pad`` the key bias (:func:`~.checks.key_bias`)."""
+    for the fastest that can run; ``pad`` the key bias (:func:`~.checks.key_bias`); ``pool``
+    the number of a memory pool (:func:`~.pool.pool_number`), 0 for none."""
     config = _config(segment_lengths, dilation_rates, is_causal, mode, softmax_scale)
     q, k, v, chosen = prepare(q, k, v, kernel or None, softmax_scale, masked=pad is not None)
-    out, lse = dilated_forward(q, k, v, config, chosen, pad)
+    out, lse = dilated_forward(q, k, v, config, chosen, pad, pool=pool_of(pool))
     return out.contiguous(), lse.contiguous()
 
 
 @torch.library.register_fake("ringsim::dilated_attention")
 def _(q, k, v, pad, segment_lengths, dilation_rates, is_causal, mode, softmax_scale, kernel,
-      lse_used):  # fmt: skip
+      lse_used, pool):  # fmt: skip
     b, n, h, _ = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty((b, h, n), dtype=accumulator_dtype(q.dtype))
@@ -132,13 +137,14 @@ def _(q, k, v, pad, segment_lengths, dilation_rates, is_causal, mode, softmax_sc
 
 @torch.library.impl("ringsim::dilated_attention_backward", "default")
 def _backward_impl(q, k, v, pad, out, lse, dout, dlse, segment_lengths, dilation_rates,
-                   is_causal, mode, softmax_scale, kernel):  # fmt: skip
+                   is_causal, mode, softmax_scale, kernel, pool):  # fmt: skip
     """dq, dk, dv of the forward operator (``dlse``: None if the loss does not read lse)."""
     config = _config(segment_lengths, dilation_rates, is_causal, mode, softmax_scale)
     q, k, v, chosen = prepare(q, k, v, kernel or None, softmax_scale, masked=pad is not None)
     if dlse is not None and chosen is not Kernel.MATH and not bool(dlse.any()):
         dlse = None  # Note [The lse's gradient]
-    grads = dilated_backward(q, k, v, out, lse, dout.contiguous(), dlse, config, chosen, pad)
+    grads = dilated_backward(q, k, v, out, lse, dout.contiguous(), dlse, config, chosen, pad,
+                             pool=pool_of(pool))  # fmt: skip
     return tuple(g.contiguous() for g in grads)
 
 
@@ -148,7 +154,7 @@ def _(q, k, v, pad, out, lse, dout, dlse, *config):
 
 
 #: The operators: ``dilated_operator(q, k, v, pad, segment_lengths, dilation_rates,
-#: is_causal, mode, softmax_scale, kernel, lse_used) -> (out, lse)`` and its backward.
+#: is_causal, mode, softmax_scale, kernel, lse_used, pool) -> (out, lse)`` and its backward.
 dilated_operator = torch.ops.ringsim.dilated_attention
 dilated_backward_operator = torch.ops.ringsim.dilated_attention_backward
 
@@ -161,11 +167,11 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dout, dlse):
     refuse_double_backward()
     q, k, v, pad, out, lse = ctx.saved_tensors
-    *config, lse_used = ctx.config
+    *config, lse_used, pool = ctx.config
     dout = torch.zeros_like(out) if dout is None else dout
     dlse = dlse if lse_used else None
-    grads = dilated_backward_operator(q, k, v, pad, out, lse, dout, dlse, *config)
-    return (*grads, *[None] * 8)
+    grads = dilated_backward_operator(q, k, v, pad, out, lse, dout, dlse, *config, pool)
+    return (*grads, *[None] * 9)
 
 
 torch.library.register_autograd(
@@ -174,22 +180,22 @@ torch.library.register_autograd(
 
 
 class DropoutFunction(torch.autograd.Function):
-    """One device with attention dropout: ``apply(q, k, v, config, kernel, pad, dropout) ->
-    (out, lse)``. The operator above cannot carry the record of each call's random state
+    """One device with attention dropout: ``apply(q, k, v, config, kernel, pad, dropout,
+    pool) -> (out, lse)``. The operator above cannot carry the record of each call's random state
     from its forward to its backward (Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`),
     so this autograd function does, on ``ctx``; it runs eagerly (under ``torch.compile``, a
     graph break)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, config: DilatedConfig, kernel: Kernel, pad, dropout):
+    def forward(ctx, q, k, v, config: DilatedConfig, kernel: Kernel, pad, dropout, pool=None):
         """:func:`dilated_forward`; keeps q, k, v, out, lse and the dropout record."""
-        ctx.config, ctx.kernel, ctx.pad, ctx.dropout = config, kernel, pad, dropout
-        return keep(ctx, q, k, v, *dilated_forward(q, k, v, config, kernel, pad, dropout))
+        ctx.config, ctx.kernel, ctx.pad, ctx.dropout, ctx.pool = config, kernel, pad, dropout, pool
+        return keep(ctx, q, k, v, *dilated_forward(q, k, v, config, kernel, pad, dropout, pool))
 
     @staticmethod
     def backward(ctx, dout, dlse):
         """:func:`dilated_backward` with the forward's masks: dq, dk, dv."""
         refuse_double_backward()
         grads = dilated_backward(*restore(ctx, dout, dlse), ctx.config, ctx.kernel, ctx.pad,
-                                 ctx.dropout)  # fmt: skip
-        return (*grads, None, None, None, None)
+                                 ctx.dropout, ctx.pool)  # fmt: skip
+        return (*grads, None, None, None, None, None)

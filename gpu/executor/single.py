@@ -27,6 +27,7 @@ from ringsim.config import check_flags, validate
 from ..kernels import Dropout, Kernel, as_kernel
 from .checks import check_differentiable, check_dropout_p, key_bias, needs_grad, prepare
 from .operator import DropoutFunction, dilated_forward, dilated_operator
+from .pool import MemoryPool, check_pool, pool_number
 
 
 def dilated_attention(
@@ -44,6 +45,7 @@ def dilated_attention(
     cuda_graph: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    memory_pool: MemoryPool | None = None,
 ):
     """Dilated attention on one device (spec §6).
 
@@ -74,6 +76,9 @@ def dilated_attention(
             It runs the gathered-rows path with flash, efficient or math, eagerly (under
             ``torch.compile`` a graph break). Applied whenever > 0, as
             ``scaled_dot_product_attention`` applies it: pass 0 in eval.
+        memory_pool: a :class:`~ringsim.gpu.executor.pool.MemoryPool` that keeps the working
+            buffers across calls of the same shapes (Note [The memory pool]); calls on one
+            pool follow each other on one stream. Not with ``cuda_graph``.
     Returns:
         out ``(batch, seq_len, num_heads, head_dim)`` in q's dtype [, lse].
     """
@@ -93,15 +98,17 @@ def dilated_attention(
     fields = (list(config.segment_lengths), list(config.dilation_rates), config.is_causal,
               config.mode.value, config.softmax_scale)  # fmt: skip
     dropout_p = check_dropout_p(dropout_p)
+    check_pool(memory_pool, cuda_graph)
     if dropout_p > 0:
         return _with_dropout(q, k, v, config, kernel, key_padding_mask, dropout_p, return_lse,
-                             cuda_graph)  # fmt: skip
+                             cuda_graph, memory_pool)  # fmt: skip
     if torch.compiler.is_compiling() and not cuda_graph:  # data checks: inside the operator
         pad = key_bias(key_padding_mask, q)
         if kernel is not None:
             check_differentiable(q, k, v, as_kernel(kernel))
         requested = "" if kernel is None else as_kernel(kernel).value
-        out, lse = dilated_operator(q, k, v, pad, *fields, requested, return_lse)
+        out, lse = dilated_operator(q, k, v, pad, *fields, requested, return_lse,
+                                    pool_number(memory_pool))  # fmt: skip
         return (out, lse) if return_lse else out
     pad = key_bias(key_padding_mask, q)
     q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale, masked=pad is not None)
@@ -116,11 +123,13 @@ def dilated_attention(
         out, lse = graphed_forward(dilated_forward, q, k, v, config, chosen)
         return (out, lse) if return_lse else out
     check_differentiable(q, k, v, chosen)
-    out, lse = dilated_operator(q, k, v, pad, *fields, chosen.value, return_lse)
+    out, lse = dilated_operator(q, k, v, pad, *fields, chosen.value, return_lse,
+                                pool_number(memory_pool))  # fmt: skip
     return (out, lse) if return_lse else out
 
 
-def _with_dropout(q, k, v, config, kernel, key_padding_mask, p: float, return_lse, cuda_graph):
+def _with_dropout(q, k, v, config, kernel, key_padding_mask, p: float, return_lse, cuda_graph,
+                  pool):  # fmt: skip
     """:func:`dilated_attention` with attention dropout (its argument checks made)."""
     if cuda_graph:
         raise ValueError("cuda_graph: the graphed forward takes no dropout")
@@ -128,7 +137,7 @@ def _with_dropout(q, k, v, config, kernel, key_padding_mask, p: float, return_ls
     q, k, v, chosen = prepare(q, k, v, kernel, config.softmax_scale, masked=pad is not None,
                               dropout=True)  # fmt: skip
     check_differentiable(q, k, v, chosen)
-    out, lse = DropoutFunction.apply(q, k, v, config, chosen, pad, Dropout(p))
+    out, lse = DropoutFunction.apply(q, k, v, config, chosen, pad, Dropout(p), pool)
     return (out, lse) if return_lse else out
 
 

@@ -21,6 +21,7 @@ from ringsim.config import DilatedConfig, make_config, validate
 from ringsim.layout import Layout, check_layout
 
 from ..executor import check_tensor, dilated_attention, prepare
+from ..executor.pool import MemoryPool
 from ..kernels import Kernel, as_kernel
 
 if TYPE_CHECKING:
@@ -130,25 +131,17 @@ def check_dtype(dtype: Any) -> torch.dtype | None:
     return dtype
 
 
-def check_memory_pool(enable_memory_pool: Any) -> None:
-    """The seed's memory pool is not reimplemented: True is refused, not ignored."""
-    if check_bool("enable_memory_pool", enable_memory_pool):
-        raise ValueError(
-            "enable_memory_pool: not supported; PyTorch's caching allocator already pools "
-            "memory. Pass enable_memory_pool=False"
-        )
-
-
 def flash_kernel(use_flash_attention: Any) -> Kernel | None:
     """The seed's flag: True = the fastest kernel that can run, False = the math kernel."""
     return None if check_bool("use_flash_attention", use_flash_attention) else Kernel.MATH
 
 
 def seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group) -> dict:
-    """The seed's ring and kernel arguments, checked, as the ``kernel`` and ``group`` of
-    this package's modules (each seed alias passes them to its base class)."""
-    check_memory_pool(enable_memory_pool)
-    return dict(kernel=flash_kernel(use_flash_attention), group=ring_group(ring_size, group))
+    """The seed's ring, kernel and pool arguments, checked, as the ``kernel``, ``group`` and
+    ``enable_memory_pool`` of this package's modules (each seed alias passes them to its base
+    class)."""
+    return dict(kernel=flash_kernel(use_flash_attention), group=ring_group(ring_size, group),
+                enable_memory_pool=enable_memory_pool)  # fmt: skip
 
 
 # --- the module ----------------------------------------------------------------------------
@@ -178,6 +171,10 @@ class RingDilatedAttention(nn.Module):
         layout: with a group, ``"contiguous"`` (rank j holds ``[j*c, (j+1)*c)``) or
             ``"zigzag"`` (chunks j and 2P-1-j of 2P: balanced causal work); without one, a
             layout other than the default raises ``ValueError`` (one device has no shards).
+        enable_memory_pool: keep the executor's working buffers (accumulators, lse, gradient
+            totals) across calls of the same shapes in ``self.memory_pool`` (a
+            :class:`~ringsim.gpu.executor.pool.MemoryPool`, freed with the module; Note [The
+            memory pool]); False allocates them per call.
 
     The configuration is validated here; errors name the argument (spec §7).
     """
@@ -193,6 +190,7 @@ class RingDilatedAttention(nn.Module):
         kernel: Kernel | str | None = None,
         group: ProcessGroup | str | None = None,
         layout: str = "contiguous",
+        enable_memory_pool: bool = False,
     ):
         super().__init__()
         self.config: DilatedConfig = make_config(
@@ -208,6 +206,8 @@ class RingDilatedAttention(nn.Module):
                 "without a group the module runs on one device: pass a group, or leave layout"
             )
         self.last_kernel: Kernel | None = None
+        pooled = check_bool("enable_memory_pool", enable_memory_pool)
+        self.memory_pool = MemoryPool() if pooled else None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -246,6 +246,7 @@ class RingDilatedAttention(nn.Module):
                  allow_gqa=True)  # before the kernel  # fmt: skip
         kwargs["key_padding_mask"] = key_padding_mask
         kwargs["dropout_p"] = self.dropout_p
+        kwargs["memory_pool"] = self.memory_pool
         if self.group is None and torch.compiler.is_compiling() and not kwargs["dropout_p"]:
             args = (q, k, v, c.segment_lengths, c.dilation_rates)
             return dilated_attention(*args, **kwargs, kernel=self.kernel)
@@ -282,8 +283,7 @@ class RingDilatedAttentionHybrid(RingDilatedAttention):
             ``ValueError`` otherwise). With ``group`` it must equal that group's size.
         use_flash_attention: True: the fastest kernel that can run (flash, cuDNN, efficient,
             then math: :func:`~ringsim.gpu.kernels.choose_kernel`); False: the math kernel.
-        enable_memory_pool: must be False; True raises ``ValueError`` (PyTorch's caching
-            allocator already pools memory).
+        enable_memory_pool: as :class:`RingDilatedAttention`'s.
     """
 
     def __init__(

@@ -70,7 +70,8 @@ class RingMultiheadDilatedAttention(nn.Module):
     Args:
         embed_dim, num_heads: ``embed_dim % num_heads == 0``; head_dim is the quotient.
         segment_lengths, dilation_rates, dropout, mode, softmax_scale, kernel, group,
-            layout: as :class:`~ringsim.gpu.modules.RingDilatedAttention` (with a group,
+            layout, enable_memory_pool: as :class:`~ringsim.gpu.modules.RingDilatedAttention`
+            (``self.attention.memory_pool``; with a group,
             inputs and output are this rank's shards along the sequence, in ``layout``).
         bias: biases in the in-projection (``in_proj_bias``) and ``out_proj``.
         layer_norm: MAGNETO's sub-LayerNorm ``(embed_dim)`` on the attention output, before
@@ -119,6 +120,7 @@ class RingMultiheadDilatedAttention(nn.Module):
         kernel: Kernel | str | None = None,
         group: ProcessGroup | str | None = None,
         layout: str = "contiguous",
+        enable_memory_pool: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -156,6 +158,7 @@ class RingMultiheadDilatedAttention(nn.Module):
             kernel=kernel,
             group=group,
             layout=layout,
+            enable_memory_pool=enable_memory_pool,
         )
         self.attention.config.head_groups(num_heads)  # grouped mode: >= one head per pair
 
@@ -399,7 +402,7 @@ class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
         device, dtype: of the parameters.
         ring_size, use_flash_attention, enable_memory_pool: as
             :class:`~ringsim.gpu.modules.RingDilatedAttentionHybrid` (``ring_size`` is
-            checked against the group at construction; ``enable_memory_pool=True`` raises).
+            checked against the group at construction).
     """
 
     def __init__(

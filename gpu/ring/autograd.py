@@ -24,17 +24,19 @@ from .rank import ring_backward, ring_forward
 
 class RingFunction(torch.autograd.Function):
     """One rank of the ring:
-    ``apply(q, k, v, config, comm, kernel, trace, backward_trace, layout, pad, dropout_p)``
-    (pad: the rank's key bias, or None; dropout_p: attention dropout's probability)."""
+    ``apply(q, k, v, config, comm, kernel, trace, backward_trace, layout, pad, dropout_p,
+    pool)`` (pad: the rank's key bias, or None; dropout_p: attention dropout's probability;
+    pool: the rank's memory pool, or None)."""
 
     @staticmethod
     def forward(ctx, q, k, v, config, comm, kernel, trace, backward_trace, layout, pad=None,
-                dropout_p=0.0):  # fmt: skip
+                dropout_p=0.0, pool=None):  # fmt: skip
         """:func:`~ringsim.gpu.ring.rank.ring_forward` on this rank; keeps q, k, v, out, lse
         and the rank's dropout record."""
         ctx.config, ctx.comm, ctx.kernel, ctx.trace = config, comm, kernel, backward_trace
-        ctx.layout, ctx.pad, ctx.dropout = layout, pad, Dropout(dropout_p)
-        results = ring_forward(q, k, v, config, comm, kernel, trace, layout, pad, ctx.dropout)
+        ctx.layout, ctx.pad, ctx.dropout, ctx.pool = layout, pad, Dropout(dropout_p), pool
+        results = ring_forward(q, k, v, config, comm, kernel, trace, layout, pad, ctx.dropout,
+                               pool)  # fmt: skip
         return keep(ctx, q, k, v, *results)
 
     @staticmethod
@@ -42,8 +44,8 @@ class RingFunction(torch.autograd.Function):
         """:func:`~ringsim.gpu.ring.rank.ring_backward` on this rank: dq, dk, dv."""
         refuse_double_backward()
         grads = ring_backward(*restore(ctx, dout, dlse), ctx.config, ctx.comm, ctx.kernel,
-                              ctx.trace, ctx.layout, ctx.pad, ctx.dropout)  # fmt: skip
-        return (*grads, *[None] * 8)
+                              ctx.trace, ctx.layout, ctx.pad, ctx.dropout, ctx.pool)  # fmt: skip
+        return (*grads, *[None] * 9)
 
 
 def _shards(x: torch.Tensor, world_size: int, layout, dim: int = 1) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ from ringsim.layout import check_layout
 from ringsim.trace import RankTrace
 
 from ..executor import check_differentiable, check_dropout_p, key_bias, prepare
+from ..executor.pool import MemoryPool, check_pool
 from ..kernels import Kernel
 from .autograd import RingFunction
 
@@ -39,6 +40,7 @@ def ring_dilated_attention(
     layout: str = "contiguous",
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    memory_pool: MemoryPool | None = None,
 ):
     """This rank's part of ring dilated attention, on local shards (spec §5, §6).
 
@@ -75,6 +77,9 @@ def ring_dilated_attention(
             takes the whole one; every rank passes one, or none does (checked together).
         dropout_p: attention dropout, as :func:`ringsim.gpu.dilated_attention` takes it; the
             same on every rank (checked together); each rank draws its own masks.
+        memory_pool: this rank's :class:`~ringsim.gpu.executor.pool.MemoryPool` for the
+            executor's working buffers (Note [The memory pool]; the receive buffers come from
+            the allocator), or None.
     Returns:
         this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` in q's dtype [, lse],
         rows in the order of its shard.
@@ -91,6 +96,7 @@ def ring_dilated_attention(
         """Every check of this rank's input, kernel included, inside the agreement: a rank
         whose kernel cannot run fails with the others, not alone after they started."""
         check_flags(return_lse=return_lse)
+        check_pool(memory_pool)
         masked, dropping = key_padding_mask is not None, check_dropout_p(dropout_p) > 0
         prepared = prepare(x, k, v, kernel, softmax_scale, masked=masked, dropout=dropping)
         check_differentiable(*prepared)
@@ -115,5 +121,6 @@ def ring_dilated_attention(
         check_layout(layout),
         pad,
         float(dropout_p),
+        memory_pool,
     )
     return (out, lse) if return_lse else out

@@ -28,6 +28,7 @@ from ringsim.trace import RankTrace
 
 from ..executor import BackwardExecutor, ForwardExecutor
 from ..executor.base import Executor
+from ..executor.pool import MemoryPool
 from ..kernels import Dropout, Kernel
 
 
@@ -84,14 +85,16 @@ def ring_forward(
     layout: Layout = Layout.CONTIGUOUS,
     pad: torch.Tensor | None = None,
     dropout: Dropout | None = None,
+    pool: MemoryPool | None = None,
 ):
     """This rank's forward, no autograd: out ``(b, c, h, d)`` in q's dtype and lse
     ``(b, h, c)``, float32 or float64; the shards hold the positions ``layout`` gives.
     ``pad``: this rank's key bias ``(b, c, h, 1)`` (Note [Key masks] in
     :mod:`ringsim.gpu.executor.base`), or None; ``dropout``: this rank's record of its
-    calls' random states (Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`), or None."""
+    calls' random states (Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`), or None;
+    ``pool``: this rank's memory pool (Note [The memory pool]), or None."""
     plan = _plan(config, q, k, comm, layout)
-    executor = ForwardExecutor(q, k, v, plan, config, kernel, pad, dropout)
+    executor = ForwardExecutor(q, k, v, plan, config, kernel, pad, dropout, pool)
     if trace is not None:
         trace.hold("q, k, v, out, lse", sum(x.nbytes for x in (q, k, v)) + executor.state_nbytes)
     run_ring(comm, executor.plan, StepParts(executor), trace, q.element_size())
@@ -125,6 +128,7 @@ def ring_backward(
     layout: Layout = Layout.CONTIGUOUS,
     pad: torch.Tensor | None = None,
     dropout: Dropout | None = None,
+    pool: MemoryPool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's dq, dk, dv (in q's dtype) of :func:`ring_dilated_attention`.
 
@@ -136,14 +140,14 @@ def ring_backward(
     Args:
         q, k, v, out, dout: this rank's ``(b, c, h, d)``; out as the forward returned it.
         lse, dlse: ``(b, h, c)``: the forward's lse and its gradient (None: lse unused).
-        config, comm, kernel, layout, pad, dropout: as the forward ran (dropout: this
+        config, comm, kernel, layout, pad, dropout, pool: as the forward ran (dropout: this
             rank's record, replayed).
         trace: where this rank's backward events go (None: nowhere).
     """
     check_backward(comm, kernel, dlse)
     plan = _plan(config, q, k, comm, layout)
     executor = BackwardExecutor(q, k, v, out, lse, dout, dlse, plan, config, kernel, pad,
-                                dropout)  # fmt: skip
+                                dropout, pool)  # fmt: skip
     if trace is not None:
         trace.hold("q, k, v, out, lse, dout", sum(x.nbytes for x in (q, k, v, out, lse, dout)))
         trace.hold("dq, dk, dv", executor.grads_nbytes)

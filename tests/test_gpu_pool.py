@@ -1,0 +1,90 @@
+"""The memory pool (Note [The memory pool] in :mod:`ringsim.gpu.executor.pool`).
+
+A call with a pool computes exactly what it computes without one, forward and backward; a
+second call of the same shapes takes every working buffer from the pool (no new buffer);
+a result never aliases a pooled buffer, so the next call cannot overwrite it; the bound
+holds; the modules own their pool and free it with themselves; bad uses are named.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ringsim.cases import Case  # noqa: E402
+from ringsim.gpu import RingDilatedAttention, dilated_attention  # noqa: E402
+from ringsim.gpu.executor.pool import MemoryPool  # noqa: E402
+
+CASES = {  # the accumulate path (ragged) and the strided path (aligned)
+    "ragged": Case(2, 18, 4, 8, (5, 18), (1, 2), True),
+    "aligned": Case(2, 16, 4, 8, (4, 16), (1, 2), False),
+}
+
+
+def run(case: Case, pool, seed: int = 0):
+    q, k, v = (torch.from_numpy(x).requires_grad_() for x in case.inputs(seed=seed))
+    out, lse = dilated_attention(q, k, v, case.segment_lengths, case.dilation_rates,
+                                 **case.kwargs(), return_lse=True, memory_pool=pool)  # fmt: skip
+    out.backward(torch.from_numpy(case.upstream(seed=seed)))
+    return out.detach(), lse, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pooled_calls_equal_unpooled_and_reuse_every_buffer(name):
+    case, pool = CASES[name], MemoryPool()
+    plain = run(case, None)
+    first = run(case, pool)
+    kept, misses = len(pool.buffers), pool.misses
+    second = run(case, pool)
+    for a, b, c in zip(plain, first, second):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    assert pool.misses == misses and len(pool.buffers) == kept  # nothing new
+    assert pool.hits >= kept > 0
+    for x in (*first, *second):  # results are the caller's, not the pool's
+        assert not pool.holds(x)
+
+
+def test_a_result_survives_the_next_call():
+    case, pool = CASES["ragged"], MemoryPool()
+    first = run(case, pool, seed=1)
+    kept = [x.clone() for x in first]
+    run(case, pool, seed=2)  # other inputs, the same buffers
+    for a, b in zip(first, kept):
+        assert torch.equal(a, b)
+
+
+def test_the_bound_keeps_nothing_past_it():
+    case, pool = CASES["ragged"], MemoryPool(max_bytes=0)
+    assert torch.equal(run(case, pool)[0], run(case, None)[0])
+    assert not pool.buffers and pool.misses > 0 and pool.hits == 0
+
+
+def test_a_module_owns_its_pool_and_frees_it_with_itself():
+    case = CASES["ragged"]
+    module = RingDilatedAttention(case.segment_lengths, case.dilation_rates,
+                                  enable_memory_pool=True)  # fmt: skip
+    q, k, v = (torch.from_numpy(x) for x in case.inputs())
+    module(q, k, v, is_causal=True)
+    module(q, k, v, is_causal=True)
+    assert module.memory_pool.hits > 0 and module.memory_pool.buffers
+    assert RingDilatedAttention((4,), (1,)).memory_pool is None
+    ref = weakref.ref(module.memory_pool)
+    del module
+    gc.collect()
+    assert ref() is None
+
+
+def test_bad_uses_are_named():
+    q = torch.zeros(1, 8, 2, 8)
+    with pytest.raises(TypeError, match="memory_pool: expected a MemoryPool"):
+        dilated_attention(q, q, q, (4,), (1,), memory_pool={})
+    with pytest.raises(ValueError, match="memory_pool: a CUDA graph"):
+        dilated_attention(q, q, q, (4,), (1,), memory_pool=MemoryPool(), cuda_graph=True)
+    with pytest.raises(ValueError, match="max_bytes"):
+        MemoryPool(max_bytes=-1)
+    with pytest.raises(TypeError, match="enable_memory_pool: expected a bool"):
+        RingDilatedAttention((4,), (1,), enable_memory_pool="yes")
