@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session on the lent GPU machine: install, CUDA tests, NCCL parity, benchmarks.
 # Usage (from the repository root, on the GPU machine): bash scripts/gpu_session.sh STEPS...
-# STEPS: tests, check, distcheck, distcheck-masks, distcheck-zigzag, ring, ring-quick, bench, bench-padded,
+# STEPS: tests, check, distcheck, distcheck-masks, distcheck-zigzag, ring, ring-quick, bench,
+# bench-padded, bench-pool,
 # bench-backward, profile, ncu-mix.
 # Logs and results go
 # under $OUT (the device tool's output folder) or ./gpu-out.
@@ -47,6 +48,8 @@ for step in "$@"; do
       | tail -30 ;;
     bench-padded) python3 -m ringsim.gpu.harness.bench --no-flex --no-naive --lengths 32768,262144 \
       --out "$OUT/padded" 2>&1 | tee "$OUT/bench_padded.log" | tail -30 ;;
+    bench-pool) python3 -m ringsim.gpu.harness.bench_pool --out "$OUT/pool" 2>&1 \
+      | tee "$OUT/bench_pool.log" | tail -12 ;;
     bench-backward) python3 -m ringsim.gpu.harness.bench_backward --out "$OUT" 2>&1 \
       | tee "$OUT/bench_backward.log" | tail -30 ;;
     profile)

@@ -70,9 +70,20 @@ def test_bench_smoke_writes_json_and_markdown(tmp_path):
         assert rows[("ours", causal)]["ms"] > 0 and rows[("ours", causal)]["flops"] > 0
         assert rows[("pre-gathered", causal)]["ms"] > 0
         assert rows[("dense", causal)]["ms"] > 0
+        assert rows[("ours padded", causal)]["diff"] < 1e-5  # a mask of no padding: ours
         for name in ("naive", "flex-eager"):  # the comparison rows compute the same function
             assert rows[(name, causal)]["diff"] < 1e-5, rows[(name, causal)]
     assert "| ours |" in (tmp_path / "bench_smoke.md").read_text()
+
+
+def test_bench_pool_smoke_writes_both_rows(tmp_path):
+    run_smoke("ringsim.gpu.harness.bench_pool", tmp_path)
+    report = json.loads((tmp_path / "bench_pool_smoke.json").read_text())
+    rows = {(r["config"], r["row"]): r for r in report["rows"]}
+    for config in ("aligned", "ragged"):
+        assert rows[(config, "plain")]["ms"] > 0 and rows[(config, "plain")]["pool_mib"] is None
+        assert rows[(config, "pooled")]["buffers_kept"] > 0
+    assert "| pooled |" in (tmp_path / "bench_pool_smoke.md").read_text()
 
 
 def test_bench_backward_smoke_writes_tables(tmp_path):

@@ -1,0 +1,138 @@
+"""The memory pool's effect: forward + backward per call with and without it, on one device.
+
+    python -m ringsim.gpu.harness.bench_pool [--smoke] [--lengths 32768,131072] [--out DIR]
+
+Problem: b=1, h=16, d=128, bf16, causal; two configurations per length: LongNet's aligned
+one (w = 2048..32768, r = 1..16: the strided path, whose one-device backward writes its
+gradients directly) and a ragged one (w = 3000, 9000, n; r = 1, 3, 5: the gathered-rows
+path, with float32 accumulators and gradient totals). Rows ``plain`` (``memory_pool=None``)
+and ``pooled`` (a :class:`~ringsim.gpu.executor.pool.MemoryPool`, warmed by one call):
+
+- ms: median time of one forward + backward (CUDA events);
+- allocs: the allocator's allocation requests during one steady-state call
+  (``allocation.all.allocated`` of ``torch.cuda.memory_stats``): the kernels' own outputs
+  are the allocator's either way; the pool takes the executor's working buffers;
+- peak GiB: peak memory of the call beyond what was allocated before it;
+- pool MiB: what the pool holds between calls (the memory it costs).
+
+Writes ``bench_pool.json`` and ``bench_pool.md`` (``bench_pool_smoke.*`` with ``--smoke``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ringsim.cli.tables import markdown_table, text_table
+
+from ..executor import dilated_attention
+from ..executor.pool import MemoryPool
+from .check_support import environment
+from .output import OUT_HELP, output_folder
+from .timing import median_ms, sync
+
+HEADER = ["n", "config", "row", "ms", "allocs", "peak GiB", "pool MiB", "buffers kept"]
+
+
+def configs(n: int, smoke: bool) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    if smoke:
+        return {"aligned": ((32, 64, 128, 256), (1, 2, 4, 8)), "ragged": ((30, 90, n), (1, 3, 5))}
+    aligned = tuple(w for w in (2048, 4096, 8192, 16384, 32768) if w <= n)
+    return {"aligned": (aligned, (1, 2, 4, 8, 16)[: len(aligned)]),
+            "ragged": ((3000, 9000, n), (1, 3, 5))}  # fmt: skip
+
+
+def allocations(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.memory_stats(device)["allocation.all.allocated"]
+
+
+def one_row(n, name, segs, rates, pool, x, dout, device, budget) -> dict:
+    q, k, v = x
+
+    def call():
+        out = dilated_attention(q, k, v, segs, rates, is_causal=True, memory_pool=pool)
+        out.backward(dout)
+        return out
+
+    call()  # warm: the pool takes its buffers, the plan and the kernels are ready
+    sync(device)
+    before = allocations(device)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    call()
+    sync(device)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    allocs = None if before is None else allocations(device) - before
+    ms, _ = median_ms(call, device, budget)
+    for t in x:
+        t.grad = None
+    return {
+        "n": n, "config": name, "row": "pooled" if pool else "plain", "ms": ms,
+        "allocs": allocs, "peak_gib": peak,
+        "pool_mib": None if pool is None else pool.nbytes / 2**20,
+        "buffers_kept": None if pool is None else len(pool.buffers),
+    }  # fmt: skip
+
+
+def cells(r: dict) -> list[str]:
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    numbers = [("ms", ".2f"), ("allocs", "d"), ("peak_gib", ".2f"), ("pool_mib", ".1f"),
+               ("buffers_kept", "d")]  # fmt: skip
+    return [str(r["n"]), r["config"], r["row"], *(fmt(r[key], spec) for key, spec in numbers)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    title = __doc__.partition("\n")[0]
+    parser = argparse.ArgumentParser("python -m ringsim.gpu.harness.bench_pool", description=title)
+    parser.add_argument("--smoke", action="store_true", help="tiny, on the CPU: tests the script")
+    parser.add_argument("--lengths", help="comma-separated n (default 32768,131072)")
+    parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per row")
+    parser.add_argument("--out", type=Path, default=None, help=OUT_HELP)
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_pool: no CUDA device; run with --smoke on a CPU", file=sys.stderr)
+        return 2
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else (
+        [256] if args.smoke else [32768, 131072])  # fmt: skip
+    h, d = (4, 16) if args.smoke else (16, 128)
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    budget = 0.0 if args.smoke else args.budget
+    out = output_folder(args.out, "bench_pool")
+    start, rows = time.perf_counter(), []
+    for n in lengths:
+        gen = torch.Generator(device=device).manual_seed(n)
+        x = [torch.randn(1, n, h, d, generator=gen, device=device, dtype=dtype).requires_grad_()
+             for _ in range(3)]  # fmt: skip
+        dout = torch.randn(1, n, h, d, generator=gen, device=device, dtype=dtype)
+        for name, (segs, rates) in configs(n, args.smoke).items():
+            for pool in (None, MemoryPool()):
+                row = one_row(n, name, segs, rates, pool, x, dout, device, budget)
+                rows.append(row)
+                print("  ".join(cells(row)), flush=True)
+    print("\n" + text_table(HEADER, [cells(r) for r in rows]))
+    stem = "bench_pool_smoke" if args.smoke else "bench_pool"
+    env = environment(device)
+    (out / f"{stem}.json").write_text(json.dumps(dict(env, rows=rows), indent=1, default=str))
+    (out / f"{stem}.md").write_text(
+        f"# bench_pool\n\n{env}\n\n" + markdown_table(HEADER, [cells(r) for r in rows]) + "\n"
+    )
+    print(f"wrote {out / stem}.json and .md in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
