@@ -131,6 +131,18 @@ def check_dtype(dtype: Any) -> torch.dtype | None:
     return dtype
 
 
+def seed_dtype(dtype: torch.dtype | None, device: torch.device | None) -> torch.dtype | None:
+    """The seed's "smart dtype selection": ``dtype`` if given; with ``dtype=None`` and a
+    device, bfloat16 on a CUDA device that supports it (Ampere and later), float32 on any
+    other; with neither, None (the attention alias then takes any dtype, the multihead one
+    torch's default)."""
+    if dtype is not None or device is None:
+        return dtype
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def flash_kernel(use_flash_attention: Any) -> Kernel | None:
     """The seed's flag: True = the fastest kernel that can run, False = the math kernel."""
     return None if check_bool("use_flash_attention", use_flash_attention) else Kernel.MATH
@@ -276,8 +288,10 @@ class RingDilatedAttentionHybrid(RingDilatedAttention):
         segment_lengths, dilation_rates, dropout, mode, softmax_scale, group, layout: as
             :class:`RingDilatedAttention`.
         device, dtype: the device and dtype the inputs must have (the module has no
-            parameters); forward raises ``ValueError`` / ``TypeError`` for others. None
-            accepts any (a device without an index accepts any index).
+            parameters); forward raises ``ValueError`` / ``TypeError`` for others. A device
+            without an index accepts any index. ``dtype=None`` with a device picks one (the
+            seed's dtype selection, :func:`seed_dtype`: bfloat16 on a CUDA device that has
+            it, float32 elsewhere); with neither, any is accepted.
         ring_size: None or 1: one device (unless ``group`` is given); ``p > 1``: the default
             process group, whose world size must be p (checked at construction,
             ``ValueError`` otherwise). With ``group`` it must equal that group's size.
@@ -300,7 +314,7 @@ class RingDilatedAttentionHybrid(RingDilatedAttention):
             **seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group),
         )  # fmt: skip
         self.input_device = check_device(device)
-        self.input_dtype = check_dtype(dtype)
+        self.input_dtype = seed_dtype(check_dtype(dtype), self.input_device)
         self.ring_size = ring_size
 
     def forward(

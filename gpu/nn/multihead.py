@@ -27,6 +27,7 @@ from .modules import (
     check_device,
     check_dtype,
     seed_arguments,
+    seed_dtype,
 )
 from .weights import dilated_attention_weights
 
@@ -399,7 +400,9 @@ class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
             :class:`RingMultiheadDilatedAttention`.
         bias, layer_norm, gamma_init, batch_first, mode, softmax_scale, group, layout: as
             :class:`RingMultiheadDilatedAttention`.
-        device, dtype: of the parameters.
+        device, dtype: of the parameters; ``dtype=None`` with a device picks bfloat16 on a
+            CUDA device that has it, float32 elsewhere (the seed's dtype selection,
+            :func:`~ringsim.gpu.nn.modules.seed_dtype`).
         ring_size, use_flash_attention, enable_memory_pool: as
             :class:`~ringsim.gpu.modules.RingDilatedAttentionHybrid` (``ring_size`` is
             checked against the group at construction).
@@ -428,7 +431,7 @@ class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
             softmax_scale=softmax_scale,
             layout=layout,
             device=device,
-            dtype=dtype,
+            dtype=seed_dtype(check_dtype(dtype), check_device(device)),
             **seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group),
         )
         self.ring_size = ring_size
