@@ -88,3 +88,18 @@ def test_bad_uses_are_named():
         MemoryPool(max_bytes=-1)
     with pytest.raises(TypeError, match="enable_memory_pool: expected a bool"):
         RingDilatedAttention((4,), (1,), enable_memory_pool="yes")
+
+
+def test_the_pattern_caches_report_their_hits():
+    """The seed's "pattern caching" is the plan, row-batch and index caches: a repeated call
+    hits them (cache_report, which the profile prints)."""
+    from ringsim.gpu.executor.cache import cache_report
+
+    case = CASES["ragged"]
+    run(case, None)
+    before = cache_report()
+    run(case, None)
+    after = cache_report()
+    for name in ("plans", "row batches", "row indices"):
+        assert after[name][0] > before[name][0], name  # hits
+        assert after[name][1] == before[name][1], name  # no new miss

@@ -10,6 +10,9 @@ import torch
 
 _KEEP: list[list] = []  # the keep-list of the capture in progress, if any
 
+#: Every cache by name: what :func:`cache_report` counts.
+CACHES: dict[str, DeviceCache] = {}
+
 
 @contextlib.contextmanager
 def keeping():
@@ -48,9 +51,11 @@ class DeviceCache:
     built and copied inside the capture, which then owns it.
     """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, size: int, name: str) -> None:
+        self.size, self.name = size, name
         self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+        CACHES[name] = self
 
     def get(self, key: tuple, device: torch.device, build) -> torch.Tensor:
         """The tensor for ``key`` on ``device``; ``build()`` makes it on the host if new."""
@@ -60,8 +65,28 @@ class DeviceCache:
         key = (key, device, stream)
         value = self.entries.pop(key, None)
         if value is None:
+            self.misses += 1
             value = to_device(build(), device)
+        else:
+            self.hits += 1
         self.entries[key] = value
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return value
+
+
+def cache_report() -> dict[str, tuple[int, int]]:
+    """``name -> (hits, misses)`` of every cache the executor reads: the plans
+    (:func:`ringsim.plan.rank_plan`), the row batches (:func:`ringsim.batches.task_row_batches`)
+    and the device tables (index tensors, the mixing kernels' tables). The seed's "pattern
+    caching" is these; the profile prints them."""
+    from ringsim.batches import task_row_batches
+    from ringsim.plan import rank_plan
+
+    report = {}
+    for name, fn in (("plans", rank_plan), ("row batches", task_row_batches)):
+        info = fn.cache_info()
+        report[name] = (info.hits, info.misses)
+    for name, cache in CACHES.items():
+        report[name] = (cache.hits, cache.misses)
+    return report

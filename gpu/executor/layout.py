@@ -75,7 +75,7 @@ def group_blocks(
 # --- the gathered layout --------------------------------------------------------------------
 
 #: Gather indices of recent pairs (built on the host once, copied once per stream).
-_ROWS = DeviceCache(32)
+_ROWS = DeviceCache(32, "gather indices")
 
 
 def pair_heads(groups: tuple[PatternGroup, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -131,7 +131,7 @@ def gathered_blocks(x: torch.Tensor, heads: slice | None = None) -> torch.Tensor
 
 # --- row batches (ragged configurations) ----------------------------------------------------
 
-_INDEX = DeviceCache(64)
+_INDEX = DeviceCache(64, "row indices")
 
 
 def batch_index(batch: RowBatch, device) -> tuple[torch.Tensor, torch.Tensor]:

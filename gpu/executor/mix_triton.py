@@ -152,7 +152,7 @@ def _vec(parts: Sequence[Part], base: torch.Tensor) -> int:
 
 #: Tables of recent calls, by everything they encode: in a steady loop the caching allocator
 #: hands out the same addresses, so each table is built and copied once.
-_TABLES = DeviceCache(32)
+_TABLES = DeviceCache(32, "mixing tables")
 
 
 def _table(parts: Sequence[Part], pairs: int, base, lse, vec: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ringsim.gpu import dilated_attention
 
+from ..executor.cache import cache_report
 from ..kernels import Kernel, choose_kernel
 
 SEGMENTS = (2048, 4096, 8192, 16384, 32768)
@@ -95,9 +96,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"{what}, n={args.seq_len}, {mask}, kernel {kernel.value}: {total:.2f} ms of CUDA time")
     for part, ms in parts.items():
         print(f"  {part:20s} {ms:9.2f} ms  {100 * ms / total:5.1f} %")
+    caches = cache_report()
+    print("caches (hits / misses since the process started; the seed's pattern caching):")
+    for name, (hits, misses) in caches.items():
+        rate = hits / (hits + misses) if hits + misses else 0.0
+        print(f"  {name:20s} {hits:6d} / {misses:<6d} hit rate {rate:.2f}")
     if args.json:
         record = dict(n=args.seq_len, causal=args.causal, kernel=kernel.value,
-                      backward=args.backward, parts_ms=parts)  # fmt: skip
+                      backward=args.backward, parts_ms=parts, caches=caches)  # fmt: skip
         args.json.write_text(json.dumps(record, indent=1))
     return parts
 
