@@ -11,7 +11,9 @@ mask is needed: every block is FULL or the square CAUSAL diagonal).
 
 The autograd is the operator ``torch.ops.ringsim.dilated_attention``
 (:mod:`ringsim.gpu.executor.operator`): the forward keeps ``(q, k, v, out, lse)``, the
-backward runs the kernels' own backward with the final out and lse.
+backward runs the kernels' own backward with the final out and lse. With dropout the
+autograd function :class:`~ringsim.gpu.executor.operator.DropoutFunction` does, eagerly: it
+carries the record of each call's random state from the forward to the backward.
 
 Under ``torch.compile`` the checks here are traced (they read shapes, not data); those that
 read data (alignment, the kernel choice) run inside the operator, and a float
