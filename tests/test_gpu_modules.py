@@ -25,10 +25,11 @@ from module_support import by_hand, randn, randomise, reference  # noqa: E402
 
 import ringsim  # noqa: E402
 from ringsim.gpu.kernels import Kernel  # noqa: E402
-from ringsim.gpu.nn.modules import RingDilatedAttention, RingDilatedAttentionHybrid  # noqa: E402
+from ringsim.gpu.nn.modules import RingDilatedAttention  # noqa: E402
 from ringsim.gpu.nn.multihead import (  # noqa: E402
     RingMultiheadDilatedAttention,
 )
+from ringsim.gpu.nn.seed import RingDilatedAttentionHybrid  # noqa: E402
 from ringsim.tolerance import max_abs_error, tolerance  # noqa: E402
 
 # (seq_len, segment_lengths, dilation_rates): ragged segments, r not dividing w, r > w

@@ -13,9 +13,10 @@ torch = pytest.importorskip("torch")
 from module_support import by_hand, randn, reference  # noqa: E402
 
 from ringsim.gpu.kernels import Kernel  # noqa: E402
-from ringsim.gpu.nn.modules import RingDilatedAttention, RingDilatedAttentionHybrid  # noqa: E402
-from ringsim.gpu.nn.multihead import (  # noqa: E402
-    RingMultiheadDilatedAttention,
+from ringsim.gpu.nn.modules import RingDilatedAttention  # noqa: E402
+from ringsim.gpu.nn.multihead import RingMultiheadDilatedAttention  # noqa: E402
+from ringsim.gpu.nn.seed import (  # noqa: E402
+    RingDilatedAttentionHybrid,
     RingMultiheadDilatedAttentionHybrid,
 )
 from ringsim.tolerance import max_abs_error, tolerance  # noqa: E402

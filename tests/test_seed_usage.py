@@ -17,7 +17,7 @@ from ringsim.gpu import (  # noqa: E402
     RingDilatedAttentionHybrid,
     RingMultiheadDilatedAttentionHybrid,
 )
-from ringsim.gpu.nn.modules import seed_dtype  # noqa: E402
+from ringsim.gpu.nn.seed import seed_dtype  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "seed_usage.py"

@@ -2,8 +2,9 @@
 and the seed's names for them. The top layer of the library: it imports the single-device
 path and the ring."""
 
-from .modules import RingDilatedAttention, RingDilatedAttentionHybrid
-from .multihead import RingMultiheadDilatedAttention, RingMultiheadDilatedAttentionHybrid
+from .modules import RingDilatedAttention
+from .multihead import RingMultiheadDilatedAttention
+from .seed import RingDilatedAttentionHybrid, RingMultiheadDilatedAttentionHybrid
 
 __all__ = [
     "RingDilatedAttention",

@@ -1,12 +1,13 @@
-"""The attention module of ring dilated attention (spec §4, §6, §8), and the seed's name for it.
+"""The attention module of ring dilated attention (spec §4, §6), and the argument checks the
+modules share.
 
-- :class:`RingDilatedAttention`: q, k, v ``(batch, seq_len, num_heads, head_dim)`` in, out of
-  the same shape; on one device it runs :func:`ringsim.gpu.dilated_attention`, over a process
-  group :func:`ringsim.gpu.ring_dilated_attention` on each rank's shards.
-- :class:`RingDilatedAttentionHybrid`: the seed's name and arguments, mapped onto it.
+:class:`RingDilatedAttention`: q, k, v ``(batch, seq_len, num_heads, head_dim)`` in, out of
+the same shape; on one device it runs :func:`ringsim.gpu.dilated_attention`, over a process
+group :func:`ringsim.gpu.ring_dilated_attention` on each rank's shards.
 
-The multihead modules live in :mod:`ringsim.gpu.multihead`. Every argument works as
-documented or raises an error naming it; none is silently ignored (pitfall 17).
+The multihead module lives in :mod:`ringsim.gpu.nn.multihead`, the seed's names for both in
+:mod:`ringsim.gpu.nn.seed`. Every argument works as documented or raises an error naming
+it; none is silently ignored (pitfall 17).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from ringsim.config import DilatedConfig, make_config, validate
 from ringsim.layout import Layout, check_layout
 
-from ..executor import check_tensor, dilated_attention, prepare
+from ..executor import dilated_attention, prepare
 from ..executor.pool import MemoryPool
 from ..kernels import Kernel, as_kernel
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 DEFAULT_GROUP = "default"
 
 
-# --- argument checks, shared with ringsim.gpu.multihead ------------------------------------
+# --- argument checks, shared with ringsim.gpu.nn.multihead and ringsim.gpu.nn.seed ----------
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -78,40 +79,6 @@ def check_group(group: Any) -> ProcessGroup | str | None:
     return group
 
 
-def ring_group(ring_size: Any, group: Any) -> ProcessGroup | str | None:
-    """The group for the seed's ``ring_size`` (and an explicit ``group``).
-
-    ``ring_size`` None: ``group`` as given. ``ring_size == 1`` with no group: one device.
-    ``ring_size > 1`` with no group: the default group. In the last two cases with a group,
-    ``ring_size`` must equal its world size, checked now (``ValueError`` otherwise).
-    """
-    group = check_group(group)
-    if ring_size is None:
-        return group
-    if isinstance(ring_size, bool) or not isinstance(ring_size, numbers.Integral):
-        raise TypeError(f"ring_size: expected an int or None, got {ring_size!r}")
-    if ring_size < 1:
-        raise ValueError(f"ring_size: must be >= 1, got {ring_size}")
-    if group is None:
-        if ring_size == 1:
-            return None
-        group = DEFAULT_GROUP
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
-            f"ring_size: ring_size={ring_size} runs over a torch.distributed process group, "
-            "but torch.distributed is not initialised; call init_process_group before "
-            "building the module, or use ring_size=None or 1 on one device"
-        )
-    size = dist.get_world_size(None if isinstance(group, str) else group)
-    if size != ring_size:
-        raise ValueError(
-            f"ring_size: must equal the process group's world size {size}, got {ring_size}"
-        )
-    return group
-
-
 def check_device(device: Any) -> torch.device | None:
     if device is None:
         return None
@@ -129,31 +96,6 @@ def check_dtype(dtype: Any) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
     return dtype
-
-
-def seed_dtype(dtype: torch.dtype | None, device: torch.device | None) -> torch.dtype | None:
-    """The seed's "smart dtype selection": ``dtype`` if given; with ``dtype=None`` and a
-    device, bfloat16 on a CUDA device that supports it (Ampere and later), float32 on any
-    other; with neither, None (the attention alias then takes any dtype, the multihead one
-    torch's default)."""
-    if dtype is not None or device is None:
-        return dtype
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def flash_kernel(use_flash_attention: Any) -> Kernel | None:
-    """The seed's flag: True = the fastest kernel that can run, False = the math kernel."""
-    return None if check_bool("use_flash_attention", use_flash_attention) else Kernel.MATH
-
-
-def seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group) -> dict:
-    """The seed's ring, kernel and pool arguments, checked, as the ``kernel``, ``group`` and
-    ``enable_memory_pool`` of this package's modules (each seed alias passes them to its base
-    class)."""
-    return dict(kernel=flash_kernel(use_flash_attention), group=ring_group(ring_size, group),
-                enable_memory_pool=enable_memory_pool)  # fmt: skip
 
 
 # --- the module ----------------------------------------------------------------------------
@@ -276,62 +218,3 @@ class RingDilatedAttention(nn.Module):
             )
         self.last_kernel = chosen
         return out
-
-
-class RingDilatedAttentionHybrid(RingDilatedAttention):
-    """The seed's ``RingDilatedAttentionHybrid``: its arguments on :class:`RingDilatedAttention`.
-
-    ``dropout`` may be positional; the rest are keyword-only, because the seed's versions
-    ordered them differently.
-
-    Args:
-        segment_lengths, dilation_rates, dropout, mode, softmax_scale, group, layout: as
-            :class:`RingDilatedAttention`.
-        device, dtype: the device and dtype the inputs must have (the module has no
-            parameters); forward raises ``ValueError`` / ``TypeError`` for others. A device
-            without an index accepts any index. ``dtype=None`` with a device picks one (the
-            seed's dtype selection, :func:`seed_dtype`: bfloat16 on a CUDA device that has
-            it, float32 elsewhere); with neither, any is accepted.
-        ring_size: None or 1: one device (unless ``group`` is given); ``p > 1``: the default
-            process group, whose world size must be p (checked at construction,
-            ``ValueError`` otherwise). With ``group`` it must equal that group's size.
-        use_flash_attention: True: the fastest kernel that can run (flash, cuDNN, efficient,
-            then math: :func:`~ringsim.gpu.kernels.choose_kernel`); False: the math kernel.
-        enable_memory_pool: as :class:`RingDilatedAttention`'s.
-    """
-
-    def __init__(
-        self, segment_lengths, dilation_rates, dropout: float = 0.0, *,
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-        ring_size: int | None = None, use_flash_attention: bool = True,
-        enable_memory_pool: bool = False,  # the seed's arguments (spec §8), then ours
-        mode: str = "longnet", softmax_scale: float | None = None,
-        group: ProcessGroup | str | None = None, layout: str = "contiguous",
-    ):  # fmt: skip
-        super().__init__(
-            segment_lengths, dilation_rates, dropout=dropout, mode=mode,
-            softmax_scale=softmax_scale, layout=layout,
-            **seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group),
-        )  # fmt: skip
-        self.input_device = check_device(device)
-        self.input_dtype = seed_dtype(check_dtype(dtype), self.input_device)
-        self.ring_size = ring_size
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        is_causal: bool = False,
-        key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """As :meth:`RingDilatedAttention.forward`, after checking q's device and dtype."""
-        check_tensor(q)
-        want = self.input_device
-        if want is not None and (
-            q.device.type != want.type or want.index not in (None, q.device.index)
-        ):
-            raise ValueError(f"device: the module was built for {want}, got q on {q.device}")
-        if self.input_dtype is not None and q.dtype != self.input_dtype:
-            raise TypeError(f"dtype: the module was built for {self.input_dtype}, got {q.dtype}")
-        return super().forward(q, k, v, is_causal, key_padding_mask)

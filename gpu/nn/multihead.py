@@ -26,27 +26,11 @@ from .modules import (
     check_bool,
     check_device,
     check_dtype,
-    seed_arguments,
-    seed_dtype,
 )
-from .weights import dilated_attention_weights
+from .weights import check_attn_mask, dilated_attention_weights, is_causal_mask
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
-
-
-def is_causal_mask(mask: Any, seq_len: int) -> bool:
-    """Whether ``mask`` is ``nn.MultiheadAttention``'s causal ``attn_mask`` for ``seq_len``
-    positions: ``(seq_len, seq_len)``, masking exactly the keys after each query (bool True
-    there, or float ``-inf`` there and 0 elsewhere)."""
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (seq_len, seq_len):
-        return False
-    after = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).triu(1)
-    if mask.dtype == torch.bool:
-        return bool(torch.equal(mask, after))
-    if not mask.is_floating_point():
-        return False
-    return bool((mask[after] == -math.inf).all() and (mask[~after] == 0).all())
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -71,7 +55,7 @@ class RingMultiheadDilatedAttention(nn.Module):
     Args:
         embed_dim, num_heads: ``embed_dim % num_heads == 0``; head_dim is the quotient.
         segment_lengths, dilation_rates, dropout, mode, softmax_scale, kernel, group,
-            layout, enable_memory_pool: as :class:`~ringsim.gpu.modules.RingDilatedAttention`
+            layout, enable_memory_pool: as :class:`~ringsim.gpu.nn.modules.RingDilatedAttention`
             (``self.attention.memory_pool``; with a group,
             inputs and output are this rank's shards along the sequence, in ``layout``).
         bias: biases in the in-projection (``in_proj_bias``) and ``out_proj``.
@@ -252,30 +236,6 @@ class RingMultiheadDilatedAttention(nn.Module):
                     f"got shape {tuple(x.shape)} and {tuple(query.shape)}"
                 )
 
-    def _check_attn_mask(self, mask: Any, b: int, n: int, device) -> torch.Tensor:
-        """A general ``attn_mask`` (not causal): ``(n, n)`` or ``(b * heads, n, n)``, bool or
-        float, on the inputs' device; one device only."""
-        if self.attention.group is not None:
-            raise NotImplementedError(
-                "attn_mask: a ring applies a causal mask (is_causal) only: a general mask "
-                "spans every pair of the sequence; pass None or a causal mask, or run "
-                "without a group"
-            )
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"attn_mask: expected a torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"attn_mask: expected bool or float, got {mask.dtype}")
-        if tuple(mask.shape) not in ((n, n), (b * self.num_heads, n, n)):
-            raise ValueError(
-                f"attn_mask: shape must be (seq, seq) = {(n, n)} or (batch * num_heads, seq, "
-                f"seq) = {(b * self.num_heads, n, n)}, got {tuple(mask.shape)}"
-            )
-        if mask.device != device:
-            raise ValueError(
-                f"attn_mask: must be on the inputs' device ({device}), got {mask.device}"
-            )
-        return mask
-
     def forward(
         self,
         query: torch.Tensor,
@@ -347,7 +307,8 @@ class RingMultiheadDilatedAttention(nn.Module):
                     "pass the causal mask, or is_causal=False to apply this one"
                 )
             else:
-                pair_mask = self._check_attn_mask(attn_mask, b, n, query.device)
+                ring = self.attention.group is not None
+                pair_mask = check_attn_mask(attn_mask, b, self.num_heads, n, query.device, ring)
         if not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         heads = [(b, n, h, self.head_dim) for h in (self.num_heads, *[self.num_kv_heads] * 2)]
@@ -385,60 +346,3 @@ class RingMultiheadDilatedAttention(nn.Module):
         else:
             attn = None
         return (out if self.batch_first else out.transpose(0, 1)), attn
-
-
-class RingMultiheadDilatedAttentionHybrid(RingMultiheadDilatedAttention):
-    """The seed's ``RingMultiheadDilatedAttentionHybrid``: its arguments on
-    :class:`RingMultiheadDilatedAttention`.
-
-    ``dropout`` may be positional; the rest are keyword-only, because the seed's versions
-    ordered them differently. Its defaults are the seed's: ``layer_norm=True``,
-    ``batch_first=True`` (the class itself has ``nn.MultiheadAttention``'s).
-
-    Args:
-        embed_dim, num_heads, segment_lengths, dilation_rates, dropout: as
-            :class:`RingMultiheadDilatedAttention`.
-        bias, layer_norm, gamma_init, batch_first, mode, softmax_scale, group, layout: as
-            :class:`RingMultiheadDilatedAttention`.
-        device, dtype: of the parameters; ``dtype=None`` with a device picks bfloat16 on a
-            CUDA device that has it, float32 elsewhere (the seed's dtype selection,
-            :func:`~ringsim.gpu.nn.modules.seed_dtype`).
-        ring_size, use_flash_attention, enable_memory_pool: as
-            :class:`~ringsim.gpu.modules.RingDilatedAttentionHybrid` (``ring_size`` is
-            checked against the group at construction).
-    """
-
-    def __init__(
-        self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates,
-        dropout: float = 0.0, *, bias: bool = True, layer_norm: bool = True,
-        gamma_init: float = 1.0, device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None, batch_first: bool = True, ring_size: int | None = None,
-        use_flash_attention: bool = True, enable_memory_pool: bool = False,  # (spec §8)
-        mode: str = "longnet", softmax_scale: float | None = None,
-        group: ProcessGroup | str | None = None, layout: str = "contiguous",
-    ):  # fmt: skip
-        super().__init__(
-            embed_dim,
-            num_heads,
-            segment_lengths,
-            dilation_rates,
-            dropout=dropout,
-            bias=bias,
-            layer_norm=layer_norm,
-            gamma_init=gamma_init,
-            batch_first=batch_first,
-            mode=mode,
-            softmax_scale=softmax_scale,
-            layout=layout,
-            device=device,
-            dtype=seed_dtype(check_dtype(dtype), check_device(device)),
-            **seed_arguments(ring_size, use_flash_attention, enable_memory_pool, group),
-        )
-        self.ring_size = ring_size
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=False,
-                attn_mask=None, average_attn_weights=True, is_causal=False):  # fmt: skip
-        """:meth:`RingMultiheadDilatedAttention.forward` with the seed's default: no weights
-        unless asked, so ``out, _ = mha(query, key, value)`` never forms ``seq x seq``."""
-        return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
-                               average_attn_weights, is_causal)  # fmt: skip

@@ -9,17 +9,56 @@ of the patterns' ``lse_i`` (spec §4). :func:`dilated_attention_weights` forms W
 head: ``(b, h, n, n)``, O(h n²) time and memory, differentiable, so ``W @ v`` is the output
 the kernels compute without ever forming it. A row with no key is 0. For
 :class:`~ringsim.gpu.RingMultiheadDilatedAttention`'s ``need_weights=True``, and its one
-exact path for a general ``attn_mask`` (:func:`masked_scores`: a bias on every score of a
-pair that a pattern attends).
+exact path for a general ``attn_mask`` (:func:`score_bias`: a bias on every score of a pair
+that a pattern attends); the checks of its masks are here too (:func:`is_causal_mask`,
+:func:`check_attn_mask`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from ringsim.config import Pattern, check_qkv, make_config, segment_bounds, selected_in_segment
+
+
+def is_causal_mask(mask: Any, seq_len: int) -> bool:
+    """Whether ``mask`` is ``nn.MultiheadAttention``'s causal ``attn_mask`` for ``seq_len``
+    positions: ``(seq_len, seq_len)``, masking exactly the keys after each query (bool True
+    there, or float ``-inf`` there and 0 elsewhere)."""
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (seq_len, seq_len):
+        return False
+    after = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, after))
+    if not mask.is_floating_point():
+        return False
+    return bool((mask[after] == -math.inf).all() and (mask[~after] == 0).all())
+
+
+def check_attn_mask(mask: Any, b: int, heads: int, n: int, device, ring: bool) -> torch.Tensor:
+    """A general ``attn_mask`` (not the causal one): ``(n, n)`` or ``(b * heads, n, n)``, bool
+    or float, on the inputs' device; on one device only (``ring``: refused)."""
+    if ring:
+        raise NotImplementedError(
+            "attn_mask: a ring applies a causal mask (is_causal) only: a general mask "
+            "spans every pair of the sequence; pass None or a causal mask, or run "
+            "without a group"
+        )
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attn_mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"attn_mask: expected bool or float, got {mask.dtype}")
+    if tuple(mask.shape) not in ((n, n), (b * heads, n, n)):
+        raise ValueError(
+            f"attn_mask: shape must be (seq, seq) = {(n, n)} or (batch * num_heads, seq, "
+            f"seq) = {(b * heads, n, n)}, got {tuple(mask.shape)}"
+        )
+    if mask.device != device:
+        raise ValueError(f"attn_mask: must be on the inputs' device ({device}), got {mask.device}")
+    return mask
 
 
 def pattern_mask(pattern: Pattern, n: int, is_causal: bool, device) -> torch.Tensor:
