@@ -37,6 +37,7 @@ from ringsim.config import DilatedConfig, PatternGroup, kv_heads
 from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
 
 from ..kernels import Dropout, Kernel, accumulator_dtype
+from ..kernels.dropout import active
 from .layout import (
     gather_pair,
     gathered_blocks,
@@ -89,7 +90,7 @@ class Executor:
         self.pad = pad  # Note [Key masks]: (b, c, h_kv, 1) or None
         self.kv_ratio = plan.kv_ratio  # Note [Fewer K/V heads]
         # Note [Dropout]: the same calls in both passes, so the gathered-rows path
-        self.dropout = dropout if dropout is not None and dropout.p > 0 else None
+        self.dropout = active(dropout)
         general = pad is not None or plan.kv_ratio > 1 or self.dropout is not None
         self.aligned = not general and strided(config, plan)
         self.scale = config.scale(self.d)

@@ -136,7 +136,7 @@ class ForwardExecutor(Executor):
         """out ``(b, c, h, d)`` in q's dtype and lse ``(b, h, c)``, contiguous, float32
         (float64 for float64 input)."""
         if not self.mixing:  # the accumulator's rows-first lse, copied once (1/d of out)
-            lse = self.lse.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+            lse = self.released(self.lse.transpose(1, 2).contiguous())
             return self.released(self.out.to(self.q.dtype)), lse
         if self.out is None:  # no step had work (a rank with no query rows)
             self.out = torch.zeros_like(self.q)

@@ -3,20 +3,19 @@
 Note [The memory pool]
 ----------------------
 Each call of the executor allocates its working buffers: the float32 accumulators of out
-and lse (the accumulate path), the lse the mix writes, the float32 totals of dq, dk, dv
-(the backward), and on a ring the buffers each received block lands in. PyTorch's caching
-allocator already serves them without a device allocation in steady state; a
-:class:`MemoryPool` goes further and keeps the tensors themselves, so that a call with the
-shapes of an earlier one takes the same buffers and asks the allocator for none of them
-(the kernels' own outputs are still the allocator's). What it costs is memory: the pooled
-buffers stay allocated between calls, up to ``max_bytes``; a buffer past that bound is
-allocated for the call and not kept.
+and lse (the accumulate path), the lse the mix writes, and the float32 totals of dq, dk, dv
+(the backward). (The buffers a ring's received blocks land in are not pooled: the
+communicator allocates them.) PyTorch's caching allocator already serves them without a
+device allocation in steady state; a :class:`MemoryPool` goes further and keeps the
+tensors themselves, so that a call with the shapes of an earlier one takes the same buffers
+and asks the allocator for none of them (the kernels' own outputs are still the
+allocator's). What it costs is memory: the pooled buffers stay allocated between calls, up
+to ``max_bytes``; a buffer past that bound is allocated for the call and not kept.
 
 Safety:
 
 - a buffer is keyed by its role, shape, dtype and device; within one call every buffer
-  has its own role (a received block: its transfer's tag and slot), so no two live buffers
-  share one;
+  has its own role, so no two live buffers share one;
 - what a call returns is never a pooled buffer (the executor copies out of it), so the
   next call cannot overwrite a result the caller holds;
 - calls on one pool must follow each other on one stream, as a module's forward and

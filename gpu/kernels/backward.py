@@ -74,7 +74,7 @@ from .choice import (
     capability,
     choose_kernel,
 )
-from .dropout import Dropout, keep_scale
+from .dropout import Dropout, active, keep_scale
 from .forward import padded_bias
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -142,8 +142,7 @@ def attend_backward(
             raise NotImplementedError(
                 f"dlse: kernel {kernel.value} cannot add a gradient w.r.t. lse; use kernel='math'"
             )
-        dropping = dropout is not None and dropout.p > 0
-        choose_kernel(q, kernel, k, v, masked=bias is not None, dropout=dropping)
+        choose_kernel(q, kernel, k, v, masked=bias is not None, dropout=bool(active(dropout)))
         if causal and q.shape[-2] != k.shape[-2]:  # flash aligns a non-square mask bottom-right
             raise ValueError(f"causal: needs a square block, got M={q.shape[-2]}, L={k.shape[-2]}")
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -152,7 +151,7 @@ def attend_backward(
     # Note [Backward with the final out and lse]: a row with no key gets P = exp(s - inf) = 0
     lse = torch.where(torch.isneginf(lse), math.inf, lse)
     if allowed is not None:
-        keep = _keep(dropout, q, k) if dropout is not None and dropout.p > 0 else None
+        keep = None if active(dropout) is None else _keep(dropout, q, k)
         return _math(q, k, v, out, lse, dout, causal, scale, allowed, dlse, bias, keep)
     return block_backward(q, k, v, out, lse, dout, causal=causal, scale=scale, kernel=kernel,
                           dlse=dlse, bias=bias, dropout=dropout)  # fmt: skip
@@ -170,7 +169,7 @@ def block_backward(q, k, v, out, lse, dout, *, causal: bool, scale: float, kerne
             f"dlse: kernel {kernel.value} cannot add a gradient w.r.t. lse; use kernel='math'"
         )
     kernel = backward_kernel(kernel, q, k, causal)
-    drop = dropout if dropout is not None and dropout.p > 0 else None
+    drop = active(dropout)
     if kernel is Kernel.MATH:
         keep = None if drop is None else _keep(drop, q, k)
         return _math(q, k, v, out, lse, dout, causal, scale, None, dlse, bias, keep)
@@ -193,8 +192,15 @@ def block_backward(q, k, v, out, lse, dout, *, causal: bool, scale: float, kerne
 
 def _keep(dropout: Dropout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The math kernel's ``mask / (1 - p)`` of the next forward call (Note [Dropout])."""
-    shape = (*q.shape[:-1], k.shape[-2])
-    return keep_scale(shape, dropout.replay(), dropout.p, accumulator_dtype(q.dtype), q.device)
+    return keep_scale(q, k, dropout.replay(), dropout.p)
+
+
+def _philox(dropout: Dropout | None) -> tuple:
+    """``(p, seed, offset)`` the fused kernels' backward reads: the next forward call's
+    Philox state (Note [Dropout]), or no dropout."""
+    if dropout is None:
+        return 0.0, None, None
+    return (dropout.p, *dropout.replay())
 
 
 def backward_kernel(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, causal: bool) -> Kernel:
@@ -244,7 +250,7 @@ def _flash(q, k, v, out, lse, dout, bias=None, *, causal, scale, dropout=None) -
     # cum_seq_q/k None (dense, not varlen), philox seed/offset None (unread with dropout 0);
     # the op makes out and dout contiguous itself and reads lse as a dense (B, H, M)
     m, l_ = q.shape[-2], k.shape[-2]
-    p, (seed, offset) = (0.0, (None, None)) if dropout is None else (dropout.p, dropout.replay())
+    p, seed, offset = _philox(dropout)
     args = (dout, q, k, v, out, lse.contiguous(), None, None, m, l_, p, causal, seed, offset)
     return aten._scaled_dot_product_flash_attention_backward(*args, scale=scale)
 
@@ -267,7 +273,7 @@ def _efficient(q, k, v, out, lse, dout, bias=None, *, causal, scale, dropout=Non
     padded[..., :m] = lse
     out = out.transpose(1, 2).contiguous().transpose(1, 2)  # (B, M, H, D) in memory
     mask = None if bias is None else padded_bias(bias, m)
-    p, (seed, offset) = (0.0, (None, None)) if dropout is None else (dropout.p, dropout.replay())
+    p, seed, offset = _philox(dropout)
     # no grad for the bias
     grads_wanted = [True, True, True, False]
     args = (dout, q, k, v, mask, out, padded, seed, offset, p, grads_wanted, causal)

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from .choice import accumulator_dtype
+
 
 @dataclass(eq=False)
 class Dropout:
@@ -87,8 +89,15 @@ def new_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator).item())
 
 
-def keep_scale(shape, seed: int, p: float, dtype: torch.dtype, device) -> torch.Tensor:
-    """``mask / (1 - p)`` of ``shape`` drawn from ``seed``: 0 where dropped."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    kept = torch.rand(shape, generator=gen, device=device) >= p
-    return kept.to(dtype) / (1.0 - p)
+def active(dropout: Dropout | None) -> Dropout | None:
+    """``dropout`` if it drops anything (p > 0), else None: the one test every caller makes."""
+    return dropout if dropout is not None and dropout.p > 0 else None
+
+
+def keep_scale(q: torch.Tensor, k: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """The math kernel's ``mask / (1 - p)`` for blocks ``q (B, H, M, D)``, ``k (B, H, L, D)``:
+    ``(B, H, M, L)`` drawn from ``seed``, in the scores' dtype, 0 where dropped."""
+    shape = (*q.shape[:-1], k.shape[-2])
+    gen = torch.Generator(device=q.device).manual_seed(seed)
+    kept = torch.rand(shape, generator=gen, device=q.device) >= p
+    return kept.to(accumulator_dtype(q.dtype)) / (1.0 - p)

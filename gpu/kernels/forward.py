@@ -36,7 +36,7 @@ import math
 import torch
 
 from .choice import MAX_BLOCKS, Kernel, block_kernel, blocks_per_call
-from .dropout import Dropout, keep_scale
+from .dropout import Dropout, active, keep_scale
 
 
 def _no_empty_plus_inf(lse: torch.Tensor) -> torch.Tensor:
@@ -94,19 +94,18 @@ def attend(q, k, v, *, causal: bool, scale: float, kernel: Kernel, raw_lse: bool
     its random state there (Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`).
     """
     kernel = block_kernel(kernel, k.shape[-2])
-    dropping = dropout is not None and dropout.p > 0
+    drop = active(dropout)
     # with dropout, calls split as the backward splits them (Note [Dropout])
-    per_call = blocks_per_call(q, k, v) if dropping else MAX_BLOCKS
+    per_call = blocks_per_call(q, k, v) if drop else MAX_BLOCKS
     if q.shape[0] > per_call and kernel is not Kernel.MATH and q.is_cuda:
         biases = (None,) * q.shape[0] if bias is None else bias.split(per_call)
         call = functools.partial(attend, causal=causal, scale=scale, kernel=kernel,
-                                 raw_lse=raw_lse, dropout=dropout)  # fmt: skip
+                                 raw_lse=raw_lse, dropout=drop)  # fmt: skip
         parts = [
             call(*chunk, bias=part)
             for *chunk, part in zip(*(x.split(per_call) for x in (q, k, v)), biases)
         ]
         return tuple(torch.cat(xs) for xs in zip(*parts))
-    drop = dropout if dropping else None
     if bias is None:
         return _attend(q, k, v, causal, scale, kernel, raw_lse, None, drop)
     out, lse = _attend(q, k, v, causal, scale, kernel, raw_lse, bias, drop)
@@ -140,9 +139,7 @@ def _attend(q, k, v, causal, scale, kernel, raw_lse, bias=None, dropout=None):
         if dropout is not None:
             seed = dropout.new_seed()
             dropout.record(seed)
-            shape = (*q.shape[:-1], k.shape[-2])
-            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-            keep = keep_scale(shape, seed, dropout.p, acc, q.device)
+            keep = keep_scale(q, k, seed, dropout.p)
         return math_attention(q, k, v, causal=causal, scale=scale, bias=bias, keep=keep)
     if bias is not None and kernel not in (Kernel.EFFICIENT, Kernel.FLASH_CPU):
         raise ValueError(f"bias: kernel {kernel.value} takes no key mask")
