@@ -53,6 +53,7 @@ from .layout import (
     group_blocks,
     head_slices,
     heads_index,
+    kv_index,
     pair_heads,
     range_index,
     select,
@@ -291,7 +292,7 @@ class BackwardExecutor(HomeAdds, Executor):
         for rb in task_row_batches(batch, self.groups(batch.pair), self.plan.chunks):
             rows, heads = batch_index(rb, self.q.device)
             blocks = functools.partial(batch_blocks, batch=rb, rows=rows, heads=heads)
-            kv = heads if self.kv_ratio == 1 else heads // self.kv_ratio
+            kv = kv_index(heads, self.kv_ratio)
             keys = functools.partial(batch_blocks, batch=rb, rows=rows, heads=kv)
             bias = None if self.pad is None else keys(self.pad).transpose(-1, -2)
             grads = self._grads(batch, blocks, keys(self.k), keys(self.v), bias)

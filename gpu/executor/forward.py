@@ -66,6 +66,7 @@ from .layout import (
     group_blocks,
     head_slices,
     heads_index,
+    kv_index,
     pair_heads,
     range_index,
     select,
@@ -280,7 +281,7 @@ def attend_rows(q, k, v, out, lse, batch: RowBatch, *, causal: bool, scale: floa
     :mod:`ringsim.gpu.executor.base`) and merge it into ``out (b, n, h, d)``, ``lse (b, n,
     h)``."""
     rows, heads = batch_index(batch, q.device)
-    kv = heads if kv_ratio == 1 else heads // kv_ratio
+    kv = kv_index(heads, kv_ratio)
     bias = None if pad is None else batch_blocks(pad, batch, rows, kv).transpose(-1, -2)
     block_out, block_lse = attend(
         batch_blocks(q, batch, rows, heads),

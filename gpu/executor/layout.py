@@ -151,6 +151,12 @@ def batch_index(batch: RowBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, heads[None, :]
 
 
+def kv_index(heads: torch.Tensor, kv_ratio: int) -> torch.Tensor:
+    """The K/V head each query head of the index ``heads`` reads (grouped-query attention:
+    ``h // kv_ratio``); ``heads`` itself with equal heads."""
+    return heads if kv_ratio == 1 else heads // kv_ratio
+
+
 def range_index(rows: range, device) -> torch.Tensor:
     """``rows`` as an int64 index tensor on ``device`` (cached)."""
     return _INDEX.get(
