@@ -35,7 +35,7 @@ from ..executor import dilated_attention
 from ..executor.pool import MemoryPool
 from .check_support import environment
 from .output import OUT_HELP, output_folder
-from .timing import median_ms, sync
+from .timing import first_call, median_ms, sync
 
 HEADER = ["n", "config", "row", "ms", "allocs", "peak GiB", "pool MiB", "buffers kept"]
 
@@ -65,14 +65,7 @@ def one_row(n, name, segs, rates, pool, x, dout, device, budget) -> dict:
     call()  # warm: the pool takes its buffers, the plan and the kernels are ready
     sync(device)
     before = allocations(device)
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    call()
-    sync(device)
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    _, peak = first_call(call, device)  # a steady-state call: its peak memory
     allocs = None if before is None else allocations(device) - before
     ms, _ = median_ms(call, device, budget)
     for t in x:
