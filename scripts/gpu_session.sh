@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device session on the lent GPU machine: install, CUDA tests, NCCL parity, benchmarks.
 # Usage (from the repository root, on the GPU machine): bash scripts/gpu_session.sh STEPS...
-# STEPS: tests, check, distcheck, distcheck-masks, distcheck-zigzag, ring, ring-quick, bench,
-# bench-padded, bench-pool,
-# bench-backward, profile, ncu-mix.
+# STEPS: tests, check, distcheck, distcheck-masks, distcheck-zigzag, distcheck-pool, ring,
+# ring-quick, bench, bench-padded, bench-pool, bench-pool-ring, bench-backward, profile,
+# ncu-mix, mix-variants.
 # Logs and results go
 # under $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
@@ -38,6 +38,11 @@ for step in "$@"; do
         python3 -m ringsim.gpu.harness.distcheck --world-size "$NGPU" --backend nccl --dtype $dt \
           --layout zigzag 2>&1 | tee "$OUT/distcheck_zigzag_$dt.log" | tail -3
       done ;;
+    distcheck-pool)
+      for dt in bfloat16 float32; do
+        python3 -m ringsim.gpu.harness.distcheck --world-size "$NGPU" --backend nccl --dtype $dt \
+          --memory-pool 2>&1 | tee "$OUT/distcheck_pool_$dt.log" | tail -3
+      done ;;
     ring-quick)
       torchrun --nproc-per-node "$NGPU" -m ringsim.gpu.harness.bench_ring --out "$OUT" \
         --lengths 262144 --budget 0.2 2>&1 | tail -40 ;;
@@ -50,6 +55,10 @@ for step in "$@"; do
       --out "$OUT/padded" 2>&1 | tee "$OUT/bench_padded.log" | tail -30 ;;
     bench-pool) python3 -m ringsim.gpu.harness.bench_pool --out "$OUT/pool" 2>&1 \
       | tee "$OUT/bench_pool.log" | tail -12 ;;
+    bench-pool-ring) torchrun --nproc-per-node "$NGPU" -m ringsim.gpu.harness.bench_pool --ring \
+      --out "$OUT/pool" 2>&1 | tee "$OUT/bench_pool_ring.log" | tail -12 ;;
+    mix-variants) python3 scripts/bench_mix_variants.py "$OUT/mix_variants.json" 2>&1 \
+      | tee "$OUT/mix_variants.log" | tail -40 ;;
     bench-backward) python3 -m ringsim.gpu.harness.bench_backward --out "$OUT" 2>&1 \
       | tee "$OUT/bench_backward.log" | tail -30 ;;
     profile)

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from comm_support import assert_same, random_payloads, recv_for
 
 from ringsim.comm import (
+    ChecksummedCommunicator,
     ClusterAborted,
     CommError,
     CommTimeout,
@@ -272,3 +275,42 @@ def test_a_wait_times_out_only_when_the_whole_cluster_stalls() -> None:
         return 0
 
     assert SimulatedCluster(3, timeout=0.5).run(fn) == [1, 0, 0]
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["plain", "checksummed"])
+def test_a_receive_lands_in_the_arrays_it_names(checked: bool) -> None:
+    """``Recv.into``: the payload is written into the receiver's arrays and returned as them
+    (the memory pool's buffers), through the checksum wrapper too."""
+    payloads = random_payloads(10, 2, 1)
+
+    def fn(comm: Communicator) -> bool:
+        comm = ChecksummedCommunicator(comm) if checked else comm
+        source = (comm.rank - 1) % 2
+        like = payloads[source][0]
+        into = tuple(np.full_like(a, np.nan) for a in like)
+        recv = replace(recv_for(source, 0, like), into=into)
+        (got,) = comm.exchange([Send((comm.rank + 1) % 2, 0, payloads[comm.rank][0])], [recv])
+        assert_same(got, like)
+        return all(g is t for g, t in zip(got, into, strict=True))
+
+    assert SimulatedCluster(2, timeout=10).run(fn) == [True, True]
+
+
+@pytest.mark.parametrize(
+    "into, error",
+    [
+        ([np.zeros(3)], "into must be a tuple of 1 arrays of float64, shapes \\[\\(3,\\)\\]"),
+        ((np.zeros(4),), "into must be a tuple of 1 arrays of float64"),
+        ((np.zeros(3, np.float32),), "got \\[\\(\\(3,\\), 'float32'\\)\\]"),
+        ((np.zeros(6)[::2],), "into arrays must be contiguous"),
+    ],
+    ids=["not-a-tuple", "shape", "dtype", "strided"],
+)
+def test_a_receive_into_arrays_that_do_not_fit_is_rejected(into, error: str) -> None:
+    def fn(comm: Communicator) -> None:
+        comm.exchange([], [Recv(0, 0, ((3,),), np.dtype(np.float64), into=into)])
+
+    with pytest.raises(RankFailed) as info:
+        SimulatedCluster(1, timeout=10).run(fn)
+    assert "recvs[0] (source 0, tag 0)" in str(info.value.error)
+    assert re.search(error, str(info.value.error))

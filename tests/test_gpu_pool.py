@@ -3,7 +3,9 @@
 A call with a pool computes exactly what it computes without one, forward and backward; a
 second call of the same shapes takes every working buffer from the pool (no new buffer);
 a result never aliases a pooled buffer, so the next call cannot overwrite it; the bound
-holds; the modules own their pool and free it with themselves; bad uses are named.
+holds; the modules own their pool and free it with themselves; bad uses are named. On a
+ring the received blocks and dK/dV shares land in the pool's buffers too, one set per batch
+(a pool that gave two batches one buffer is caught).
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ringsim.cases import Case  # noqa: E402
+from ringsim.comm.traced import run_traced  # noqa: E402
+from ringsim.config import validate  # noqa: E402
 from ringsim.gpu import RingDilatedAttention, dilated_attention  # noqa: E402
 from ringsim.gpu.executor.pool import MemoryPool  # noqa: E402
+from ringsim.gpu.kernels import Kernel  # noqa: E402
+from ringsim.gpu.ring import comm as ring_comm  # noqa: E402
+from ringsim.gpu.ring.rank import ring_backward, ring_forward  # noqa: E402
+from ringsim.layout import shard  # noqa: E402
 
 CASES = {  # the accumulate path (ragged) and the strided path (aligned)
     "ragged": Case(2, 18, 4, 8, (5, 18), (1, 2), True),
@@ -46,6 +54,59 @@ def test_pooled_calls_equal_unpooled_and_reuse_every_buffer(name):
     assert pool.hits >= kept > 0
     for x in (*first, *second):  # results are the caller's, not the pool's
         assert not pool.holds(x)
+
+
+#: Causal, r > 1, segments inside a shard and across all three (4 ring steps at P = 3).
+RING = Case(1, 24, 4, 8, (6, 24), (1, 2), True, world_size=3)
+
+
+def ring_run(case: Case, pools, seed: int):
+    """Every rank's ``(out, lse, dq, dk, dv)`` of the torch ring on the simulated cluster,
+    rank r with ``pools[r]`` (None: no pool)."""
+    q, k, v, dout = (torch.from_numpy(x) for x in (*case.inputs(seed), case.upstream(seed)))
+    p = case.world_size
+    config = validate(q, k, v, case.segment_lengths, case.dilation_rates,
+                      is_causal=case.is_causal, world_size=p)  # fmt: skip
+
+    def run_rank(comm, trace):
+        mine = [shard(x, comm.rank, p) for x in (q, k, v, dout)]
+        pool = pools[comm.rank]
+        out, lse = ring_forward(*mine[:3], config, comm, Kernel.MATH, None, pool=pool)
+        grads = ring_backward(*mine[:3], out, lse, mine[3], None, config, comm, Kernel.MATH,
+                              None, pool=pool)  # fmt: skip
+        return out, lse, *grads
+
+    return run_traced(p, run_rank)[0]
+
+
+def test_a_ring_receives_into_its_pool_one_buffer_set_per_batch():
+    pools = [MemoryPool() for _ in range(RING.world_size)]
+    ring_run(RING, pools, seed=1)  # other inputs first: their buffers are reused
+    misses = [pool.misses for pool in pools]
+    pooled, plain = ring_run(RING, pools, seed=2), ring_run(RING, [None] * 3, seed=2)
+    for got, want, pool in zip(pooled, plain, pools):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert not any(pool.holds(x) for x in got)
+    assert [pool.misses for pool in pools] == misses  # nothing new
+    roles = {key[0][0] for pool in pools for key in pool.buffers}
+    assert {"forward receives", "backward receives"} <= roles
+    batches = {key[0][1] for pool in pools for key in pool.buffers if "receives" in key[0][0]}
+    assert len(batches) > 2  # several batches, each with its own buffers
+
+
+def test_a_pool_that_gives_two_batches_one_buffer_is_caught(monkeypatch):
+    """The mutant: receive buffers keyed without the batch, so a later batch overwrites a
+    block (or a dK/dV share) still held."""
+    start = ring_comm.PooledReceives.start
+
+    def one_set(self, sends, recvs):
+        self.batches = 0
+        return start(self, sends, recvs)
+
+    monkeypatch.setattr(ring_comm.PooledReceives, "start", one_set)
+    pools = [MemoryPool() for _ in range(RING.world_size)]
+    pooled, plain = ring_run(RING, pools, seed=3), ring_run(RING, [None] * 3, seed=3)
+    assert not all(torch.equal(a, b) for got, want in zip(pooled, plain) for a, b in zip(got, want))
 
 
 def test_a_result_survives_the_next_call():

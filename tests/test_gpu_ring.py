@@ -216,11 +216,13 @@ def test_torch_dist_communicator_needs_an_initialised_group():
     ("world_size", "layout", "masks"),
     [(2, "contiguous", ()), (3, "contiguous", ()), (4, "contiguous", ()), (3, "zigzag", ()),
      (4, "zigzag", ()), (2, "contiguous", ("--gqa", "--key-padding")),
-     (3, "zigzag", ("--gqa", "--key-padding"))],
+     (3, "zigzag", ("--gqa", "--key-padding")), (4, "contiguous", ("--memory-pool",)),
+     (3, "zigzag", ("--memory-pool", "--key-padding"))],
 )  # fmt: skip
 def test_gloo_ring_on_real_processes(world_size, layout, masks):
     """Forward and backward, one process per rank; gradients against the reference (with
-    fewer K/V heads and a key padding mask: the masks)."""
+    fewer K/V heads and a key padding mask: the masks; with a memory pool: every case twice,
+    the checked call receiving into the buffers of the first)."""
     result = subprocess.run(
         [
             sys.executable,
@@ -245,7 +247,9 @@ def test_gloo_ring_on_real_processes(world_size, layout, masks):
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"PASS distcheck backend=gloo world_size={world_size}" in result.stdout
     assert "max_grad_error=" in result.stdout
-    assert f"layout={layout} gqa={bool(masks)} key_padding={bool(masks)}" in result.stdout
+    flags = f"gqa={'--gqa' in masks} key_padding={'--key-padding' in masks}"
+    assert f"layout={layout} {flags}" in result.stdout
+    assert ("memory_pool=" in result.stdout) == ("--memory-pool" in masks)
 
 
 def test_distcheck_ends_a_dead_worker_in_one_line(monkeypatch, capsys):

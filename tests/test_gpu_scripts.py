@@ -86,6 +86,22 @@ def test_bench_pool_smoke_writes_both_rows(tmp_path):
     assert "| pooled |" in (tmp_path / "bench_pool_smoke.md").read_text()
 
 
+def test_bench_pool_ring_smoke_under_torchrun(tmp_path):
+    """The ring rows: two gloo processes; the pool also keeps the blocks received."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+         "ringsim.gpu.harness.bench_pool", "--smoke", "--ring", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads((tmp_path / "bench_pool_ring_smoke.json").read_text())
+    rows = {(r["config"], r["row"]): r for r in report["rows"]}
+    assert {r["world_size"] for r in report["rows"]} == {2}
+    for config in ("aligned", "ragged"):
+        assert rows[(config, "plain")]["ms"] > 0 and rows[(config, "plain")]["pool_mib"] is None
+        assert rows[(config, "pooled")]["buffers_kept"] > 0
+
+
 def test_bench_backward_smoke_writes_tables(tmp_path):
     run_smoke("ringsim.gpu.harness.bench_backward", tmp_path)
     report = json.loads((tmp_path / "bench_backward_smoke.json").read_text())

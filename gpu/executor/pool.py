@@ -3,14 +3,18 @@
 Note [The memory pool]
 ----------------------
 Each call of the executor allocates its working buffers: the float32 accumulators of out
-and lse (the accumulate path), the lse the mix writes, and the float32 totals of dq, dk, dv
-(the backward). (The buffers a ring's received blocks land in are not pooled: the
-communicator allocates them.) PyTorch's caching allocator already serves them without a
-device allocation in steady state; a :class:`MemoryPool` goes further and keeps the
-tensors themselves, so that a call with the shapes of an earlier one takes the same buffers
-and asks the allocator for none of them (the kernels' own outputs are still the
-allocator's). What it costs is memory: the pooled buffers stay allocated between calls, up
-to ``max_bytes``; a buffer past that bound is allocated for the call and not kept.
+and lse (the accumulate path), the lse the mix writes, the float32 totals of dq, dk, dv
+(the backward), and on a ring the buffers each received K/V block and dK/dV share lands
+in. PyTorch's caching allocator already serves them without a device allocation in
+steady state; a :class:`MemoryPool` goes further and keeps the tensors themselves, so that
+a call with the shapes of an earlier one takes the same buffers and asks the allocator for
+none of them. What stays the allocator's: the kernels' own outputs (PyTorch's attention
+kernels take no output buffer) and the executor's small temporaries. What it costs is
+memory: the pooled buffers stay allocated between calls, up to ``max_bytes``; a buffer
+past that bound is allocated for the call and not kept. On a ring every batch of a call
+receives into buffers of its own (:class:`ringsim.gpu.ring.comm.PooledReceives`), so the
+pool holds every step's received blocks, between calls too, where a call without it has
+about two steps' worth alive at once; they are received into directly (no copy).
 
 Safety:
 

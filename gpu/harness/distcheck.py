@@ -17,7 +17,11 @@ inputs, plus 1e-6. With NCCL the cases are sized for the GPU kernels
 whole sequence, both modes, causal and not, one ragged configuration); with gloo the small
 fixed and random cases of every check. ``--gqa`` gives each case fewer K/V heads (1 to 3,
 :func:`ringsim.cases.grouped_query`); ``--key-padding`` passes each rank its shard of a random
-key padding mask (a quarter of the keys, and all of batch element 0's second half). Rank 0
+key padding mask (a quarter of the keys, and all of batch element 0's second half);
+``--memory-pool`` gives each rank a :class:`~ringsim.gpu.executor.pool.MemoryPool` for all
+its calls, runs each case once on other inputs first, and fails a checked call that takes a
+buffer the pool does not hold (rank 0's pool; the verdict prints its hits of all buffers
+taken). Rank 0
 prints one line per case and one verdict, PASS or FAIL; the exit code is non-zero on any
 failure.
 """
@@ -40,6 +44,7 @@ from ringsim.cases import check_cases, device_cases, grouped_query
 from ringsim.layout import LAYOUTS, shard, unshard
 from ringsim.tolerance import max_abs_error
 
+from ..executor.pool import MemoryPool
 from .check_support import bounds, is_low_precision, naive_dilated
 
 DTYPES = {
@@ -77,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--gqa", action="store_true", help="fewer K/V heads than query heads")
     parser.add_argument("--key-padding", action="store_true", help="a key padding mask")
+    parser.add_argument(
+        "--memory-pool",
+        action="store_true",
+        help="each rank's calls share a MemoryPool; each case runs once more before it is "
+        "checked, and the checked call must take every buffer from the pool",
+    )
     return parser.parse_args(argv)
 
 
@@ -94,7 +105,6 @@ def free_port() -> int:
 
 
 def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
-    from ringsim.gpu import ring_dilated_attention
 
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
@@ -115,21 +125,16 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
         cases = check_cases(p, args.cases, args.seed, layout=args.layout)
     if args.gqa:
         cases = grouped_query(cases, args.seed)
+    pool = MemoryPool() if args.memory_pool else None
     failures, worst = [], [0.0, 0.0]
     for i, case in enumerate(cases):
-        # every rank draws the same global inputs and keeps its shard, rounded to dtype
-        q, k, v, dout = (
-            torch.from_numpy(x).to(dtype)
-            for x in (*case.inputs(args.seed + i), case.upstream(args.seed + i))
-        )
-        mine = functools.partial(shard, rank=rank, world_size=p, layout=case.layout)
-        shards = [mine(x).to(device).requires_grad_() for x in (q, k, v)]
         pad = padding(case, args.seed + i) if args.key_padding else None
-        out, lse = ring_dilated_attention(
-            *shards, case.segment_lengths, case.dilation_rates, **case.kwargs(), return_lse=True,
-            layout=case.layout, key_padding_mask=None if pad is None else mine(pad).to(device),
-        )  # fmt: skip
-        out.backward(mine(dout).to(device))
+        run = functools.partial(run_case, case, rank=rank, world_size=p, device=device,
+                                dtype=dtype, pad=pad, pool=pool)  # fmt: skip
+        if pool is not None:  # other inputs first: the checked call reuses their buffers
+            run(args.seed + i + 1000)
+            misses = pool.misses
+        inputs, shards, out, lse = run(args.seed + i)
         mine_results = [x.detach().double().cpu().numpy() for x in (out, lse)]
         mine_results += [x.grad.double().cpu().numpy() for x in shards]
         gathered = [None] * p if rank == 0 else None
@@ -139,8 +144,10 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
                 unshard([g[j] for g in gathered], layout=case.layout, axis=-1 if j == 1 else 1)
                 for j in range(5)
             ]
-            line, ok, errors = judge(case, got, (q, k, v, dout), dtype, device, pad)
+            line, ok, errors = judge(case, got, inputs, dtype, device, pad)
             worst = [max(a, b) for a, b in zip(worst, errors)]
+            if pool is not None and pool.misses != misses:  # (rank 0's pool)
+                ok, line = False, f"{line}; FAIL the call allocated {pool.misses - misses} buffers"
             print(line, flush=True)
             if not ok:
                 failures.append(line)
@@ -150,7 +157,8 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
             f"{verdict} distcheck backend={args.backend} world_size={p} dtype={args.dtype} "
             f"configurations={len(cases)} failed={len(failures)} max_error={worst[0]:.3e} "
             f"max_grad_error={worst[1]:.3e} layout={args.layout} gqa={args.gqa} "
-            f"key_padding={args.key_padding}",
+            f"key_padding={args.key_padding}"
+            + ("" if pool is None else f" memory_pool={pool.hits}/{pool.hits + pool.misses}"),
             flush=True,
         )
     dist.barrier()
@@ -161,6 +169,26 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1 if failures else 0)
+
+
+def run_case(case, seed: int, *, rank, world_size, device, dtype, pad, pool):
+    """``((q, k, v, dout), shards, out, lse)``: every rank draws the same global inputs of
+    ``seed``, rounded to ``dtype``, and runs the ring forward and backward on its shards
+    (``pad``: the global key padding mask, or None; ``pool``: the rank's memory pool)."""
+    from ringsim.gpu import ring_dilated_attention
+
+    mine = functools.partial(shard, rank=rank, world_size=world_size, layout=case.layout)
+    q, k, v, dout = (
+        torch.from_numpy(x).to(dtype) for x in (*case.inputs(seed), case.upstream(seed))
+    )
+    shards = [mine(x).to(device).requires_grad_() for x in (q, k, v)]
+    out, lse = ring_dilated_attention(
+        *shards, case.segment_lengths, case.dilation_rates, **case.kwargs(), return_lse=True,
+        layout=case.layout, key_padding_mask=None if pad is None else mine(pad).to(device),
+        memory_pool=pool,
+    )  # fmt: skip
+    out.backward(mine(dout).to(device))
+    return (q, k, v, dout), shards, out, lse
 
 
 def judge(case, got, inputs, dtype: torch.dtype, device: torch.device, pad=None):

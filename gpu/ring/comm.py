@@ -3,7 +3,8 @@
 Each tensor of a payload is sent as it is, one point-to-point operation per tensor (no
 packing copy: a block in the gathered layout is one contiguous tensor of K and one of V,
 and with r = 1 over every head the rank's K/V shard itself); a tensor that is not contiguous
-is copied first. Each receive gets fresh tensors of the expected shapes. A step's batch is
+is copied first. Each receive gets fresh tensors of the expected shapes, or lands in the
+tensors it names (``into``: :class:`PooledReceives` names a memory pool's). A step's batch is
 posted with one ``batch_isend_irecv``, so NCCL runs it on its own stream while the compute
 stream attends the blocks already held; ``wait`` makes the compute stream wait for it
 without blocking the host. Messages between two ranks match in posting order (NCCL ignores
@@ -14,11 +15,22 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
-from ringsim.comm.base import Payload, Recv, Send, check_batch
+from ringsim.comm.base import (
+    Communicator,
+    Payload,
+    Recv,
+    Request,
+    Send,
+    WrappedCommunicator,
+    check_batch,
+)
+
+from ..executor.pool import MemoryPool
 
 
 class TorchDistRequest:
@@ -86,7 +98,9 @@ class TorchDistCommunicator:
                     peer = self._peer(s.dest)
                     ops.append(dist.P2POp(dist.isend, tensor, peer, self.group, s.tag))
         for r in recvs:
-            tensors = tuple(torch.empty(shape, dtype=r.dtype, device=device) for shape in r.shapes)
+            tensors = r.into or tuple(
+                torch.empty(shape, dtype=r.dtype, device=device) for shape in r.shapes
+            )
             received.append(tensors)
             for tensor in tensors:
                 if tensor.numel():
@@ -102,6 +116,39 @@ class TorchDistCommunicator:
         gathered: list[object] = [None] * self._world_size
         dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
+
+
+class PooledReceives(WrappedCommunicator):
+    """``inner``, receiving into ``pool``'s buffers (Note [The memory pool]).
+
+    Each batch a ring call posts gets buffers of its own, keyed by ``role`` (the pass),
+    the batch's number within the call and the receive's place in the batch: within a call
+    no two receives share a buffer, so a block that is attended, sent on or added while
+    the next ones arrive is never overwritten; the next call with the same shapes posts
+    the same batches and takes the same buffers. Make one per ring call (the count starts
+    at 0). What the pool cannot keep (its bound) is allocated for the call, as without it.
+    """
+
+    def __init__(self, inner: Communicator, pool: MemoryPool, role: str, device) -> None:
+        super().__init__(inner)
+        self.pool, self.role, self.device = pool, role, device
+        self.batches = 0
+
+    def start(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> Request:
+        batch, self.batches = self.batches, self.batches + 1
+        take = self.pool.take
+        pooled = [
+            replace(r, into=tuple(take((self.role, batch, i, j), shape, r.dtype, self.device)
+                                  for j, shape in enumerate(r.shapes)))
+            for i, r in enumerate(recvs)
+        ]  # fmt: skip
+        return self._inner.start(sends, pooled)
+
+
+def receiving(comm: Communicator, pool: MemoryPool | None, role: str, device) -> Communicator:
+    """``comm`` for one ring call: receiving into ``pool`` (:class:`PooledReceives`), or as
+    it is without one."""
+    return comm if pool is None else PooledReceives(comm, pool, role, device)
 
 
 _COMMS: dict[int, tuple[object, TorchDistCommunicator]] = {}

@@ -78,8 +78,8 @@ def ring_dilated_attention(
         dropout_p: attention dropout, as :func:`ringsim.gpu.dilated_attention` takes it; the
             same on every rank (checked together); each rank draws its own masks.
         memory_pool: this rank's :class:`~ringsim.gpu.executor.pool.MemoryPool` for the
-            executor's working buffers (Note [The memory pool]; the receive buffers come from
-            the allocator), or None.
+            executor's working buffers and the blocks it receives (Note [The memory pool]),
+            or None.
     Returns:
         this rank's out ``(batch, seq_len / P, num_heads, head_dim)`` in q's dtype [, lse],
         rows in the order of its shard.

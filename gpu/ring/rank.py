@@ -30,6 +30,7 @@ from ..executor import BackwardExecutor, ForwardExecutor
 from ..executor.base import Executor
 from ..executor.pool import MemoryPool
 from ..kernels import Dropout, Kernel
+from .comm import receiving
 
 
 @dataclass
@@ -92,12 +93,14 @@ def ring_forward(
     ``pad``: this rank's key bias ``(b, c, h, 1)`` (Note [Key masks] in
     :mod:`ringsim.gpu.executor.base`), or None; ``dropout``: this rank's record of its
     calls' random states (Note [Dropout] in :mod:`ringsim.gpu.kernels.dropout`), or None;
-    ``pool``: this rank's memory pool (Note [The memory pool]), or None."""
+    ``pool``: this rank's memory pool (Note [The memory pool]) for the executor's buffers
+    and the blocks received, or None."""
     plan = _plan(config, q, k, comm, layout)
     executor = ForwardExecutor(q, k, v, plan, config, kernel, pad, dropout, pool)
     if trace is not None:
         trace.hold("q, k, v, out, lse", sum(x.nbytes for x in (q, k, v)) + executor.state_nbytes)
-    run_ring(comm, executor.plan, StepParts(executor), trace, q.element_size())
+    ring = receiving(comm, pool, "forward receives", q.device)
+    run_ring(ring, executor.plan, StepParts(executor), trace, q.element_size())
     return executor.finish()
 
 
@@ -151,6 +154,7 @@ def ring_backward(
     if trace is not None:
         trace.hold("q, k, v, out, lse, dout", sum(x.nbytes for x in (q, k, v, out, lse, dout)))
         trace.hold("dq, dk, dv", executor.grads_nbytes)
-    relay = GradRelay(comm, plan, executor, trace)
-    run_ring(comm, plan, StepParts(executor), trace, q.element_size(), relay)
+    ring = receiving(comm, pool, "backward receives", q.device)  # K/V, then dK/dV, in order
+    relay = GradRelay(ring, plan, executor, trace)
+    run_ring(ring, plan, StepParts(executor), trace, q.element_size(), relay)
     return executor.finish()

@@ -2,7 +2,8 @@
 
 Smoke check of :class:`ringsim.comm.MPICommunicator`: every rank sends random payloads to
 rank+1 and receives from rank-1 for a few rounds (overlapped ``start``/``wait`` and blocking
-``exchange`` alternate) and verifies what arrives against the sender's seeded generator;
+``exchange`` alternate; every fourth round, from the second, receives into arrays it names,
+``Recv.into``) and verifies what arrives against the sender's seeded generator;
 then a message shorter and one longer than its receive expects must each raise CommError.
 Rank 0 prints ``PASS comm world_size=P ...`` or ``FAIL comm ...`` naming the ranks that saw
 wrong data; on failure every rank exits non-zero. A fault (``--fault``) is injected with
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NoReturn
 
 import numpy as np
@@ -55,6 +57,8 @@ def ring_rounds(comm: Communicator, rounds: int, seed: int) -> tuple[list[str], 
         payload = payload_of(seed, rank, round_)
         expected = payload_of(seed, recv_rank, round_)
         recv = Recv(recv_rank, round_, tuple(a.shape for a in expected), expected[0].dtype)
+        if round_ % 4 == 1:  # into the receiver's own arrays
+            recv = replace(recv, into=tuple(np.full_like(e, np.nan) for e in expected))
         sends = [Send(send_rank, round_, payload)]
         if round_ % 2 == 0:
             request = comm.start(sends, [recv])
@@ -63,6 +67,8 @@ def ring_rounds(comm: Communicator, rounds: int, seed: int) -> tuple[list[str], 
         else:
             (got,) = comm.exchange(sends, [recv])
         sent += payload_nbytes(payload)
+        if recv.into is not None and not all(g is t for g, t in zip(got, recv.into)):
+            problems.append(f"rank {rank} round {round_}: not received into the arrays named")
         for index, (g, e) in enumerate(zip(got, expected, strict=True)):
             if g.shape != e.shape or g.dtype != e.dtype or not np.array_equal(g, e):
                 problems.append(

@@ -12,13 +12,15 @@ backend (this package never imports torch: a tensor is recognised by its ``clone
 see :func:`is_array`). A receive names the shapes and dtype it expects (the plan knows
 them), so MPI can receive into buffers allocated up front. Send and receive buffers are
 always distinct (pitfall 9): a sent payload is copied or packed when the batch is posted,
-and received payloads are new arrays.
+and received payloads are new arrays, or the caller's own arrays where the receive names
+them (``into``: a memory pool's buffers, kept from call to call; every communicator
+honours it, see :func:`delivered`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Protocol
 
@@ -38,12 +40,15 @@ class Send:
 
 @dataclass(frozen=True)
 class Recv:
-    """Receive from rank ``source`` a payload of arrays of these ``shapes`` and ``dtype``."""
+    """Receive from rank ``source`` a payload of arrays of these ``shapes`` and ``dtype``;
+    ``into``: arrays of those shapes and dtype (contiguous, owned by the caller) the
+    payload lands in and is returned as, or None: new arrays."""
 
     source: int
     tag: int
     shapes: tuple[tuple[int, ...], ...]
     dtype: object  # a NumPy dtype, or a torch dtype for tensor payloads
+    into: Payload | None = field(default=None, compare=False, repr=False)
 
 
 class Request(Protocol):
@@ -168,6 +173,24 @@ def copy_array(a):
     return np.array(a, copy=True, order="C") if isinstance(a, np.ndarray) else a.clone()
 
 
+def copy_into(into: Payload, payload: Payload) -> Payload:
+    """``into``, with ``payload``'s contents copied in (arrays of equal shapes)."""
+    for target, got in zip(into, payload, strict=True):
+        if isinstance(target, np.ndarray):
+            np.copyto(target, got)
+        else:
+            target.copy_(got)
+    return into
+
+
+def delivered(recv: Recv, payload: Payload) -> Payload:
+    """``payload`` as the receive returns it: copied into ``recv.into`` when the receive
+    names arrays (a transport that cannot write into them directly), else as it is."""
+    if recv.into is None or payload is recv.into:
+        return payload
+    return copy_into(recv.into, payload)
+
+
 def same_dtype(a: object, b: object) -> bool:
     """Equal dtypes, NumPy (any spelling) or torch."""
     try:
@@ -216,6 +239,33 @@ def check_batch(
                 f"{_where(rank, 'recvs', index, recv)}: dtype must be a NumPy or torch dtype, "
                 f"got {recv.dtype!r}"
             )
+        if recv.into is not None:
+            _check_into(rank, index, recv)
+
+
+def _check_into(rank: int, index: int, recv: Recv) -> None:
+    """``recv.into``: a tuple of contiguous arrays of the receive's shapes and dtype."""
+    into = recv.into
+    fits = isinstance(into, tuple) and len(into) == len(recv.shapes)
+    fits = fits and all(
+        is_array(a) and tuple(a.shape) == tuple(s) and same_dtype(a.dtype, recv.dtype)
+        for a, s in zip(into, recv.shapes)
+    )
+    if not fits:
+        got = (
+            [(tuple(getattr(a, "shape", ())), dtype_text(getattr(a, "dtype", a))) for a in into]
+            if isinstance(into, tuple)
+            else type(into).__name__
+        )
+        raise TypeError(
+            f"{_where(rank, 'recvs', index, recv)}: into must be a tuple of "
+            f"{describe_payload(recv.shapes, recv.dtype)}, got {got!r}"
+        )
+    contiguous = (
+        a.flags.c_contiguous if isinstance(a, np.ndarray) else a.is_contiguous() for a in into
+    )
+    if not all(contiguous):
+        raise ValueError(f"{_where(rank, 'recvs', index, recv)}: into arrays must be contiguous")
 
 
 def _is_size(d: object) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .base import CommError, Payload, Recv, Request, Send, WrappedCommunicator
+from .base import CommError, Payload, Recv, Request, Send, WrappedCommunicator, delivered
 
 #: The shape of the array a sealed payload carries at its end.
 SEAL_SHAPE = (4,)
@@ -71,7 +71,8 @@ def seal(payload: Payload) -> Payload:
 
 
 def sealed(recv: Recv) -> Recv:
-    """The receive of a sealed message: one more array, :data:`SEAL_SHAPE`."""
+    """The receive of a sealed message: one more array, :data:`SEAL_SHAPE` (into new
+    arrays: the checked payload is delivered into ``recv.into`` once unsealed)."""
     return Recv(recv.source, recv.tag, (*recv.shapes, SEAL_SHAPE), recv.dtype)
 
 
@@ -101,7 +102,10 @@ class _CheckedRequest:
 
     def wait(self) -> list[Payload]:
         payloads = self._request.wait()
-        return [unseal(p, self._rank, r) for p, r in zip(payloads, self._recvs, strict=True)]
+        return [
+            delivered(r, unseal(p, self._rank, r))
+            for p, r in zip(payloads, self._recvs, strict=True)
+        ]
 
 
 class ChecksummedCommunicator(WrappedCommunicator):

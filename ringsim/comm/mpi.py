@@ -28,6 +28,7 @@ from .base import (
     Send,
     check_batch,
     check_timeout,
+    delivered,
     describe_payload,
 )
 
@@ -114,7 +115,7 @@ class MPIRequest:
                     f"{describe_payload(recv.shapes, recv.dtype)} ({buffer.nbytes} bytes), "
                     f"got {got} bytes"
                 )
-            payloads.append(unpack(buffer, recv))
+            payloads.append(delivered(recv, unpack(buffer, recv)))
         return payloads
 
     def _pending(self) -> list[str]:

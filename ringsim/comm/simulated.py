@@ -40,6 +40,7 @@ from .base import (
     Send,
     check_batch,
     check_timeout,
+    delivered,
     describe_payload,
     same_dtype,
 )
@@ -80,7 +81,7 @@ class _SimulatedRequest:
         payloads = [s.payload for s in self._slots if s.payload is not None]
         for recv, payload in zip(self._recvs, payloads, strict=True):
             _check_received(rank, recv, payload)
-        return payloads
+        return [delivered(r, p) for r, p in zip(self._recvs, payloads)]
 
 
 def _check_received(rank: int, recv: Recv, payload: Payload) -> None:

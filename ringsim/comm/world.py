@@ -15,7 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .base import CommError, CommTimeout, DeadlockError, Payload, Recv, Send, copy_array
+from .base import (
+    CommError,
+    CommTimeout,
+    DeadlockError,
+    Payload,
+    Recv,
+    Send,
+    copy_array,
+    copy_into,
+    same_dtype,
+)
 
 
 class ClusterAborted(CommError):
@@ -30,11 +40,24 @@ class RankState(Enum):
 
 @dataclass
 class Slot:
-    """One posted receive; ``payload`` is set when its message is matched."""
+    """One posted receive; ``payload`` is set when its message is matched. A receive that
+    names arrays (``into``) has the message written into them at that moment, as a real
+    transport may land it any time between the post and the wait: a rank that still reads
+    those arrays then sees them change, as it would on a network."""
 
     source: int
     tag: int
+    into: Payload | None = None
     payload: Payload | None = None
+
+    def fill(self, payload: Payload) -> None:
+        fits = self.into is not None and len(self.into) == len(payload)
+        fits = fits and all(
+            tuple(a.shape) == tuple(b.shape) and same_dtype(a.dtype, b.dtype)
+            for a, b in zip(self.into, payload)
+        )
+        # a message that does not fit is kept as it came: the wait names the mismatch
+        self.payload = copy_into(self.into, payload) if fits else payload
 
 
 @dataclass
@@ -115,17 +138,17 @@ class World:
         payload = tuple(copy_array(a) for a in send.payload)
         queue = self.posted.get((source, send.dest, send.tag))
         if queue:
-            queue.popleft().payload = payload
+            queue.popleft().fill(payload)
         else:
             self.mailboxes.setdefault((source, send.dest, send.tag), deque()).append(payload)
         self.last_progress = time.monotonic()
         self.wake(send.dest)
 
     def post_recv(self, dest: int, recv: Recv) -> Slot:
-        slot = Slot(recv.source, recv.tag)
+        slot = Slot(recv.source, recv.tag, recv.into)
         box = self.mailboxes.get((recv.source, dest, recv.tag))
         if box:
-            slot.payload = box.popleft()
+            slot.fill(box.popleft())
         else:
             self.posted.setdefault((recv.source, dest, recv.tag), deque()).append(slot)
         return slot
