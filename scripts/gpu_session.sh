@@ -20,7 +20,7 @@ for step in "$@"; do
   case $step in
     tests) python3 -m pytest -q -rf --tb=short tests/test_gpu_cuda.py tests/test_gpu_kernels_cuda.py \
       tests/test_gpu_executor_cuda.py tests/test_gpu_key_padding.py tests/test_gpu_transformer.py \
-      tests/test_gpu_dropout.py \
+      tests/test_gpu_dropout.py tests/test_gpu_pool.py \
       2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     check) python3 -m ringsim.gpu.harness.check --out "$OUT" 2>&1 | tail -25 ;;
     distcheck)

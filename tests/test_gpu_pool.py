@@ -164,3 +164,63 @@ def test_the_pattern_caches_report_their_hits():
     for name in ("plans", "row batches", "row indices"):
         assert after[name][0] > before[name][0], name  # hits
         assert after[name][1] == before[name][1], name  # no new miss
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+#: Sized for the GPU kernels (head_dim 64), aligned: what a CUDA graph can capture.
+GPU_CASE = Case(2, 1024, 4, 64, (256, 1024), (1, 2), True)
+
+
+def gpu_inputs(seed: int):
+    return [torch.from_numpy(x).to("cuda", torch.bfloat16) for x in GPU_CASE.inputs(seed=seed)]
+
+
+def gpu_call(x, pool):
+    return dilated_attention(*x, GPU_CASE.segment_lengths, GPU_CASE.dilation_rates,
+                             **GPU_CASE.kwargs(), memory_pool=pool)  # fmt: skip
+
+
+@needs_cuda
+@torch.no_grad()
+def test_a_captured_call_with_a_pool_replays_what_an_eager_call_computes():
+    pool = MemoryPool()
+    static = gpu_inputs(0)
+    side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up outside the capture, as CUDA graphs need
+            gpu_call(static, pool)
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gpu_call(static, pool)
+    for seed in (1, 2):
+        fresh = gpu_inputs(seed)
+        for s, x in zip(static, fresh):
+            s.copy_(x)
+        graph.replay()
+        eager = gpu_call(fresh, pool)  # the same pool, on the main stream, between replays
+        torch.cuda.synchronize()
+        # (a capture mixes in float32 accumulators, eager calls in the Triton mix: bf16 apart)
+        torch.testing.assert_close(out, gpu_call(fresh, None), atol=2e-2, rtol=0)
+        torch.testing.assert_close(eager, gpu_call(fresh, None), atol=0, rtol=0)
+
+
+@needs_cuda
+@torch.no_grad()
+def test_calls_on_two_streams_at_once_take_different_buffers():
+    pool, a, b = MemoryPool(), gpu_inputs(3), gpu_inputs(4)
+    want = [gpu_call(a, None), gpu_call(b, None)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    got = []
+    for _ in range(3):
+        for s, x in zip(streams, (a, b)):
+            with torch.cuda.stream(s):
+                got.append(gpu_call(x, pool))
+    torch.cuda.synchronize()
+    for i, out in enumerate(got):
+        assert torch.equal(out, want[i % 2])
+    held = {key[-1] for key in pool.buffers}
+    assert {s.cuda_stream for s in streams} <= held

@@ -18,14 +18,18 @@ about two steps' worth alive at once; they are received into directly (no copy).
 
 Safety:
 
-- a buffer is keyed by its role, shape, dtype and device; within one call every buffer
-  has its own role, so no two live buffers share one;
+- a buffer is keyed by its role, shape, dtype, device and the CUDA stream current when
+  it is taken; within one call every buffer has its own role, so no two live buffers
+  share one;
 - what a call returns is never a pooled buffer (the executor copies out of it), so the
   next call cannot overwrite a result the caller holds;
-- calls on one pool must follow each other on one stream, as a module's forward and
-  backward do: the executor's side streams join the main stream before a call ends. Two
-  calls in flight at once on different streams need two pools;
-- a CUDA graph replays its own static buffers: the graphed forward takes no pool.
+- calls on one stream run in order, so the next call's work on a buffer starts after the
+  last one's ends (the executor's side streams join the call's stream before it ends);
+  calls on different streams, which may run at once, take different buffers;
+- under CUDA graph capture (``torch.cuda.graph`` captures on a stream of its own) a call
+  takes buffers of its own, which each replay reuses and which stay the graph's as long as
+  the pool lives; ``dilated_attention(..., cuda_graph=True)`` replays its own static
+  buffers and takes no pool.
 
 :attr:`MemoryPool.hits` and :attr:`MemoryPool.misses` count the buffers taken from the pool
 and those allocated (the profile and the benchmark report them).
@@ -62,7 +66,9 @@ class MemoryPool:
         """A buffer of ``shape`` and ``dtype`` on ``device`` for ``role`` (any hashable),
         filled with ``fill`` (None: left as it is): the pool's, or a new one, kept if the
         bound allows."""
-        key = (role, tuple(shape), dtype, torch.device(device))
+        device = torch.device(device)
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (role, tuple(shape), dtype, device, stream)
         buffer = self.buffers.get(key)
         if buffer is None:
             self.misses += 1
