@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ringsim.cases import fixed_cases, random_case  # noqa: E402
+from ringsim.cases import Case, fixed_cases, random_case  # noqa: E402
 from ringsim.config import make_config  # noqa: E402
 from ringsim.gpu import Kernel, dilated_attention, simulated_ring_dilated_attention  # noqa: E402
 from ringsim.gpu.executor import Part  # noqa: E402
@@ -46,6 +46,15 @@ def aligned_cases():
         if config.is_aligned(q.shape[1]):
             chosen.append(case)
     return chosen[:24]
+
+
+def residue_cases():
+    """Aligned cases the residue programs run with several rates (rows R / r apart in the
+    parts), causal and not, both modes."""
+    return [
+        Case(1, 64, 4, 8, (16, 32, 64), (1, 2, 4), True),
+        Case(2, 48, 4, 4, (12, 24), (1, 3), False, mode="grouped"),
+    ]
 
 
 def run(case, seed, dtype=torch.float32):
@@ -80,12 +89,26 @@ def test_mix_is_used_only_where_it_can_run(interpreted, monkeypatch):
     assert "CUDA" in mix_reason(q)
 
 
+def record_programs(module, monkeypatch, residue: bool) -> list:
+    """The residue shape of every launch (None: the general kernel), into the list returned;
+    the general kernel only unless ``residue``."""
+    if not residue:
+        general_only(module, monkeypatch)
+    shapes, shape_of = [], module.residue_shape
+    monkeypatch.setattr(
+        module, "residue_shape", lambda *a: shapes.append(shape_of(*a)) or shapes[-1]
+    )
+    return shapes
+
+
+@pytest.mark.parametrize("residue", [True, False], ids=["residue", "general"])
 @pytest.mark.parametrize("schedule", ["strided", "gathered"])
-def test_mixed_forward_matches_definition(interpreted, monkeypatch, schedule):
+def test_mixed_forward_matches_definition(interpreted, monkeypatch, schedule, residue):
     monkeypatch.setattr(executor, "schedule", lambda *a, **k: Schedule(schedule))
     calls = []
     mix = interpreted.mix_
     monkeypatch.setattr(interpreted, "mix_", lambda *a: calls.append(1) or mix(*a))
+    shapes = record_programs(interpreted, monkeypatch, residue)
     failures = []
     for i, case in enumerate(aligned_cases()):
         out, lse = run(case, seed=i)
@@ -95,6 +118,11 @@ def test_mixed_forward_matches_definition(interpreted, monkeypatch, schedule):
             failures.append(f"{case.describe()}: {err:.2e}")
     assert not failures, "\n".join(failures)
     assert len(calls) == len(aligned_cases())  # every case took the mixing path
+    residues = [shape for shape in shapes if shape is not None]
+    if residue:  # both programs ran: residue ones (R > 1 among them), and general ones
+        assert None in shapes and any(stride > 1 for stride, _ in residues), shapes
+    else:
+        assert not residues
 
 
 def test_rows_no_pair_selects_are_zero_and_minus_inf(interpreted):
@@ -184,14 +212,39 @@ MIX_MUTANTS = {  # name: (function, old, new)
     "no guard while every lse is -inf": (
         "_mix_kernel", 'tl.where(grown == float("-inf"), 0.0, grown)', "grown"),
     "heads no group covers read at offset 0": ("_table", "[[0, 0, -1, 0,", "[[0, 0, 0, 0,"),
+    "residue: +inf lse read as a real score": (
+        "_residue_mix_kernel",
+        'pair_lse = tl.where(pair_lse == float("inf"), float("-inf"), pair_lse)  # flash',
+        "pair_lse = pair_lse  # flash"),
+    "residue: rows one apart, not R / r": (
+        "_residue_mix_kernel", "rows = (t * ((STRIDE // RATES[i]) * out_step))",
+        "rows = (t * out_step)"),
+    "residue: every pair read from its block's first row": (
+        "_residue_pair", "row = (first % WIDTH) // RATE", "row = first * 0"),
+    "residue: lse written one row apart": (
+        "_residue_mix_kernel", "lse_at + t * (STRIDE * sl1)", "lse_at + t * sl1"),
 }  # fmt: skip
 
 
-def checks_pass(mix_module, monkeypatch) -> bool:
-    """The parity of the first aligned cases and the +inf rule, with ``mix_module``."""
+def residue_only(function: str) -> bool:
+    """Whether a mutated function runs only in the residue programs (Note [Residue
+    programs]): its mutant is checked with them, any other with the general kernel."""
+    return function.startswith("_residue")
+
+
+def general_only(module, monkeypatch) -> None:
+    """The general kernel everywhere: no residue programs."""
+    monkeypatch.setattr(module, "residue_shape", lambda *args: None)
+
+
+def checks_pass(mix_module, monkeypatch, residue: bool = True) -> bool:
+    """The parity of the first aligned cases and the +inf rule, with ``mix_module`` (its
+    general kernel only, unless ``residue``)."""
     monkeypatch.setattr("ringsim.gpu.executor.mix_triton.mix_", mix_module.mix_)
+    if not residue:
+        general_only(mix_module, monkeypatch)
     several = [c for c in aligned_cases() if len(c.segment_lengths) > 1]
-    for i, case in enumerate(several[:6] + aligned_cases()[:4]):
+    for i, case in enumerate(several[:6] + aligned_cases()[:4] + residue_cases()):
         out, lse = run(case, seed=i)
         ref_out, ref_lse = reference(case, seed=i)
         err = max(max_abs_error(out.double().numpy(), ref_out), max_abs_error(lse.numpy(), ref_lse))
@@ -218,9 +271,10 @@ def load_mutant(source: str, name: str, tmp_path):
     return module
 
 
-def test_unmutated_copy_passes(interpreted, monkeypatch, tmp_path):
+@pytest.mark.parametrize("residue", [True, False], ids=["residue", "general"])
+def test_unmutated_copy_passes(interpreted, monkeypatch, tmp_path, residue):
     source = Path(interpreted.__file__).read_text()
-    assert checks_pass(load_mutant(source, "mix_copy", tmp_path), monkeypatch)
+    assert checks_pass(load_mutant(source, f"mix_copy_{residue}", tmp_path), monkeypatch, residue)
 
 
 def mutate(source: str, function: str, old: str, new: str) -> str:
@@ -240,7 +294,9 @@ def test_kernel_mutant_is_killed(interpreted, monkeypatch, tmp_path, name):
     source = mutate(Path(interpreted.__file__).read_text(), function, old, new)
     label = f"mix_mutant_{sorted(MIX_MUTANTS).index(name)}"
     mutant = load_mutant(source, label, tmp_path)
-    assert not checks_pass(mutant, monkeypatch), f"the suite does not kill: {name}"
+    assert not checks_pass(mutant, monkeypatch, residue_only(function)), (
+        f"the suite does not kill: {name}"
+    )
 
 
 def aligned_ring_cases():

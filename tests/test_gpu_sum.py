@@ -18,7 +18,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from grad_oracle import dense_gradients  # noqa: E402
-from test_gpu_mix import aligned_cases, load_mutant, mutate  # noqa: E402
+from test_gpu_mix import (  # noqa: E402
+    aligned_cases,
+    general_only,
+    load_mutant,
+    mutate,
+    record_programs,
+    residue_cases,
+    residue_only,
+)
 
 from ringsim.config import Pattern, PatternGroup  # noqa: E402
 from ringsim.gpu import dilated_attention  # noqa: E402
@@ -49,12 +57,15 @@ def test_chunk_groups_keep_each_groups_heads_in_the_chunk():
     assert chunk_groups(groups, range(0, 16)) == groups
 
 
-def gradient_failures(cases, monkeypatch, sum_module=None) -> list[str]:
+def gradient_failures(cases, monkeypatch, sum_module=None, residue=True) -> list[str]:
     """float32 gradients of ``cases`` on one device against the dense-mask gradient, with the
-    heads in as many chunks as they allow (a zero budget) and ``sum_module``'s kernel."""
+    heads in as many chunks as they allow (a zero budget) and ``sum_module``'s kernel (its
+    general kernel only, unless ``residue``)."""
     monkeypatch.setattr(backward, "PARTS_BUDGET", 0)
     if sum_module is not None:
         monkeypatch.setattr("ringsim.gpu.executor.mix_triton.sum_", sum_module.sum_)
+        if not residue:
+            general_only(sum_module, monkeypatch)
     failures = []
     for i, case in enumerate(cases):
         q, k, v = (torch.from_numpy(x).float().requires_grad_() for x in case.inputs(seed=i))
@@ -69,16 +80,19 @@ def gradient_failures(cases, monkeypatch, sum_module=None) -> list[str]:
     return failures
 
 
+@pytest.mark.parametrize("residue", [True, False], ids=["residue", "general"])
 @pytest.mark.parametrize("schedule", ["strided", "gathered"])
-def test_direct_gradients_match_definition(interpreted, monkeypatch, schedule):
+def test_direct_gradients_match_definition(interpreted, monkeypatch, schedule, residue):
     monkeypatch.setattr(backward, "schedule", lambda *a, **k: Schedule(schedule))
     calls = []
     sum_ = interpreted.sum_
     monkeypatch.setattr(interpreted, "sum_", lambda *a: calls.append(a[-1].shape[2]) or sum_(*a))
+    shapes = record_programs(interpreted, monkeypatch, residue)
     cases = aligned_cases()
     assert not gradient_failures(cases, monkeypatch)
     assert len(calls) >= 3 * len(cases) and 1 in calls  # three sums per chunk; 1-head chunks
     assert {c.mode for c in cases} == {"longnet", "grouped"}
+    assert any(shape is not None for shape in shapes) == residue
 
 
 def test_sum_covers_unselected_positions_with_zero(interpreted):
@@ -101,6 +115,11 @@ SUM_MUTANTS = {  # name: (function, old, new)
         "_sum_kernel", "acc += tl.load(out + at[:, None]", "acc = tl.load(out + at[:, None]"),
     "every position reads the first row": ("_locate", "row = (p % WIDTH) // RATE", "row = p % 1"),
     "every row taken, selected or not": ("_locate", "p % RATE == tl.load(entry + 2)", "p >= 0"),
+    "residue: parts overwrite instead of adding": (
+        "_residue_sum_kernel", "acc += tl.load(out + at + rows", "acc = tl.load(out + at + rows"),
+    "residue: rows one apart, not R / r": (
+        "_residue_sum_kernel", "rows = (t * ((STRIDE // RATES[i]) * out_step))",
+        "rows = (t * out_step)"),
 }  # fmt: skip
 
 
@@ -109,5 +128,6 @@ def test_sum_mutant_is_killed(interpreted, monkeypatch, tmp_path, name):
     function, old, new = SUM_MUTANTS[name]
     source = mutate(Path(interpreted.__file__).read_text(), function, old, new)
     mutant = load_mutant(source, f"sum_mutant_{sorted(SUM_MUTANTS).index(name)}", tmp_path)
-    cases = [c for c in aligned_cases() if len(c.segment_lengths) > 1][:4]
-    assert gradient_failures(cases, monkeypatch, mutant), f"the suite does not kill: {name}"
+    cases = [c for c in aligned_cases() if len(c.segment_lengths) > 1][:4] + residue_cases()
+    failures = gradient_failures(cases, monkeypatch, mutant, residue_only(function))
+    assert failures, f"the suite does not kill: {name}"

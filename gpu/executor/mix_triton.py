@@ -27,6 +27,22 @@ blocks (block ``p // W``, row ``(p mod W) // r``; the local width
 to the device once per layout (a steady loop sees the same addresses every call;
 :class:`ringsim.gpu.executor.cache.DeviceCache`).
 
+Note [Residue programs]
+-----------------------
+A program of the general kernels takes ``BLOCK_N`` consecutive positions of one head and,
+for each pair, loads the rows it selects under a mask: with rates 1..16 most lanes of most
+loads are masked off, and every element's address is computed in int64. Measured on an
+H200 (``scripts/bench_mix_variants.py``, 2026-11-30): 1.67 TB/s, 196 registers a thread,
+12.5 % occupancy, against 4.35 TB/s for a plain copy of the same bytes. So where the pattern
+allows, a program takes the positions ``p0 + s + R t`` (``t < BLOCK_N``) of one head
+instead, ``R`` the least common multiple of the rates and ``s < R`` the program's residue:
+pair i covers all of them (``s mod r_i`` is the head's offset) or none, which is one scalar
+test per pair; a covered pair's rows are ``R / r_i`` apart in its part, loaded with no mask,
+from one int64 base and int32 offsets. That ran at 3.3 TB/s (3.85 against 7.69 ms at 1M
+tokens, causal). It needs ``R BLOCK_N`` to divide every local width (so a program's
+positions lie in one block of every pair) and a power-of-2 head_dim; elsewhere the general
+kernels run (:func:`residue_shape` decides).
+
 The backward's twin, :func:`sum_`, reads block gradients through the same table and writes,
 for each position and head, the plain sum of the parts that cover it (Note [Direct gradients]
 in :mod:`ringsim.gpu.executor.backward`).
@@ -139,6 +155,93 @@ def _sum_kernel(
     tl.store(out + out_at[:, None] + cols[None, :], acc, mask=live[:, None] & col_live[None, :])
 
 
+@triton.jit
+def _residue_program(heads, STRIDE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's head, residue ``s`` and first position ``p0 + s``, batch entry, and
+    its positions' indices ``t`` (positions ``first + STRIDE t``; Note [Residue programs])."""
+    head, s = tl.program_id(0) % heads, (tl.program_id(0) // heads) % STRIDE
+    first = tl.program_id(0) // (heads * STRIDE) * (STRIDE * BLOCK_N) + s
+    return head, s, first, tl.program_id(1).to(tl.int64), tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _residue_pair(table, i, heads, head, batch, seq_len, first, WIDTH: tl.constexpr,
+                  RATE: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    """Pair i for this head: its offset, where the part's row of position ``first`` starts
+    (out in elements, lse in floats) and the row strides, int32."""
+    entry = table + (i * heads + head) * FIELDS
+    block = batch * (seq_len // WIDTH) + first // WIDTH
+    row = (first % WIDTH) // RATE
+    at = tl.load(entry) + block * tl.load(entry + 3) + tl.load(entry + 4)
+    at = (at + row * tl.load(entry + 5)) * VEC
+    lse_at = tl.load(entry + 1) + block * tl.load(entry + 6) + tl.load(entry + 7)
+    lse_at += row * tl.load(entry + 8)
+    out_step, lse_step = (tl.load(entry + 5) * VEC).to(tl.int32), tl.load(entry + 8).to(tl.int32)
+    return tl.load(entry + 2), at, lse_at, out_step, lse_step
+
+
+@triton.jit
+def _residue_mix_kernel(
+    table, out, lse, seq_len, heads, so0, so1, so2, sl0, sl1, sl2,
+    WIDTHS: tl.constexpr, RATES: tl.constexpr, VEC: tl.constexpr, STRIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """:func:`mix_` by residue programs (Note [Residue programs]): the largest lse of the
+    covering pairs first, then their weighted sum, with no rescale."""
+    head, s, first, batch, t = _residue_program(heads, STRIDE, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    for i in tl.static_range(len(WIDTHS)):
+        off, at, lse_at, _, lse_step = _residue_pair(table, i, heads, head, batch, seq_len,
+                                                     first, WIDTHS[i], RATES[i], VEC)  # fmt: skip
+        if s % RATES[i] == off:
+            pair_lse = tl.load(lse + lse_at + t * ((STRIDE // RATES[i]) * lse_step))
+            pair_lse = tl.where(pair_lse == float("inf"), float("-inf"), pair_lse)  # flash
+            best = tl.maximum(best, pair_lse, propagate_nan=tl.PropagateNan.ALL)
+    # (a row whose best is -inf gets NaN weights here, which `empty` below overrides)
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for i in tl.static_range(len(WIDTHS)):
+        off, at, lse_at, out_step, lse_step = _residue_pair(
+            table, i, heads, head, batch, seq_len, first, WIDTHS[i], RATES[i], VEC)  # fmt: skip
+        if s % RATES[i] == off:
+            pair_lse = tl.load(lse + lse_at + t * ((STRIDE // RATES[i]) * lse_step))
+            pair_lse = tl.where(pair_lse == float("inf"), float("-inf"), pair_lse)
+            weight = tl.exp(pair_lse - best)
+            total += weight
+            rows = (t * ((STRIDE // RATES[i]) * out_step))[:, None]
+            acc += weight[:, None] * tl.load(out + at + rows + cols[None, :]).to(tl.float32)
+    empty = best == float("-inf")
+    total = tl.where(empty, 1.0, total)
+    result = tl.where(empty[:, None], 0.0, acc / total[:, None])
+    out_at = batch * so0 + first.to(tl.int64) * so1 + head * so2
+    tl.store(out + out_at + (t * (STRIDE * so1))[:, None] + cols[None, :], result)
+    lse_at = batch * sl0 + first.to(tl.int64) * sl1 + head * sl2
+    tl.store(
+        lse + lse_at + t * (STRIDE * sl1), tl.where(empty, float("-inf"), best + tl.log(total))
+    )
+
+
+@triton.jit
+def _residue_sum_kernel(
+    table, out, seq_len, heads, so0, so1, so2,
+    WIDTHS: tl.constexpr, RATES: tl.constexpr, VEC: tl.constexpr, STRIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """:func:`sum_` by residue programs (Note [Residue programs])."""
+    head, s, first, batch, t = _residue_program(heads, STRIDE, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for i in tl.static_range(len(WIDTHS)):
+        off, at, _, out_step, _ = _residue_pair(table, i, heads, head, batch, seq_len, first,
+                                                WIDTHS[i], RATES[i], VEC)  # fmt: skip
+        if s % RATES[i] == off:
+            rows = (t * ((STRIDE // RATES[i]) * out_step))[:, None]
+            acc += tl.load(out + at + rows + cols[None, :]).to(tl.float32)
+    out_at = batch * so0 + first.to(tl.int64) * so1 + head * so2
+    tl.store(out + out_at + (t * (STRIDE * so1))[:, None] + cols[None, :], acc)
+
+
 def _vec(parts: Sequence[Part], base: torch.Tensor) -> int:
     """The widest vector (elements, at most 16 bytes) that divides every part's out offset
     from ``base`` and every stride the kernel steps by."""
@@ -199,7 +302,7 @@ def mix_(parts: Sequence[Part], widths, rates, out: torch.Tensor, lse: torch.Ten
     if lse.dtype != torch.float32 or out.stride(-1) != 1:
         raise ValueError("mix_: out needs a contiguous last dim and lse float32")
     _check_parts(parts, out, lse_dtype=torch.float32)
-    _run(_mix_kernel, parts, widths, rates, out, lse)
+    _run((_mix_kernel, _residue_mix_kernel), parts, widths, rates, out, lse)
 
 
 def sum_(parts: Sequence[Part], widths, rates, out: torch.Tensor) -> None:
@@ -211,7 +314,7 @@ def sum_(parts: Sequence[Part], widths, rates, out: torch.Tensor) -> None:
     if out.stride(-1) != 1:
         raise ValueError("sum_: out needs a contiguous last dim")
     _check_parts(parts, out, lse_dtype=None)
-    _run(_sum_kernel, parts, widths, rates, out, None)
+    _run((_sum_kernel, _residue_sum_kernel), parts, widths, rates, out, None)
 
 
 def _check_parts(parts: Sequence[Part], out: torch.Tensor, lse_dtype) -> None:
@@ -224,28 +327,51 @@ def _check_parts(parts: Sequence[Part], out: torch.Tensor, lse_dtype) -> None:
             raise ValueError(f"mix_: parts need {lse_dtype} lse")
 
 
-#: Positions per program and warps per program of both kernels.
+#: Positions per program and warps per program of the general kernels.
 BLOCK_ROWS, WARPS = 64, 4
+#: Elements of out per residue program (BLOCK_N x head_dim) and its warps: 32 x 128 and 4
+#: ran fastest of the shapes measured (Note [Residue programs]).
+RESIDUE_ELEMENTS, RESIDUE_WARPS = 4096, 4
 
 _INTERPRETED = threading.Lock()
 
 
-def _run(kernel, parts, widths, rates, out: torch.Tensor, lse: torch.Tensor | None) -> None:
+def residue_shape(widths, rates, dim: int) -> tuple[int, int] | None:
+    """``(R, BLOCK_N)`` of the residue kernels for pairs of local widths ``widths`` and
+    rates ``rates`` and head_dim ``dim``, or None where they cannot run (Note [Residue
+    programs]): ``R`` the least common multiple of the rates, ``BLOCK_N`` the largest power
+    of 2 up to ``RESIDUE_ELEMENTS / dim`` with ``R BLOCK_N`` dividing every width."""
+    stride = math.lcm(*rates)
+    if dim & (dim - 1) or any(w % stride for w in widths):
+        return None
+    block = max(1, RESIDUE_ELEMENTS // dim)
+    while any(w % (stride * block) for w in widths):
+        block //= 2
+    return stride, block
+
+
+def _run(kernels, parts, widths, rates, out: torch.Tensor, lse: torch.Tensor | None) -> None:
     b, n, h, d = out.shape
     vec = _vec(parts, out)
     table = _table(parts, len(widths), out, lse, vec)
-    block_d = triton.next_power_of_2(d)
-    block_n = max(1, min(BLOCK_ROWS, 8192 // block_d))
-    grid = (triton.cdiv(n, block_n) * h, b)  # heads vary fastest: whole rows of out at once
     lse_args = () if lse is None else (lse,)
     strides = (*out.stride()[:3], *(() if lse is None else lse.stride()))
+    constants = {"WIDTHS": tuple(widths), "RATES": tuple(rates), "VEC": vec}
+    shape = residue_shape(widths, rates, d)
+    if shape is None:  # the general kernel: BLOCK_N consecutive positions, masked loads
+        kernel, block_d = kernels[0], triton.next_power_of_2(d)
+        block_n = max(1, min(BLOCK_ROWS, 8192 // block_d))
+        grid = (triton.cdiv(n, block_n) * h, b)  # heads vary fastest: whole rows of out at once
+        constants.update(num_warps=WARPS)
+        launch_args = (table, out, *lse_args, n, h, d, *strides)
+    else:
+        (stride, block_n), kernel, block_d = shape, kernels[1], d
+        grid = (n // block_n * h, b)  # n / (R BLOCK_N) blocks of R residues, heads fastest
+        constants.update(STRIDE=stride, num_warps=RESIDUE_WARPS)
+        launch_args = (table, out, *lse_args, n, h, *strides)
     # Triton's interpreter (the CPU tests) patches its language module while it runs a
     # kernel, so the simulated cluster's rank threads take turns there; on a GPU the launch
     # goes to out's device, whichever is current (tensors on cuda:1 with cuda:0 current
     # raised "Pointer argument cannot be accessed from Triton")
     with _INTERPRETED if not out.is_cuda else torch.cuda.device(out.device):
-        kernel[grid](
-            table, out, *lse_args, n, h, d, *strides,
-            WIDTHS=tuple(widths), RATES=tuple(rates), VEC=vec, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=WARPS,
-        )  # fmt: skip
+        kernel[grid](*launch_args, **constants, BLOCK_N=block_n, BLOCK_D=block_d)
