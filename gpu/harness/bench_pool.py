@@ -170,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + text_table(HEADER, [cells(r) for r in rows]))
     stem = "bench_pool" + ("_ring" if args.ring else "") + ("_smoke" if args.smoke else "")
     env = environment(device)
+    if args.ring and device.type == "cuda":
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     (out / f"{stem}.json").write_text(json.dumps(dict(env, rows=rows), indent=1, default=str))
     (out / f"{stem}.md").write_text(
         f"# bench_pool\n\n{env}\n\n" + markdown_table(HEADER, [cells(r) for r in rows]) + "\n"
