@@ -17,6 +17,8 @@ warmed by one call):
 - allocs: the allocator's allocation requests during one steady-state call
   (``allocation.all.allocated`` of ``torch.cuda.memory_stats``): the kernels' own outputs
   are the allocator's either way; the pool takes the executor's working buffers;
+- segments: the device allocations (``cudaMalloc``: ``segment.all.allocated``) during that
+  call: 0 means every request was served from memory the process already held;
 - peak GiB: peak memory of the call beyond what was allocated before it;
 - pool MiB: what the pool holds between calls (the memory it costs).
 
@@ -48,8 +50,9 @@ from .output import OUT_HELP, output_folder
 from .ring_timing import agreed_median
 from .timing import first_call, median_ms, sync
 
-HEADER = ["P", "n", "config", "row", "ms", "allocs", "peak GiB", "pool MiB", "buffers kept"]
-NUMBERS = ("ms", "allocs", "peak_gib", "pool_mib", "buffers_kept")
+HEADER = ["P", "n", "config", "row", "ms", "allocs", "segments", "peak GiB", "pool MiB",
+          "buffers kept"]  # fmt: skip
+NUMBERS = ("ms", "allocs", "segments", "peak_gib", "pool_mib", "buffers_kept")
 
 
 def configs(n: int, smoke: bool) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -60,10 +63,12 @@ def configs(n: int, smoke: bool) -> dict[str, tuple[tuple[int, ...], tuple[int, 
             "ragged": ((3000, 9000, n), (1, 3, 5))}  # fmt: skip
 
 
-def allocations(device: torch.device) -> int | None:
+def allocations(device: torch.device) -> tuple[int, int] | None:
+    """The allocator's requests and its device allocations so far (None on the CPU)."""
     if device.type != "cuda":
         return None
-    return torch.cuda.memory_stats(device)["allocation.all.allocated"]
+    stats = torch.cuda.memory_stats(device)
+    return stats["allocation.all.allocated"], stats["segment.all.allocated"]
 
 
 def one_row(n, name, attend, pool, x, dout, device, timed) -> dict:
@@ -79,13 +84,14 @@ def one_row(n, name, attend, pool, x, dout, device, timed) -> dict:
     sync(device)
     before = allocations(device)
     _, peak = first_call(call, device)  # a steady-state call: its peak memory
-    allocs = None if before is None else allocations(device) - before
+    after = allocations(device)
+    allocs, segments = (None, None) if before is None else (a - b for a, b in zip(after, before))
     ms = timed(call)
     for t in x:
         t.grad = None
     return {
         "n": n, "config": name, "row": "pooled" if pool else "plain", "ms": ms,
-        "allocs": allocs, "peak_gib": peak,
+        "allocs": allocs, "segments": segments, "peak_gib": peak,
         "pool_mib": None if pool is None else pool.nbytes / 2**20,
         "buffers_kept": None if pool is None else len(pool.buffers),
     }  # fmt: skip
@@ -104,8 +110,8 @@ def cells(r: dict) -> list[str]:
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
-    numbers = [("ms", ".2f"), ("allocs", "d"), ("peak_gib", ".2f"), ("pool_mib", ".1f"),
-               ("buffers_kept", "d")]  # fmt: skip
+    numbers = [("ms", ".2f"), ("allocs", "d"), ("segments", "d"), ("peak_gib", ".2f"),
+               ("pool_mib", ".1f"), ("buffers_kept", "d")]  # fmt: skip
     return [str(r.get("world_size", 1)), str(r["n"]), r["config"], r["row"],
             *(fmt(r[key], spec) for key, spec in numbers)]  # fmt: skip
 
