@@ -191,6 +191,13 @@ def delivered(recv: Recv, payload: Payload) -> Payload:
     return copy_into(recv.into, payload)
 
 
+def fits(arrays: Payload, shapes: Sequence[tuple[int, ...]], dtype: object) -> bool:
+    """Whether ``arrays`` are as many arrays as ``shapes``, of those shapes and ``dtype``."""
+    return len(arrays) == len(shapes) and all(
+        tuple(a.shape) == tuple(s) and same_dtype(a.dtype, dtype) for a, s in zip(arrays, shapes)
+    )
+
+
 def same_dtype(a: object, b: object) -> bool:
     """Equal dtypes, NumPy (any spelling) or torch."""
     try:
@@ -246,12 +253,9 @@ def check_batch(
 def _check_into(rank: int, index: int, recv: Recv) -> None:
     """``recv.into``: a tuple of contiguous arrays of the receive's shapes and dtype."""
     into = recv.into
-    fits = isinstance(into, tuple) and len(into) == len(recv.shapes)
-    fits = fits and all(
-        is_array(a) and tuple(a.shape) == tuple(s) and same_dtype(a.dtype, recv.dtype)
-        for a, s in zip(into, recv.shapes)
-    )
-    if not fits:
+    if not (isinstance(into, tuple) and all(map(is_array, into))) or not fits(
+        into, recv.shapes, recv.dtype
+    ):
         got = (
             [(tuple(getattr(a, "shape", ())), dtype_text(getattr(a, "dtype", a))) for a in into]
             if isinstance(into, tuple)

@@ -42,7 +42,7 @@ from .base import (
     check_timeout,
     delivered,
     describe_payload,
-    same_dtype,
+    fits,
 )
 from .checksum import ChecksummedCommunicator
 from .faults import Fault, FaultyCommunicator, check_faults
@@ -85,10 +85,9 @@ class _SimulatedRequest:
 
 
 def _check_received(rank: int, recv: Recv, payload: Payload) -> None:
-    got_shapes = [a.shape for a in payload]
-    got_shapes = [tuple(s) for s in got_shapes]
-    got_dtype = payload[0].dtype if payload else recv.dtype
-    if got_shapes != [tuple(s) for s in recv.shapes] or not same_dtype(got_dtype, recv.dtype):
+    if not fits(payload, recv.shapes, recv.dtype):
+        got_shapes = [tuple(a.shape) for a in payload]
+        got_dtype = payload[0].dtype if payload else recv.dtype
         raise CommError(
             f"rank {rank} received from rank {recv.source} tag {recv.tag}: expected "
             f"{describe_payload(recv.shapes, recv.dtype)}, got "

@@ -24,7 +24,7 @@ from .base import (
     Send,
     copy_array,
     copy_into,
-    same_dtype,
+    fits,
 )
 
 
@@ -45,19 +45,22 @@ class Slot:
     transport may land it any time between the post and the wait: a rank that still reads
     those arrays then sees them change, as it would on a network."""
 
-    source: int
-    tag: int
-    into: Payload | None = None
+    recv: Recv
     payload: Payload | None = None
 
+    @property
+    def source(self) -> int:
+        return self.recv.source
+
+    @property
+    def tag(self) -> int:
+        return self.recv.tag
+
     def fill(self, payload: Payload) -> None:
-        fits = self.into is not None and len(self.into) == len(payload)
-        fits = fits and all(
-            tuple(a.shape) == tuple(b.shape) and same_dtype(a.dtype, b.dtype)
-            for a, b in zip(self.into, payload)
-        )
+        recv = self.recv
+        landed = recv.into is not None and fits(payload, recv.shapes, recv.dtype)
         # a message that does not fit is kept as it came: the wait names the mismatch
-        self.payload = copy_into(self.into, payload) if fits else payload
+        self.payload = copy_into(recv.into, payload) if landed else payload
 
 
 @dataclass
@@ -145,7 +148,7 @@ class World:
         self.wake(send.dest)
 
     def post_recv(self, dest: int, recv: Recv) -> Slot:
-        slot = Slot(recv.source, recv.tag, recv.into)
+        slot = Slot(recv)
         box = self.mailboxes.get((recv.source, dest, recv.tag))
         if box:
             slot.fill(box.popleft())
