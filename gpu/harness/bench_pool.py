@@ -130,18 +130,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("bench_pool: no CUDA device; run with --smoke on a CPU", file=sys.stderr)
         return 2
-    if args.ring:
+    budget = 0.0 if args.smoke else args.budget
+    if args.ring:  # a ring call waits for every rank: the repetitions are agreed
         from .bench_ring import init
+        from .distcheck import end_process
 
         device = init(args)
         rank, p = dist.get_rank(), dist.get_world_size()
+        timed = functools.partial(agreed_median, device=device, budget=budget)
     else:
         device, rank, p = torch.device("cpu" if args.smoke else "cuda"), 0, 1
+        timed = lambda call: median_ms(call, device, budget)[0]  # noqa: E731
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else (
         [256] if args.smoke else [32768, 131072])  # fmt: skip
     h, d = (4, 16) if args.smoke else (16, 128)
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    budget = 0.0 if args.smoke else args.budget
     out = output_folder(args.out, "bench_pool") if rank == 0 else None
     start, rows = time.perf_counter(), []
     for n in lengths:
@@ -157,22 +160,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        segment_lengths=segs, dilation_rates=rates,
                                        is_causal=True)  # fmt: skip
             for pool in (None, MemoryPool()):
+                row = one_row(n, name, attend, pool, x, dout, device, timed)
                 if args.ring:
-                    row = one_row(n, name, attend, pool, x, dout, device,
-                                  lambda call: agreed_median(call, device, budget))  # fmt: skip
                     every = [None] * p
                     dist.all_gather_object(every, row)
                     row = dict(largest(every), world_size=p)
-                else:
-                    row = one_row(n, name, attend, pool, x, dout, device,
-                                  lambda call: median_ms(call, device, budget)[0])  # fmt: skip
                 rows.append(row)
                 if rank == 0:
                     print("  ".join(cells(row)), flush=True)
-    if args.ring:
-        dist.destroy_process_group()
     if rank != 0:
-        return 0
+        end_process(0)
     print("\n" + text_table(HEADER, [cells(r) for r in rows]))
     stem = "bench_pool" + ("_ring" if args.ring else "") + ("_smoke" if args.smoke else "")
     env = environment(device)
@@ -183,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# bench_pool\n\n{env}\n\n" + markdown_table(HEADER, [cells(r) for r in rows]) + "\n"
     )
     print(f"wrote {out / stem}.json and .md in {time.perf_counter() - start:.0f} s")
+    if args.ring:
+        end_process(0)
     return 0
 
 

@@ -35,6 +35,7 @@ import os
 import socket
 import sys
 from dataclasses import replace
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -162,13 +163,18 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
             flush=True,
         )
     dist.barrier()
+    end_process(1 if failures else 0)
+
+
+def end_process(code: int) -> NoReturn:
+    """Leave the process group and exit with ``code`` here, past the interpreter's
+    finalization: a gloo thread still joinable at exit aborted a worker after every PASS
+    line ("terminate called without an active exception", 1 run in 7 at P = 4 on a loaded
+    2-core machine; 1 in 8 to 15 for ``bench_pool --ring --smoke`` at P = 2)."""
     dist.destroy_process_group()
-    # End here, past the interpreter's finalization: a gloo thread still joinable at exit
-    # aborted a worker after every PASS line ("terminate called without an active
-    # exception", 1 run in 7 at P = 4 on a loaded 2-core machine)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1 if failures else 0)
+    os._exit(code)
 
 
 def run_case(case, seed: int, *, rank, world_size, device, dtype, pad, pool):
