@@ -121,27 +121,35 @@ class GradRelay:
         self, index: int, held: dict[int, Payload], shares: dict[int, Payload | None]
     ) -> None:
         """Step ``index`` is computed: ``shares[subring]`` is each held block's dK/dV share
-        (None where nothing was attended); gather, send on and send home."""
+        (None where nothing was attended, or where the backend added its own block's dK/dV
+        itself); gather, send on and send home. Zeros stand for a missing share only where
+        one must be sent: none are made, and none added, for a block that never leaves."""
         step = self.plan.steps[index]
-        acc = {i: s if s is not None else self.parts.zeros(held[i]) for i, s in shares.items()}
+        acc = dict(shares)  # None: no share (yet); zeros are made only where one is sent
+
+        def share(i: int) -> Payload:
+            if acc[i] is None:
+                acc[i] = self.parts.zeros(held[i])
+            return acc[i]
+
         for t, payload in self._wait(step.step):  # 1. what came with the blocks
             if t.recv_rank == t.source_rank:
                 self.parts.add_home(payload, t)  # 4. a block of this rank came home
             else:
-                acc[t.subring.index] = self.parts.add(acc[t.subring.index], payload)
+                acc[t.subring.index] = self.parts.add(share(t.subring.index), payload)
         nxt = self.plan.steps[index + 1] if index + 1 < len(self.plan.steps) else None
         # 2. on with the blocks
         sends = [(t, GradMessage.ONWARD) for t in (nxt.sends if nxt else ())]
         recvs = list(nxt.recvs if nxt else ())
         for t in self.plan.returns_at(step.step):  # 3. home
             if t.send_rank == t.recv_rank:  # a block that never left: added in place
-                if t.subring.index in acc:  # (a backend may have added it as it attended)
+                if acc.get(t.subring.index) is not None:  # (None: a backend added it itself)
                     self.parts.add_home(self.parts.message(acc[t.subring.index], t), t)
             elif t.send_rank == self.plan.rank:
                 sends.append((t, GradMessage.RETURN))
             else:
                 recvs.append(t)
-        self._post(step.step + 1, [(t, kind, acc[t.subring.index]) for t, kind in sends], recvs)
+        self._post(step.step + 1, [(t, kind, share(t.subring.index)) for t, kind in sends], recvs)
 
     def finish(self) -> None:
         """After the last step: wait for the last returns and add them."""
