@@ -312,13 +312,25 @@ def aligned_ring_cases():
     return chosen[:16]
 
 
+def zigzag_cases():
+    """Zigzag cases on strided views (Note [Strided pieces]), each with a pair whose
+    segments span chunks: pieces, groups and whole pairs merged into one partial."""
+    return [
+        Case(1, 64, 8, 8, (16, 64), (1, 2), True, layout="zigzag", world_size=2),
+        Case(2, 64, 8, 8, (16, 64), (1, 4), False, layout="zigzag", world_size=2),
+        Case(1, 64, 12, 8, (4, 32, 64), (1, 2, 4), True, layout="zigzag", world_size=2),
+        Case(1, 64, 8, 8, (8, 64), (1, 2), True, mode="grouped", layout="zigzag", world_size=4),
+        Case(1, 128, 16, 4, (16, 128), (1, 8), True, layout="zigzag", world_size=4),
+    ]
+
+
 def ring_failures(cases) -> list[str]:
     failures = []
     for i, case in enumerate(cases):
         q, k, v = (torch.from_numpy(x).float() for x in case.inputs(seed=i))
         out, lse = simulated_ring_dilated_attention(
             q, k, v, case.segment_lengths, case.dilation_rates, world_size=case.world_size,
-            **case.kwargs(), return_lse=True,
+            layout=case.layout, **case.kwargs(), return_lse=True,
         )  # fmt: skip
         ref_out, ref_lse = reference(case, seed=i)
         err = max(max_abs_error(out.double().numpy(), ref_out), max_abs_error(lse.numpy(), ref_lse))
@@ -335,12 +347,24 @@ def test_ring_cases_span_shards():
     assert len(cases) >= 8 and spanning, [c.describe() for c in cases]
 
 
-def test_mixed_ring_matches_definition(interpreted, monkeypatch):
+@pytest.mark.parametrize("cases", [aligned_ring_cases, zigzag_cases])
+def test_mixed_ring_matches_definition(interpreted, monkeypatch, cases):
     calls = []
     mix = interpreted.mix_
     monkeypatch.setattr(interpreted, "mix_", lambda *a: calls.append(1) or mix(*a))
-    assert not ring_failures(aligned_ring_cases())
-    assert len(calls) >= sum(c.world_size for c in aligned_ring_cases())  # one per rank
+    assert not ring_failures(cases())
+    assert len(calls) >= sum(c.world_size for c in cases())  # one per rank
+
+
+def test_zigzag_cases_have_pieces():
+    from ringsim.gpu.executor.base import strided
+    from ringsim.plan import rank_plan
+
+    for case in zigzag_cases():
+        config = make_config(case.segment_lengths, case.dilation_rates, **case.kwargs())
+        plan = rank_plan(config, case.num_heads, case.seq_len, case.world_size, 0, "zigzag")
+        assert strided(config, plan), case.describe()
+        assert max(case.segment_lengths) > case.seq_len // (2 * case.world_size)
 
 
 def test_partials_of_earlier_steps_count(interpreted, monkeypatch):
@@ -352,3 +376,4 @@ def test_partials_of_earlier_steps_count(interpreted, monkeypatch):
 
     monkeypatch.setattr(executor, "merge_", overwrite)
     assert ring_failures(aligned_ring_cases())
+    assert len(ring_failures(zigzag_cases())) == len(zigzag_cases())

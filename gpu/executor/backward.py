@@ -56,6 +56,7 @@ from .layout import (
     kv_index,
     pair_heads,
     range_index,
+    scatter_add_pair,
     select,
     unblock,
 )
@@ -129,7 +130,7 @@ class BackwardExecutor(HomeAdds, Executor):
             self._direct(batches)
             return shares
         for batch in batches:
-            if self.pieces and not batch.own:
+            if batch.pair in self.spanning and not batch.own:
                 self._piece_grads(batch, held, shares)
             elif self.aligned:
                 self._aligned(batch, held, shares)
@@ -252,39 +253,26 @@ class BackwardExecutor(HomeAdds, Executor):
 
     def _piece_grads(self, batch: TaskBatch, held, shares) -> None:
         """Note [Strided pieces] (:mod:`ringsim.gpu.executor.base`): each task of a batch off
-        the diagonal, one call per group: dq into the query chunk's view, dK/dV added into
-        the share of the block's piece."""
+        the diagonal is one call for every head of the pair, its query chunk's rows gathered
+        against one piece of a block: dq added into those rows, dK/dV into the share of the
+        block's piece."""
         groups = self.groups(batch.pair)
-        width = self.widths[batch.pair]
-        small = schedule(groups, self.b, 1, width // self.rates[batch.pair], self.q.device,
-                         gather=False)  # fmt: skip
-        for task in batch.tasks:  # the shares first: zeroed on this stream before any side
-            if shares.get(task.subring.index) is None:
-                shares[task.subring.index] = self.zeros(held[task.subring.index])
-        # groups write disjoint heads of dq and of a share; tasks of one batch may write the
-        # same chunk of dq or piece of a share: one task's groups side by side, then join
-        sides = SideStreams(self.q.device) if small is not Schedule.STRIDED else None
         for task in batch.tasks:
-            block = held[task.subring.index]
-            share, half = shares[task.subring.index], len(block) // 2
-            chunk = self.chunk_of(task.q_rows[0])
-            pieces = (task.k_piece, half + task.k_piece)  # its K, its V
-            for g, (group, heads) in enumerate(zip(groups, head_slices(groups))):
-                if batch.actions[g] is BlockAction.SKIP:
-                    continue
+            rows, _, keys = self.piece_task(batch, task, held)
+            index = task.subring.index
+            if shares.get(index) is None:
+                shares[index] = self.zeros(held[index])
 
-                def blocks(x, view=False, group=group, chunk=chunk):
-                    return self.piece(group_blocks(x, group, self.span, view=view), chunk)
+            def blocks(x, rows=rows):  # (b, c, h[, d]) -> (b, H, m[, d]), gathered
+                if x.dim() == 3:
+                    return blocks(x[..., None])[..., 0]
+                return gathered_blocks(gather_pair(x, groups, rows))
 
-                with sides.on(g) if sides else contextlib.nullcontext():
-                    keys = (gathered_blocks(block[i], heads) for i in pieces)
-                    dq, dk, dv = self._grads(batch, blocks, *keys)
-                    blocks(self.dq, view=True).add_(dq)
-                    for i, part in zip(pieces, (dk, dv)):
-                        gathered_blocks(share[i], heads).add_(part)
-            if sides:
-                sides.join()
-                sides = SideStreams(self.q.device)  # the next task starts after this one
+            dq, dk, dv = self._grads(batch, blocks, *keys)
+            scatter_add_pair(self.dq, dq.transpose(1, 2), groups, rows)
+            share, half = shares[index], len(shares[index]) // 2
+            for i, grad in zip((task.k_piece, half + task.k_piece), (dk, dv)):
+                gathered_blocks(share[i]).add_(grad)
 
     def _own_rows(self, batch: TaskBatch) -> None:
         from ringsim.batches import task_row_batches

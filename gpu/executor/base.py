@@ -12,20 +12,24 @@ the views, as in a contiguous shard; a longer one is whole chunks, so each chunk
 shard is one block of the views (S = 2). The plan cuts such blocks into *pieces* (Note
 [Pieces] in :mod:`ringsim.plan`), and the executor follows it:
 
-- the diagonal batch (each piece against itself) runs on the views of the whole shard, one
-  call per group, as any own batch;
+- the diagonal batch (each piece against itself) runs on the views of the whole shard, as
+  any own batch;
 - a task off the diagonal (a piece of the rank's queries against one piece of a block, its
-  own other piece or one received) runs on the view of its query chunk (:meth:`Executor.piece`)
-  and one piece of the block, one call per group;
+  own other piece or one received) is one call for every head of the pair: the query
+  chunk's rows gathered (:func:`~ringsim.gpu.executor.layout.gather_pair` over the chunk)
+  against the piece as it travels. Such a block is always FULL (two pieces never
+  interleave) in every group (the chunk holds rows of every group);
 - a block is one gathered ``(b, m, H, d)`` tensor of K and one of V per piece, and a piece
   no rank further along needs travels as 0 rows; the backward adds each task's dK/dV into
   its piece of the block's share, and a share that comes home into the chunk's view.
 
-Results combine by accumulation. Feeding the pieces to the one mix instead (each merged in
-float32 into its chunk of its group's partial, a pair's calls one per group) measured
-slower on 2 H200s at 256K for LongNet's (c): 33.1 ms forward against 17.0 (the mix then
-read one part per group, 23 in all, where the contiguous ring gathers a small pair into
-one call and one part).
+Results combine as on a contiguous ring: the parts of every pair inside chunks go to the one
+mix, and a pair whose segments span chunks merges its parts, of every shape (a piece, a
+group, the whole pair), into one float32 partial of its own first (Note [Partials across
+steps] in :mod:`ringsim.gpu.executor.forward`); where the mix cannot run, each group's
+part accumulates. Measured on 2 H200s at 256K for LongNet's
+(c), causal, forward (2026-11-30): 8.47 ms, against 24.35 ms with one call per task and
+group and every result accumulated (and 8.57 ms on the contiguous ring).
 """
 
 from __future__ import annotations
@@ -96,9 +100,11 @@ class Executor:
         self.scale = config.scale(self.d)
         self.span = self.c // len(plan.chunks)  # a chunk's rows: the longest local segment
         self.widths = config.effective_segment_lengths(self.span)  # local widths W
-        # Note [Strided pieces]: some pair's segments span chunks, so blocks have pieces
-        longest = max(config.effective_segment_lengths(plan.seq_len))
-        self.pieces = self.aligned and len(plan.chunks) > 1 and longest > self.span
+        # Note [Strided pieces]: the pairs whose segments span chunks (blocks of pieces)
+        spans = config.effective_segment_lengths(plan.seq_len)
+        cut = self.aligned and len(plan.chunks) > 1
+        self.spanning = frozenset(i for i, w in enumerate(spans) if cut and w > self.span)
+        self.pieces = bool(self.spanning)
         self.rates = config.dilation_rates
 
     def buffer(self, role, shape, dtype, fill: float | None = None) -> torch.Tensor:
@@ -125,6 +131,18 @@ class Executor:
         """Blocks ``(b*S, H, m, ...)`` of a pair whose segments are whole chunks (S = the
         rank's chunks): the blocks ``(b, H, m, ...)`` of one chunk, a view."""
         return blocks.unflatten(0, (self.b, -1))[:, chunk]
+
+    def piece_task(self, batch: TaskBatch, task, held: dict[int, Payload]):
+        """A task off the diagonal of a pair whose segments span chunks (Note [Strided
+        pieces]): the local rows of its query chunk, and its piece's K and V blocks ``(b, H,
+        m, d)``, every head of the pair (the gathered layout)."""
+        if any(a is not BlockAction.FULL for a in batch.actions):
+            raise ValueError(f"executor: a piece off the diagonal is FULL in every group: {batch}")
+        block = held[task.subring.index]
+        chunk = self.chunk_of(task.q_rows[0])
+        keys = block[task.k_piece], block[len(block) // 2 + task.k_piece]
+        rows = range(chunk * self.span, (chunk + 1) * self.span)
+        return rows, chunk, tuple(gathered_blocks(x) for x in keys)
 
     def own_block(self, pair: int, slots: tuple[range, ...]) -> Payload:
         """The rank's own K/V block of a sub-ring of ``pair``, its rows ``slots``

@@ -86,7 +86,7 @@ class ForwardExecutor(Executor):
                  pad: torch.Tensor | None = None, dropout: Dropout | None = None,
                  pool: MemoryPool | None = None) -> None:  # fmt: skip
         super().__init__(q, k, v, plan, config, kernel, pad, dropout, pool)
-        self.mixing = self.aligned and not self.pieces and mix_reason(q) is None
+        self.mixing = self.aligned and mix_reason(q) is None
         b, c, h, d = q.shape
         # lse stored (b, h, c), written through its (b, c, h) view (Note [The lse layout])
         if self.mixing:
@@ -112,7 +112,7 @@ class ForwardExecutor(Executor):
         """Attend every batch of step ``index`` and combine the results."""
         parts: list[Part] = []
         for batch in batches:
-            if self.pieces and not batch.own:
+            if batch.pair in self.spanning and not batch.own:
                 parts += self._piece_parts(batch, held)
             elif self.aligned:
                 parts += self._aligned(batch, held)
@@ -149,14 +149,16 @@ class ForwardExecutor(Executor):
         width, segments, rows = self.layout_of(batch)
         rate = self.rates[batch.pair]
         # a pair whose partials are merged across steps needs -inf for empty rows
-        raw_lse = self.mixing and batch.pair not in self.plan.multi_step_pairs
+        merged = batch.pair in self.plan.multi_step_pairs or batch.pair in self.spanning
+        raw_lse = self.mixing and not merged
         call = functools.partial(attend, causal=self.causal(batch), scale=self.scale,
                                  kernel=self.kernel, raw_lse=raw_lse)  # fmt: skip
         how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.mixing)
         if how is Schedule.GATHERED:  # one call for the pair on gathered rows
-            q = gathered_blocks(gather_pair(self.q, groups))
+            q = gathered_blocks(gather_pair(self.q, groups, length=self.span))
             if batch.own:
-                k, v = (gathered_blocks(gather_pair(x, groups)) for x in (self.k, self.v))
+                k, v = (gathered_blocks(gather_pair(x, groups, length=self.span))
+                        for x in (self.k, self.v))  # fmt: skip
             else:
                 k, v = (gathered_blocks(x) for x in held[batch.tasks[0].subring.index])
             out, lse = call(q, k, v)
@@ -180,32 +182,18 @@ class ForwardExecutor(Executor):
 
     def _piece_parts(self, batch: TaskBatch, held: dict[int, Payload]) -> list[Part]:
         """Note [Strided pieces] (:mod:`ringsim.gpu.executor.base`): each task of a batch off
-        the diagonal, one call per group: its query chunk (a view) against one piece of a
-        block (the gathered layout). One after the other: on side streams (as
-        :meth:`_aligned` runs small groups) the forward of LongNet's (c) at 256K on 2 H200s
-        took 25.6 ms instead of 15.6."""
+        the diagonal is one call for every head of the pair, its query chunk's rows gathered
+        against one piece of a block; split into its groups' parts for the accumulators."""
         groups = self.groups(batch.pair)
+        heads, offsets = pair_heads(groups)
         width, rate = self.widths[batch.pair], self.rates[batch.pair]
         parts = []
         for task in batch.tasks:
-            block = held[task.subring.index]
-            chunk = self.chunk_of(task.q_rows[0])
-            keys, values = block[task.k_piece], block[len(block) // 2 + task.k_piece]
-            for g, (group, heads) in enumerate(zip(groups, head_slices(groups))):
-                if batch.actions[g] is BlockAction.SKIP:
-                    continue
-                out, lse = attend(
-                    self.piece(group_blocks(self.q, group, self.span), chunk),
-                    gathered_blocks(keys, heads),
-                    gathered_blocks(values, heads),
-                    causal=self.causal(batch),
-                    scale=self.scale,
-                    kernel=self.kernel,
-                )
-                offsets = (group.pattern.offset,) * len(group.heads)
-                parts.append(
-                    Part(batch.pair, width, rate, group.heads, offsets, out, lse, group, chunk)
-                )
+            rows, chunk, keys = self.piece_task(batch, task, held)
+            q = gathered_blocks(gather_pair(self.q, groups, rows))
+            out, lse = attend(q, *keys, causal=False, scale=self.scale, kernel=self.kernel)
+            part = Part(batch.pair, width, rate, heads, offsets, out, lse, piece=chunk)
+            parts += [part] if self.mixing else part.split(groups)
         return parts
 
     def _keep(self, index: int, parts: list[Part]) -> None:
@@ -213,13 +201,21 @@ class ForwardExecutor(Executor):
         span shards) merges each step's parts into its own float32 partials, in the parts'
         layout (``c/r`` rows: a sixteenth of the output for r = 16), with the stable merge;
         at its last step they are rounded to q's dtype, as every kernel's output is, and
-        kept with the other pairs' parts for the one mix of the last busy step."""
+        kept with the other pairs' parts for the one mix of the last busy step. A pair whose
+        segments span a zigzag shard's chunks (Note [Strided pieces]) has parts of several
+        shapes (pieces, groups, the whole pair): they merge into one partial of the pair
+        in the gathered layout, a piece into its chunk and a group into its heads."""
         by_pair: dict[int, list[Part]] = {}
         for part in parts:
             by_pair.setdefault(part.pair, []).append(part)
         for pair, mine in by_pair.items():
             running = self.running.pop(pair, None)
-            if running is not None:  # same schedule, same shapes: part i onto partial i
+            if pair in self.spanning:
+                partial = running[0] if running else self._pair_partial(pair)
+                for part in mine:
+                    merge_(*self._place(partial, part), part.out, part.lse)
+                mine = running = [partial]
+            elif running is not None:  # same schedule, same shapes: part i onto partial i
                 for partial, part in zip(running, mine):
                     merge_(partial.out, partial.lse, part.out, part.lse)
                 mine = running
@@ -229,6 +225,29 @@ class ForwardExecutor(Executor):
                 self.running[pair] = mine
             else:
                 self.kept += [replace(p, out=p.out.to(self.q.dtype)) for p in mine]
+
+    def _pair_partial(self, pair: int) -> Part:
+        """An empty float32 partial of every head of ``pair``, gathered: ``(0, -inf)``."""
+        heads, offsets = pair_heads(self.groups(pair))
+        width, rate = self.widths[pair], self.rates[pair]
+        shape = (self.b * (self.c // width), len(heads), width // rate)
+        out = self.buffer(f"partial {pair}", (*shape, self.d), torch.float32, fill=0.0)
+        lse = self.buffer(f"partial {pair} lse", shape, torch.float32, fill=-torch.inf)
+        return Part(pair, width, rate, heads, offsets, out, lse)
+
+    def _place(self, partial: Part, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where ``part`` lies in its pair's gathered ``partial``: views of its out and lse
+        (a group's heads, a piece's chunk)."""
+        views = partial.out, partial.lse
+        if part.group is not None:
+            groups = self.groups(part.pair)
+            heads = head_slices(groups)[groups.index(part.group)]
+            views = tuple(x[:, heads] for x in views)
+        elif part.heads != partial.heads:
+            raise ValueError(f"executor: a part of pair {part.pair} in another head order")
+        if part.piece is not None:
+            views = tuple(self.piece(x, part.piece) for x in views)
+        return views
 
     def _mix(self) -> None:
         from .mix_triton import mix_

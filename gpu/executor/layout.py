@@ -94,11 +94,12 @@ def head_slices(groups: tuple[PatternGroup, ...]) -> tuple[slice, ...]:
     return tuple(out)
 
 
-def _pair_rows(b: int, n: int, h: int, w: int, r: int, offsets, heads) -> torch.Tensor:
-    """Rows of ``x.view(b * n * h, d)`` that an aligned pair gathers, block by block:
-    ``(b, S, m, H)`` flattened, for position ``s*w + i*r + offsets[j]`` of head ``heads[j]``
-    (int64, on the host)."""
-    positions = np.arange(0, n, w)[:, None, None] + np.arange(0, w, r)[None, :, None]
+def _pair_rows(b: int, n: int, h: int, w: int, r: int, offsets, heads, start: int,
+               stop: int) -> torch.Tensor:  # fmt: skip
+    """Rows of ``x.view(b * n * h, d)`` that an aligned pair gathers from positions ``[start,
+    stop)``, block by block: ``(b, S, m, H)`` flattened, for position ``start + s*w + i*r +
+    offsets[j]`` of head ``heads[j]`` (int64, on the host)."""
+    positions = np.arange(start, stop, w)[:, None, None] + np.arange(0, w, r)[None, :, None]
     rows = (positions + np.asarray(offsets)) * h + np.asarray(heads)  # (S, m, H)
     return torch.from_numpy((np.arange(b)[:, None, None, None] * (n * h) + rows).reshape(-1))
 
@@ -108,19 +109,67 @@ def is_identity(groups: tuple[PatternGroup, ...], num_heads: int) -> bool:
     return groups[0].pattern.dilation_rate == 1 and pair_heads(groups)[0] == tuple(range(num_heads))
 
 
-def gather_pair(x: torch.Tensor, groups: tuple[PatternGroup, ...]) -> torch.Tensor:
-    """``x (b, L, h, d)`` -> the pair's rows in the gathered layout ``(b*S, m, H, d)``: x
-    itself (a view) for r = 1 over every head of a contiguous x, else one ``index_select``
-    into a new tensor."""
+def gather_pair(
+    x: torch.Tensor,
+    groups: tuple[PatternGroup, ...],
+    rows: range | None = None,
+    length: int | None = None,
+) -> torch.Tensor:
+    """``x (b, L, h, d)`` -> the pair's rows among ``rows`` (a range of whole segments of x's
+    positions; all L by default) in the gathered layout ``(b*S, m, H, d)``, segments of the
+    local width ``W = min(w, length)`` (``length``: ``len(rows)`` unless given; a zigzag
+    shard's chunk, Note [Strided pieces] in :mod:`ringsim.gpu.executor.base`): a view of x
+    for r = 1 over every head when the rows are contiguous in memory, else one
+    ``index_select`` into a new tensor."""
+    view = _identity_view(x, groups, rows, length)
+    if view is not None:
+        return view
     b, n, h, d = x.shape
-    w, r = groups[0].pattern.effective_length(n), groups[0].pattern.dilation_rate
-    if is_identity(groups, h) and x.is_contiguous():
-        return x.view(b * (n // w), w, h, d)
-    heads, offsets = pair_heads(groups)
-    build = functools.partial(_pair_rows, b, n, h, w, r, offsets, heads)
-    rows = _ROWS.get((b, n, h, w, r, offsets, heads), x.device, build)
+    index, blocks = _pair_index(x, groups, rows, length)
     flat = x.reshape(b * n * h, d)  # a view of the usual contiguous input; else a copy
-    return torch.index_select(flat, 0, rows).view(b * (n // w), w // r, len(heads), d)
+    heads = sum(len(g.heads) for g in groups)
+    return torch.index_select(flat, 0, index).view(b * blocks, -1, heads, d)
+
+
+def scatter_add_pair(
+    total: torch.Tensor,
+    grad: torch.Tensor,
+    groups: tuple[PatternGroup, ...],
+    rows: range | None = None,
+) -> None:
+    """``total (b, L, h, d)`` (contiguous) += ``grad``, the pair's rows among ``rows`` in the
+    gathered layout ``(b*S, m, H, d)`` as :func:`gather_pair` makes them: in place, through
+    a view where :func:`gather_pair` would return one, else by one ``index_add_``."""
+    view = _identity_view(total, groups, rows, None)
+    if view is not None:
+        view.add_(grad)
+        return
+    b, n, h, d = total.shape
+    index, _ = _pair_index(total, groups, rows, None)
+    total.view(b * n * h, d).index_add_(0, index, grad.reshape(-1, d).to(total.dtype))
+
+
+def _identity_view(x: torch.Tensor, groups, rows: range | None, length: int | None):
+    """The gathered layout of ``rows`` as a view of x, when r = 1 over every head and those
+    rows are contiguous in memory (None otherwise)."""
+    b, n, h, d = x.shape
+    rows = range(n) if rows is None else rows
+    part = x[:, rows.start : rows.stop]
+    if not (is_identity(groups, h) and part.is_contiguous()):
+        return None
+    w = groups[0].pattern.effective_length(length or len(rows))
+    return part.view(b * (len(rows) // w), w, h, d)
+
+
+def _pair_index(x: torch.Tensor, groups, rows: range | None, length: int | None):
+    """The rows of ``x.view(b * L * h, d)`` that the pair gathers from ``rows`` (cached on
+    x's device), and how many segments of the local width those rows are."""
+    b, n, h, _ = x.shape
+    rows = range(n) if rows is None else rows
+    w = groups[0].pattern.effective_length(length or len(rows))
+    heads, offsets = pair_heads(groups)
+    key = (b, n, h, w, groups[0].pattern.dilation_rate, offsets, heads, rows.start, rows.stop)
+    return _ROWS.get(key, x.device, functools.partial(_pair_rows, *key)), len(rows) // w
 
 
 def gathered_blocks(x: torch.Tensor, heads: slice | None = None) -> torch.Tensor:

@@ -4,11 +4,13 @@ gradient of the backward (its ``out``; no lse)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ringsim.config import PatternGroup
+
+from .layout import head_slices
 
 
 @dataclass
@@ -28,3 +30,12 @@ class Part:
     lse: torch.Tensor | None  # None: a block gradient (the sum reads no lse)
     group: PatternGroup | None = None
     piece: int | None = None  # the one chunk of the shard it covers (b*S = b), or all
+
+    def split(self, groups: tuple[PatternGroup, ...]) -> list[Part]:
+        """A call over a whole pair (heads in ``groups``' order) as one part per group: views
+        of its out and lse."""
+        return [
+            replace(self, heads=g.heads, offsets=(g.pattern.offset,) * len(g.heads), group=g,
+                    out=self.out[:, heads], lse=None if self.lse is None else self.lse[:, heads])
+            for g, heads in zip(groups, head_slices(groups))
+        ]  # fmt: skip
