@@ -137,6 +137,21 @@ class RankPlan:
         return frozenset(p for p, last in self.pair_last_steps.items() if last != first[p])
 
     @functools.cached_property
+    def multi_batch_pairs(self) -> frozenset[int]:
+        """The pairs this rank attends in more than one batch, at one step or several."""
+        counts: dict[int, int] = {}
+        for step in self.steps:
+            for b in step.batches:
+                counts[b.pair] = counts.get(b.pair, 0) + 1
+        return frozenset(p for p, count in counts.items() if count > 1)
+
+    @functools.cached_property
+    def shared_pairs(self) -> frozenset[int]:
+        """The pairs of which this rank attends a sub-ring of several ranks: blocks of theirs
+        travel (to this rank, or from it and their dK/dV back)."""
+        return frozenset(t.subring.pair for s in self.steps for t in s.tasks if t.subring.size > 1)
+
+    @functools.cached_property
     def last_busy_step(self) -> int:
         """The index of the last step with a task to run (-1: none)."""
         return max((i for i, s in enumerate(self.steps) if s.batches), default=-1)

@@ -1,7 +1,8 @@
-"""The backward's direct gradients on one device (Note [Direct gradients] in
-:mod:`ringsim.gpu.executor.backward`): block gradients kept as parts, summed by the Triton kernel
-:func:`~ringsim.gpu.executor.mix_triton.sum_` head chunk by head chunk, run here by Triton's
-interpreter on the CPU and compared with the dense-mask gradient.
+"""The backward's direct gradients (Note [Direct gradients] in
+:mod:`ringsim.gpu.executor.direct`): block gradients kept as parts, summed by the Triton kernel
+:func:`~ringsim.gpu.executor.mix_triton.sum_` head chunk by head chunk on one device, and with
+merged pairs' float32 partials on the simulated ring, run here by Triton's interpreter on the
+CPU and compared with the dense-mask gradient.
 
 Needs torch and Triton; skipped otherwise, and on a machine with CUDA (``test_gpu_cuda.py``
 checks the compiled kernel there).
@@ -20,18 +21,20 @@ torch = pytest.importorskip("torch")
 from grad_oracle import dense_gradients  # noqa: E402
 from test_gpu_mix import (  # noqa: E402
     aligned_cases,
+    aligned_ring_cases,
     general_only,
     load_mutant,
     mutate,
     record_programs,
     residue_cases,
     residue_only,
+    zigzag_cases,
 )
 
 from ringsim.config import Pattern, PatternGroup  # noqa: E402
-from ringsim.gpu import dilated_attention  # noqa: E402
+from ringsim.gpu import dilated_attention, simulated_ring_dilated_attention  # noqa: E402
 from ringsim.gpu.executor import Part, backward  # noqa: E402
-from ringsim.gpu.executor.backward import chunk_groups, head_chunks  # noqa: E402
+from ringsim.gpu.executor.direct import chunk_groups, head_chunks  # noqa: E402
 from ringsim.gpu.executor.schedule import Schedule  # noqa: E402
 from ringsim.tolerance import max_abs_error, tolerance  # noqa: E402
 
@@ -131,3 +134,80 @@ def test_sum_mutant_is_killed(interpreted, monkeypatch, tmp_path, name):
     cases = [c for c in aligned_cases() if len(c.segment_lengths) > 1][:4] + residue_cases()
     failures = gradient_failures(cases, monkeypatch, mutant, residue_only(function))
     assert failures, f"the suite does not kill: {name}"
+
+
+def ring_gradient_failures(cases) -> list[str]:
+    """float32 gradients of ``cases`` over the simulated ring against the dense-mask
+    gradient."""
+    failures = []
+    for i, case in enumerate(cases):
+        q, k, v = (torch.from_numpy(x).float().requires_grad_() for x in case.inputs(seed=i))
+        dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(i))
+        out = simulated_ring_dilated_attention(
+            q, k, v, case.segment_lengths, case.dilation_rates, world_size=case.world_size,
+            layout=case.layout, **case.kwargs(),
+        )  # fmt: skip
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        want = dense_gradients(case, *(x.detach().double().numpy() for x in (q, k, v, dout)))
+        errors = [max_abs_error(g.double().numpy(), w) for g, w in zip(grads, want)]
+        if max(errors) > 10 * tolerance("float32"):
+            failures.append(f"{case.describe()}: {errors}")
+    return failures
+
+
+@pytest.mark.parametrize("schedule", ["strided", "gathered"])
+@pytest.mark.parametrize("cases", [aligned_ring_cases, zigzag_cases])
+def test_direct_ring_gradients_match_definition(interpreted, monkeypatch, cases, schedule):
+    """Note [Direct gradients] on a ring: single-batch pairs as parts, merged pairs (across
+    steps, across a zigzag shard's chunks) in float32 partials, dK/dV that come home added
+    into them; three sums per rank."""
+    monkeypatch.setattr(backward, "schedule", lambda *a, **k: Schedule(schedule))
+    calls = []
+    sum_ = interpreted.sum_
+    monkeypatch.setattr(interpreted, "sum_", lambda *a: calls.append(1) or sum_(*a))
+    assert not ring_gradient_failures(cases())
+    assert len(calls) == 3 * sum(c.world_size for c in cases())
+
+
+RING_MUTANTS = {  # name: (method of BackwardExecutor, replacement)
+    "dK/dV that come home are dropped": ("add_home", lambda self, grads, transfer: None),
+    "merged pairs left out of the sums": ("finish", None),
+}
+
+
+@pytest.mark.parametrize("name", RING_MUTANTS)
+def test_direct_ring_mutant_is_killed(interpreted, monkeypatch, name):
+    method, replacement = RING_MUTANTS[name]
+    if replacement is None:  # the partials forgotten before the sums
+        finish = backward.BackwardExecutor.finish
+
+        def replacement(self):
+            if self.direct:
+                self.grads.partials = {}
+            return finish(self)
+
+    monkeypatch.setattr(backward.BackwardExecutor, method, replacement)
+    cases = aligned_ring_cases()[:4] + zigzag_cases()[:1]
+    assert ring_gradient_failures(cases), f"the suite does not kill: {name}"
+
+
+@pytest.mark.parametrize("schedule", ["strided", "gathered"])
+def test_direct_gradients_through_lse(interpreted, monkeypatch, schedule):
+    """A loss that reads lse: its gradient reaches every call, a gathered one too (whose call
+    once left dlse out)."""
+    monkeypatch.setattr(backward, "schedule", lambda *a, **k: Schedule(schedule))
+    failures = []
+    for i, case in enumerate(aligned_cases()[:6]):
+        q, k, v = (torch.from_numpy(x).float().requires_grad_() for x in case.inputs(seed=i))
+        out, lse = dilated_attention(q, k, v, case.segment_lengths, case.dilation_rates,
+                                     **case.kwargs(), return_lse=True, kernel="math")  # fmt: skip
+        generator = torch.Generator().manual_seed(i)
+        dout, dlse = torch.randn(out.shape, generator=generator), torch.randn(lse.shape)
+        dlse = torch.where(torch.isfinite(lse), dlse, 0.0)  # rows no pair selects: no gradient
+        grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+        x = (t.detach().double().numpy() for t in (q, k, v, dout))
+        want = dense_gradients(case, *x, dlse=dlse.double().numpy())
+        errors = [max_abs_error(g.double().numpy(), w) for g, w in zip(grads, want)]
+        if max(errors) > 10 * tolerance("float32"):
+            failures.append(f"{case.describe()}: {errors}")
+    assert not failures

@@ -16,39 +16,28 @@ forward used (Note [Two layouts, two combiners] in :mod:`ringsim.gpu.executor.fo
 On CUDA the groups of a pair too small to fill the GPU run side by side
 (:class:`ringsim.gpu.executor.schedule.SideStreams`; they write disjoint heads).
 
-Note [Direct gradients]
------------------------
-On one device (P = 1: one step, every block the rank's own) an aligned configuration whose
-parts the Triton kernels can combine (:func:`~ringsim.gpu.executor.merge.mix_reason`) needs no
-float32 totals: every block gradient the kernels return is kept as a part, and one pass per
-gradient (:func:`~ringsim.gpu.executor.mix_triton.sum_`) adds, for each position and head, the
-parts that cover it in float32 and writes the sum once in q's dtype. Measured at 1M tokens on
-an H200, the totals' fill, per-group adds and final casts were a third of the backward's time.
-The parts of every head would hold 3 x sum(1/r_i) times q's bytes (5.8x for r = 1..16), so
-the heads are taken in chunks (:func:`head_chunks`: the parts of one chunk stay within
-q's bytes, or :data:`PARTS_BUDGET`, whichever is larger); heads are independent, so a chunk's
-sums are final.
+Where the Triton kernels can sum the block gradients, they are kept as parts instead of
+added into totals (Note [Direct gradients] in :mod:`ringsim.gpu.executor.direct`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import replace
 
 import torch
 
 from ringsim.comm.base import Payload
-from ringsim.config import DilatedConfig, PatternGroup
+from ringsim.config import DilatedConfig
 from ringsim.gradrelay import HomeAdds
 from ringsim.plan import BlockAction, RankPlan, TaskBatch, Transfer
 
 from ..kernels import Dropout, Kernel, accumulator_dtype, block_backward
 from .base import Executor
+from .direct import PARTS_BUDGET, DirectGradients, chunk_groups, head_chunks
 from .layout import (
     batch_blocks,
     batch_index,
-    gather_pair,
     gathered_blocks,
     group_blocks,
     head_slices,
@@ -64,26 +53,6 @@ from .merge import mix_reason
 from .part import Part
 from .pool import MemoryPool
 from .schedule import Schedule, SideStreams, schedule
-
-#: The bytes a head chunk's parts may hold at least (Note [Direct gradients]): below it,
-#: short sequences keep their heads in one chunk, and their calls large.
-PARTS_BUDGET = 1 << 30
-
-
-def head_chunks(num_heads: int, parts_bytes: int, budget: int) -> tuple[range, ...]:
-    """The heads in equal contiguous chunks, as few as keep ``parts_bytes`` (the parts of every
-    head) per chunk within ``budget``: halved while the count of heads allows."""
-    chunks = 1
-    while parts_bytes > budget * chunks and num_heads % (2 * chunks) == 0:
-        chunks *= 2
-    size = num_heads // chunks
-    return tuple(range(i, i + size) for i in range(0, num_heads, size))
-
-
-def chunk_groups(groups: tuple[PatternGroup, ...], heads: range) -> tuple[PatternGroup, ...]:
-    """The pattern groups restricted to ``heads`` (groups with none of them dropped)."""
-    chosen = (replace(g, heads=tuple(h for h in g.heads if h in heads)) for g in groups)
-    return tuple(g for g in chosen if g.heads)
 
 
 class BackwardExecutor(HomeAdds, Executor):
@@ -111,10 +80,11 @@ class BackwardExecutor(HomeAdds, Executor):
         # the kernels read +inf on rows with no key (Note [Backward with the final out and lse])
         self.lse = torch.where(torch.isneginf(lse), torch.inf, lse).transpose(1, 2)
         self.grad_dtype = accumulator_dtype(q.dtype)
-        # Note [Direct gradients]: one device, aligned, parts the Triton kernels can sum
-        self.direct = plan.world_size == 1 and self.aligned and mix_reason(q) is None
-        if self.direct:  # written in q's dtype by run()
+        # Note [Direct gradients]: aligned, parts the Triton kernels can sum
+        self.direct = self.aligned and mix_reason(q) is None
+        if self.direct:  # written in q's dtype by run() (one device) or finish() (a ring)
             self.dq = self.dk = self.dv = None
+            self.grads = DirectGradients(self, self.grad_dtype)  # on a ring
         else:
             self.dq, self.dk, self.dv = (
                 self.buffer(name, x.shape, self.grad_dtype, fill=0.0)
@@ -126,11 +96,13 @@ class BackwardExecutor(HomeAdds, Executor):
         (None: a block held but not attended here, or the rank's own block, whose dK/dV
         this rank has added already)."""
         shares: dict[int, Payload | None] = dict.fromkeys(held)
-        if self.direct:
+        if self.direct and self.plan.world_size == 1:
             self._direct(batches)
             return shares
         for batch in batches:
-            if batch.pair in self.spanning and not batch.own:
+            if self.direct and batch.pair not in self.grads.merged:  # parts, summed at the end
+                self._direct_batch(batch, self.groups(batch.pair), range(self.h), self.grads.parts)
+            elif batch.pair in self.spanning and not batch.own:
                 self._piece_grads(batch, held, shares)
             elif self.aligned:
                 self._aligned(batch, held, shares)
@@ -149,6 +121,8 @@ class BackwardExecutor(HomeAdds, Executor):
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv in q's dtype (each float32 total freed as it is cast: a lower peak)."""
+        if self.direct and self.plan.world_size > 1:
+            return self.grads.sums()
         totals = [self.dq, self.dk, self.dv]
         self.dq = self.dk = self.dv = None
         return tuple(self.released(totals.pop(0).to(self.q.dtype)) for _ in range(3))
@@ -180,11 +154,8 @@ class BackwardExecutor(HomeAdds, Executor):
         rate = self.rates[batch.pair]
         how = schedule(groups, self.b, segments, rows, self.q.device)
         if how is Schedule.GATHERED:
-            x = [gathered_blocks(gather_pair(t, groups)) for t in (self.q, self.k, self.v)]
-            out, dout = (gathered_blocks(gather_pair(t, groups)) for t in (self.out, self.dout))
-            lse = gathered_blocks(gather_pair(self.lse[..., None], groups))[..., 0]
-            grads = block_backward(*x, out, lse.contiguous(), dout, causal=self.causal(batch),
-                                   scale=self.scale, kernel=self.kernel)  # fmt: skip
+            blocks = functools.partial(self.gathered, groups=groups)
+            grads = self._grads(batch, blocks, blocks(self.k), blocks(self.v))
             pair, offsets = pair_heads(groups)
             local = tuple(h - heads.start for h in pair)
             for mine, grad in zip(parts, grads):
@@ -226,30 +197,57 @@ class BackwardExecutor(HomeAdds, Executor):
         )
 
     def _aligned(self, batch: TaskBatch, held, shares) -> None:
+        """An aligned batch (a merged pair's, when direct: Note [Direct gradients]): dq and
+        an own block's dK/dV added into the totals or the pair's partials, a received
+        block's dK/dV copied into its share; one call per group (side by side where small),
+        or, into partials, one call on the pair's gathered rows."""
         groups = self.groups(batch.pair)
         _, segments, rows = self.layout_of(batch)
-        small = schedule(groups, self.b, segments, rows, self.q.device, gather=False)
-        sides = SideStreams(self.q.device) if small is not Schedule.STRIDED else None
+        how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.direct)
+        if self.direct:  # the pair's partials, made before any side stream writes them
+            self._targets(batch.pair)
         if not batch.own:
             index = batch.tasks[0].subring.index
-            share = tuple(
+            shares[index] = tuple(
                 torch.empty(x.shape, dtype=self.grad_dtype, device=x.device) for x in held[index]
             )
-            shares[index] = share
+        if how is Schedule.GATHERED:
+            blocks = functools.partial(self.gathered, groups=groups)
+            keys = self.key_blocks(batch, held, None)
+            grads = self._grads(batch, blocks, *keys)
+            self._add(batch, self._targets(batch.pair), shares, slice(None), *grads)
+            return
+        sides = SideStreams(self.q.device) if how is not Schedule.STRIDED else None
         for g, group in enumerate(groups):
             with sides.on(g) if sides else contextlib.nullcontext():
                 blocks = functools.partial(group_blocks, group=group, length=self.span)
-                dq, dk, dv = self._grads(batch, blocks, *self.key_blocks(batch, held, g))
-                blocks(self.dq, view=True).add_(dq)
-                if batch.own:  # the rank's own rows: straight into its totals
-                    blocks(self.dk, view=True).add_(dk)
-                    blocks(self.dv, view=True).add_(dv)
-                else:  # this step's share of the block's dK/dV, in its layout
-                    heads = head_slices(groups)[g]
-                    for total, part in zip(share, (dk, dv)):
-                        gathered_blocks(total, heads).copy_(part)
+                grads = self._grads(batch, blocks, *self.key_blocks(batch, held, g))
+                self._add(batch, self._targets(batch.pair, g), shares, head_slices(groups)[g],
+                          *grads)  # fmt: skip
         if sides:  # the next batch adds to the same totals: it starts after the join
             sides.join()
+
+    def _add(self, batch: TaskBatch, targets, shares, heads: slice, dq, dk, dv) -> None:
+        """dq into its target; dK/dV into theirs (the rank's own block) or into the
+        ``heads`` of the received block's share."""
+        targets[0].add_(dq)
+        if batch.own:
+            targets[1].add_(dk)
+            targets[2].add_(dv)
+        else:
+            share = shares[batch.tasks[0].subring.index]
+            for total, part in zip(share, (dk, dv)):
+                gathered_blocks(total, heads).copy_(part)
+
+    def _targets(self, pair: int, g: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Where the dq, dk, dv of group g of ``pair`` (None: every head, gathered) add:
+        blocks ``(b*S, H, m, d)`` of the pair's float32 partials (direct) or of the totals
+        (group views; the totals take no gathered call)."""
+        if not self.direct:
+            group = self.groups(pair)[g]
+            totals = (self.dq, self.dk, self.dv)
+            return tuple(group_blocks(x, group, self.span, view=True) for x in totals)
+        return self.grads.of(pair, g)
 
     def _piece_grads(self, batch: TaskBatch, held, shares) -> None:
         """Note [Strided pieces] (:mod:`ringsim.gpu.executor.base`): each task of a batch off
@@ -258,18 +256,16 @@ class BackwardExecutor(HomeAdds, Executor):
         block's piece."""
         groups = self.groups(batch.pair)
         for task in batch.tasks:
-            rows, _, keys = self.piece_task(batch, task, held)
+            rows, chunk, keys = self.piece_task(batch, task, held)
             index = task.subring.index
             if shares.get(index) is None:
                 shares[index] = self.zeros(held[index])
-
-            def blocks(x, rows=rows):  # (b, c, h[, d]) -> (b, H, m[, d]), gathered
-                if x.dim() == 3:
-                    return blocks(x[..., None])[..., 0]
-                return gathered_blocks(gather_pair(x, groups, rows))
-
+            blocks = functools.partial(self.gathered, groups=groups, rows=rows)
             dq, dk, dv = self._grads(batch, blocks, *keys)
-            scatter_add_pair(self.dq, dq.transpose(1, 2), groups, rows)
+            if self.direct:  # into the chunk of the pair's partial
+                self.piece(self._targets(batch.pair)[0], chunk).add_(dq)
+            else:
+                scatter_add_pair(self.dq, dq.transpose(1, 2), groups, rows)
             share, half = shares[index], len(shares[index]) // 2
             for i, grad in zip((task.k_piece, half + task.k_piece), (dk, dv)):
                 gathered_blocks(share[i]).add_(grad)
@@ -332,18 +328,26 @@ class BackwardExecutor(HomeAdds, Executor):
         total[(slice(None), *index)] += share.transpose(1, 2).to(total.dtype)
 
     def add_home(self, grads: Payload, transfer: Transfer) -> None:
-        """Add the dK/dV of this rank's own rows that came home into its dk, dv."""
+        """Add the dK/dV of this rank's own rows that came home into its dk, dv (the pair's
+        partials, when direct)."""
         if not self.aligned:
             return super().add_home(grads, transfer)
-        groups = self.groups(transfer.subring.pair)
+        pair = transfer.subring.pair
+        groups = self.groups(pair)
         half = len(grads) // 2  # a K and a V per piece (Note [Strided pieces])
         for p, sent in enumerate(self._pieces_sent(transfer)):
             if not sent:
+                continue
+            chunk = self.chunk_of(transfer.rows[p * len(groups)])
+            if self.direct:  # the gathered layout, as the partials
+                for total, part in zip(self._targets(pair)[1:], (grads[p], grads[half + p])):
+                    view = self.piece(total, chunk) if pair in self.spanning else total
+                    view.add_(gathered_blocks(part))
                 continue
             for group, heads in zip(groups, head_slices(groups)):
                 for total, part in zip((self.dk, self.dv), (grads[p], grads[half + p])):
                     view = group_blocks(total, group, self.span, view=True)
                     if self.pieces:
-                        view = self.piece(view, self.chunk_of(transfer.rows[p * len(groups)]))
+                        view = self.piece(view, chunk)
                     view.add_(gathered_blocks(part, heads))
         return None

@@ -29,7 +29,9 @@ group, the whole pair), into one float32 partial of its own first (Note [Partial
 steps] in :mod:`ringsim.gpu.executor.forward`); where the mix cannot run, each group's
 part accumulates. Measured on 2 H200s at 256K for LongNet's
 (c), causal, forward (2026-11-30): 8.47 ms, against 24.35 ms with one call per task and
-group and every result accumulated (and 8.57 ms on the contiguous ring).
+group and every result accumulated (and 8.57 ms on the contiguous ring). The calls made
+the difference: feeding those one-head calls' parts to the mix, an earlier attempt, took
+33.1 ms (``docs/results/bench_ring_quick_zigzag_mix.json``).
 """
 
 from __future__ import annotations
@@ -246,12 +248,23 @@ class Executor:
             raise ValueError(f"executor: no kernel call takes a MASKED block: {batch}")
         return BlockAction.CAUSAL in batch.actions
 
-    def key_blocks(self, batch: TaskBatch, held: dict[int, Payload], g: int):
-        """K and V blocks ``(b*S, H, m, d)`` of group g of an aligned batch: views of the
-        rank's own k, v, or of the gathered block received."""
+    def key_blocks(self, batch: TaskBatch, held: dict[int, Payload], g: int | None):
+        """K and V blocks ``(b*S, H, m, d)`` of group g of an aligned batch (None: every head
+        of the pair, gathered): views of the rank's own k, v (gathered: copies), or of the
+        gathered block received."""
         groups = self.groups(batch.pair)
         if batch.own:
+            if g is None:
+                return tuple(self.gathered(x, groups) for x in (self.k, self.v))
             return tuple(group_blocks(x, groups[g], self.span) for x in (self.k, self.v))
         block = held[batch.tasks[0].subring.index]
-        heads = head_slices(groups)[g]
+        heads = None if g is None else head_slices(groups)[g]
         return tuple(gathered_blocks(x, heads) for x in block)
+
+    def gathered(self, x: torch.Tensor, groups, rows: range | None = None) -> torch.Tensor:
+        """``x (b, c, h[, d])`` -> the gathered blocks ``(b*S, H, m[, d])`` of the pair's
+        ``groups`` (among ``rows``: one chunk of a zigzag shard; segments of the local width
+        W, Note [Strided pieces])."""
+        if x.dim() == 3:
+            return self.gathered(x[..., None], groups, rows)[..., 0]
+        return gathered_blocks(gather_pair(x, groups, rows, length=self.span))

@@ -61,8 +61,6 @@ from .base import Executor
 from .layout import (
     batch_blocks,
     batch_index,
-    gather_pair,
-    gathered_blocks,
     group_blocks,
     head_slices,
     heads_index,
@@ -155,13 +153,7 @@ class ForwardExecutor(Executor):
                                  kernel=self.kernel, raw_lse=raw_lse)  # fmt: skip
         how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.mixing)
         if how is Schedule.GATHERED:  # one call for the pair on gathered rows
-            q = gathered_blocks(gather_pair(self.q, groups, length=self.span))
-            if batch.own:
-                k, v = (gathered_blocks(gather_pair(x, groups, length=self.span))
-                        for x in (self.k, self.v))  # fmt: skip
-            else:
-                k, v = (gathered_blocks(x) for x in held[batch.tasks[0].subring.index])
-            out, lse = call(q, k, v)
+            out, lse = call(self.gathered(self.q, groups), *self.key_blocks(batch, held, None))
             return [Part(batch.pair, width, rate, *pair_heads(groups), out, lse)]
         sides = SideStreams(self.q.device) if how is Schedule.STREAMS else None
         parts = []
@@ -190,7 +182,7 @@ class ForwardExecutor(Executor):
         parts = []
         for task in batch.tasks:
             rows, chunk, keys = self.piece_task(batch, task, held)
-            q = gathered_blocks(gather_pair(self.q, groups, rows))
+            q = self.gathered(self.q, groups, rows)
             out, lse = attend(q, *keys, causal=False, scale=self.scale, kernel=self.kernel)
             part = Part(batch.pair, width, rate, heads, offsets, out, lse, piece=chunk)
             parts += [part] if self.mixing else part.split(groups)
@@ -210,18 +202,19 @@ class ForwardExecutor(Executor):
             by_pair.setdefault(part.pair, []).append(part)
         for pair, mine in by_pair.items():
             running = self.running.pop(pair, None)
-            if pair in self.spanning:
+            last = index == self.plan.pair_last_steps[pair]
+            if pair in self.spanning:  # one float32 partial from the first part on
                 partial = running[0] if running else self._pair_partial(pair)
                 for part in mine:
                     merge_(*self._place(partial, part), part.out, part.lse)
-                mine = running = [partial]
+                mine = [partial]
             elif running is not None:  # same schedule, same shapes: part i onto partial i
                 for partial, part in zip(running, mine):
                     merge_(partial.out, partial.lse, part.out, part.lse)
                 mine = running
-            if index < self.plan.pair_last_steps[pair]:
-                if running is None:
-                    mine = [replace(p, out=p.out.float()) for p in mine]
+            elif not last:  # the first step of several: float32 partials
+                mine = [replace(p, out=p.out.float()) for p in mine]
+            if not last:
                 self.running[pair] = mine
             else:
                 self.kept += [replace(p, out=p.out.to(self.q.dtype)) for p in mine]

@@ -45,7 +45,7 @@ kernels run (:func:`residue_shape` decides).
 
 The backward's twin, :func:`sum_`, reads block gradients through the same table and writes,
 for each position and head, the plain sum of the parts that cover it (Note [Direct gradients]
-in :mod:`ringsim.gpu.executor.backward`).
+in :mod:`ringsim.gpu.executor.direct`).
 
 Imported only where :func:`ringsim.gpu.executor.merge.mix_reason` allows (this module imports
 Triton). On CPU tensors the kernel runs only under Triton's interpreter
