@@ -60,27 +60,41 @@ def test_chunk_groups_keep_each_groups_heads_in_the_chunk():
     assert chunk_groups(groups, range(0, 16)) == groups
 
 
-def gradient_failures(cases, monkeypatch, sum_module=None, residue=True) -> list[str]:
-    """float32 gradients of ``cases`` on one device against the dense-mask gradient, with the
-    heads in as many chunks as they allow (a zero budget) and ``sum_module``'s kernel (its
-    general kernel only, unless ``residue``)."""
-    monkeypatch.setattr(backward, "PARTS_BUDGET", 0)
-    if sum_module is not None:
-        monkeypatch.setattr("ringsim.gpu.executor.mix_triton.sum_", sum_module.sum_)
-        if not residue:
-            general_only(sum_module, monkeypatch)
+def failures_of(cases, attention) -> list[str]:
+    """float32 gradients of ``cases`` through ``attention(case, q, k, v)`` against the
+    dense-mask gradient: a line for each case that misses the bound."""
     failures = []
     for i, case in enumerate(cases):
         q, k, v = (torch.from_numpy(x).float().requires_grad_() for x in case.inputs(seed=i))
         dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(i))
-        out = dilated_attention(q, k, v, case.segment_lengths, case.dilation_rates,
-                                **case.kwargs())  # fmt: skip
-        grads = torch.autograd.grad(out, (q, k, v), dout)
+        grads = torch.autograd.grad(attention(case, q, k, v), (q, k, v), dout)
         want = dense_gradients(case, *(x.detach().double().numpy() for x in (q, k, v, dout)))
         errors = [max_abs_error(g.double().numpy(), w) for g, w in zip(grads, want)]
         if max(errors) > 10 * tolerance("float32"):
             failures.append(f"{case.describe()}: {errors}")
     return failures
+
+
+def one_device(case, q, k, v):
+    return dilated_attention(q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs())
+
+
+def simulated_ring(case, q, k, v):
+    return simulated_ring_dilated_attention(
+        q, k, v, case.segment_lengths, case.dilation_rates, world_size=case.world_size,
+        layout=case.layout, **case.kwargs(),
+    )  # fmt: skip
+
+
+def gradient_failures(cases, monkeypatch, sum_module=None, residue=True) -> list[str]:
+    """:func:`failures_of` on one device, with the heads in as many chunks as they allow (a
+    zero budget) and ``sum_module``'s kernel (its general kernel only, unless ``residue``)."""
+    monkeypatch.setattr(backward, "PARTS_BUDGET", 0)
+    if sum_module is not None:
+        monkeypatch.setattr("ringsim.gpu.executor.mix_triton.sum_", sum_module.sum_)
+        if not residue:
+            general_only(sum_module, monkeypatch)
+    return failures_of(cases, one_device)
 
 
 @pytest.mark.parametrize("residue", [True, False], ids=["residue", "general"])
@@ -136,25 +150,6 @@ def test_sum_mutant_is_killed(interpreted, monkeypatch, tmp_path, name):
     assert failures, f"the suite does not kill: {name}"
 
 
-def ring_gradient_failures(cases) -> list[str]:
-    """float32 gradients of ``cases`` over the simulated ring against the dense-mask
-    gradient."""
-    failures = []
-    for i, case in enumerate(cases):
-        q, k, v = (torch.from_numpy(x).float().requires_grad_() for x in case.inputs(seed=i))
-        dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(i))
-        out = simulated_ring_dilated_attention(
-            q, k, v, case.segment_lengths, case.dilation_rates, world_size=case.world_size,
-            layout=case.layout, **case.kwargs(),
-        )  # fmt: skip
-        grads = torch.autograd.grad(out, (q, k, v), dout)
-        want = dense_gradients(case, *(x.detach().double().numpy() for x in (q, k, v, dout)))
-        errors = [max_abs_error(g.double().numpy(), w) for g, w in zip(grads, want)]
-        if max(errors) > 10 * tolerance("float32"):
-            failures.append(f"{case.describe()}: {errors}")
-    return failures
-
-
 @pytest.mark.parametrize("schedule", ["strided", "gathered"])
 @pytest.mark.parametrize("cases", [aligned_ring_cases, zigzag_cases])
 def test_direct_ring_gradients_match_definition(interpreted, monkeypatch, cases, schedule):
@@ -165,7 +160,7 @@ def test_direct_ring_gradients_match_definition(interpreted, monkeypatch, cases,
     calls = []
     sum_ = interpreted.sum_
     monkeypatch.setattr(interpreted, "sum_", lambda *a: calls.append(1) or sum_(*a))
-    assert not ring_gradient_failures(cases())
+    assert not failures_of(cases(), simulated_ring)
     assert len(calls) == 3 * sum(c.world_size for c in cases())
 
 
@@ -188,7 +183,7 @@ def test_direct_ring_mutant_is_killed(interpreted, monkeypatch, name):
 
     monkeypatch.setattr(backward.BackwardExecutor, method, replacement)
     cases = aligned_ring_cases()[:4] + zigzag_cases()[:1]
-    assert ring_gradient_failures(cases), f"the suite does not kill: {name}"
+    assert failures_of(cases, simulated_ring), f"the suite does not kill: {name}"
 
 
 @pytest.mark.parametrize("schedule", ["strided", "gathered"])
