@@ -134,6 +134,13 @@ class Executor:
         rank's chunks): the blocks ``(b, H, m, ...)`` of one chunk, a view."""
         return blocks.unflatten(0, (self.b, -1))[:, chunk]
 
+    def gathered_shape(self, pair: int) -> tuple[int, int, int]:
+        """``(b*S, H, m)`` of ``pair``'s gathered layout on this rank: S segments of the local
+        width W, every head of the pair, ``W / r`` rows."""
+        width = self.widths[pair]
+        heads = sum(len(g.heads) for g in self.groups(pair))
+        return self.b * (self.c // width), heads, width // self.rates[pair]
+
     def piece_task(self, batch: TaskBatch, task, held: dict[int, Payload]):
         """A task off the diagonal of a pair whose segments span chunks (Note [Strided
         pieces]): the local rows of its query chunk, and its piece's K and V blocks ``(b, H,

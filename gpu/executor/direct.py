@@ -79,9 +79,7 @@ class DirectGradients:
         asked), or the views of group g's heads."""
         ex = self.executor
         if pair not in self.partials:
-            heads = sum(len(group.heads) for group in ex.groups(pair))
-            width, rate = ex.widths[pair], ex.rates[pair]
-            shape = (ex.b * (ex.c // width), heads, width // rate, ex.d)
+            shape = (*ex.gathered_shape(pair), ex.d)
             self.partials[pair] = tuple(
                 ex.buffer(f"{name} partial {pair}", shape, self.dtype, fill=0.0)
                 for name in ("dq", "dk", "dv")

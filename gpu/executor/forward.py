@@ -221,12 +221,11 @@ class ForwardExecutor(Executor):
 
     def _pair_partial(self, pair: int) -> Part:
         """An empty float32 partial of every head of ``pair``, gathered: ``(0, -inf)``."""
-        heads, offsets = pair_heads(self.groups(pair))
-        width, rate = self.widths[pair], self.rates[pair]
-        shape = (self.b * (self.c // width), len(heads), width // rate)
+        shape = self.gathered_shape(pair)
         out = self.buffer(f"partial {pair}", (*shape, self.d), torch.float32, fill=0.0)
         lse = self.buffer(f"partial {pair} lse", shape, torch.float32, fill=-torch.inf)
-        return Part(pair, width, rate, heads, offsets, out, lse)
+        heads, offsets = pair_heads(self.groups(pair))
+        return Part(pair, self.widths[pair], self.rates[pair], heads, offsets, out, lse)
 
     def _place(self, partial: Part, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
         """Where ``part`` lies in its pair's gathered ``partial``: views of its out and lse
