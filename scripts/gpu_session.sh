@@ -3,7 +3,7 @@
 # Usage (from the repository root, on the GPU machine): bash scripts/gpu_session.sh STEPS...
 # STEPS: tests, check, distcheck, distcheck-masks, distcheck-zigzag, distcheck-pool, ring,
 # ring-quick, bench, bench-padded, bench-pool, bench-pool-ring, bench-backward, profile,
-# ncu-mix, mix-variants.
+# profile-host, ncu-mix, mix-variants.
 # Logs and results go
 # under $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
@@ -67,6 +67,17 @@ for step in "$@"; do
         python3 -m ringsim.gpu.harness.profile --seq-len 1048576 $args --rows 5 \
           --json "$OUT/$name.json" 2>&1 | grep -A12 "ms of CUDA time"
       done ;;
+    profile-host)  # the host's side and the GPU's idle time too, where they weigh most
+      mkdir -p "$OUT/host"
+      for run in "32768" "32768 --causal" "65536 --causal" "131072" "131072 --causal" \
+          "262144 --causal" "32768 --backward" "131072 --causal --backward"; do
+        name=profile_$(echo "$run" | tr -d ' -')
+        python3 -m ringsim.gpu.harness.profile --seq-len $run --rows 12 --host \
+          --json "$OUT/host/$name.json" > "$OUT/host/$name.log" 2>&1
+        grep -A12 "ms of CUDA time" "$OUT/host/$name.log" | grep -v "^caches\|^ *row\|^ *plans"
+        grep -A9 "^host:" "$OUT/host/$name.log"
+      done
+      tar czf "$OUT/profile_host.tgz" -C "$OUT" host && rm -r "$OUT/host" ;;
     ncu-mix)  # the forward's mixing pass under Nsight Compute (hardware counters, clocks left alone)
       ncu --clock-control none -k regex:_mix_kernel -c 1 --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \

@@ -32,7 +32,7 @@ rows = []
 for block_rows, warps in SHAPES:
     mix_triton.BLOCK_ROWS, mix_triton.WARPS = block_rows, warps
     for extra in ([], ["--causal"], ["--backward"]):
-        parts = main(["--seq-len", "1048576", "--rows", "0", *extra])
+        parts = main(["--seq-len", "1048576", "--rows", "0", *extra])["parts_ms"]
         row = {
             "rows": block_rows, "warps": warps, "run": " ".join(extra) or "forward",
             "mix_ms": parts.get("mix (Triton)"), "sum_ms": parts.get("sum (Triton)"),

@@ -244,3 +244,19 @@ def test_without_out_results_go_to_a_new_temporary_folder(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     written = list(tmp_path.glob("ringsim-check-*/check_smoke.json"))
     assert len(written) == 1 and str(written[0]) in result.stdout, result.stdout[-2000:]
+
+
+def test_idle_stretches_count_overlapping_kernels_once():
+    """The profile's timeline: kernels on two streams that overlap are one busy stretch, the
+    wait before the first kernel is idle, and the longest gaps come first with the kernel
+    that ends each."""
+    from ringsim.gpu.harness.profile import idle_stretches
+
+    kernels = [(10, 20, "a"), (15, 30, "b"), (40, 50, "c"), (45, 48, "d"), (62, 63, "e")]
+    found = idle_stretches(kernels, origin=0, gaps=2)
+    assert (found["first_us"], found["span_us"]) == (10, 63)
+    assert found["idle_us"] == 63 - (20 + 10 + 1)
+    assert [(g["us"], g["at_us"], g["before"]) for g in found["gaps"]] == [
+        (12, 50, "e"),
+        (10, 30, "c"),
+    ]
