@@ -152,7 +152,8 @@ class BackwardExecutor(HomeAdds, Executor):
             return
         width, segments, rows = self.layout_of(batch)
         rate = self.rates[batch.pair]
-        how = schedule(groups, self.b, segments, rows, self.q.device)
+        how = schedule(groups, self.b, segments, rows, self.q.device,
+                       free=self.free_gather(groups))  # fmt: skip
         if how is Schedule.GATHERED:
             blocks = functools.partial(self.gathered, groups=groups)
             grads = self._grads(batch, blocks, blocks(self.k), blocks(self.v))
@@ -203,7 +204,8 @@ class BackwardExecutor(HomeAdds, Executor):
         or, into partials, one call on the pair's gathered rows."""
         groups = self.groups(batch.pair)
         _, segments, rows = self.layout_of(batch)
-        how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.direct)
+        how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.direct,
+                       free=self.free_gather(groups))  # fmt: skip
         if self.direct:  # the pair's partials, made before any side stream writes them
             self._targets(batch.pair)
         if not batch.own:

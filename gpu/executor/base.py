@@ -50,6 +50,7 @@ from .layout import (
     group_blocks,
     head_slices,
     heads_index,
+    pair_view,
     select,
 )
 from .pool import MemoryPool, buffer
@@ -271,7 +272,14 @@ class Executor:
     def gathered(self, x: torch.Tensor, groups, rows: range | None = None) -> torch.Tensor:
         """``x (b, c, h[, d])`` -> the gathered blocks ``(b*S, H, m[, d])`` of the pair's
         ``groups`` (among ``rows``: one chunk of a zigzag shard; segments of the local width
-        W, Note [Strided pieces])."""
+        W, Note [Strided pieces]): kernel inputs, so a strided view where one serves."""
         if x.dim() == 3:
             return self.gathered(x[..., None], groups, rows)[..., 0]
-        return gathered_blocks(gather_pair(x, groups, rows, length=self.span))
+        return gathered_blocks(gather_pair(x, groups, rows, length=self.span, strided=True))
+
+    def free_gather(self, groups) -> bool:
+        """Whether :meth:`gathered` reads the pair's q, k and v as views, copying nothing
+        (:func:`~ringsim.gpu.executor.layout.pair_view`)."""
+        return all(
+            pair_view(x, groups, None, self.span) is not None for x in (self.q, self.k, self.v)
+        )

@@ -151,7 +151,8 @@ class ForwardExecutor(Executor):
         raw_lse = self.mixing and not merged
         call = functools.partial(attend, causal=self.causal(batch), scale=self.scale,
                                  kernel=self.kernel, raw_lse=raw_lse)  # fmt: skip
-        how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.mixing)
+        how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.mixing,
+                       free=self.free_gather(groups))  # fmt: skip
         if how is Schedule.GATHERED:  # one call for the pair on gathered rows
             out, lse = call(self.gathered(self.q, groups), *self.key_blocks(batch, held, None))
             return [Part(batch.pair, width, rate, *pair_heads(groups), out, lse)]

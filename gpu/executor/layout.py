@@ -12,7 +12,10 @@ case: ``W`` divides c, and c is a multiple of r).
 **The gathered layout.** A pair's selected rows of every head, copied by one
 ``index_select`` into ``(b*S, m, H, d)`` (heads in pattern-group order, each at its own
 offset): the layout of one kernel call for a whole pair, and of the ring's K/V messages
-(:mod:`ringsim.gpu.executor.forward`). With r = 1 over every head it is the input itself.
+(:mod:`ringsim.gpu.executor.forward`). With r = 1 over every head it is the input itself; with
+one head per pattern group (r >= h, as LongNet's r = 16 pair of 16 heads) each head's rows
+sit one row and one head further than the last head's, so a kernel's input in that layout is
+a strided view too (:func:`pair_view`): one call for the pair and no copy.
 
 **Row batches** (ragged configurations): :class:`ringsim.batches.RowBatch` index tensors,
 one gather per input and a scatter of the result (:func:`batch_blocks`, :func:`unblock`).
@@ -21,6 +24,7 @@ one gather per input and a scatter of the result (:func:`batch_blocks`, :func:`u
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 import torch
@@ -104,25 +108,23 @@ def _pair_rows(b: int, n: int, h: int, w: int, r: int, offsets, heads, start: in
     return torch.from_numpy((np.arange(b)[:, None, None, None] * (n * h) + rows).reshape(-1))
 
 
-def is_identity(groups: tuple[PatternGroup, ...], num_heads: int) -> bool:
-    """Whether the pair's gathered layout is the input itself (r = 1 over every head)."""
-    return groups[0].pattern.dilation_rate == 1 and pair_heads(groups)[0] == tuple(range(num_heads))
-
-
 def gather_pair(
     x: torch.Tensor,
     groups: tuple[PatternGroup, ...],
     rows: range | None = None,
     length: int | None = None,
+    *,
+    strided: bool = False,
 ) -> torch.Tensor:
     """``x (b, L, h, d)`` -> the pair's rows among ``rows`` (a range of whole segments of x's
     positions; all L by default) in the gathered layout ``(b*S, m, H, d)``, segments of the
     local width ``W = min(w, length)`` (``length``: ``len(rows)`` unless given; a zigzag
     shard's chunk, Note [Strided pieces] in :mod:`ringsim.gpu.executor.base`): a view of x
-    for r = 1 over every head when the rows are contiguous in memory, else one
-    ``index_select`` into a new tensor."""
-    view = _identity_view(x, groups, rows, length)
-    if view is not None:
+    where :func:`pair_view` makes one that is contiguous (r = 1 over every head), or any
+    such view with ``strided`` (a kernel's input), else one ``index_select`` into a new
+    tensor."""
+    view = pair_view(x, groups, rows, length)
+    if view is not None and (strided or view.is_contiguous()):
         return view
     b, n, h, d = x.shape
     index, blocks = _pair_index(x, groups, rows, length)
@@ -139,8 +141,8 @@ def scatter_add_pair(
 ) -> None:
     """``total (b, L, h, d)`` (contiguous) += ``grad``, the pair's rows among ``rows`` in the
     gathered layout ``(b*S, m, H, d)`` as :func:`gather_pair` makes them: in place, through
-    a view where :func:`gather_pair` would return one, else by one ``index_add_``."""
-    view = _identity_view(total, groups, rows, None)
+    a view where :func:`pair_view` makes one, else by one ``index_add_``."""
+    view = pair_view(total, groups, rows, None)
     if view is not None:
         view.add_(grad)
         return
@@ -149,16 +151,27 @@ def scatter_add_pair(
     total.view(b * n * h, d).index_add_(0, index, grad.reshape(-1, d).to(total.dtype))
 
 
-def _identity_view(x: torch.Tensor, groups, rows: range | None, length: int | None):
-    """The gathered layout of ``rows`` as a view of x, when r = 1 over every head and those
-    rows are contiguous in memory (None otherwise)."""
-    b, n, h, d = x.shape
+def pair_view(x: torch.Tensor, groups, rows: range | None = None, length: int | None = None):
+    """The gathered layout ``(b*S, m, H, *rest)`` of the pair's rows among ``rows`` as one
+    strided view of ``x (b, L, h, *rest)``, where the pair's heads (in the layout's order,
+    each at its group's offset) lie at equal steps in memory: r = 1 over every head, or
+    one head per group with heads and offsets in step (r >= h, LongNet's largest rate);
+    and the batch merges with the segments (b = 1, or x's batch stride is ``len(rows)``
+    rows). None otherwise."""
+    b, n, _, *rest = x.shape
+    sb, sn, sh, *srest = x.stride()
     rows = range(n) if rows is None else rows
-    part = x[:, rows.start : rows.stop]
-    if not (is_identity(groups, h) and part.is_contiguous()):
-        return None
     w = groups[0].pattern.effective_length(length or len(rows))
-    return part.view(b * (len(rows) // w), w, h, d)
+    r = groups[0].pattern.dilation_rate
+    heads, offsets = pair_heads(groups)
+    at = [o * sn + hh * sh for o, hh in zip(offsets, heads)]
+    step = at[1] - at[0] if len(at) > 1 else sh
+    uneven = any(later - first != step for first, later in itertools.pairwise(at))
+    if uneven or (b > 1 and sb != len(rows) * sn):
+        return None
+    shape = (b * (len(rows) // w), w // r, len(heads), *rest)
+    start = x.storage_offset() + rows.start * sn + at[0]
+    return x.as_strided(shape, (w * sn, r * sn, step, *srest), start)
 
 
 def _pair_index(x: torch.Tensor, groups, rows: range | None, length: int | None):

@@ -12,7 +12,9 @@ of three ways (:class:`Schedule`):
   the whole pair. That costs a copy of ``n h d / r`` elements of q (and of k, v for the own
   block), but one call instead of r: worth it when a group's call is too small to fill the
   GPU, as with short sequences and large r. Blocks received over the ring are already in
-  that layout.
+  that layout. Where the layout is a view of the inputs (one head per group,
+  :func:`~ringsim.gpu.executor.layout.pair_view`) nothing is copied, and the one call is
+  always taken.
 
 :func:`schedule` chooses from the row tiles of one group's call per multiprocessor.
 """
@@ -67,12 +69,16 @@ def schedule(
     device: torch.device,
     *,
     gather: bool = True,
+    free: bool = False,
 ) -> Schedule:
     """How the batch of a pair with ``groups`` runs (module docstring). Only CUDA pairs of
     several groups are ever gathered (``gather``: the caller can mix a part of several
-    offsets) or spread over streams."""
+    offsets) or spread over streams; ``free``: the gathered layout is a view of the inputs
+    (no copy), so gathering is always worth it."""
     if len(groups) < 2 or device.type != "cuda":
         return Schedule.STRIDED
+    if free and gather:
+        return Schedule.GATHERED
     per_sm = tiles_per_sm(groups, b, segments, rows, device)
     if per_sm < GATHER_BELOW and gather:
         return Schedule.GATHERED
