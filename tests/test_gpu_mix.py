@@ -377,3 +377,46 @@ def test_partials_of_earlier_steps_count(interpreted, monkeypatch):
     monkeypatch.setattr(executor, "merge_", overwrite)
     assert ring_failures(aligned_ring_cases())
     assert len(ring_failures(zigzag_cases())) == len(zigzag_cases())
+
+
+def slice_cases():
+    """Pairs with fewer heads per pattern group than groups (8 heads, r = 4: 2 heads in each
+    of 4 groups), which run as head slices on strided views (h/r calls, no copy), and one
+    head per group (r = 8 of 8 heads: the whole pair on one view)."""
+    return [
+        Case(1, 64, 8, 8, (16, 32), (1, 4), True),
+        Case(2, 64, 8, 4, (16, 64), (2, 4), False),
+        Case(1, 64, 8, 8, (16, 64), (1, 8), True),
+    ]
+
+
+def record_views(monkeypatch) -> list[int]:
+    """How many head sets each call of ``Executor.views`` returned (0: none), into the list
+    returned."""
+    from ringsim.gpu.executor.base import Executor
+
+    found, views = [], Executor.views
+
+    def recorded(self, *args, **kwargs):
+        sets = views(self, *args, **kwargs)
+        found.append(0 if sets is None else len(sets))
+        return sets
+
+    monkeypatch.setattr(Executor, "views", recorded)
+    return found
+
+
+def test_head_slices_on_views_match_definition(interpreted, monkeypatch):
+    """The forward of pairs gathered as head slices or one view (Note in
+    :mod:`ringsim.gpu.executor.schedule`) against the dense-mask definition."""
+    monkeypatch.setattr(executor, "schedule", lambda *a, **k: Schedule("gathered"))
+    found = record_views(monkeypatch)
+    failures = []
+    for i, case in enumerate(slice_cases()):
+        out, lse = run(case, seed=i)
+        ref_out, ref_lse = reference(case, seed=i)
+        err = max(max_abs_error(out.double().numpy(), ref_out), max_abs_error(lse.numpy(), ref_lse))
+        if err > tolerance("float32"):
+            failures.append(f"{case.describe()}: {err:.2e}")
+    assert not failures, "\n".join(failures)
+    assert 2 in found and 1 in found, found  # two head slices, and one whole view

@@ -26,8 +26,10 @@ from test_gpu_mix import (  # noqa: E402
     load_mutant,
     mutate,
     record_programs,
+    record_views,
     residue_cases,
     residue_only,
+    slice_cases,
     zigzag_cases,
 )
 
@@ -206,3 +208,17 @@ def test_direct_gradients_through_lse(interpreted, monkeypatch, schedule):
         if max(errors) > 10 * tolerance("float32"):
             failures.append(f"{case.describe()}: {errors}")
     assert not failures
+
+
+@pytest.mark.parametrize("budget", [0, None], ids=["head chunks", "one chunk"])
+def test_direct_gradients_of_head_slices_match_definition(interpreted, monkeypatch, budget):
+    """The backward of pairs gathered as head slices or one view, in head chunks (where a
+    chunk can make one head per group) and not, against the dense-mask gradient."""
+    monkeypatch.setattr(backward, "schedule", lambda *a, **k: Schedule("gathered"))
+    found = record_views(monkeypatch)
+    if budget is None:
+        assert not failures_of(slice_cases(), one_device)
+        assert 2 in found, found
+    else:
+        assert not gradient_failures(slice_cases(), monkeypatch)
+    assert 1 in found, found

@@ -152,16 +152,17 @@ class BackwardExecutor(HomeAdds, Executor):
             return
         width, segments, rows = self.layout_of(batch)
         rate = self.rates[batch.pair]
-        how = schedule(groups, self.b, segments, rows, self.q.device,
-                       free=self.free_gather(groups))  # fmt: skip
+        views = self.views(batch, groups, split=True)
+        how = schedule(groups, self.b, segments, rows, self.q.device, free=views is not None)
         if how is Schedule.GATHERED:
-            blocks = functools.partial(self.gathered, groups=groups)
-            grads = self._grads(batch, blocks, blocks(self.k), blocks(self.v))
-            pair, offsets = pair_heads(groups)
-            local = tuple(h - heads.start for h in pair)
-            for mine, grad in zip(parts, grads):
-                mine.append(Part(batch.pair, width, rate, local, offsets, grad.to(self.q.dtype),
-                                 None))  # fmt: skip
+            for chosen in views or (groups,):
+                blocks = functools.partial(self.gathered, groups=chosen)
+                grads = self._grads(batch, blocks, blocks(self.k), blocks(self.v))
+                pair, offsets = pair_heads(chosen)
+                local = tuple(h - heads.start for h in pair)
+                for mine, grad in zip(parts, grads):
+                    mine.append(Part(batch.pair, width, rate, local, offsets,
+                                     grad.to(self.q.dtype), None))  # fmt: skip
             return
         sides = SideStreams(self.q.device) if how is Schedule.STREAMS else None
         for g, group in enumerate(groups):
@@ -205,7 +206,7 @@ class BackwardExecutor(HomeAdds, Executor):
         groups = self.groups(batch.pair)
         _, segments, rows = self.layout_of(batch)
         how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.direct,
-                       free=self.free_gather(groups))  # fmt: skip
+                       free=self.views(batch, groups) is not None)  # fmt: skip
         if self.direct:  # the pair's partials, made before any side stream writes them
             self._targets(batch.pair)
         if not batch.own:

@@ -36,6 +36,8 @@ the difference: feeding those one-head calls' parts to the mix, an earlier attem
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ringsim.comm.base import Payload, Recv
@@ -256,14 +258,16 @@ class Executor:
             raise ValueError(f"executor: no kernel call takes a MASKED block: {batch}")
         return BlockAction.CAUSAL in batch.actions
 
-    def key_blocks(self, batch: TaskBatch, held: dict[int, Payload], g: int | None):
+    def key_blocks(self, batch: TaskBatch, held: dict[int, Payload], g: int | None,
+                   chosen=None):  # fmt: skip
         """K and V blocks ``(b*S, H, m, d)`` of group g of an aligned batch (None: every head
-        of the pair, gathered): views of the rank's own k, v (gathered: copies), or of the
+        of the pair, or of the groups ``chosen`` for an own batch, gathered): views of the
+        rank's own k, v (gathered: views where :meth:`views` says so, else copies), or of the
         gathered block received."""
         groups = self.groups(batch.pair)
         if batch.own:
             if g is None:
-                return tuple(self.gathered(x, groups) for x in (self.k, self.v))
+                return tuple(self.gathered(x, chosen or groups) for x in (self.k, self.v))
             return tuple(group_blocks(x, groups[g], self.span) for x in (self.k, self.v))
         block = held[batch.tasks[0].subring.index]
         heads = None if g is None else head_slices(groups)[g]
@@ -277,9 +281,25 @@ class Executor:
             return self.gathered(x[..., None], groups, rows)[..., 0]
         return gathered_blocks(gather_pair(x, groups, rows, length=self.span, strided=True))
 
-    def free_gather(self, groups) -> bool:
-        """Whether :meth:`gathered` reads the pair's q, k and v as views, copying nothing
-        (:func:`~ringsim.gpu.executor.layout.pair_view`)."""
-        return all(
-            pair_view(x, groups, None, self.span) is not None for x in (self.q, self.k, self.v)
+    def views(self, batch: TaskBatch, groups, split: bool = False):
+        """The head sets of a pair whose gathered layout :meth:`gathered` reads as strided
+        views of the rank's q (and k, v for its own block), copying nothing
+        (:func:`~ringsim.gpu.executor.layout.pair_view`): every head at once (one head per
+        pattern group), or, with ``split`` and an own batch, slices of one head per group
+        taken where groups have fewer heads than there are groups (h/r calls instead of r);
+        None if neither."""
+        tensors = (self.q, self.k, self.v) if batch.own else (self.q,)
+
+        def viewed(chosen) -> bool:
+            return all(pair_view(x, chosen, None, self.span) is not None for x in tensors)
+
+        if viewed(groups):
+            return (groups,)
+        sizes = {len(g.heads) for g in groups}
+        if not (split and batch.own and len(sizes) == 1 and sizes.pop() < len(groups)):
+            return None
+        slices = tuple(
+            tuple(replace(g, heads=(g.heads[u],)) for g in groups)
+            for u in range(len(groups[0].heads))
         )
+        return slices if all(viewed(chosen) for chosen in slices) else None

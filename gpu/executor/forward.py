@@ -151,11 +151,17 @@ class ForwardExecutor(Executor):
         raw_lse = self.mixing and not merged
         call = functools.partial(attend, causal=self.causal(batch), scale=self.scale,
                                  kernel=self.kernel, raw_lse=raw_lse)  # fmt: skip
+        # one part per call, in the pair's own layout: no head slices for merged pairs
+        views = self.views(batch, groups, split=not merged)
         how = schedule(groups, self.b, segments, rows, self.q.device, gather=self.mixing,
-                       free=self.free_gather(groups))  # fmt: skip
-        if how is Schedule.GATHERED:  # one call for the pair on gathered rows
-            out, lse = call(self.gathered(self.q, groups), *self.key_blocks(batch, held, None))
-            return [Part(batch.pair, width, rate, *pair_heads(groups), out, lse)]
+                       free=views is not None)  # fmt: skip
+        if how is Schedule.GATHERED:  # one call for the pair (or slice) on gathered rows
+            parts = []
+            for chosen in views or (groups,):
+                keys = self.key_blocks(batch, held, None, chosen)
+                out, lse = call(self.gathered(self.q, chosen), *keys)
+                parts.append(Part(batch.pair, width, rate, *pair_heads(chosen), out, lse))
+            return parts
         sides = SideStreams(self.q.device) if how is Schedule.STREAMS else None
         parts = []
         for g, group in enumerate(groups):

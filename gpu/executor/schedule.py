@@ -13,8 +13,10 @@ of three ways (:class:`Schedule`):
   block), but one call instead of r: worth it when a group's call is too small to fill the
   GPU, as with short sequences and large r. Blocks received over the ring are already in
   that layout. Where the layout is a view of the inputs (one head per group,
-  :func:`~ringsim.gpu.executor.layout.pair_view`) nothing is copied, and the one call is
-  always taken.
+  :func:`~ringsim.gpu.executor.layout.pair_view`), or the pair splits into head slices that
+  are (one head of every group each: h/r calls, where groups have fewer heads than there
+  are groups; :meth:`~ringsim.gpu.executor.base.Executor.views`), nothing is copied, and
+  that is always taken.
 
 :func:`schedule` chooses from the row tiles of one group's call per multiprocessor.
 """
