@@ -13,25 +13,12 @@ copies (the pre-gathered layout). Times are medians of 10 calls (CUDA events).
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 
 import torch
 
+from ringsim.gpu.harness.timing import event_median_ms
 from ringsim.gpu.kernels import Kernel, attend, block_backward
-
-
-def median_ms(fn, reps: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(q, k, v, dout, causal: bool, w: int = 2048) -> list[dict]:
@@ -62,7 +49,7 @@ def measure(q, k, v, dout, causal: bool, w: int = 2048) -> list[dict]:
     }
     rows = []
     for way, fn in ways.items():
-        ms = median_ms(fn)
+        ms = event_median_ms(fn)
         rows.append(dict(causal=causal, way=way, ms=ms))
         print(f"causal={causal!s:5s} {way:42s} {ms:.3f} ms")
     return rows

@@ -18,20 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-
-def timed(fn, repeats: int = 10) -> float:
-    """Median milliseconds of ``fn`` (CUDA events), after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return sorted(times)[len(times) // 2]
+from ringsim.gpu.harness.timing import event_median_ms
 
 
 def main(argv=None) -> int:
@@ -71,7 +58,7 @@ def main(argv=None) -> int:
     rows = []
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), torch.no_grad():
         for name, (fn, flops) in variants.items():
-            ms = timed(fn)
+            ms = event_median_ms(fn)
             rows.append({"variant": name, "ms": ms, "tflops": flops / ms / 1e9})
             print(f"{name:45s} {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s", flush=True)
     result = {

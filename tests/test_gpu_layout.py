@@ -14,6 +14,7 @@ from ringsim.config import make_config  # noqa: E402
 from ringsim.gpu.executor.layout import (  # noqa: E402
     _pair_index,
     gather_pair,
+    pair_heads,
     pair_view,
     scatter_add_pair,
 )
@@ -80,6 +81,12 @@ def test_pair_view_of_rows_and_of_a_transposed_lse():
     torch.testing.assert_close(pair_view(lse, groups), by_index(lse, groups), rtol=0, atol=0)
     batched = torch.randn(2, 4, 64, dtype=torch.float64).transpose(1, 2)[..., None]
     assert pair_view(batched, groups) is None  # the batch does not merge with the segments
+    # grouped heads 2, 3 at r = 3: head 3 (offset 0) comes first, a step back in this lse
+    grouped = pair_groups((12, 24), (1, 3), 4, 1, "grouped")
+    assert pair_heads(grouped)[0] == (3, 2)
+    lse = torch.randn(1, 4, 48, dtype=torch.float64).transpose(1, 2)[..., None]
+    assert pair_view(lse, grouped) is None
+    assert torch.equal(gather_pair(lse, grouped, strided=True), by_index(lse, grouped))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[-1]])

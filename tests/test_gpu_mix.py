@@ -71,6 +71,19 @@ def reference(case, seed):
     )
 
 
+def forward_failures(cases) -> list[str]:
+    """float32 out and lse of ``cases`` on one device against the dense-mask definition: a
+    line for each case that misses the bound."""
+    failures = []
+    for i, case in enumerate(cases):
+        out, lse = run(case, seed=i)
+        ref_out, ref_lse = reference(case, seed=i)
+        err = max(max_abs_error(out.double().numpy(), ref_out), max_abs_error(lse.numpy(), ref_lse))
+        if err > tolerance("float32"):
+            failures.append(f"{case.describe()}: {err:.2e}")
+    return failures
+
+
 def test_cases_are_aligned_and_varied():
     cases = aligned_cases()
     assert len(cases) >= 12
@@ -109,13 +122,7 @@ def test_mixed_forward_matches_definition(interpreted, monkeypatch, schedule, re
     mix = interpreted.mix_
     monkeypatch.setattr(interpreted, "mix_", lambda *a: calls.append(1) or mix(*a))
     shapes = record_programs(interpreted, monkeypatch, residue)
-    failures = []
-    for i, case in enumerate(aligned_cases()):
-        out, lse = run(case, seed=i)
-        ref_out, ref_lse = reference(case, seed=i)
-        err = max(max_abs_error(out.double().numpy(), ref_out), max_abs_error(lse.numpy(), ref_lse))
-        if err > tolerance("float32"):
-            failures.append(f"{case.describe()}: {err:.2e}")
+    failures = forward_failures(aligned_cases())
     assert not failures, "\n".join(failures)
     assert len(calls) == len(aligned_cases())  # every case took the mixing path
     residues = [shape for shape in shapes if shape is not None]
@@ -411,12 +418,6 @@ def test_head_slices_on_views_match_definition(interpreted, monkeypatch):
     :mod:`ringsim.gpu.executor.schedule`) against the dense-mask definition."""
     monkeypatch.setattr(executor, "schedule", lambda *a, **k: Schedule("gathered"))
     found = record_views(monkeypatch)
-    failures = []
-    for i, case in enumerate(slice_cases()):
-        out, lse = run(case, seed=i)
-        ref_out, ref_lse = reference(case, seed=i)
-        err = max(max_abs_error(out.double().numpy(), ref_out), max_abs_error(lse.numpy(), ref_lse))
-        if err > tolerance("float32"):
-            failures.append(f"{case.describe()}: {err:.2e}")
+    failures = forward_failures(slice_cases())
     assert not failures, "\n".join(failures)
     assert 2 in found and 1 in found, found  # two head slices, and one whole view

@@ -155,9 +155,9 @@ def pair_view(x: torch.Tensor, groups, rows: range | None = None, length: int | 
     """The gathered layout ``(b*S, m, H, *rest)`` of the pair's rows among ``rows`` as one
     strided view of ``x (b, L, h, *rest)``, where the pair's heads (in the layout's order,
     each at its group's offset) lie at equal steps in memory: r = 1 over every head, or
-    one head per group with heads and offsets in step (r >= h, LongNet's largest rate);
-    and the batch merges with the segments (b = 1, or x's batch stride is ``len(rows)``
-    rows). None otherwise."""
+    one head per group with heads and offsets in step (r >= h, LongNet's largest rate), the
+    step forward in memory; and the batch merges with the segments (b = 1, or x's batch
+    stride is ``len(rows)`` rows). None otherwise."""
     b, n, _, *rest = x.shape
     sb, sn, sh, *srest = x.stride()
     rows = range(n) if rows is None else rows
@@ -167,7 +167,7 @@ def pair_view(x: torch.Tensor, groups, rows: range | None = None, length: int | 
     at = [o * sn + hh * sh for o, hh in zip(offsets, heads)]
     step = at[1] - at[0] if len(at) > 1 else sh
     uneven = any(later - first != step for first, later in itertools.pairwise(at))
-    if uneven or (b > 1 and sb != len(rows) * sn):
+    if uneven or step <= 0 or (b > 1 and sb != len(rows) * sn):  # views take no step back
         return None
     shape = (b * (len(rows) // w), w // r, len(heads), *rest)
     start = x.storage_offset() + rows.start * sn + at[0]

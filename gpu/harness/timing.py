@@ -72,6 +72,22 @@ def median_ms(fn: Callable, device: torch.device, budget_s: float) -> tuple[floa
     return statistics.median(b.elapsed_time(e) for b, e in events), reps
 
 
+def event_median_ms(fn: Callable, repeats: int = 10, warmup: int = 2) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn`` on the current CUDA device, each
+    timed alone with CUDA events after ``warmup`` calls (the scripts' timer of single calls)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(end))
+    return statistics.median(times)
+
+
 def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
