@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 from ringsim.gpu import dilated_attention
 from ringsim.gpu.executor import backward, schedule
 from ringsim.gpu.executor.pool import MemoryPool
-from ringsim.gpu.harness.profile import idle_stretches
+from ringsim.gpu.harness.profile import idle_stretches, kernel_spans
 
 SEGMENTS, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16)
 
@@ -181,9 +181,7 @@ def loop_profile() -> list[dict]:
                 for _ in range(calls):
                     run()
                 torch.cuda.synchronize()
-            cuda = torch.autograd.DeviceType.CUDA
-            kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                       if e.device_type == cuda]  # fmt: skip
+            kernels = kernel_spans(prof)
             found = idle_stretches(kernels, min(k[0] for k in kernels))
             summed = sum(end - start for start, end, _ in kernels)
             span = found["span_us"]

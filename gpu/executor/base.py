@@ -287,8 +287,14 @@ class Executor:
         (:func:`~ringsim.gpu.executor.layout.pair_view`): every head at once (one head per
         pattern group), or, with ``split`` and an own batch, slices of one head per group
         taken where groups have fewer heads than there are groups (h/r calls instead of r);
-        None if neither."""
-        tensors = (self.q, self.k, self.v) if batch.own else (self.q,)
+        None if neither, or for a single group (whose views serve as they are). Asked for
+        every aligned batch, so k and v are looked at only where their layout differs from
+        q's (the view depends on shape and strides alone)."""
+        if len(groups) < 2:
+            return None
+        layout = (self.q.shape, self.q.stride())
+        own = (self.k, self.v) if batch.own else ()
+        tensors = (self.q, *(x for x in own if (x.shape, x.stride()) != layout))
 
         def viewed(chosen) -> bool:
             return all(pair_view(x, chosen, None, self.span) is not None for x in tensors)

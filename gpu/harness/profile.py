@@ -30,6 +30,7 @@ from ringsim.gpu import dilated_attention
 
 from ..executor.cache import cache_report
 from ..kernels import Kernel, choose_kernel
+from .timing import event_median_ms
 
 SEGMENTS = (2048, 4096, 8192, 16384, 32768)
 RATES = (1, 2, 4, 8, 16)
@@ -99,14 +100,7 @@ def host_report(run, events, rows: int = 20) -> dict:
     torch.cuda.synchronize()
     host = sum(hosts) / len(hosts)
     waits = max(hosts) * 1e3 >= 0.05 * held[0].elapsed_time(held[1])
-    alone = []
-    for _ in range(10):
-        begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-        begin.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        alone.append(begin.elapsed_time(end))
+    alone = event_median_ms(run, repeats=10, warmup=0)
     begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
     begin.record()
     for _ in range(10):
@@ -119,7 +113,7 @@ def host_report(run, events, rows: int = 20) -> dict:
     run()
     profiler.disable()
     torch.cuda.synchronize()
-    return dict(host_ms=host * 1e3, waits=waits, alone_ms=sorted(alone)[5],
+    return dict(host_ms=host * 1e3, waits=waits, alone_ms=alone,
                 loop_ms=begin.elapsed_time(end) / 10, launches=launches,
                 functions=host_functions(profiler, rows))  # fmt: skip
 
@@ -150,13 +144,15 @@ def timeline(run, gaps: int = 8) -> dict:
         with record_function("ringsim call"):
             run()
         torch.cuda.synchronize()
-    events = prof.events()
-    call = next(e for e in events if e.name == "ringsim call")
+    call = next(e for e in prof.events() if e.name == "ringsim call")
+    return idle_stretches(kernel_spans(prof), call.time_range.start, gaps)
+
+
+def kernel_spans(prof) -> list[tuple[float, float, str]]:
+    """``(start, end, name)`` in µs of every CUDA kernel, copy and fill ``prof`` recorded."""
     cuda = torch.autograd.DeviceType.CUDA
-    kernels = [
-        (e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == cuda
-    ]
-    return idle_stretches(kernels, call.time_range.start, gaps)
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+            if e.device_type == cuda]  # fmt: skip
 
 
 def idle_stretches(kernels, origin: float, gaps: int = 8) -> dict:
