@@ -14,7 +14,12 @@ PROBE is one of:
   a CUDA graph and replayed (run it twice, with ``PYTORCH_CUDA_ALLOC_CONF`` unset and
   ``expandable_segments:True``, ``TAG`` naming each);
 - ``loop-profile``: the forward's kernels under torch.profiler, one call alone against 20
-  back to back: their summed time, the time some kernel runs, and the span, per call.
+  back to back: their summed time, the time some kernel runs, and the span, per call;
+- ``memory-peak``: what is allocated at the peak of one forward + backward (inputs and dout
+  included, as ``bench_backward``'s memory table counts), by the line of this project that
+  allocated it, from the caching allocator's trace (``_record_memory_history``);
+- ``graph-kernels``: the forward's kernels eager against the same call captured as a CUDA
+  graph and replayed, per kernel name: where the replay's extra GPU time goes.
 
 LongNet's configuration, b = 1, h = 16, d = 128, bf16; times are medians (CUDA events) of
 loops of 10 calls, as a training loop issues them.
@@ -197,8 +202,106 @@ def loop_profile() -> list[dict]:
     return rows
 
 
+def _site(frames) -> str:
+    """The innermost frame of this project (else the innermost of all) as ``file:line name``."""
+    ours = [f for f in frames if "/gpu/" in f["filename"] or "/ringsim/" in f["filename"]]
+    frame = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+    return f"{'/'.join(frame['filename'].split('/')[-3:])}:{frame['line']} {frame['name']}"
+
+
+def live_at_peak(trace) -> tuple[int, str, dict[str, int]]:
+    """Replays an allocator trace: the peak of allocated bytes, the site whose allocation
+    reached it, and the bytes live then by allocation site."""
+    live, now, peak, at, best = {}, 0, 0, "", {}
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], _site(event.get("frames", [])))
+            now += event["size"]
+            if now > peak:
+                peak, at, best = now, live[event["addr"]][1], dict(live)
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            now -= live.pop(event["addr"])[0]
+    sites: dict[str, int] = {}
+    for size, site in best.values():
+        sites[site] = sites.get(site, 0) + size
+    return peak, at, dict(sorted(sites.items(), key=lambda x: -x[1]))
+
+
+def memory_peak() -> list[dict]:
+    rows = []
+    for n in (131072, 262144):
+        for causal in (False, True):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
+            q, k, v, dout = inputs(n, grad=True)
+            forward(q, k, v, causal).backward(dout)
+            torch.cuda.synchronize()
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            peak, at, sites = live_at_peak(snapshot["device_traces"][0])
+            measured = torch.cuda.max_memory_allocated()
+            del q, k, v, dout
+            mib = {site: size / 2**20 for site, size in sites.items()}
+            rows.append(dict(n=n, causal=causal, peak_gib=peak / 2**30,
+                             max_memory_allocated_gib=measured / 2**30,
+                             kib_per_token=measured / n / 1024, peak_reached_by=at,
+                             live_mib_by_site=mib))  # fmt: skip
+            print(f"n={n} causal={causal}: peak {peak / 2**30:.3f} GiB (allocator "
+                  f"{measured / 2**30:.3f}, {measured / n / 1024:.2f} KiB/token), reached by "
+                  f"{at}", flush=True)  # fmt: skip
+            for site, size in list(mib.items())[:12]:
+                print(f"    {size:9.1f} MiB  {site}", flush=True)
+    return rows
+
+
+def graph_kernels() -> list[dict]:
+    rows = []
+    for n, causal in ((131072, True), (131072, False)):
+        q, k, v, _ = inputs(n)
+        run = functools.partial(forward, q, k, v, causal)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        for name, call in (("eager", run), ("graph", graph.replay)):
+            for _ in range(3):
+                call()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    call()
+                torch.cuda.synchronize()
+            kernels = kernel_spans(prof)
+            found = idle_stretches(kernels, min(x[0] for x in kernels))
+            by_name: dict[str, list[float]] = {}
+            for start, end, kernel in kernels:
+                entry = by_name.setdefault(kernel[:90], [0, 0.0])
+                entry[0] += 1 / 5
+                entry[1] += (end - start) / 5 / 1e3
+            top = dict(sorted(by_name.items(), key=lambda x: -x[1][1]))
+            rows.append(dict(n=n, causal=causal, run=name, ms=loop_ms(call),
+                             span_ms=found["span_us"] / 5e3, idle_ms=found["idle_us"] / 5e3,
+                             kernels_calls_ms=top))  # fmt: skip
+            print(
+                f"n={n} causal={causal} {name}: {rows[-1]['ms']:.3f} ms, span "
+                f"{rows[-1]['span_ms']:.3f}, idle {rows[-1]['idle_ms']:.3f}",
+                flush=True,
+            )
+            for kernel, (count, ms) in list(top.items())[:10]:
+                print(f"    {count:5.1f} x {ms:7.3f} ms  {kernel}", flush=True)
+        del graph
+    return rows
+
+
 PROBES = {"head-chunks": head_chunks, "schedules": schedules, "allocations": allocations,
-          "loop-profile": loop_profile}  # fmt: skip
+          "loop-profile": loop_profile, "memory-peak": memory_peak,
+          "graph-kernels": graph_kernels}  # fmt: skip
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in PROBES:

@@ -104,6 +104,7 @@ class DirectGradients:
             total = torch.empty_like(ex.q, memory_format=torch.contiguous_format)
             if mine:
                 sum_(mine, ex.widths, ex.rates, total)
+                mine.clear()  # freed before the next gradient's total is allocated
             else:  # a rank with no query rows
                 total.zero_()
             grads.append(total)
