@@ -260,3 +260,29 @@ def test_idle_stretches_count_overlapping_kernels_once():
         (12, 50, "e"),
         (10, 30, "c"),
     ]
+
+
+def test_memory_probe_finds_what_is_live_at_the_peak():
+    """``scripts/probe_one_gpu.py memory-peak`` replays the allocator's trace: the peak, the
+    allocation that reached it, and the bytes live then by this project's allocating line."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "probe_one_gpu.py"
+    spec = importlib.util.spec_from_file_location("probe_one_gpu", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+
+    def at(name, line):
+        return [{"filename": "/t/torch/x.py", "line": 1, "name": "op"},
+                {"filename": f"/r/gpu/executor/{name}", "line": line, "name": "f"}]  # fmt: skip
+
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 10, "frames": at("a.py", 3)},
+        {"action": "alloc", "addr": 2, "size": 5, "frames": at("b.py", 4)},
+        {"action": "free_requested", "addr": 1, "size": 10},
+        {"action": "free_completed", "addr": 1, "size": 10},
+        {"action": "alloc", "addr": 3, "size": 7, "frames": []},
+    ]
+    peak, reached_by, sites = probe.live_at_peak(trace)
+    assert peak == 15 and reached_by == "gpu/executor/b.py:4 f"
+    assert sites == {"gpu/executor/a.py:3 f": 10, "gpu/executor/b.py:4 f": 5}
