@@ -173,27 +173,84 @@ def test_cuda_graph_captures_each_schedule(monkeypatch, schedule):
     clear_graphs()
 
 
-def test_a_graph_the_caller_captures_takes_the_accumulating_path():
-    """The mixing path's tables could not outlive a capture it does not own: under the
-    caller's own torch.cuda.graph the forward accumulates instead, and replays correctly."""
-    from ringsim.gpu.executor.merge import mix_reason
+@pytest.mark.parametrize("warm", ["on the capture stream", "elsewhere"])
+def test_a_graph_the_caller_captures_mixes_and_outlives_the_caches(monkeypatch, warm):
+    """Under the caller's own torch.cuda.graph the forward mixes, as eagerly (Note [Tables in
+    CUDA graphs]). What the graph reads survives the caches turning over and the allocator
+    handing their memory to other tensors: cached tables (warmed up on the capture stream)
+    and tables built inside the capture (warmed up elsewhere) alike. The gathered schedule
+    makes the forward read index tables too."""
+    from ringsim.gpu.executor import forward, mix_triton
+    from ringsim.gpu.executor.cache import CACHES
 
+    monkeypatch.setattr(forward, "schedule", lambda *a, **k: Schedule("gathered"))
+    mixes = []
+    mix = mix_triton.mix_
+    monkeypatch.setattr(mix_triton, "mix_", lambda *a: mixes.append(1) or mix(*a))
     q, k, v = draw((1, 2048, 8, 64), torch.bfloat16, 71, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side if warm == "on the capture stream" else torch.cuda.Stream()):
+        for _ in range(2):
+            dilated_attention(q, k, v, *ALIGNED, is_causal=True)
+    torch.cuda.synchronize()
+    misses = {name: cache.misses for name, cache in CACHES.items()}
+    graph = torch.cuda.CUDAGraph()
+    mixes.clear()
+    with torch.cuda.graph(graph, stream=side):
+        static_out = dilated_attention(q, k, v, *ALIGNED, is_causal=True)
+    assert mixes, "the caller's capture did not take the mixing path"
+    # the mixing table names the parts' addresses, new in the capture: built there either way
+    indices = CACHES["gather indices"].misses - misses["gather indices"]
+    assert CACHES["mixing tables"].misses > misses["mixing tables"]
+    assert (indices == 0) == (warm == "on the capture stream")
+    for cache in CACHES.values():  # every entry evicted, its memory handed out again
+        cache.entries.clear()
+    with torch.cuda.stream(side):  # (the allocator reuses a block on the stream that freed it)
+        junk = [torch.full((n,), -(2**40), dtype=torch.int64, device="cuda")
+                for n in (64, 128, 256, 512, 1024, 2048, 4096) for _ in range(64)]  # fmt: skip
+    q.copy_(draw((1, 2048, 8, 64), torch.bfloat16, 72, "cuda")[0])
+    graph.replay()
+    torch.cuda.synchronize()
+    want = dilated_attention(q, k, v, *ALIGNED, is_causal=True)
+    assert max_abs_err(static_out, want) <= 2**-7
+    del junk, graph
+
+
+def test_a_training_step_the_caller_captures_replays_the_eager_gradients(monkeypatch):
+    """Forward + backward under the caller's torch.cuda.graph: the backward's direct path
+    (parts and Triton sums, Note [Direct gradients]) captures too, and a replay on new
+    inputs gives the eager gradients."""
+    from ringsim.gpu.executor import mix_triton
+
+    sums = []
+    total = mix_triton.sum_
+    monkeypatch.setattr(mix_triton, "sum_", lambda *a: sums.append(1) or total(*a))
+    q, k, v = (x.requires_grad_() for x in draw((1, 2048, 8, 64), torch.bfloat16, 73, "cuda"))
+    dout = draw((1, 2048, 8, 64), torch.bfloat16, 74, "cuda")[0]
+
+    def step():
+        out = dilated_attention(q, k, v, *ALIGNED, is_causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            dilated_attention(q, k, v, *ALIGNED, is_causal=True)
+            step()
     torch.cuda.current_stream().wait_stream(side)
-    graph, reasons = torch.cuda.CUDAGraph(), []
-    with torch.cuda.graph(graph):
-        reasons.append(mix_reason(q))
-        static_out = dilated_attention(q, k, v, *ALIGNED, is_causal=True)
-    assert "outside cuda_graph=True" in reasons[0]
-    q.copy_(draw((1, 2048, 8, 64), torch.bfloat16, 72, "cuda")[0])
+    graph = torch.cuda.CUDAGraph()
+    sums.clear()
+    with torch.cuda.graph(graph, stream=side):
+        static = step()
+    assert sums, "the captured backward did not sum its parts"
+    with torch.no_grad():
+        for x, seed in zip((q, k, v), (75, 76, 77)):
+            x.copy_(draw((1, 2048, 8, 64), torch.bfloat16, seed, "cuda")[0])
     graph.replay()
-    want = dilated_attention(q, k, v, *ALIGNED, is_causal=True)
-    assert max_abs_err(static_out, want) <= 2**-7
+    torch.cuda.synchronize()
+    for got, want in zip(static, step()):  # up to the backward kernels' own atomics
+        assert max_abs_err(got, want) <= 2**-6
 
 
 def test_backward_on_side_streams_equals_the_serial_backward(monkeypatch):

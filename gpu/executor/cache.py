@@ -1,5 +1,24 @@
 """Small device tensors built on the host (index tables, the mixing kernels' tables), kept by
-key for the next calls, and copied so that a CUDA graph capture can replay them."""
+key for the next calls, and copied so that a CUDA graph capture can replay them.
+
+Note [Tables in CUDA graphs]
+----------------------------
+A captured graph reads, at every replay, the device tensors its kernels read at capture,
+and the pinned host buffers its copies read. So:
+
+- ``cuda_graph=True`` (:mod:`ringsim.gpu.executor.graphs`) owns its capture: the tables are
+  built and copied inside it, and the graph's cache entry keeps their host buffers
+  (:func:`keeping`), freed with the graph;
+- a graph the caller captures (``torch.cuda.graph`` around our call) cannot tell us when it
+  is freed, so what it reads is kept for the process's life: a cached table it reads is
+  never freed (eviction from the cache drops only the cache's reference), and a table built
+  during its capture keeps its pinned host buffer. That is a few KB per table (the mixing
+  table of LongNet's 5 pairs and 16 heads: 5.6 KB on the device and as much pinned), about
+  one per captured forward and 13 per backward.
+
+Before, a caller's graph could read a cached index table that later calls evicted and the
+allocator handed to other tensors.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +28,9 @@ from collections import OrderedDict
 import torch
 
 _KEEP: list[list] = []  # the keep-list of the capture in progress, if any
+
+#: What graphs the caller captured read, by id (Note [Tables in CUDA graphs]): never freed.
+CALLER_GRAPHS: dict[int, torch.Tensor] = {}
 
 #: Every cache by name: what :func:`cache_report` counts.
 CACHES: dict[str, DeviceCache] = {}
@@ -31,6 +53,14 @@ def capturing() -> bool:
     return bool(_KEEP)
 
 
+def caller_capturing(device: torch.device) -> bool:
+    """Whether a graph the caller owns is being captured on ``device``'s current stream."""
+    if device.type != "cuda" or capturing():
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``host`` copied to ``device`` the way a capture can replay: from pinned memory,
     without blocking, the pinned buffer kept as long as the graph being captured (a replay
@@ -47,8 +77,9 @@ class DeviceCache:
     """Small device tensors built on the host (index tables), kept by key for the next calls.
 
     Entries are per CUDA stream: a tensor is only read, and freed on eviction, on the stream
-    that copied it. While a graph is being captured the cache is not used: the tensor is
-    built and copied inside the capture, which then owns it.
+    that copied it. While ``cuda_graph=True`` captures, the cache is not used: the tensor is
+    built and copied inside the capture, which then owns it. While the caller captures, what
+    the graph reads is kept for good (Note [Tables in CUDA graphs]).
     """
 
     def __init__(self, size: int, name: str) -> None:
@@ -63,6 +94,8 @@ class DeviceCache:
             return to_device(build(), device)
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
         key = (key, device, stream)
+        if caller_capturing(device):
+            return self._for_caller_graph(key, device, build)
         value = self.entries.pop(key, None)
         if value is None:
             self.misses += 1
@@ -72,6 +105,20 @@ class DeviceCache:
         self.entries[key] = value
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
+        return value
+
+    def _for_caller_graph(self, key: tuple, device: torch.device, build) -> torch.Tensor:
+        """Note [Tables in CUDA graphs]: the cached tensor, kept for good; or, if none, one
+        copied inside the capture, its pinned source kept for good. That one is not cached:
+        it holds its values only when the graph replays."""
+        value = self.entries.get(key)
+        if value is None:
+            self.misses += 1
+            value = build().pin_memory()
+            CALLER_GRAPHS[id(value)] = value
+            return value.to(device, non_blocking=True)
+        self.hits += 1
+        CALLER_GRAPHS[id(value)] = value
         return value
 
 

@@ -60,11 +60,10 @@ INTERPRET_ON_CPU = False
 
 def mix_reason(q: torch.Tensor) -> str | None:
     """Why the executor cannot mix its parts with the Triton kernel of
-    :mod:`ringsim.gpu.executor.mix_triton` for inputs like ``q (b, n, h, d)`` (None: it can).
-
-    Besides device, dtype and head_dim: a CUDA graph captured by the caller (not by
-    ``cuda_graph=True``) could not keep the kernel's tables, so it gets the accumulating
-    path, which captures as any torch code does."""
+    :mod:`ringsim.gpu.executor.mix_triton` for inputs like ``q (b, n, h, d)`` (None: it can):
+    device, dtype, head_dim and Triton. Under a CUDA graph's capture, the caller's included,
+    the kernel's tables are kept as the graph needs (Note [Tables in CUDA graphs] in
+    :mod:`ringsim.gpu.executor.cache`)."""
     interpreted = INTERPRET_ON_CPU and os.environ.get("TRITON_INTERPRET") == "1"
     if not (q.is_cuda or interpreted):
         return "the mixing kernel runs on CUDA (or under Triton's interpreter, for the tests)"
@@ -74,11 +73,6 @@ def mix_reason(q: torch.Tensor) -> str | None:
         return "the mixing kernel takes head_dim <= 256"
     if not _has_triton():
         return "Triton is not installed"
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
-        from .cache import capturing
-
-        if not capturing():
-            return "a CUDA graph captured outside cuda_graph=True cannot keep its tables"
     return None
 
 
