@@ -18,9 +18,8 @@ PROBE is one of:
 - ``memory-peak``: what is allocated at the peak of one forward + backward (inputs and dout
   included, as ``bench_backward``'s memory table counts), by the line of this project that
   allocated it, from the caching allocator's trace (``_record_memory_history``);
-- ``graph-kernels``: the forward's kernels eager, captured as a CUDA graph by the caller (the
-  accumulating path, :func:`~ringsim.gpu.executor.merge.mix_reason`) and by
-  ``cuda_graph=True`` (the mixing path), the graphs replayed alone: time and kernels.
+- ``graph-kernels``: the forward's kernels eager, captured as a CUDA graph by the caller and
+  by ``cuda_graph=True``, the graphs replayed alone: time and kernels.
 
 LongNet's configuration, b = 1, h = 16, d = 128, bf16; times are medians (CUDA events) of
 loops of 10 calls, as a training loop issues them.
@@ -270,8 +269,8 @@ def graph_kernels() -> list[dict]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             run()
-        # cuda_graph=True captures with the mixing kernel's tables kept; the graph a caller
-        # captures itself takes the accumulating path (mix_reason); replays alone, no copies
+        # cuda_graph=True keeps the tables its graph reads with the graph; a graph the caller
+        # captures keeps them for good (Note [Tables in CUDA graphs]); replays alone, no copies
         dilated_attention(q, k, v, SEGMENTS, RATES, is_causal=causal, cuda_graph=True)
         ours = next(iter(graphs._CACHE.values())).graph
         runs = (("eager", run), ("caller's graph", graph.replay), ("cuda_graph=True", ours.replay))
