@@ -41,6 +41,7 @@ from ringsim.gpu import dilated_attention
 from ringsim.gpu.executor import backward, graphs, schedule
 from ringsim.gpu.executor.pool import MemoryPool
 from ringsim.gpu.harness.profile import idle_stretches, kernel_spans
+from ringsim.gpu.harness.timing import captured
 
 SEGMENTS, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16)
 
@@ -157,15 +158,7 @@ def allocations() -> list[dict]:
 
 def graph_ms(run) -> float:
     """The mean time of 10 replays of ``run`` captured whole as one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    graph, _ = captured(run)
     graph.replay()
     return loop_ms(graph.replay)
 
@@ -260,15 +253,7 @@ def graph_kernels() -> list[dict]:
     for n, causal in ((131072, True), (131072, False)):
         q, k, v, _ = inputs(n)
         run = functools.partial(forward, q, k, v, causal)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
+        graph, _ = captured(run, warmups=3)
         # cuda_graph=True keeps the tables its graph reads with the graph; a graph the caller
         # captures keeps them for good (Note [Tables in CUDA graphs]); replays alone, no copies
         dilated_attention(q, k, v, SEGMENTS, RATES, is_causal=causal, cuda_graph=True)

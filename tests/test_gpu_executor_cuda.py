@@ -21,6 +21,7 @@ from ringsim.gpu.harness.check_support import (  # noqa: E402
     max_abs_err,
     naive_dilated,
 )
+from ringsim.gpu.harness.timing import captured  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -189,16 +190,15 @@ def test_a_graph_the_caller_captures_mixes_and_outlives_the_caches(monkeypatch, 
     monkeypatch.setattr(mix_triton, "mix_", lambda *a: mixes.append(1) or mix(*a))
     q, k, v = draw((1, 2048, 8, 64), torch.bfloat16, 71, "cuda")
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side if warm == "on the capture stream" else torch.cuda.Stream()):
-        for _ in range(2):
-            dilated_attention(q, k, v, *ALIGNED, is_causal=True)
-    torch.cuda.synchronize()
-    misses = {name: cache.misses for name, cache in CACHES.items()}
-    graph = torch.cuda.CUDAGraph()
-    mixes.clear()
-    with torch.cuda.graph(graph, stream=side):
-        static_out = dilated_attention(q, k, v, *ALIGNED, is_causal=True)
+    misses = {}
+
+    def run():  # the cache's counts and the mixes of the last (captured) call
+        misses.update((name, cache.misses) for name, cache in CACHES.items())
+        mixes.clear()
+        return dilated_attention(q, k, v, *ALIGNED, is_causal=True)
+
+    elsewhere = None if warm == "on the capture stream" else torch.cuda.Stream()
+    graph, static_out = captured(run, stream=side, warm_stream=elsewhere)
     assert mixes, "the caller's capture did not take the mixing path"
     # the mixing table names the parts' addresses, new in the capture: built there either way
     indices = CACHES["gather indices"].misses - misses["gather indices"]
@@ -233,16 +233,7 @@ def test_a_training_step_the_caller_captures_replays_the_eager_gradients(monkeyp
         out = dilated_attention(q, k, v, *ALIGNED, is_causal=True)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    sums.clear()
-    with torch.cuda.graph(graph, stream=side):
-        static = step()
+    graph, static = captured(lambda: sums.clear() or step())
     assert sums, "the captured backward did not sum its parts"
     with torch.no_grad():
         for x, seed in zip((q, k, v), (75, 76, 77)):

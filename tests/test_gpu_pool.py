@@ -22,6 +22,7 @@ from ringsim.comm.traced import run_traced  # noqa: E402
 from ringsim.config import validate  # noqa: E402
 from ringsim.gpu import RingDilatedAttention, dilated_attention  # noqa: E402
 from ringsim.gpu.executor.pool import MemoryPool  # noqa: E402
+from ringsim.gpu.harness.timing import captured  # noqa: E402
 from ringsim.gpu.kernels import Kernel  # noqa: E402
 from ringsim.gpu.ring import comm as ring_comm  # noqa: E402
 from ringsim.gpu.ring.rank import ring_backward, ring_forward  # noqa: E402
@@ -185,15 +186,7 @@ def gpu_call(x, pool):
 def test_a_captured_call_with_a_pool_replays_what_an_eager_call_computes():
     pool = MemoryPool()
     static = gpu_inputs(0)
-    side, main = torch.cuda.Stream(), torch.cuda.current_stream()
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up outside the capture, as CUDA graphs need
-            gpu_call(static, pool)
-    main.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = gpu_call(static, pool)
+    graph, out = captured(lambda: gpu_call(static, pool), warmups=3)
     for seed in (1, 2):
         fresh = gpu_inputs(seed)
         for s, x in zip(static, fresh):

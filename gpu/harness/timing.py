@@ -1,4 +1,5 @@
-"""Timing for the benchmarks: CUDA events, a warm-up call, peak memory, OOM as a result.
+"""Timing for the benchmarks: CUDA events, a warm-up call, peak memory, OOM as a result; and
+a call captured as the caller's CUDA graph (:func:`captured`), for the probes and CUDA tests.
 
 Shared by :mod:`ringsim.gpu.harness.bench` and :mod:`ringsim.gpu.harness.bench_backward`. Times
 are medians over CUDA events after a warm-up call; the number of repetitions follows a budget in
@@ -115,3 +116,22 @@ def optional(result: Timed, build: Callable, device, budget_s: float, ours) -> N
         result.status = "OOM"
     finally:
         free(device)
+
+
+def captured(run: Callable, warmups: int = 2, stream=None, warm_stream=None):
+    """``run()`` warmed up ``warmups`` times on ``warm_stream`` (default: the capture stream)
+    and captured as a CUDA graph of the caller's on ``stream`` (default: a new side stream),
+    as CUDA graphs need: returns the graph and what the captured call returned."""
+    stream = stream or torch.cuda.Stream()
+    warm_stream = warm_stream or stream
+    for side in {stream, warm_stream}:
+        side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm_stream):
+        for _ in range(warmups):
+            run()
+    torch.cuda.current_stream().wait_stream(warm_stream)
+    stream.wait_stream(warm_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        result = run()
+    return graph, result
