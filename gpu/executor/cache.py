@@ -54,9 +54,12 @@ def capturing() -> bool:
 
 
 def caller_capturing(device: torch.device) -> bool:
-    """Whether a graph the caller owns is being captured on ``device``'s current stream."""
+    """Whether a graph the caller owns is being captured on ``device``'s current stream (asked
+    on every table lookup: no device switch where ``device`` is the current one)."""
     if device.type != "cuda" or capturing():
         return False
+    if device.index is None or device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
     with torch.cuda.device(device):
         return torch.cuda.is_current_stream_capturing()
 
