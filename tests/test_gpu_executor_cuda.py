@@ -217,6 +217,28 @@ def test_a_graph_the_caller_captures_mixes_and_outlives_the_caches(monkeypatch, 
     del junk, graph
 
 
+def test_the_general_mixing_and_summing_kernels_equal_the_residue_programs(monkeypatch):
+    """Where residue programs cannot run (a head_dim not a power of 2, widths that R x BLOCK_N
+    does not divide: Note [Residue programs]) the general kernels mix and sum. Forced here on
+    a configuration the residue programs serve, so both compile on the GPU: the same output,
+    lse and gradients up to the order of float32 additions."""
+    from ringsim.gpu.executor import mix_triton
+
+    q, k, v = (x.requires_grad_() for x in draw((1, 2048, 8, 64), torch.bfloat16, 78, "cuda"))
+    dout = draw((1, 2048, 8, 64), torch.bfloat16, 79, "cuda")[0]
+    results, shapes, real = {}, [], mix_triton.residue_shape
+    for kernels in ("residue", "general"):
+        shapes.clear()
+        chosen = real if kernels == "residue" else lambda *a: None
+        monkeypatch.setattr(mix_triton, "residue_shape", lambda *a, f=chosen: (
+            shapes.append(f(*a)) or shapes[-1]))  # fmt: skip
+        out, lse = dilated_attention(q, k, v, *ALIGNED, is_causal=True, return_lse=True)
+        results[kernels] = (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+        assert len(shapes) == 4 and all((x is None) == (kernels == "general") for x in shapes)
+    for residue, general in zip(results["residue"], results["general"]):
+        assert max_abs_err(general, residue) <= 2**-6
+
+
 def test_a_training_step_the_caller_captures_replays_the_eager_gradients(monkeypatch):
     """Forward + backward under the caller's torch.cuda.graph: the backward's direct path
     (parts and Triton sums, Note [Direct gradients]) captures too, and a replay on new

@@ -215,7 +215,8 @@ MIX_MUTANTS = {  # name: (function, old, new)
     "+inf lse read as a real score": (
         "_mix_kernel", 'pair_lse == float("inf")', "pair_lse != pair_lse"),
     "every row taken, selected or not": ("_locate", "p % RATE == tl.load(entry + 2)", "p >= 0"),
-    "every position reads the first row": ("_locate", "row = (p % WIDTH) // RATE", "row = p % 1"),
+    "every position reads the first row": (
+        "_part_rows", "row = (p % WIDTH) // RATE", "row = p % 1"),
     "no guard while every lse is -inf": (
         "_mix_kernel", 'tl.where(grown == float("-inf"), 0.0, grown)', "grown"),
     "heads no group covers read at offset 0": ("_table", "[[0, 0, -1, 0,", "[[0, 0, 0, 0,"),
@@ -227,7 +228,7 @@ MIX_MUTANTS = {  # name: (function, old, new)
         "_residue_mix_kernel", "rows = (t * ((STRIDE // RATES[i]) * out_step))",
         "rows = (t * out_step)"),
     "residue: every pair read from its block's first row": (
-        "_residue_pair", "row = (first % WIDTH) // RATE", "row = first * 0"),
+        "_residue_pair", "_part_rows(entry, first,", "_part_rows(entry, first - first % WIDTH,"),
     "residue: lse written one row apart": (
         "_residue_mix_kernel", "lse_at + t * (STRIDE * sl1)", "lse_at + t * sl1"),
 }  # fmt: skip

@@ -158,7 +158,8 @@ def test_sum_refuses_parts_of_another_dtype(interpreted):
 SUM_MUTANTS = {  # name: (function, old, new)
     "parts overwrite instead of adding": (
         "_sum_kernel", "acc += tl.load(out + at[:, None]", "acc = tl.load(out + at[:, None]"),
-    "every position reads the first row": ("_locate", "row = (p % WIDTH) // RATE", "row = p % 1"),
+    "every position reads the first row": (
+        "_part_rows", "row = (p % WIDTH) // RATE", "row = p % 1"),
     "every row taken, selected or not": ("_locate", "p % RATE == tl.load(entry + 2)", "p >= 0"),
     "residue: parts overwrite instead of adding": (
         "_residue_sum_kernel", "acc += tl.load(out + at + rows", "acc = tl.load(out + at + rows"),

@@ -84,17 +84,28 @@ def _program(heads, seq_len, dim, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _locate(entry, p, batch, live, seq_len, WIDTH: tl.constexpr, RATE: tl.constexpr,
-            VEC: tl.constexpr):  # fmt: skip
-    """Where one pair's part (its table ``entry``) holds positions ``p`` of one head: which
-    positions it selects, their block and row, and the offset of each row's out in elements
-    (W and r are compile-time constants: dividing by them is cheap)."""
-    picked = live & (p % RATE == tl.load(entry + 2))
+def _part_rows(entry, p, batch, seq_len, WIDTH: tl.constexpr, RATE: tl.constexpr,
+               VEC: tl.constexpr):  # fmt: skip
+    """Where one pair's part (its table ``entry``) holds the rows of positions ``p`` of one
+    head, selected or not (a vector, or one position): the offset of each row's out in
+    elements and of its lse in floats (W and r are compile-time constants: dividing by them
+    is cheap)."""
     block = batch * (seq_len // WIDTH) + p // WIDTH
     row = (p % WIDTH) // RATE
     at = tl.load(entry) + block * tl.load(entry + 3) + tl.load(entry + 4)
+    lse_at = tl.load(entry + 1) + block * tl.load(entry + 6) + tl.load(entry + 7)
     # out offsets are in units of VEC elements: the loads are VEC-aligned vectors
-    return picked, block, row, (at + row * tl.load(entry + 5)) * VEC
+    return (at + row * tl.load(entry + 5)) * VEC, lse_at + row * tl.load(entry + 8)
+
+
+@triton.jit
+def _locate(entry, p, batch, live, seq_len, WIDTH: tl.constexpr, RATE: tl.constexpr,
+            VEC: tl.constexpr):  # fmt: skip
+    """Which of positions ``p`` of one head one pair's part selects, and where their rows of
+    out and lse are (:func:`_part_rows`)."""
+    picked = live & (p % RATE == tl.load(entry + 2))
+    at, lse_at = _part_rows(entry, p, batch, seq_len, WIDTH, RATE, VEC)
+    return picked, at, lse_at
 
 
 @triton.jit
@@ -114,11 +125,8 @@ def _mix_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for i in tl.static_range(len(WIDTHS)):
         entry = table + (i * heads + head) * FIELDS
-        picked, block, row, at = _locate(entry, p, batch, live, seq_len, WIDTHS[i], RATES[i],
-                                         VEC)  # fmt: skip
-        lse_row = tl.load(entry + 1) + block * tl.load(entry + 6) + tl.load(entry + 7)
-        pair_lse = tl.load(lse + lse_row + row * tl.load(entry + 8), mask=picked,
-                           other=float("-inf"))  # fmt: skip
+        picked, at, lse_row = _locate(entry, p, batch, live, seq_len, WIDTHS[i], RATES[i], VEC)
+        pair_lse = tl.load(lse + lse_row, mask=picked, other=float("-inf"))
         pair_lse = tl.where(pair_lse == float("inf"), float("-inf"), pair_lse)  # flash: empty
         mask = picked[:, None] & col_live[None, :]
         part = tl.load(out + at[:, None] + cols[None, :], mask=mask, other=0.0)
@@ -148,7 +156,7 @@ def _sum_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for i in tl.static_range(len(WIDTHS)):
         entry = table + (i * heads + head) * FIELDS
-        picked, _, _, at = _locate(entry, p, batch, live, seq_len, WIDTHS[i], RATES[i], VEC)
+        picked, at, _ = _locate(entry, p, batch, live, seq_len, WIDTHS[i], RATES[i], VEC)
         mask = picked[:, None] & col_live[None, :]
         acc += tl.load(out + at[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     out_at = batch * so0 + p.to(tl.int64) * so1 + head * so2
@@ -170,12 +178,7 @@ def _residue_pair(table, i, heads, head, batch, seq_len, first, WIDTH: tl.conste
     """Pair i for this head: its offset, where the part's row of position ``first`` starts
     (out in elements, lse in floats) and the row strides, int32."""
     entry = table + (i * heads + head) * FIELDS
-    block = batch * (seq_len // WIDTH) + first // WIDTH
-    row = (first % WIDTH) // RATE
-    at = tl.load(entry) + block * tl.load(entry + 3) + tl.load(entry + 4)
-    at = (at + row * tl.load(entry + 5)) * VEC
-    lse_at = tl.load(entry + 1) + block * tl.load(entry + 6) + tl.load(entry + 7)
-    lse_at += row * tl.load(entry + 8)
+    at, lse_at = _part_rows(entry, first, batch, seq_len, WIDTH, RATE, VEC)
     out_step, lse_step = (tl.load(entry + 5) * VEC).to(tl.int32), tl.load(entry + 8).to(tl.int32)
     return tl.load(entry + 2), at, lse_at, out_step, lse_step
 
