@@ -269,12 +269,10 @@ def graph_kernels() -> list[dict]:
                 torch.cuda.synchronize()
             kernels = kernel_spans(prof)
             found = idle_stretches(kernels, min(x[0] for x in kernels))
-            by_name: dict[str, list[float]] = {}
-            for start, end, kernel in kernels:
-                entry = by_name.setdefault(kernel[:90], [0, 0.0])
-                entry[0] += 1 / 5
-                entry[1] += (end - start) / 5 / 1e3
-            top = dict(sorted(by_name.items(), key=lambda x: -x[1][1]))
+            cuda = torch.autograd.DeviceType.CUDA  # per kernel: calls and ms, per call
+            by_name = [(e.key[:90], [e.count / 5, e.device_time_total / 5e3])
+                       for e in prof.key_averages() if e.device_type == cuda]  # fmt: skip
+            top = dict(sorted(by_name, key=lambda x: -x[1][1]))
             rows.append(dict(n=n, causal=causal, run=name, ms=loop_ms(call),
                              span_ms=found["span_us"] / 5e3, idle_ms=found["idle_us"] / 5e3,
                              kernels_calls_ms=top))  # fmt: skip
